@@ -1,0 +1,14 @@
+//! domdma device: a virtual PCI bus-master DMA device and the vfio-user server that serves it.
+//!
+//! Layers, from the bottom:
+//! - [`spec`]: the programming interface (register offsets, layouts), mirrored by `SPEC.md`;
+//! - [`pci`]: the PCI configuration space with the MSI-X capability;
+//! - [`core`]: the device state machine (registers, queues, DMA engine); no sockets, guest
+//!   memory only through `vm-memory`, interrupts through [`irq::InterruptSink`];
+//! - [`vfio_user`]: the vfio-user protocol and a server that adapts messages to the core.
+
+pub mod core;
+pub mod irq;
+pub mod pci;
+pub mod spec;
+pub mod vfio_user;

@@ -1,0 +1,2 @@
+//! domdma-device: the vfio-user device server binary. (stub)
+fn main() {}

@@ -1,0 +1,1 @@
+//! vfio-user protocol and server. (stub)

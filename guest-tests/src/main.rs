@@ -1,0 +1,2 @@
+//! Guest test suite. (stub)
+fn main() {}

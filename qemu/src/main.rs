@@ -1,0 +1,2 @@
+//! Host runner. (stub)
+fn main() {}
