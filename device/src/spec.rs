@@ -180,3 +180,138 @@ pub const STATUS_ABORTED: u32 = 0x12;
 pub const fn queue_reg(q: u32, reg: u64) -> u64 {
     QUEUE_BASE + q as u64 * QUEUE_STRIDE + reg
 }
+
+#[cfg(test)]
+mod doc {
+    //! Keeps `device/SPEC.md` and this module in step.
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every public constant of this module with its value.
+    macro_rules! constants {
+        ($($name:ident),* $(,)?) => {
+            &[$((stringify!($name), $name as u64)),*]
+        };
+    }
+
+    const CONSTANTS: &[(&str, u64)] = constants![
+        PCI_VENDOR_ID,
+        PCI_DEVICE_ID,
+        PCI_SUBSYSTEM_VENDOR_ID,
+        PCI_SUBSYSTEM_ID,
+        PCI_REVISION_ID,
+        PCI_CLASS_CODE,
+        REGS_BAR,
+        REGS_BAR_SIZE,
+        MSIX_BAR,
+        MSIX_BAR_SIZE,
+        MSIX_TABLE_OFFSET,
+        MSIX_PBA_OFFSET,
+        MSIX_VECTORS,
+        PCI_MSIX_CAP_OFFSET,
+        DEVICE_ID_MAGIC,
+        DEVICE_VERSION,
+        REG_ID,
+        REG_VERSION,
+        REG_CAP,
+        REG_CAP_OPS,
+        REG_MAX_XFER,
+        REG_SCRATCH,
+        REG_DEV_CTRL,
+        REG_DEV_STATUS,
+        DEV_CTRL_RESET,
+        DEV_STATUS_BUS_MASTER,
+        CAP_QUEUES_SHIFT,
+        CAP_VECTORS_SHIFT,
+        CAP_IOVA_WIDTH_SHIFT,
+        NUM_QUEUES,
+        IOVA_WIDTH,
+        MAX_XFER,
+        QUEUE_BASE,
+        QUEUE_STRIDE,
+        Q_BASE_LO,
+        Q_BASE_HI,
+        Q_SIZE,
+        Q_CTRL,
+        Q_HEAD,
+        Q_TAIL,
+        Q_STATUS,
+        Q_MSIX_VECTOR,
+        Q_COMPLETED,
+        Q_ERRORS,
+        Q_CTRL_ENABLE,
+        Q_STATUS_ENABLED,
+        Q_STATUS_ERROR,
+        Q_SIZE_MIN,
+        Q_SIZE_MAX,
+        DESC_SIZE,
+        DESC_OPCODE,
+        DESC_FLAGS,
+        DESC_LEN,
+        DESC_SRC,
+        DESC_DST,
+        DESC_COMPLETION,
+        DESC_TAG,
+        DESC_RESERVED,
+        OP_NOP,
+        OP_COPY,
+        OP_FILL,
+        DESC_FLAG_INTERRUPT,
+        DESC_FLAGS_VALID,
+        COMPLETION_SIZE,
+        CPL_STATUS,
+        CPL_BYTES,
+        CPL_FAULT_ADDR,
+        CPL_RESULT,
+        CPL_TAG,
+        STATUS_PENDING,
+        STATUS_OK,
+        STATUS_INVALID_DESCRIPTOR,
+        STATUS_DMA_ERROR,
+        STATUS_ABORTED,
+    ];
+
+    fn parse_number(cell: &str) -> Option<u64> {
+        let cell = cell.trim();
+        match cell.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => cell.parse().ok(),
+        }
+    }
+
+    #[test]
+    fn spec_doc_matches_code() {
+        let spec_md = include_str!("../SPEC.md");
+        let source = include_str!("spec.rs");
+
+        // The table above lists every `pub const` of this module.
+        let declared: BTreeSet<&str> = source
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| l.split(':').next())
+            .filter(|name| {
+                name.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+            })
+            .collect();
+        let listed: BTreeSet<&str> = CONSTANTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(declared, listed, "update the CONSTANTS list in spec.rs");
+
+        // Each constant has a table row in SPEC.md whose first cell is its value.
+        for (name, value) in CONSTANTS {
+            let needle = format!("| `{name}` |");
+            let row = spec_md
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&needle))
+                .unwrap_or_else(|| panic!("SPEC.md has no table row for `{name}`"));
+            let first = row.split('|').nth(1).unwrap_or_default();
+            assert_eq!(
+                parse_number(first),
+                Some(*value),
+                "SPEC.md gives `{name}` as {first:?}, code has {value:#x}"
+            );
+        }
+    }
+}
