@@ -1,0 +1,79 @@
+# shellcheck shell=bash
+# Shared helpers for domdma's scripts: progress output and host prerequisites.
+# Sourced, not executed.
+
+DOMDMA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export DOMDMA_ROOT
+
+# Guest binaries run in a busybox initramfs: link them statically against glibc. The
+# explicit --target keeps these RUSTFLAGS off the host builds (and their cache).
+DOMDMA_GUEST_TARGET=x86_64-unknown-linux-gnu
+DOMDMA_GUEST_BIN="$DOMDMA_ROOT/target/$DOMDMA_GUEST_TARGET/release/domdma-guest-tests"
+export DOMDMA_GUEST_TARGET DOMDMA_GUEST_BIN
+
+if [[ -t 1 ]]; then _b=$'\e[1m' _r=$'\e[0m'; else _b='' _r=''; fi
+
+# step MESSAGE: announce what the script is about to do.
+step() { printf '%s==> %s%s\n' "$_b" "$*" "$_r"; }
+
+# die MESSAGE: fail with a message naming the problem and the fix.
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# apt_install PKG...: install missing host packages (Debian/Ubuntu), as root or via sudo.
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  step "installing host packages: ${missing[*]}"
+  local sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# ensure_host_tools: what building and running the suite needs on the host.
+ensure_host_tools() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and retry"
+  # libc6-dev: static glibc for the guest binary; openssh-client: the SSH driver;
+  # debian-archive-keyring: verifies the Debian packages QEMU and the guest come from.
+  apt_install libc6-dev openssh-client debian-archive-keyring
+}
+
+# ensure_rust_components COMPONENT...: rustfmt/clippy, through rustup when missing.
+ensure_rust_components() {
+  local c
+  for c in "$@"; do
+    if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+      step "adding the Rust component $c"
+      rustup component add "$c" || die "cannot add the Rust component $c: install it with 'rustup component add $c'"
+    fi
+  done
+}
+
+# build_all: release builds of the device server and runner, and the static guest suite.
+build_all() {
+  step "building the device server and the host runner (release)"
+  cargo build --release --locked -p domdma-device -p domdma-qemu
+  step "building the guest test suite (static, $DOMDMA_GUEST_TARGET)"
+  RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$DOMDMA_GUEST_TARGET" -p domdma-guest-tests
+}
+
+# run_guest_suite ARGS...: provision, build, then boot the device + QEMU and run the suite.
+run_guest_suite() {
+  step "provisioning QEMU and the guest image (cached)"
+  "$DOMDMA_ROOT/scripts/provision"
+  set -a
+  # shellcheck disable=SC1090
+  source <("$DOMDMA_ROOT/scripts/provision" --print-env)
+  set +a
+  build_all
+  step "launching the device server beside QEMU $DOMDMA_QEMU_VERSION and running the guest suite"
+  "$DOMDMA_ROOT/target/release/domdma-vm" run \
+    --device-bin "$DOMDMA_ROOT/target/release/domdma-device" \
+    --guest-bin "$DOMDMA_GUEST_BIN" \
+    --out "$DOMDMA_ROOT/target/domdma/guest" \
+    "$@"
+}
