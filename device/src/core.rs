@@ -496,9 +496,11 @@ impl Device {
             && self.queues[q].head != self.queues[q].tail
         {
             let queue = &self.queues[q];
-            let addr = queue.base + u64::from(queue.head) * DESC_SIZE;
+            // The base is guest-controlled: the slot address may wrap.
+            let addr = queue.base.wrapping_add(u64::from(queue.head) * DESC_SIZE);
             let mut raw = [0u8; DESC_SIZE as usize];
-            if check_range(&mem, addr, DESC_SIZE, Access::Read).is_err()
+            if addr < queue.base
+                || check_range(&mem, addr, DESC_SIZE, Access::Read).is_err()
                 || mem.read_slice(&mut raw, GuestAddress(addr)).is_err()
             {
                 warn!(

@@ -412,3 +412,18 @@ fn function_level_reset_clears_config_space() {
     d.dev.bar_read(MSIX_BAR, 0, &mut b);
     assert_eq!(b[12], 1, "MSI-X vectors reset masked");
 }
+
+#[test]
+fn ring_at_the_top_of_the_address_space_halts_without_overflow() {
+    let mut d = TestDriver::new();
+    d.write(queue_reg(0, Q_CTRL), 0);
+    d.write(queue_reg(0, Q_BASE_LO), 0xffff_ffc0);
+    d.write(queue_reg(0, Q_BASE_HI), 0xffff_ffff);
+    d.write(queue_reg(0, Q_SIZE), 4096);
+    d.write(queue_reg(0, Q_CTRL), Q_CTRL_ENABLE);
+    d.write(queue_reg(0, Q_TAIL), 3);
+    assert!(matches!(
+        d.dev.queue_state(0),
+        Some(QueueState::Halted(QueueFault::DescriptorUnreadable(_)))
+    ));
+}
