@@ -1,0 +1,608 @@
+//! DMA mappings (`DMA_MAP` / `DMA_UNMAP`) kept in the device's bus memory.
+//!
+//! A mapping that arrives with a file descriptor is mmapped (`MAP_SHARED`) and inserted into
+//! the shared [`BusMemory`] at its DMA address, so the device core reaches it through
+//! `vm-memory`, with the protection the client asked for (read, write or both); the core
+//! checks a region's protection before every access, so a device write to a read-only
+//! mapping is a DMA error, not a fault in the server. A mapping without a descriptor (or
+//! with neither flag) is recorded (it occupies its range) but is not accessible: the device
+//! sees it as unmapped (see [`DmaMappings::map`]).
+//!
+//! Unmapping follows the kernel's VFIO type1 semantics, which QEMU's VFIO code is written
+//! against: a range removes every mapping that lies entirely inside it, splitting a mapping
+//! is an error, and a range with no mapping in it succeeds and removes nothing. (With an
+//! emulated IOMMU, QEMU unmaps whole power-of-two windows of the IOVA space when the guest
+//! invalidates a context, mapped or not.)
+//!
+//! Each accessible mapping keeps its file descriptor open (inside `vm-memory`'s
+//! `FileOffset`) and its memory mapped until the last `vm-memory` snapshot that contains it
+//! is dropped, so a device still holding an older snapshot never touches unmapped memory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, PoisonError};
+
+use thiserror::Error;
+use tracing::debug;
+use vm_memory::mmap::MmapRegionError;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionCollectionError,
+    GuestRegionMmap, MmapRegion,
+};
+
+use super::proto::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, MAX_DMA_MAPS, PGSIZES};
+use crate::core::BusMemory;
+
+/// Errors of DMA map and unmap requests.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// Empty, unaligned or wrapping range.
+    #[error("DMA range {address:#x}+{size:#x} is empty, not 4 KiB aligned or wraps")]
+    BadRange {
+        /// Base address.
+        address: u64,
+        /// Length.
+        size: u64,
+    },
+    /// The file offset is not page aligned.
+    #[error("file offset {0:#x} is not 4 KiB aligned")]
+    UnalignedOffset(u64),
+    /// Flag bits we do not know or support.
+    #[error("unsupported flags {0:#x}")]
+    UnsupportedFlags(u32),
+    /// More than one descriptor came with a DMA_MAP.
+    #[error("DMA_MAP carries {0} file descriptors, at most 1 is allowed")]
+    TooManyFds(usize),
+    /// The new range overlaps an existing mapping.
+    #[error("DMA range {address:#x}+{size:#x} overlaps the mapping at {existing:#x}")]
+    Overlap {
+        /// Base address.
+        address: u64,
+        /// Length.
+        size: u64,
+        /// Base of the existing mapping.
+        existing: u64,
+    },
+    /// The mapping limit is reached.
+    #[error("too many DMA mappings (limit {0})")]
+    TooManyMappings(usize),
+    /// The descriptor does not refer to a regular file (memfd, hugetlbfs or tmpfs file).
+    #[error("the file descriptor is not a regular file")]
+    NotRegularFile,
+    /// The mapping would extend past the end of the file (accessing it would fault).
+    #[error("file range {offset:#x}+{size:#x} extends past the end of the file ({len:#x} bytes)")]
+    PastEof {
+        /// File offset.
+        offset: u64,
+        /// Length.
+        size: u64,
+        /// File length.
+        len: u64,
+    },
+    /// fstat on the descriptor failed.
+    #[error("cannot stat the file descriptor")]
+    Stat(#[source] io::Error),
+    /// mmap failed.
+    #[error("cannot mmap the DMA range")]
+    Mmap(#[source] MmapRegionError),
+    /// An unmap range splits a mapping.
+    #[error(
+        "unmap range {address:#x}+{size:#x} splits the mapping {map_address:#x}+{map_size:#x}"
+    )]
+    Split {
+        /// Base address of the unmap.
+        address: u64,
+        /// Length of the unmap.
+        size: u64,
+        /// Base of the mapping split.
+        map_address: u64,
+        /// Length of the mapping split.
+        map_size: u64,
+    },
+    /// vm-memory rejected the new region list.
+    #[error("cannot update the bus memory")]
+    Collection(#[source] GuestRegionCollectionError),
+}
+
+impl MemoryError {
+    /// The errno the client gets for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Overlap { .. } => libc::EEXIST,
+            Self::TooManyMappings(_) => libc::ENOSPC,
+            Self::UnsupportedFlags(_) => libc::ENOTSUP,
+            Self::Stat(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Self::Mmap(MmapRegionError::Mmap(e)) => e.raw_os_error().unwrap_or(libc::EIO),
+            Self::Mmap(_) | Self::Collection(_) => libc::EIO,
+            Self::BadRange { .. }
+            | Self::UnalignedOffset(_)
+            | Self::TooManyFds(_)
+            | Self::NotRegularFile
+            | Self::PastEof { .. }
+            | Self::Split { .. } => libc::EINVAL,
+        }
+    }
+}
+
+/// How a recorded mapping is reached by the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Mapped into the bus memory with the protection of its flags.
+    Mapped,
+    /// Recorded only: no descriptor was sent, or neither read nor write was allowed.
+    Recorded,
+}
+
+#[derive(Debug)]
+struct Mapping {
+    size: u64,
+    flags: u32,
+    access: Access,
+}
+
+/// The DMA mappings of one client connection. Dropping it unmaps everything.
+#[derive(Debug)]
+pub struct DmaMappings {
+    memory: BusMemory,
+    maps: BTreeMap<u64, Mapping>,
+    limit: usize,
+}
+
+fn page_aligned(v: u64) -> bool {
+    v % PGSIZES == 0
+}
+
+impl DmaMappings {
+    /// An empty mapping table over `memory`, with the advertised mapping limit.
+    pub fn new(memory: BusMemory) -> Self {
+        Self::with_limit(memory, MAX_DMA_MAPS as usize)
+    }
+
+    /// An empty mapping table with a custom mapping limit.
+    pub fn with_limit(memory: BusMemory, limit: usize) -> Self {
+        Self {
+            memory,
+            maps: BTreeMap::new(),
+            limit,
+        }
+    }
+
+    /// Number of recorded mappings.
+    pub fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// Whether there are no mappings.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// How the mapping at exactly `address` is reached, if there is one.
+    pub fn access(&self, address: u64) -> Option<Access> {
+        self.maps.get(&address).map(|m| m.access)
+    }
+
+    /// Add a mapping of `size` bytes at DMA address `address`, backed by `fd` at `offset`.
+    ///
+    /// With a descriptor and the read and/or write flag, the range is mmapped with that
+    /// protection and becomes reachable by the device (the core refuses accesses the
+    /// protection does not allow). Without a descriptor, or with neither flag, the range is
+    /// only recorded (see [`Access::Recorded`]).
+    pub fn map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Access, MemoryError> {
+        let known = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
+        if flags & !known != 0 {
+            return Err(MemoryError::UnsupportedFlags(flags & !known));
+        }
+        if fds.len() > 1 {
+            return Err(MemoryError::TooManyFds(fds.len()));
+        }
+        let end = address.checked_add(size);
+        if size == 0 || end.is_none() || !page_aligned(address) || !page_aligned(size) {
+            return Err(MemoryError::BadRange { address, size });
+        }
+        if let Some(existing) = self.overlapping(address, size) {
+            return Err(MemoryError::Overlap {
+                address,
+                size,
+                existing,
+            });
+        }
+        if self.maps.len() >= self.limit {
+            return Err(MemoryError::TooManyMappings(self.limit));
+        }
+        let fd = fds.into_iter().next();
+        let access = match fd {
+            Some(fd) if flags & known != 0 => {
+                let mut prot = 0;
+                if flags & DMA_MAP_FLAG_READ != 0 {
+                    prot |= libc::PROT_READ;
+                }
+                if flags & DMA_MAP_FLAG_WRITE != 0 {
+                    prot |= libc::PROT_WRITE;
+                }
+                self.insert(File::from(fd), offset, address, size, prot)?;
+                Access::Mapped
+            }
+            _ => Access::Recorded,
+        };
+        self.maps.insert(
+            address,
+            Mapping {
+                size,
+                flags,
+                access,
+            },
+        );
+        debug!(
+            address = format_args!("{address:#x}"),
+            size = format_args!("{size:#x}"),
+            offset = format_args!("{offset:#x}"),
+            flags,
+            ?access,
+            "DMA map"
+        );
+        Ok(access)
+    }
+
+    /// Remove every mapping inside `address..address + size`; returns how many.
+    pub fn unmap(&mut self, address: u64, size: u64) -> Result<usize, MemoryError> {
+        let end = match address.checked_add(size) {
+            Some(end) if size != 0 => end,
+            _ => return Err(MemoryError::BadRange { address, size }),
+        };
+        let split = |(&a, m): (&u64, &Mapping)| MemoryError::Split {
+            address,
+            size,
+            map_address: a,
+            map_size: m.size,
+        };
+        // A mapping starting before the range must end before it.
+        if let Some((a, m)) = self.maps.range(..address).next_back() {
+            if a + m.size > address {
+                return Err(split((a, m)));
+            }
+        }
+        // The last mapping starting inside the range must end inside it.
+        if let Some((a, m)) = self.maps.range(address..end).next_back() {
+            if a + m.size > end {
+                return Err(split((a, m)));
+            }
+        }
+        let victims: Vec<(u64, u64, Access)> = self
+            .maps
+            .range(address..end)
+            .map(|(&a, m)| (a, m.size, m.access))
+            .collect();
+        for &(a, _, _) in &victims {
+            self.maps.remove(&a);
+        }
+        self.remove_from_memory(&victims)?;
+        debug!(
+            address = format_args!("{address:#x}"),
+            size = format_args!("{size:#x}"),
+            removed = victims.len(),
+            "DMA unmap"
+        );
+        Ok(victims.len())
+    }
+
+    /// Remove every mapping; returns how many there were.
+    pub fn unmap_all(&mut self) -> usize {
+        let n = self.maps.len();
+        self.maps.clear();
+        let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.replace(GuestMemoryMmap::new());
+        if n > 0 {
+            debug!(mappings = n, "all DMA mappings removed");
+        }
+        n
+    }
+
+    /// Base address of a mapping overlapping `address..address + size`, if any.
+    fn overlapping(&self, address: u64, size: u64) -> Option<u64> {
+        let end = address + size;
+        let (&a, m) = self.maps.range(..end).next_back()?;
+        (a + m.size > address).then_some(a)
+    }
+
+    fn insert(
+        &mut self,
+        file: File,
+        offset: u64,
+        address: u64,
+        size: u64,
+        prot: i32,
+    ) -> Result<(), MemoryError> {
+        if !page_aligned(offset) {
+            return Err(MemoryError::UnalignedOffset(offset));
+        }
+        let meta = file.metadata().map_err(MemoryError::Stat)?;
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            return Err(MemoryError::NotRegularFile);
+        }
+        // Touching a MAP_SHARED page beyond the end of the file raises SIGBUS: refuse.
+        // (A client could still shrink an unsealed file later; QEMU seals its memfds.)
+        match offset.checked_add(size) {
+            Some(file_end) if file_end <= meta.len() => {}
+            _ => {
+                return Err(MemoryError::PastEof {
+                    offset,
+                    size,
+                    len: meta.len(),
+                })
+            }
+        }
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadRange { address, size })?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, offset)),
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(MemoryError::Mmap)?;
+        let region = GuestRegionMmap::new(region, GuestAddress(address))
+            .ok_or(MemoryError::BadRange { address, size })?;
+        let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        let updated = self
+            .memory
+            .memory()
+            .insert_region(Arc::new(region))
+            .map_err(MemoryError::Collection)?;
+        guard.replace(updated);
+        Ok(())
+    }
+
+    fn remove_from_memory(&mut self, victims: &[(u64, u64, Access)]) -> Result<(), MemoryError> {
+        if !victims.iter().any(|v| v.2 == Access::Mapped) {
+            return Ok(());
+        }
+        let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current: GuestMemoryMmap = (*self.memory.memory()).clone();
+        for &(a, size, access) in victims {
+            if access == Access::Mapped {
+                let (rest, _removed) = current
+                    .remove_region(GuestAddress(a), size)
+                    .map_err(MemoryError::Collection)?;
+                current = rest;
+            }
+        }
+        guard.replace(current);
+        Ok(())
+    }
+
+    /// Flags of the mapping at exactly `address`, if there is one.
+    pub fn flags(&self, address: u64) -> Option<u32> {
+        self.maps.get(&address).map(|m| m.flags)
+    }
+}
+
+impl Drop for DmaMappings {
+    fn drop(&mut self) {
+        self.unmap_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::os::fd::FromRawFd;
+
+    use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryBackend};
+
+    use super::*;
+
+    fn memfd(len: u64) -> File {
+        let name = CString::new("domdma-test").unwrap();
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn fds(f: &File) -> Vec<OwnedFd> {
+        vec![OwnedFd::from(f.try_clone().unwrap())]
+    }
+
+    const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
+
+    fn new_maps() -> (BusMemory, DmaMappings) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let maps = DmaMappings::new(mem.clone());
+        (mem, maps)
+    }
+
+    #[test]
+    fn map_is_shared_with_the_file() {
+        use std::os::unix::fs::FileExt;
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x4000);
+        f.write_all_at(b"hello", 0x1000).unwrap();
+        assert_eq!(
+            maps.map(RW, 0x1000, 0x10_0000, 0x2000, fds(&f)).unwrap(),
+            Access::Mapped
+        );
+        let m = mem.memory();
+        let mut buf = [0u8; 5];
+        m.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        m.write_slice(b"world", GuestAddress(0x10_1ffb)).unwrap();
+        let mut back = [0u8; 5];
+        f.read_exact_at(&mut back, 0x2ffb).unwrap();
+        assert_eq!(&back, b"world");
+        // One byte past the mapping is not reachable.
+        assert!(m.write_slice(b"!", GuestAddress(0x10_2000)).is_err());
+    }
+
+    #[test]
+    fn recorded_maps_are_not_accessible() {
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x1000);
+        assert_eq!(
+            maps.map(RW, 0, 0x1000, 0x1000, vec![]).unwrap(),
+            Access::Recorded
+        );
+        assert_eq!(
+            maps.map(0, 0, 0x2000, 0x1000, fds(&f)).unwrap(),
+            Access::Recorded
+        );
+        assert_eq!(mem.memory().num_regions(), 0);
+        assert_eq!(maps.len(), 2);
+        assert_eq!(maps.flags(0x2000), Some(0));
+        // Recorded maps still occupy their range.
+        assert_eq!(
+            maps.map(RW, 0, 0x1000, 0x1000, vec![]).unwrap_err().errno(),
+            libc::EEXIST
+        );
+        assert_eq!(maps.unmap(0x1000, 0x2000).unwrap(), 2);
+    }
+
+    #[test]
+    fn read_only_maps_are_mapped_read_only() {
+        use std::os::unix::fs::FileExt;
+
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x1000);
+        f.write_all_at(b"ro", 0).unwrap();
+        assert_eq!(
+            maps.map(DMA_MAP_FLAG_READ, 0, 0x2000, 0x1000, fds(&f))
+                .unwrap(),
+            Access::Mapped
+        );
+        let m = mem.memory();
+        let region = m.find_region(GuestAddress(0x2000)).unwrap();
+        assert_eq!(region.prot(), libc::PROT_READ);
+        assert_eq!(region.len(), 0x1000);
+        let mut buf = [0u8; 2];
+        m.read_slice(&mut buf, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&buf, b"ro");
+    }
+
+    #[test]
+    fn hostile_maps_are_refused() {
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x2000);
+        let errno = |r: Result<Access, MemoryError>| r.unwrap_err().errno();
+        assert_eq!(errno(maps.map(RW, 0, 0, 0, fds(&f))), libc::EINVAL);
+        assert_eq!(
+            errno(maps.map(RW, 0, 0x1001, 0x1000, fds(&f))),
+            libc::EINVAL
+        );
+        assert_eq!(errno(maps.map(RW, 0, 0x1000, 0x800, fds(&f))), libc::EINVAL);
+        assert_eq!(
+            errno(maps.map(RW, 0, u64::MAX - 0xfff, 0x2000, fds(&f))),
+            libc::EINVAL
+        );
+        assert_eq!(errno(maps.map(RW, 0x10, 0, 0x1000, fds(&f))), libc::EINVAL);
+        // Past the end of the file: would SIGBUS on access.
+        assert_eq!(
+            errno(maps.map(RW, 0x1000, 0, 0x2000, fds(&f))),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(maps.map(RW, u64::MAX - 0xfff, 0, 0x1000, fds(&f))),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(maps.map(RW | 4, 0, 0, 0x1000, fds(&f))),
+            libc::ENOTSUP
+        );
+        let mut two = fds(&f);
+        two.extend(fds(&f));
+        assert_eq!(errno(maps.map(RW, 0, 0, 0x1000, two)), libc::EINVAL);
+        let pipe = {
+            let mut p = [0; 2];
+            // SAFETY: pipe writes two descriptors into the array.
+            assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+            // SAFETY: a fresh descriptor we own.
+            let r = unsafe { OwnedFd::from_raw_fd(p[0]) };
+            // SAFETY: a fresh descriptor we own.
+            let w = unsafe { OwnedFd::from_raw_fd(p[1]) };
+            (r, w)
+        };
+        assert_eq!(
+            errno(maps.map(RW, 0, 0, 0x1000, vec![pipe.0])),
+            libc::EINVAL
+        );
+        assert!(maps.is_empty());
+        assert_eq!(mem.memory().num_regions(), 0);
+    }
+
+    #[test]
+    fn overlap_and_limit() {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut maps = DmaMappings::with_limit(mem, 2);
+        maps.map(RW, 0, 0x2000, 0x2000, vec![]).unwrap();
+        for (a, s) in [(0x1000, 0x2000), (0x3000, 0x1000), (0x0, 0x10000)] {
+            assert_eq!(
+                maps.map(RW, 0, a, s, vec![]).unwrap_err().errno(),
+                libc::EEXIST
+            );
+        }
+        maps.map(RW, 0, 0x1000, 0x1000, vec![]).unwrap();
+        assert_eq!(
+            maps.map(RW, 0, 0x8000, 0x1000, vec![]).unwrap_err().errno(),
+            libc::ENOSPC
+        );
+    }
+
+    #[test]
+    fn unmap_semantics() {
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x10000);
+        maps.map(RW, 0, 0x10000, 0x2000, fds(&f)).unwrap();
+        maps.map(RW, 0x2000, 0x12000, 0x1000, fds(&f)).unwrap();
+        maps.map(RW, 0x3000, 0x20000, 0x1000, fds(&f)).unwrap();
+        assert_eq!(mem.memory().num_regions(), 3);
+        // Splitting a mapping at either end is refused and removes nothing.
+        assert_eq!(
+            maps.unmap(0x11000, 0x1000).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            maps.unmap(0x10000, 0x1000).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(maps.len(), 3);
+        // Bad ranges.
+        assert_eq!(maps.unmap(0x10000, 0).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(maps.unmap(u64::MAX, 2).unwrap_err().errno(), libc::EINVAL);
+        // Nothing there: succeeds, removes nothing.
+        assert_eq!(maps.unmap(0x40000, 0x1000).unwrap(), 0);
+        // Exact match.
+        assert_eq!(maps.unmap(0x20000, 0x1000).unwrap(), 1);
+        // A window covering several mappings.
+        assert_eq!(maps.unmap(0, 1 << 40).unwrap(), 2);
+        assert!(maps.is_empty());
+        assert_eq!(mem.memory().num_regions(), 0);
+    }
+
+    #[test]
+    fn snapshots_keep_memory_alive_and_drop_unmaps() {
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x1000);
+        maps.map(RW, 0, 0x1000, 0x1000, fds(&f)).unwrap();
+        let snapshot = mem.memory();
+        maps.unmap_all();
+        // The old snapshot still reaches its (still mapped) memory.
+        snapshot.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.memory().num_regions(), 0);
+        maps.map(RW, 0, 0x1000, 0x1000, fds(&f)).unwrap();
+        assert_eq!(mem.memory().num_regions(), 1);
+        drop(maps);
+        assert_eq!(mem.memory().num_regions(), 0);
+    }
+}
