@@ -1,0 +1,565 @@
+//! A thin driver for one domdma descriptor queue, on any [`DmaBackend`].
+//!
+//! Programming sequence (device/SPEC.md): reset the device, enable bus mastering, allocate
+//! a ring of `size` 64-byte descriptors in DMA memory, program `Q_BASE_LO/HI`, `Q_SIZE` and
+//! `Q_MSIX_VECTOR`, set `Q_CTRL.ENABLE`. To submit, write descriptors at the ring index
+//! `tail`, advance `tail` modulo the ring size and write it to `Q_TAIL` (the doorbell). The
+//! device processes descriptors from `Q_HEAD` up to `Q_TAIL`; the ring holds at most
+//! `size - 1` outstanding descriptors. Each descriptor may name a 32-byte completion record
+//! whose status (zeroed by the driver beforehand) the device writes last.
+
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use domdma_device::spec;
+
+use crate::backend::{BackendError, DmaBackend, DmaBuffer, DmaRequest};
+
+/// Byte offset of the reserved u16 after the flags in a descriptor (must be zero).
+pub const DESC_RESERVED_LO: usize = 0x02;
+
+/// Errors of the queue driver.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The back end failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The ring size is not a power of two in the supported range.
+    #[error("invalid ring size {0} (a power of two in {min}..={max})", min = spec::Q_SIZE_MIN, max = spec::Q_SIZE_MAX)]
+    InvalidSize(u32),
+    /// The device did not accept the queue configuration.
+    #[error("queue {queue} did not come up: Q_STATUS={status:#x}")]
+    EnableFailed {
+        /// Queue index.
+        queue: u32,
+        /// The queue status register.
+        status: u32,
+    },
+    /// No free ring entry.
+    #[error("ring full ({outstanding} of {size} entries outstanding)")]
+    Full {
+        /// Ring size.
+        size: u32,
+        /// Descriptors not yet consumed by the device.
+        outstanding: u32,
+    },
+    /// A wait ran out of time.
+    #[error(
+        "timed out after {waited:?} waiting for {what} (queue {queue}: head {head}, tail {tail}, \
+         Q_STATUS {status:#x})"
+    )]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        waited: Duration,
+        /// Queue index.
+        queue: u32,
+        /// `Q_HEAD` at the time.
+        head: u32,
+        /// The driver's tail.
+        tail: u32,
+        /// `Q_STATUS` at the time.
+        status: u32,
+    },
+    /// The device reset did not complete.
+    #[error("device reset did not complete within {0:?} (DEV_CTRL still {1:#x})")]
+    ResetTimeout(Duration, u32),
+}
+
+/// One 64-byte descriptor. All fields are public so that tests can build malformed ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Operation (`spec::OP_*`).
+    pub opcode: u8,
+    /// Flags (`spec::DESC_FLAG_*`).
+    pub flags: u8,
+    /// Reserved, must be zero.
+    pub reserved: u16,
+    /// Transfer length in bytes.
+    pub len: u32,
+    /// COPY: source bus address; FILL: the 64-bit pattern.
+    pub src: u64,
+    /// Destination bus address.
+    pub dst: u64,
+    /// Bus address of the completion record (32-byte aligned), 0 = none.
+    pub completion: u64,
+    /// Driver tag, echoed in the completion record.
+    pub tag: u64,
+    /// Reserved bytes 0x28..0x40, must be zero.
+    pub reserved_tail: [u8; 24],
+}
+
+impl Descriptor {
+    fn new(opcode: u8, len: u32, src: u64, dst: u64) -> Self {
+        Descriptor {
+            opcode,
+            flags: 0,
+            reserved: 0,
+            len,
+            src,
+            dst,
+            completion: 0,
+            tag: 0,
+            reserved_tail: [0; 24],
+        }
+    }
+
+    /// A no-op.
+    pub fn nop() -> Self {
+        Self::new(spec::OP_NOP, 0, 0, 0)
+    }
+
+    /// Copy `len` bytes from bus address `src` to `dst`.
+    pub fn copy(src: u64, dst: u64, len: u32) -> Self {
+        Self::new(spec::OP_COPY, len, src, dst)
+    }
+
+    /// Fill `len` bytes at `dst` with the 64-bit little-endian `pattern`.
+    pub fn fill(dst: u64, pattern: u64, len: u32) -> Self {
+        Self::new(spec::OP_FILL, len, pattern, dst)
+    }
+
+    /// Sets the completion record address.
+    pub fn with_completion(mut self, bus_addr: u64) -> Self {
+        self.completion = bus_addr;
+        self
+    }
+
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: u64) -> Self {
+        self.tag = tag;
+        self
+    }
+
+    /// Requests the completion interrupt.
+    pub fn with_interrupt(mut self) -> Self {
+        self.flags |= spec::DESC_FLAG_INTERRUPT;
+        self
+    }
+
+    /// The descriptor's bytes as the device reads them.
+    pub fn to_bytes(&self) -> [u8; spec::DESC_SIZE as usize] {
+        let mut b = [0u8; spec::DESC_SIZE as usize];
+        let put = |b: &mut [u8], off: u64, v: &[u8]| {
+            b[off as usize..off as usize + v.len()].copy_from_slice(v)
+        };
+        put(&mut b, spec::DESC_OPCODE, &[self.opcode]);
+        put(&mut b, spec::DESC_FLAGS, &[self.flags]);
+        put(
+            &mut b,
+            DESC_RESERVED_LO as u64,
+            &self.reserved.to_le_bytes(),
+        );
+        put(&mut b, spec::DESC_LEN, &self.len.to_le_bytes());
+        put(&mut b, spec::DESC_SRC, &self.src.to_le_bytes());
+        put(&mut b, spec::DESC_DST, &self.dst.to_le_bytes());
+        put(
+            &mut b,
+            spec::DESC_COMPLETION,
+            &self.completion.to_le_bytes(),
+        );
+        put(&mut b, spec::DESC_TAG, &self.tag.to_le_bytes());
+        put(&mut b, spec::DESC_RESERVED, &self.reserved_tail);
+        b
+    }
+}
+
+/// A completion record as read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Status (`spec::STATUS_*`).
+    pub status: u32,
+    /// Bytes completed.
+    pub bytes: u32,
+    /// Faulting bus address, 0 if none.
+    pub fault_addr: u64,
+    /// Operation result.
+    pub result: u64,
+    /// The descriptor's tag.
+    pub tag: u64,
+}
+
+impl Completion {
+    /// Whether the status is `STATUS_OK`.
+    pub fn is_ok(&self) -> bool {
+        self.status == spec::STATUS_OK
+    }
+}
+
+impl std::fmt::Display for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status {:#x} ({}), bytes {}, fault_addr {:#x}, result {:#x}, tag {:#x}",
+            self.status,
+            status_name(self.status),
+            self.bytes,
+            self.fault_addr,
+            self.result,
+            self.tag
+        )
+    }
+}
+
+/// A readable name for a completion status.
+pub fn status_name(status: u32) -> &'static str {
+    match status {
+        spec::STATUS_PENDING => "PENDING",
+        spec::STATUS_OK => "OK",
+        spec::STATUS_INVALID_DESCRIPTOR => "INVALID_DESCRIPTOR",
+        spec::STATUS_DMA_ERROR => "DMA_ERROR",
+        spec::STATUS_ABORTED => "ABORTED",
+        _ => "unknown",
+    }
+}
+
+/// An array of completion records in DMA memory.
+#[derive(Debug)]
+pub struct CompletionRecords {
+    buf: DmaBuffer,
+    count: usize,
+}
+
+const CPL: usize = spec::COMPLETION_SIZE as usize;
+
+impl CompletionRecords {
+    /// Allocates `count` zeroed records.
+    pub fn new(backend: &dyn DmaBackend, count: usize) -> Result<Self, QueueError> {
+        let buf = backend.alloc_dma(DmaRequest::new(count.max(1) * CPL))?;
+        Ok(CompletionRecords { buf, count })
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bus address of record `i`.
+    pub fn bus_addr(&self, i: usize) -> u64 {
+        assert!(i < self.count, "completion record {i} of {}", self.count);
+        self.buf.bus_addr() + (i * CPL) as u64
+    }
+
+    /// Zeroes record `i` (status PENDING); do this before submitting its descriptor.
+    pub fn clear(&self, i: usize) {
+        assert!(i < self.count, "completion record {i} of {}", self.count);
+        self.buf.fill(i * CPL, CPL, 0);
+    }
+
+    /// The status of record `i` (volatile read).
+    pub fn status(&self, i: usize) -> u32 {
+        assert!(i < self.count, "completion record {i} of {}", self.count);
+        self.buf.read_u32(i * CPL + spec::CPL_STATUS as usize)
+    }
+
+    /// Reads record `i` (status first, then the rest).
+    pub fn read(&self, i: usize) -> Completion {
+        let status = self.status(i);
+        // The device writes the status last: read it first, then the other fields.
+        fence(Ordering::Acquire);
+        let base = i * CPL;
+        Completion {
+            status,
+            bytes: self.buf.read_u32(base + spec::CPL_BYTES as usize),
+            fault_addr: self.buf.read_u64(base + spec::CPL_FAULT_ADDR as usize),
+            result: self.buf.read_u64(base + spec::CPL_RESULT as usize),
+            tag: self.buf.read_u64(base + spec::CPL_TAG as usize),
+        }
+    }
+}
+
+/// Resets the device through `DEV_CTRL` and waits for the bit to clear.
+pub fn reset_device(backend: &dyn DmaBackend, timeout: Duration) -> Result<(), QueueError> {
+    backend.write32(spec::REG_DEV_CTRL, spec::DEV_CTRL_RESET)?;
+    let start = Instant::now();
+    loop {
+        let v = backend.read32(spec::REG_DEV_CTRL)?;
+        if v & spec::DEV_CTRL_RESET == 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(QueueError::ResetTimeout(timeout, v));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// One programmed descriptor queue.
+pub struct DmaQueue<'b> {
+    backend: &'b dyn DmaBackend,
+    index: u32,
+    ring: DmaBuffer,
+    size: u32,
+    tail: u32,
+    head_cache: u32,
+    vector: u16,
+}
+
+impl std::fmt::Debug for DmaQueue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaQueue")
+            .field("index", &self.index)
+            .field("ring", &self.ring)
+            .field("size", &self.size)
+            .field("tail", &self.tail)
+            .field("vector", &self.vector)
+            .finish()
+    }
+}
+
+impl<'b> DmaQueue<'b> {
+    /// Allocates a ring of `size` descriptors for queue `index`, programs it with MSI-X
+    /// `vector` and enables it. The device should be freshly reset with bus mastering on.
+    pub fn new(
+        backend: &'b dyn DmaBackend,
+        index: u32,
+        size: u32,
+        vector: u16,
+    ) -> Result<Self, QueueError> {
+        if !size.is_power_of_two() || !(spec::Q_SIZE_MIN..=spec::Q_SIZE_MAX).contains(&size) {
+            return Err(QueueError::InvalidSize(size));
+        }
+        let ring = backend.alloc_dma(DmaRequest::new(size as usize * spec::DESC_SIZE as usize))?;
+        let reg = |r| spec::queue_reg(index, r);
+        let base = ring.bus_addr();
+        backend.write32(reg(spec::Q_CTRL), 0)?;
+        backend.write32(reg(spec::Q_BASE_LO), base as u32)?;
+        backend.write32(reg(spec::Q_BASE_HI), (base >> 32) as u32)?;
+        backend.write32(reg(spec::Q_SIZE), size)?;
+        backend.write32(reg(spec::Q_MSIX_VECTOR), u32::from(vector))?;
+        backend.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE)?;
+        let status = backend.read32(reg(spec::Q_STATUS))?;
+        if status & spec::Q_STATUS_ENABLED == 0 || status & spec::Q_STATUS_ERROR != 0 {
+            return Err(QueueError::EnableFailed {
+                queue: index,
+                status,
+            });
+        }
+        let head = backend.read32(reg(spec::Q_HEAD))?;
+        Ok(DmaQueue {
+            backend,
+            index,
+            ring,
+            size,
+            tail: head,
+            head_cache: head,
+            vector,
+        })
+    }
+
+    fn reg(&self, r: u64) -> u64 {
+        spec::queue_reg(self.index, r)
+    }
+
+    /// Queue index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Ring size in descriptors.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The MSI-X vector programmed for the queue.
+    pub fn vector(&self) -> u16 {
+        self.vector
+    }
+
+    /// Bus address of the ring.
+    pub fn ring_bus_addr(&self) -> u64 {
+        self.ring.bus_addr()
+    }
+
+    /// The driver's tail: the ring index the next descriptor goes to.
+    pub fn tail(&self) -> u32 {
+        self.tail
+    }
+
+    /// Reads `Q_HEAD`.
+    pub fn head(&self) -> Result<u32, QueueError> {
+        Ok(self.backend.read32(self.reg(spec::Q_HEAD))?)
+    }
+
+    /// Reads `Q_STATUS`.
+    pub fn status(&self) -> Result<u32, QueueError> {
+        Ok(self.backend.read32(self.reg(spec::Q_STATUS))?)
+    }
+
+    /// Reads a queue register (`spec::Q_*`).
+    pub fn read_reg(&self, r: u64) -> Result<u32, QueueError> {
+        Ok(self.backend.read32(self.reg(r))?)
+    }
+
+    fn outstanding(&self, head: u32) -> u32 {
+        self.tail.wrapping_sub(head) & (self.size - 1)
+    }
+
+    /// Writes a descriptor's raw bytes into the next ring entry without ringing the
+    /// doorbell. Fails with [`QueueError::Full`] when `size - 1` entries are outstanding.
+    pub fn push_raw(&mut self, bytes: &[u8; spec::DESC_SIZE as usize]) -> Result<(), QueueError> {
+        if self.outstanding(self.head_cache) >= self.size - 1 {
+            self.head_cache = self.head()?;
+            let outstanding = self.outstanding(self.head_cache);
+            if outstanding >= self.size - 1 {
+                return Err(QueueError::Full {
+                    size: self.size,
+                    outstanding,
+                });
+            }
+        }
+        self.ring
+            .write(self.tail as usize * spec::DESC_SIZE as usize, bytes);
+        self.tail = (self.tail + 1) & (self.size - 1);
+        Ok(())
+    }
+
+    /// Writes a descriptor into the next ring entry without ringing the doorbell.
+    pub fn push(&mut self, desc: &Descriptor) -> Result<(), QueueError> {
+        self.push_raw(&desc.to_bytes())
+    }
+
+    /// Publishes the pushed descriptors: writes the tail to `Q_TAIL`.
+    pub fn doorbell(&mut self) -> Result<(), QueueError> {
+        // Descriptors must be in memory before the device sees the new tail.
+        fence(Ordering::SeqCst);
+        self.backend.write32(self.reg(spec::Q_TAIL), self.tail)?;
+        Ok(())
+    }
+
+    /// Pushes `descs` and rings the doorbell once.
+    pub fn submit(&mut self, descs: &[Descriptor]) -> Result<(), QueueError> {
+        for d in descs {
+            self.push(d)?;
+        }
+        self.doorbell()
+    }
+
+    fn timeout(&self, what: String, waited: Duration) -> QueueError {
+        QueueError::Timeout {
+            what,
+            waited,
+            queue: self.index,
+            head: self.head().unwrap_or(u32::MAX),
+            tail: self.tail,
+            status: self.status().unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Polls completion record `i` until its status is not PENDING, for at most `timeout`.
+    pub fn wait_completion(
+        &self,
+        records: &CompletionRecords,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<Completion, QueueError> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if records.status(i) != spec::STATUS_PENDING {
+                return Ok(records.read(i));
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(self.timeout(format!("completion record {i}"), waited));
+            }
+            spins += 1;
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else {
+                let nap = Duration::from_micros(u64::from(spins.min(1000)));
+                std::thread::sleep(nap.min(timeout.saturating_sub(waited)));
+            }
+        }
+    }
+
+    /// Waits for the queue's MSI-X vector, then reads completion record `i`. Fails with a
+    /// timeout if no interrupt arrives; the record may still be pending if the device
+    /// signalled before writing it (a device bug worth seeing).
+    pub fn wait_completion_irq(
+        &self,
+        records: &CompletionRecords,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<Completion, QueueError> {
+        let start = Instant::now();
+        if self.backend.wait_interrupt(self.vector, timeout)? == 0 {
+            return Err(self.timeout(format!("MSI-X vector {}", self.vector), start.elapsed()));
+        }
+        Ok(records.read(i))
+    }
+
+    /// Waits until the device has consumed everything up to the tail (`Q_HEAD == tail`).
+    pub fn wait_idle(&mut self, timeout: Duration) -> Result<(), QueueError> {
+        let start = Instant::now();
+        loop {
+            let head = self.head()?;
+            if head == self.tail {
+                self.head_cache = head;
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(self.timeout("the queue to drain".into(), waited));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Disables the queue (`Q_CTRL = 0`).
+    pub fn disable(&self) -> Result<(), QueueError> {
+        self.backend.write32(self.reg(spec::Q_CTRL), 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_layout_matches_spec() {
+        let d = Descriptor::copy(0x1122_3344_5566_7788, 0x99aa_bbcc_ddee_ff00, 0x0010_0000)
+            .with_completion(0x1_0000_0020)
+            .with_tag(0xfeed)
+            .with_interrupt();
+        let b = d.to_bytes();
+        assert_eq!(b[0], spec::OP_COPY);
+        assert_eq!(b[1], spec::DESC_FLAG_INTERRUPT);
+        assert_eq!(&b[2..4], &[0, 0]);
+        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 0x0010_0000);
+        assert_eq!(
+            u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            0x1122_3344_5566_7788
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            0x99aa_bbcc_ddee_ff00
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            0x1_0000_0020
+        );
+        assert_eq!(u64::from_le_bytes(b[32..40].try_into().unwrap()), 0xfeed);
+        assert!(b[40..].iter().all(|&x| x == 0));
+
+        let mut m = Descriptor::fill(0, 0, 8);
+        m.reserved = 0xabcd;
+        m.reserved_tail[23] = 1;
+        let b = m.to_bytes();
+        assert_eq!(&b[2..4], &[0xcd, 0xab]);
+        assert_eq!(b[63], 1);
+    }
+
+    #[test]
+    fn status_names() {
+        assert_eq!(status_name(spec::STATUS_DMA_ERROR), "DMA_ERROR");
+        assert_eq!(status_name(0x7777), "unknown");
+    }
+}
