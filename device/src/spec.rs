@@ -125,6 +125,8 @@ pub const DESC_SIZE: u64 = 64;
 pub const DESC_OPCODE: u64 = 0x00;
 /// Byte offset of the flags (u8).
 pub const DESC_FLAGS: u64 = 0x01;
+/// Byte offset of the reserved u16 after the flags (must be zero).
+pub const DESC_RESERVED_LO: u64 = 0x02;
 /// Byte offset of the transfer length (u32).
 pub const DESC_LEN: u64 = 0x04;
 /// Byte offset of the source address (COPY) or 64-bit pattern (FILL) (u64).

@@ -15,9 +15,6 @@ use domdma_device::spec;
 
 use crate::backend::{BackendError, DmaBackend, DmaBuffer, DmaRequest};
 
-/// Byte offset of the reserved u16 after the flags in a descriptor (must be zero).
-pub const DESC_RESERVED_LO: usize = 0x02;
-
 /// Errors of the queue driver.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -146,11 +143,7 @@ impl Descriptor {
         };
         put(&mut b, spec::DESC_OPCODE, &[self.opcode]);
         put(&mut b, spec::DESC_FLAGS, &[self.flags]);
-        put(
-            &mut b,
-            DESC_RESERVED_LO as u64,
-            &self.reserved.to_le_bytes(),
-        );
+        put(&mut b, spec::DESC_RESERVED_LO, &self.reserved.to_le_bytes());
         put(&mut b, spec::DESC_LEN, &self.len.to_le_bytes());
         put(&mut b, spec::DESC_SRC, &self.src.to_le_bytes());
         put(&mut b, spec::DESC_DST, &self.dst.to_le_bytes());
