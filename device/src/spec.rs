@@ -251,6 +251,7 @@ mod doc {
         DESC_SIZE,
         DESC_OPCODE,
         DESC_FLAGS,
+        DESC_RESERVED_LO,
         DESC_LEN,
         DESC_SRC,
         DESC_DST,
