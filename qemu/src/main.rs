@@ -1,2 +1,373 @@
-//! Host runner. (stub)
-fn main() {}
+//! `domdma-vm`: the host runner of the guest test suite.
+//!
+//! `domdma-vm run` starts the device server, then QEMU with the device attached over
+//! vfio-user, waits for the guest to report ready on its serial console, copies the guest test
+//! binary in over SSH, runs it, and writes `junit.xml` with the device, QEMU, serial and guest
+//! logs beside it. `domdma-vm kvm-probe` tells whether /dev/kvm really runs a guest.
+//!
+//! `cargo test` never boots a VM: the tests here cover the pure parts (command line, result
+//! parsing, JUnit, serial scanning) and process handling with stand-in programs.
+
+mod device;
+mod kvm;
+mod process;
+mod qemu;
+mod report;
+mod results;
+mod runner;
+mod serial;
+mod ssh;
+mod tempdir;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::kvm::AccelChoice;
+use crate::process::Interrupt;
+use crate::qemu::{DEFAULT_KERNEL_APPEND, DEFAULT_MEMORY_MIB, DEFAULT_SMP};
+use crate::runner::RunOptions;
+
+/// Exit status when a test failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit status when the run could not be set up.
+const EXIT_SETUP: u8 = 2;
+/// Exit status after SIGINT/SIGTERM (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "domdma-vm",
+    version,
+    about = "domdma host runner: device server + QEMU + guest suite over SSH"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the device server and QEMU, run the guest suite over SSH, write JUnit XML.
+    Run(Box<RunArgs>),
+    /// Exit 0 if /dev/kvm runs a guest, non-zero with the reason otherwise.
+    KvmProbe,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The device server binary (`domdma-device`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "DOMDMA_DEVICE_BIN",
+        required_unless_present = "no_device"
+    )]
+    device_bin: Option<PathBuf>,
+    /// Boot without the vfio-user device (debugging boot and SSH); --device-bin is ignored.
+    #[arg(long)]
+    no_device: bool,
+    /// The guest test binary (static), or any executable printing DOMDMA-RESULT lines.
+    #[arg(long, value_name = "PATH", env = "DOMDMA_GUEST_BIN")]
+    guest_bin: PathBuf,
+    /// Argument passed to the guest binary (repeatable).
+    #[arg(long = "guest-arg", value_name = "ARG", allow_hyphen_values = true)]
+    guest_args: Vec<String>,
+    /// Output directory: junit.xml and the device, QEMU, serial, SSH and guest logs.
+    #[arg(long, value_name = "DIR", default_value = "target/domdma/guest")]
+    out: PathBuf,
+    /// QEMU >= 10.1 with vfio-user-pci (the provisioned wrapper).
+    #[arg(long, value_name = "PATH", env = "DOMDMA_QEMU")]
+    qemu: PathBuf,
+    /// Guest kernel.
+    #[arg(long, value_name = "PATH", env = "DOMDMA_KERNEL")]
+    kernel: PathBuf,
+    /// Guest initramfs.
+    #[arg(long, value_name = "PATH", env = "DOMDMA_INITRD")]
+    initrd: PathBuf,
+    /// ed25519 private key for root in the guest.
+    #[arg(long, value_name = "PATH", env = "DOMDMA_SSH_KEY")]
+    ssh_key: PathBuf,
+    /// Accelerator. auto: KVM if the CPU has VMX/SVM and a throwaway VM runs (probed in a
+    /// child with a time limit), else TCG; a guest that does not boot under KVM is retried
+    /// under TCG.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto, env = "DOMDMA_ACCEL")]
+    accel: AccelChoice,
+    /// Kill QEMU while the suite runs, then run the suite on a second QEMU against the same
+    /// device server (host case host.device_server_survives_qemu_kill).
+    #[arg(long)]
+    reconnect_check: bool,
+    /// With --reconnect-check: kill QEMU #1 when this many guest results arrived (or 20 s into
+    /// the suite, whichever comes first).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        requires = "reconnect_check"
+    )]
+    kill_after: usize,
+    /// Time limit for the guest suite, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
+    /// Time limit for boot to ready, in seconds [default: 120 under TCG, 30 under KVM].
+    #[arg(long, value_name = "SECS")]
+    boot_timeout: Option<u64>,
+    /// Guest NUMA nodes: 2 puts the device behind a PCIe expander bridge on node 1 (memory
+    /// and vCPUs split evenly); 1 is a flat machine with the device on the root bus.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    numa_nodes: u8,
+    /// vCPUs.
+    #[arg(long, default_value_t = DEFAULT_SMP)]
+    smp: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    memory_mib: u64,
+    /// Guest kernel command line.
+    #[arg(long, default_value = DEFAULT_KERNEL_APPEND)]
+    append: String,
+    /// Extra QEMU argument, appended last (repeatable).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    qemu_args: Vec<String>,
+    /// A guest test that must report a result (repeatable); a missing one fails.
+    #[arg(long, value_name = "NAME")]
+    expect: Vec<String>,
+    /// The guest test that proves QEMU #2's guest found the device [default: the first result].
+    #[arg(long, value_name = "NAME")]
+    device_test: Option<String>,
+}
+
+impl RunArgs {
+    fn into_options(self) -> RunOptions {
+        RunOptions {
+            device_bin: if self.no_device {
+                None
+            } else {
+                self.device_bin
+            },
+            guest_bin: self.guest_bin,
+            guest_args: self.guest_args,
+            out: self.out,
+            qemu: self.qemu,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            ssh_key: self.ssh_key,
+            accel: self.accel,
+            reconnect_check: self.reconnect_check,
+            kill_after: self.kill_after,
+            timeout: Duration::from_secs(self.timeout),
+            boot_timeout: self.boot_timeout.map(Duration::from_secs),
+            numa: self.numa_nodes == 2,
+            smp: self.smp,
+            memory_mib: self.memory_mib,
+            append: self.append,
+            qemu_args: self.qemu_args,
+            expect: self.expect,
+            device_test: self.device_test,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::KvmProbe => kvm_probe(),
+        Command::Run(args) => run(args.into_options()),
+    }
+}
+
+fn kvm_probe() -> ExitCode {
+    match kvm::probe() {
+        Ok(()) => {
+            println!("KVM ran the probe guest");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{}", error_chain(&err));
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run(opts: RunOptions) -> ExitCode {
+    let interrupt = match Interrupt::install() {
+        Ok(interrupt) => interrupt,
+        Err(err) => {
+            eprintln!("domdma-vm: {}", error_chain(&err));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    if let Ok(version) = std::env::var("DOMDMA_QEMU_VERSION") {
+        tracing::info!(%version, qemu = %opts.qemu.display(), "QEMU");
+    }
+    let started = Instant::now();
+    let outcome = match runner::run(&opts, &interrupt) {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            eprintln!("domdma-vm: {}", error_chain(&err));
+            return ExitCode::from(if interrupt.is_set() {
+                EXIT_INTERRUPTED
+            } else {
+                EXIT_SETUP
+            });
+        }
+    };
+    let total = started.elapsed();
+    let junit = opts.out.join("junit.xml");
+    let mut code = if outcome.cases.iter().all(|c| c.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    };
+    if let Err(err) = report::write_junit(&junit, &outcome.cases, total) {
+        eprintln!("domdma-vm: {}", error_chain(&err));
+        code = ExitCode::from(EXIT_FAILED);
+    }
+    println!();
+    print!("{}", report::summary(&outcome.cases, total, &outcome.files));
+    if outcome.interrupted {
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
+    code
+}
+
+/// "message: cause: cause" for an error and its sources.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_args_parse_with_defaults() {
+        let cli = Cli::try_parse_from([
+            "domdma-vm",
+            "run",
+            "--no-device",
+            "--guest-bin",
+            "g",
+            "--qemu",
+            "q",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--ssh-key",
+            "s",
+            "--qemu-arg",
+            "-d",
+            "--qemu-arg",
+            "guest_errors",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        let opts = args.into_options();
+        assert!(opts.device_bin.is_none());
+        assert_eq!(opts.out, PathBuf::from("target/domdma/guest"));
+        assert_eq!(opts.accel, AccelChoice::Auto);
+        assert_eq!(opts.timeout, Duration::from_secs(300));
+        assert_eq!(opts.qemu_args, ["-d", "guest_errors"]);
+        assert_eq!(opts.append, DEFAULT_KERNEL_APPEND);
+        assert!(opts.numa);
+    }
+
+    #[test]
+    fn numa_nodes_are_one_or_two() {
+        let base = [
+            "domdma-vm",
+            "run",
+            "--no-device",
+            "--guest-bin",
+            "g",
+            "--qemu",
+            "q",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--ssh-key",
+            "s",
+            "--numa-nodes",
+        ];
+        let parse = |n: &'static str| {
+            let mut args = base.to_vec();
+            args.push(n);
+            Cli::try_parse_from(args)
+        };
+        let Ok(Cli {
+            command: Command::Run(args),
+        }) = parse("1")
+        else {
+            panic!("--numa-nodes 1 rejected");
+        };
+        assert!(!args.into_options().numa);
+        assert!(parse("3").is_err());
+        assert!(parse("0").is_err());
+    }
+
+    #[test]
+    fn device_bin_is_required_unless_no_device() {
+        let base = [
+            "domdma-vm",
+            "run",
+            "--guest-bin",
+            "g",
+            "--qemu",
+            "q",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--ssh-key",
+            "s",
+        ];
+        // The environment may provide it; only check when it does not.
+        if std::env::var_os("DOMDMA_DEVICE_BIN").is_none() {
+            assert!(Cli::try_parse_from(base).is_err());
+        }
+        let mut with = base.to_vec();
+        with.extend(["--device-bin", "d"]);
+        assert!(Cli::try_parse_from(with).is_ok());
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let err = report::ReportError::Write {
+            path: "/x/junit.xml".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let text = error_chain(&err);
+        assert!(
+            text.starts_with("cannot write /x/junit.xml: No space left"),
+            "{text}"
+        );
+    }
+}
