@@ -7,9 +7,10 @@ export DOMDMA_ROOT
 
 # Guest binaries run in a busybox initramfs: link them statically against glibc. The
 # explicit --target keeps these RUSTFLAGS off the host builds (and their cache).
+DOMDMA_TARGET_DIR=${CARGO_TARGET_DIR:-$DOMDMA_ROOT/target}
 DOMDMA_GUEST_TARGET=x86_64-unknown-linux-gnu
-DOMDMA_GUEST_BIN="$DOMDMA_ROOT/target/$DOMDMA_GUEST_TARGET/release/domdma-guest-tests"
-export DOMDMA_GUEST_TARGET DOMDMA_GUEST_BIN
+DOMDMA_GUEST_BIN="$DOMDMA_TARGET_DIR/$DOMDMA_GUEST_TARGET/release/domdma-guest-tests"
+export DOMDMA_TARGET_DIR DOMDMA_GUEST_TARGET DOMDMA_GUEST_BIN
 
 if [[ -t 1 ]]; then _b=$'\e[1m' _r=$'\e[0m'; else _b='' _r=''; fi
 
@@ -57,7 +58,8 @@ build_all() {
   step "building the device server and the host runner (release)"
   cargo build --release --locked -p domdma-device -p domdma-qemu
   step "building the guest test suite (static, $DOMDMA_GUEST_TARGET)"
-  RUSTFLAGS="-C target-feature=+crt-static" \
+  # Stripped of debuginfo: the binary is copied into the guest over SSH on every run.
+  RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" \
     cargo build --release --locked --target "$DOMDMA_GUEST_TARGET" -p domdma-guest-tests
 }
 
@@ -71,8 +73,8 @@ run_guest_suite() {
   set +a
   build_all
   step "launching the device server beside QEMU $DOMDMA_QEMU_VERSION and running the guest suite"
-  "$DOMDMA_ROOT/target/release/domdma-vm" run \
-    --device-bin "$DOMDMA_ROOT/target/release/domdma-device" \
+  "$DOMDMA_TARGET_DIR/release/domdma-vm" run \
+    --device-bin "$DOMDMA_TARGET_DIR/release/domdma-device" \
     --guest-bin "$DOMDMA_GUEST_BIN" \
     --out "$DOMDMA_ROOT/target/domdma/guest" \
     "$@"
