@@ -66,7 +66,7 @@ build_all() {
 # run_guest_suite ARGS...: provision, build, then boot the device + QEMU and run the suite.
 run_guest_suite() {
   step "provisioning QEMU and the guest image (cached)"
-  "$DOMDMA_ROOT/scripts/provision"
+  # --print-env provisions what is missing (progress on stderr), then prints the env file.
   set -a
   # shellcheck disable=SC1090
   source <("$DOMDMA_ROOT/scripts/provision" --print-env)
