@@ -20,21 +20,93 @@ use crate::irq::InterruptSink;
 use crate::pci::{ConfigSpace, PCI_COMMAND};
 use crate::spec::*;
 
+pub mod bus;
+pub mod mmu;
+pub mod stats;
+
+pub use stats::DeviceStats;
+
 /// The device's view of bus memory: what the VMM has mapped for it (DMA_MAP).
 pub type BusMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// Device configuration chosen at start-up.
-#[derive(Debug, Clone)]
+/// Device configuration chosen at start-up (the server's options).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
+    /// Number of descriptor queues, 1..=`MAX_QUEUES`.
+    pub queues: u32,
+    /// Number of DMA domains, 1..=`MAX_DOMAINS`.
+    pub domains: u32,
+    /// IOTLB entries, 1..=`MAX_IOTLB_ENTRIES`.
+    pub iotlb_entries: u32,
+    /// IOVA width in bits: `DEFAULT_IOVA_WIDTH` (48) or `IOVA_WIDTH_32`.
+    pub iova_width: u32,
     /// Maximum transfer length of one descriptor in bytes (reported in `REG_MAX_XFER`).
     pub max_transfer: u32,
+    /// Strict IOTLB mode: re-walk on every hit and count stale uses.
+    pub strict_iotlb: bool,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
+            queues: DEFAULT_QUEUES,
+            domains: DEFAULT_DOMAINS,
+            iotlb_entries: DEFAULT_IOTLB_ENTRIES,
+            iova_width: DEFAULT_IOVA_WIDTH,
             max_transfer: MAX_XFER,
+            strict_iotlb: false,
         }
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A count outside its allowed range.
+    #[error("{what} must be between {min} and {max}, not {value}")]
+    OutOfRange {
+        /// Which option.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// An IOVA width other than 32 or 48.
+    #[error("the IOVA width must be 32 or 48 bits, not {0}")]
+    IovaWidth(u32),
+}
+
+impl DeviceConfig {
+    /// Check every value against the limits in SPEC.md.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |what, value: u32, min: u32, max: u32| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    what,
+                    value: value.into(),
+                    min: min.into(),
+                    max: max.into(),
+                })
+            }
+        };
+        range("queues", self.queues, 1, MAX_QUEUES)?;
+        range("domains", self.domains, 1, MAX_DOMAINS)?;
+        range("IOTLB entries", self.iotlb_entries, 1, MAX_IOTLB_ENTRIES)?;
+        range("max transfer", self.max_transfer, 4096, 1 << 30)?;
+        match self.iova_width {
+            DEFAULT_IOVA_WIDTH | IOVA_WIDTH_32 => Ok(()),
+            w => Err(ConfigError::IovaWidth(w)),
+        }
+    }
+
+    /// Number of MSI-X vectors: one per queue and one for the fault log.
+    pub fn msix_vectors(&self) -> u16 {
+        (self.queues + 1) as u16
     }
 }
 
@@ -134,7 +206,7 @@ impl Descriptor {
 /// What a descriptor's execution reports in its completion record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Outcome {
-    status: u32,
+    status: u8,
     bytes: u32,
     fault_addr: u64,
     result: u64,
@@ -237,12 +309,14 @@ fn bar_sizes() -> [u64; 6] {
 impl Device {
     /// Create a device in its reset state.
     pub fn new(config: DeviceConfig, mem: BusMemory, irq: Arc<dyn InterruptSink>) -> Self {
+        let self_vectors = config.msix_vectors();
+        let queues = config.queues;
         let mut dev = Self {
             config,
-            pci: ConfigSpace::new(&bar_sizes(), MSIX_VECTORS),
+            pci: ConfigSpace::new(&bar_sizes(), self_vectors),
             scratch: 0,
-            queues: (0..NUM_QUEUES).map(|_| Queue::new()).collect(),
-            msix_table: vec![0; usize::from(MSIX_VECTORS) * MSIX_ENTRY_SIZE],
+            queues: (0..queues).map(|_| Queue::new()).collect(),
+            msix_table: vec![0; usize::from(self_vectors) * MSIX_ENTRY_SIZE],
             mem,
             irq,
         };
@@ -323,7 +397,12 @@ impl Device {
 
     /// Number of MSI-X vectors.
     pub fn msix_vectors(&self) -> u16 {
-        MSIX_VECTORS
+        self.config.msix_vectors()
+    }
+
+    /// A snapshot of every counter (served by the inspector).
+    pub fn stats(&self) -> DeviceStats {
+        DeviceStats::default()
     }
 
     /// The state of queue `q`, if it exists.
@@ -336,7 +415,7 @@ impl Device {
     /// transport and are kept.
     pub fn reset(&mut self) {
         self.soft_reset();
-        self.pci = ConfigSpace::new(&bar_sizes(), MSIX_VECTORS);
+        self.pci = ConfigSpace::new(&bar_sizes(), self.config.msix_vectors());
         self.reset_msix_table();
     }
 
@@ -359,9 +438,10 @@ impl Device {
             REG_ID => DEVICE_ID_MAGIC,
             REG_VERSION => DEVICE_VERSION,
             REG_CAP => {
-                NUM_QUEUES << CAP_QUEUES_SHIFT
-                    | u32::from(MSIX_VECTORS) << CAP_VECTORS_SHIFT
-                    | IOVA_WIDTH << CAP_IOVA_WIDTH_SHIFT
+                self.config.queues << CAP_QUEUES_SHIFT
+                    | u32::from(self.config.msix_vectors()) << CAP_VECTORS_SHIFT
+                    | self.config.iova_width << CAP_IOVA_WIDTH_SHIFT
+                    | self.config.domains << CAP_DOMAINS_SHIFT
             }
             REG_CAP_OPS => 1 << OP_NOP | 1 << OP_COPY | 1 << OP_FILL,
             REG_MAX_XFER => self.config.max_transfer,
@@ -423,6 +503,7 @@ impl Device {
     }
 
     fn queue_reg_write(&mut self, q: usize, reg: u64, value: u32) {
+        let vectors = self.config.msix_vectors();
         let queue = &mut self.queues[q];
         let configurable = queue.state == QueueState::Disabled;
         match reg {
@@ -436,7 +517,7 @@ impl Device {
             Q_BASE_HI => queue.base = (queue.base & 0xffff_ffff) | u64::from(value) << 32,
             Q_SIZE => queue.size = value,
             Q_MSIX_VECTOR => match u16::try_from(value) {
-                Ok(v) if v < MSIX_VECTORS => queue.vector = v,
+                Ok(v) if v < vectors => queue.vector = v,
                 _ => warn!(q, value, "guest error: MSI-X vector out of range; ignored"),
             },
             Q_CTRL => {
@@ -605,7 +686,7 @@ impl Device {
         // The status must become visible only after the rest of the record.
         fence(Ordering::Release);
         let status_ok = mem
-            .write_obj(o.status.to_le(), GuestAddress(d.completion + CPL_STATUS))
+            .write_obj(u32::from(o.status).to_le(), GuestAddress(d.completion + CPL_STATUS))
             .is_ok();
         body_ok && status_ok
     }

@@ -162,7 +162,11 @@ impl Descriptor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
     /// Status (`spec::STATUS_*`).
-    pub status: u32,
+    pub status: u8,
+    /// Fault reason (`spec::FAULT_*`), 0 if none.
+    pub fault_reason: u8,
+    /// Fault access flags (`spec::ACCESS_*`).
+    pub fault_access: u8,
     /// Bytes completed.
     pub bytes: u32,
     /// Faulting bus address, 0 if none.
@@ -184,9 +188,11 @@ impl std::fmt::Display for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "status {:#x} ({}), bytes {}, fault_addr {:#x}, result {:#x}, tag {:#x}",
+            "status {:#x} ({}), fault reason {} access {:#x}, bytes {}, fault_addr {:#x}, result {:#x}, tag {:#x}",
             self.status,
             status_name(self.status),
+            self.fault_reason,
+            self.fault_access,
             self.bytes,
             self.fault_addr,
             self.result,
@@ -196,7 +202,7 @@ impl std::fmt::Display for Completion {
 }
 
 /// A readable name for a completion status.
-pub fn status_name(status: u32) -> &'static str {
+pub fn status_name(status: u8) -> &'static str {
     match status {
         spec::STATUS_PENDING => "PENDING",
         spec::STATUS_OK => "OK",
@@ -253,12 +259,15 @@ impl CompletionRecords {
 
     /// Reads record `i` (status first, then the rest).
     pub fn read(&self, i: usize) -> Completion {
-        let status = self.status(i);
-        // The device writes the status last: read it first, then the other fields.
+        let word = self.status(i);
+        // The device writes the status word last: read it first, then the other fields.
         fence(Ordering::Acquire);
         let base = i * CPL;
+        let [status, fault_reason, fault_access, _] = word.to_le_bytes();
         Completion {
             status,
+            fault_reason,
+            fault_access,
             bytes: self.buf.read_u32(base + spec::CPL_BYTES as usize),
             fault_addr: self.buf.read_u64(base + spec::CPL_FAULT_ADDR as usize),
             result: self.buf.read_u64(base + spec::CPL_RESULT as usize),
@@ -455,7 +464,7 @@ impl<'b> DmaQueue<'b> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if records.status(i) != spec::STATUS_PENDING {
+            if records.status(i) & 0xff != u32::from(spec::STATUS_PENDING) {
                 return Ok(records.read(i));
             }
             let waited = start.elapsed();
@@ -553,6 +562,6 @@ mod tests {
     #[test]
     fn status_names() {
         assert_eq!(status_name(spec::STATUS_DMA_ERROR), "DMA_ERROR");
-        assert_eq!(status_name(0x7777), "unknown");
+        assert_eq!(status_name(0x77), "unknown");
     }
 }
