@@ -1,29 +1,37 @@
 //! The device core: a state machine with no socket code.
 //!
-//! It owns the configuration space, the register file, the descriptor queues and the DMA
-//! engine. Bus memory (what the VMM mapped for the device) is reached only through
-//! `vm-memory`; interrupts go out through an [`InterruptSink`]. Every guest-controlled value
-//! is checked before use: a bad descriptor or address gives an error status in the completion
-//! record (or a queue error state), never a panic, and no byte outside a mapped range is read
-//! or written. See `device/SPEC.md` for the programming model.
+//! It owns the configuration space, the register file, the descriptor queues, the DMA
+//! domains (through [`mmu::Mmu`]), the fault log and the DMA engine, whose workers run one
+//! thread per queue (see [`engine`]). Bus memory (what the VMM mapped for the device) is
+//! reached only through `vm-memory`; interrupts go out through an [`InterruptSink`]. Every
+//! guest-controlled value is checked before use: a bad descriptor or address gives an error
+//! status in the completion record, a fault record or a halted queue, never a panic, and no
+//! byte outside a valid mapping is read or written. See `device/SPEC.md` for the
+//! programming model and `device/DESIGN.md` for the threading.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
-};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::irq::InterruptSink;
-use crate::pci::{ConfigSpace, PCI_COMMAND};
+use crate::pci::ConfigSpace;
 use crate::spec::*;
 
 pub mod bus;
+pub mod engine;
+pub mod faults;
 pub mod mmu;
+mod queue;
 pub mod stats;
 
+use engine::Shared;
+use faults::FaultLog;
+use mmu::{Invalidation, Mmu};
+pub use queue::{HaltReason, QueueState};
+use queue::{Limits, QueueSlot};
 pub use stats::DeviceStats;
 
 /// The device's view of bus memory: what the VMM has mapped for it (DMA_MAP).
@@ -110,189 +118,36 @@ impl DeviceConfig {
     }
 }
 
-/// Why a queue stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueFault {
-    /// Enabled with a misaligned base or a size that is not a power of two in range.
-    BadConfig,
-    /// The doorbell was written with an index beyond the ring.
-    BadTail(u32),
-    /// The descriptor at this bus address could not be read.
-    DescriptorUnreadable(u64),
+/// IOTLB invalidation registers (`REG_INV_*`).
+#[derive(Debug, Clone, Copy, Default)]
+struct InvRegs {
+    domain: u32,
+    addr: u64,
+    len: u64,
+    status: u32,
+    seq: u32,
 }
 
-/// Lifecycle of a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueState {
-    /// Not enabled; doorbells are ignored.
-    Disabled,
-    /// Enabled; doorbells start processing.
-    Running,
-    /// Stopped on an error until the driver disables it.
-    Halted(QueueFault),
-}
-
-/// One descriptor queue.
-#[derive(Debug, Clone)]
-struct Queue {
-    base: u64,
-    size: u32,
-    head: u32,
-    tail: u32,
-    vector: u16,
-    completed: u32,
-    errors: u32,
-    state: QueueState,
-}
-
-impl Queue {
-    fn new() -> Self {
-        Self {
-            base: 0,
-            size: 0,
-            head: 0,
-            tail: 0,
-            vector: 0,
-            completed: 0,
-            errors: 0,
-            state: QueueState::Disabled,
-        }
-    }
-
-    fn status(&self) -> u32 {
-        match self.state {
-            QueueState::Disabled => 0,
-            QueueState::Running => Q_STATUS_ENABLED,
-            QueueState::Halted(_) => Q_STATUS_ENABLED | Q_STATUS_ERROR,
-        }
-    }
-}
-
-/// A descriptor as fetched from the ring, not yet validated.
-#[derive(Debug, Clone, Copy)]
-struct Descriptor {
-    opcode: u8,
-    flags: u8,
-    len: u32,
-    src: u64,
-    dst: u64,
-    completion: u64,
-    tag: u64,
-    reserved_clear: bool,
-}
-
-impl Descriptor {
-    fn parse(raw: &[u8; DESC_SIZE as usize]) -> Self {
-        let u32_at = |o: u64| {
-            let o = o as usize;
-            u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]])
-        };
-        let u64_at = |o: u64| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
-        let reserved_clear =
-            raw[2] == 0 && raw[3] == 0 && raw[DESC_RESERVED as usize..].iter().all(|&b| b == 0);
-        Self {
-            opcode: raw[DESC_OPCODE as usize],
-            flags: raw[DESC_FLAGS as usize],
-            len: u32_at(DESC_LEN),
-            src: u64_at(DESC_SRC),
-            dst: u64_at(DESC_DST),
-            completion: u64_at(DESC_COMPLETION),
-            tag: u64_at(DESC_TAG),
-            reserved_clear,
-        }
-    }
-}
-
-/// What a descriptor's execution reports in its completion record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Outcome {
-    status: u8,
-    bytes: u32,
-    fault_addr: u64,
-    result: u64,
-}
-
-impl Outcome {
-    fn ok(bytes: u32) -> Self {
-        Self {
-            status: STATUS_OK,
-            bytes,
-            fault_addr: 0,
-            result: 0,
-        }
-    }
-    fn invalid() -> Self {
-        Self {
-            status: STATUS_INVALID_DESCRIPTOR,
-            bytes: 0,
-            fault_addr: 0,
-            result: 0,
-        }
-    }
-    fn dma_error(addr: u64) -> Self {
-        Self {
-            status: STATUS_DMA_ERROR,
-            bytes: 0,
-            fault_addr: addr,
-            result: 0,
-        }
-    }
-}
-
-/// Direction of a DMA access, for permission checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    Write,
-}
-
-/// Check that `[addr, addr + len)` is mapped for the device with the permission `access`.
-/// Returns the first bus address that is not.
-fn check_range(mem: &GuestMemoryMmap, addr: u64, len: u64, access: Access) -> Result<(), u64> {
-    if len == 0 {
-        return Ok(());
-    }
-    let last = addr.checked_add(len - 1).ok_or(addr)?;
-    let mut a = addr;
-    loop {
-        let region = mem.find_region(GuestAddress(a)).ok_or(a)?;
-        let need = match access {
-            Access::Read => libc::PROT_READ,
-            Access::Write => libc::PROT_WRITE,
-        };
-        if region.prot() & need == 0 {
-            return Err(a);
-        }
-        let region_last = region.last_addr().0;
-        if region_last >= last {
-            return Ok(());
-        }
-        a = region_last + 1;
-    }
-}
-
-/// Number of bytes from `addr` to the end of the region holding it (0 when unmapped).
-fn region_remaining(mem: &GuestMemoryMmap, addr: u64) -> u64 {
-    mem.find_region(GuestAddress(addr))
-        .map_or(0, |r| r.last_addr().0 - addr + 1)
-}
-
-/// The DMA device.
+/// The DMA device: the register front end. The engine's state is shared with the workers
+/// (see [`engine`]), which reach it without this struct, so they never need the mutex the
+/// transport keeps it behind.
 pub struct Device {
     config: DeviceConfig,
     pci: ConfigSpace,
     scratch: u32,
-    queues: Vec<Queue>,
+    inv: InvRegs,
+    stat_select: u32,
+    stat_value: u64,
     msix_table: Vec<u8>,
-    mem: BusMemory,
-    irq: Arc<dyn InterruptSink>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("pci", &self.pci)
-            .field("queues", &self.queues)
+            .field("shared", &self.shared)
             .finish_non_exhaustive()
     }
 }
@@ -307,18 +162,48 @@ fn bar_sizes() -> [u64; 6] {
 }
 
 impl Device {
-    /// Create a device in its reset state.
+    /// Create a device in its reset state and start one engine worker per queue.
+    ///
+    /// # Panics
+    ///
+    /// When the host cannot start a thread.
     pub fn new(config: DeviceConfig, mem: BusMemory, irq: Arc<dyn InterruptSink>) -> Self {
-        let self_vectors = config.msix_vectors();
-        let queues = config.queues;
-        let mut dev = Self {
-            config,
-            pci: ConfigSpace::new(&bar_sizes(), self_vectors),
-            scratch: 0,
-            queues: (0..queues).map(|_| Queue::new()).collect(),
-            msix_table: vec![0; usize::from(self_vectors) * MSIX_ENTRY_SIZE],
+        let vectors = config.msix_vectors();
+        let domains = u16::try_from(config.domains).unwrap_or(u16::MAX);
+        let queues = u16::try_from(config.queues).unwrap_or(u16::MAX);
+        let shared = Arc::new(Shared {
+            mmu: Mmu::new(
+                domains,
+                config.iova_width,
+                config.iotlb_entries as usize,
+                config.strict_iotlb,
+            ),
+            faults: FaultLog::new(queues, vectors),
+            queues: (0..queues).map(QueueSlot::new).collect(),
+            bus_master: AtomicBool::new(false),
+            config: config.clone(),
             mem,
             irq,
+        });
+        let workers = (0..shared.queues.len())
+            .map(|q| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("domdma-q{q}"))
+                    .spawn(move || engine::worker(shared, q))
+                    .expect("cannot start a DMA engine worker thread")
+            })
+            .collect();
+        let mut dev = Self {
+            pci: ConfigSpace::new(&bar_sizes(), vectors),
+            scratch: 0,
+            inv: InvRegs::default(),
+            stat_select: 0,
+            stat_value: 0,
+            msix_table: vec![0; usize::from(vectors) * MSIX_ENTRY_SIZE],
+            config,
+            shared,
+            workers,
         };
         dev.reset_msix_table();
         dev
@@ -339,13 +224,10 @@ impl Device {
     pub fn config_write(&mut self, offset: u64, data: &[u8]) {
         let was_master = self.pci.bus_master();
         self.pci.write(offset, data);
-        let touches_command = offset <= PCI_COMMAND as u64 + 1
-            && offset.saturating_add(data.len() as u64) > PCI_COMMAND as u64;
-        if touches_command && !was_master && self.pci.bus_master() {
-            debug!("bus mastering enabled");
-            for q in 0..self.queues.len() {
-                self.process(q);
-            }
+        let master = self.pci.bus_master();
+        if master != was_master {
+            debug!(master, "bus mastering changed");
+            self.shared.set_bus_master(master);
         }
     }
 
@@ -355,7 +237,7 @@ impl Device {
     }
 
     /// Read from a BAR. Accesses outside the BAR, or of a size other than 1, 2, 4 or 8
-    /// bytes, read as zero.
+    /// bytes, read as zero. Never waits for a DMA.
     pub fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match bar {
@@ -376,7 +258,8 @@ impl Device {
     }
 
     /// Write to a BAR. Register writes must be 4 or 8 bytes wide and aligned; others are
-    /// ignored and logged as guest errors.
+    /// ignored and logged as guest errors. A doorbell returns at once; disabling a queue,
+    /// invalidating the IOTLB and resetting wait for at most one chunk per worker.
     pub fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match bar {
             REGS_BAR => match (reg_access(offset, data.len()), data.len()) {
@@ -400,30 +283,58 @@ impl Device {
         self.config.msix_vectors()
     }
 
+    /// Wait until no DMA access that started with the old bus memory is still in progress.
+    /// The transport calls it after removing a mapping (DMA_UNMAP) and before replying, so
+    /// the device never touches memory the VMM has taken back.
+    pub fn dma_barrier(&self) {
+        self.shared.mmu.barrier();
+    }
+
     /// A snapshot of every counter (served by the inspector).
     pub fn stats(&self) -> DeviceStats {
-        DeviceStats::default()
+        DeviceStats {
+            queues: self
+                .shared
+                .queues
+                .iter()
+                .map(|s| s.counters.snapshot())
+                .collect(),
+            domains: self.shared.mmu.stats(),
+            faults: self.shared.faults.stats(),
+            iotlb_entries: self.shared.mmu.iotlb_len() as u64,
+        }
     }
 
     /// The state of queue `q`, if it exists.
     pub fn queue_state(&self, q: usize) -> Option<QueueState> {
-        self.queues.get(q).map(|q| q.state)
+        self.shared.queues.get(q).map(QueueSlot::state)
     }
 
-    /// Function-level reset: registers, queues, MSI-X table and configuration space return
-    /// to their reset values. Bus memory mappings and interrupt routes belong to the
-    /// transport and are kept.
+    /// Function-level reset: the device reset of `DEV_CTRL_RESET`, then configuration space
+    /// and the MSI-X table. Bus memory mappings and interrupt routes belong to the transport
+    /// and are kept. Returns once every worker has stopped.
     pub fn reset(&mut self) {
         self.soft_reset();
         self.pci = ConfigSpace::new(&bar_sizes(), self.config.msix_vectors());
+        self.shared.set_bus_master(false);
         self.reset_msix_table();
     }
 
-    /// The reset started by `DEV_CTRL_RESET`: registers and queues only.
+    /// The reset of `DEV_CTRL_RESET`: every worker finishes its chunk and stops without
+    /// completing its descriptor; then queues, domains, IOTLB, fault log, statistics and
+    /// the scratch register return to their reset values.
     fn soft_reset(&mut self) {
         debug!("device reset");
+        // Stop every queue first, so no worker touches the MMU or the fault log below.
+        for slot in &self.shared.queues {
+            slot.reset();
+        }
+        self.shared.mmu.reset();
+        self.shared.faults.reset();
         self.scratch = 0;
-        self.queues.iter_mut().for_each(|q| *q = Queue::new());
+        self.inv = InvRegs::default();
+        self.stat_select = 0;
+        self.stat_value = 0;
     }
 
     fn reset_msix_table(&mut self) {
@@ -433,34 +344,73 @@ impl Device {
         }
     }
 
+    fn limits(&self) -> Limits {
+        Limits {
+            vectors: self.config.msix_vectors(),
+            domains: self.config.domains,
+        }
+    }
+
     fn reg_read(&self, reg: u64) -> u32 {
         match reg {
             REG_ID => DEVICE_ID_MAGIC,
             REG_VERSION => DEVICE_VERSION,
             REG_CAP => {
-                self.config.queues << CAP_QUEUES_SHIFT
-                    | u32::from(self.config.msix_vectors()) << CAP_VECTORS_SHIFT
-                    | self.config.iova_width << CAP_IOVA_WIDTH_SHIFT
-                    | self.config.domains << CAP_DOMAINS_SHIFT
+                (self.config.queues & 0xff) << CAP_QUEUES_SHIFT
+                    | (u32::from(self.config.msix_vectors()) & 0xff) << CAP_VECTORS_SHIFT
+                    | (self.config.iova_width & 0xff) << CAP_IOVA_WIDTH_SHIFT
+                    | (self.config.domains & 0xff) << CAP_DOMAINS_SHIFT
             }
-            REG_CAP_OPS => 1 << OP_NOP | 1 << OP_COPY | 1 << OP_FILL,
+            REG_CAP_OPS => {
+                1 << OP_NOP | 1 << OP_COPY | 1 << OP_FILL | 1 << OP_COMPARE | 1 << OP_CRC32C
+            }
             REG_MAX_XFER => self.config.max_transfer,
             REG_SCRATCH => self.scratch,
             REG_DEV_CTRL => 0,
             REG_DEV_STATUS => {
-                if self.pci.bus_master() {
+                let master = if self.pci.bus_master() {
                     DEV_STATUS_BUS_MASTER
                 } else {
                     0
-                }
+                };
+                let strict = if self.config.strict_iotlb {
+                    DEV_STATUS_STRICT_IOTLB
+                } else {
+                    0
+                };
+                master | strict
             }
-            _ => match queue_of(reg, self.queues.len()) {
-                Some((q, r)) => self.queue_reg_read(q, r),
-                None => {
+            REG_CAP_PGSIZES => PGSIZE_4K | PGSIZE_2M | PGSIZE_1G,
+            REG_CAP_IOTLB => self.config.iotlb_entries,
+            REG_CAP_FAULT_LOG => FAULT_LOG_MAX,
+            REG_INV_DOMAIN => self.inv.domain,
+            REG_INV_ADDR_LO => self.inv.addr as u32,
+            REG_INV_ADDR_HI => (self.inv.addr >> 32) as u32,
+            REG_INV_LEN_LO => self.inv.len as u32,
+            REG_INV_LEN_HI => (self.inv.len >> 32) as u32,
+            REG_INV_STATUS => self.inv.status,
+            REG_INV_SEQ => self.inv.seq,
+            REG_FLOG_BASE_LO..=REG_FLOG_DROPPED => self.shared.faults.read(reg),
+            REG_STAT_SELECT => self.stat_select,
+            REG_STAT_VALUE_LO => self.stat_value as u32,
+            REG_STAT_VALUE_HI => (self.stat_value >> 32) as u32,
+            _ => {
+                if let Some((q, r)) =
+                    block_of(reg, QUEUE_BASE, QUEUE_STRIDE, self.shared.queues.len())
+                {
+                    self.shared.queues[q].read(r)
+                } else if let Some((d, r)) = block_of(
+                    reg,
+                    DOMAIN_BASE,
+                    DOMAIN_STRIDE,
+                    self.config.domains as usize,
+                ) {
+                    self.domain_reg_read(d as u16, r)
+                } else {
                     debug!(reg, "read of an unimplemented register");
                     0
                 }
-            },
+            }
         }
     }
 
@@ -472,223 +422,142 @@ impl Device {
                     self.soft_reset();
                 }
             }
-            _ => match queue_of(reg, self.queues.len()) {
-                Some((q, r)) => self.queue_reg_write(q, r, value),
-                None => debug!(reg, value, "write to a read-only or unimplemented register"),
-            },
+            REG_INV_DOMAIN => self.inv.domain = value,
+            REG_INV_ADDR_LO => self.inv.addr = (self.inv.addr & !0xffff_ffff) | u64::from(value),
+            REG_INV_ADDR_HI => {
+                self.inv.addr = (self.inv.addr & 0xffff_ffff) | u64::from(value) << 32
+            }
+            REG_INV_LEN_LO => self.inv.len = (self.inv.len & !0xffff_ffff) | u64::from(value),
+            REG_INV_LEN_HI => self.inv.len = (self.inv.len & 0xffff_ffff) | u64::from(value) << 32,
+            REG_INV_CMD => self.invalidate(value),
+            REG_FLOG_BASE_LO..=REG_FLOG_DROPPED => self.shared.faults.write(reg, value),
+            REG_STAT_SELECT => {
+                self.stat_select = value;
+                self.stat_value = self.stat(value);
+            }
+            _ => {
+                if let Some((q, r)) =
+                    block_of(reg, QUEUE_BASE, QUEUE_STRIDE, self.shared.queues.len())
+                {
+                    let limits = self.limits();
+                    self.shared.queues[q].write(r, value, limits);
+                } else if let Some((d, r)) = block_of(
+                    reg,
+                    DOMAIN_BASE,
+                    DOMAIN_STRIDE,
+                    self.config.domains as usize,
+                ) {
+                    self.domain_reg_write(d as u16, r, value);
+                } else {
+                    debug!(reg, value, "write to a read-only or unimplemented register");
+                }
+            }
         }
     }
 
-    fn queue_reg_read(&self, q: usize, reg: u64) -> u32 {
-        let queue = &self.queues[q];
-        match reg {
-            Q_BASE_LO => queue.base as u32,
-            Q_BASE_HI => (queue.base >> 32) as u32,
-            Q_SIZE => queue.size,
-            Q_CTRL => {
-                if queue.state == QueueState::Disabled {
-                    0
-                } else {
-                    Q_CTRL_ENABLE
+    /// Run an IOTLB invalidation command. It completes before the register write returns
+    /// (every chunk that used a dropped entry has finished), so `INV_STATUS_BUSY` never
+    /// reads set.
+    fn invalidate(&mut self, cmd: u32) {
+        let domain = u16::try_from(self.inv.domain).ok();
+        let inv = match (cmd, domain) {
+            (INV_CMD_ALL, _) => Some(Invalidation::All),
+            (INV_CMD_DOMAIN, Some(d)) => Some(Invalidation::Domain(d)),
+            (INV_CMD_RANGE, Some(d)) => Some(Invalidation::Range {
+                domain: d,
+                iova: self.inv.addr,
+                len: self.inv.len,
+            }),
+            _ => None,
+        };
+        self.inv.status = INV_STATUS_BUSY;
+        let done = inv.is_some_and(|inv| self.shared.mmu.invalidate(inv));
+        if done {
+            self.inv.status = 0;
+            self.inv.seq = self.inv.seq.wrapping_add(1);
+        } else {
+            warn!(
+                cmd,
+                domain = self.inv.domain,
+                len = self.inv.len,
+                "guest error: invalidation rejected"
+            );
+            self.inv.status = INV_STATUS_ERROR;
+        }
+    }
+
+    /// The 64-bit counter a `REG_STAT_SELECT` value selects (0 when unknown).
+    fn stat(&self, select: u32) -> u64 {
+        let kind = select >> 24;
+        let counter = (select >> 16) & 0xff;
+        let index = (select & 0xffff) as u16;
+        match kind {
+            STAT_KIND_QUEUE => {
+                let Some(slot) = self.shared.queues.get(usize::from(index)) else {
+                    return 0;
+                };
+                let s = slot.counters.snapshot();
+                match counter {
+                    QSTAT_DESCRIPTORS => s.descriptors,
+                    QSTAT_BYTES => s.bytes,
+                    QSTAT_ERRORS => s.errors,
+                    QSTAT_FAULTS => s.faults,
+                    QSTAT_INTERRUPTS => s.interrupts,
+                    _ => 0,
                 }
             }
-            Q_HEAD => queue.head,
-            Q_TAIL => queue.tail,
-            Q_STATUS => queue.status(),
-            Q_MSIX_VECTOR => u32::from(queue.vector),
-            Q_COMPLETED => queue.completed,
-            Q_ERRORS => queue.errors,
+            STAT_KIND_DOMAIN => {
+                let Some(c) = self.shared.mmu.counters(index) else {
+                    return 0;
+                };
+                let s = c.snapshot();
+                match counter {
+                    DSTAT_TRANSLATIONS => s.translations,
+                    DSTAT_IOTLB_HITS => s.iotlb_hits,
+                    DSTAT_IOTLB_MISSES => s.iotlb_misses,
+                    DSTAT_PAGE_WALKS => s.page_walks,
+                    DSTAT_FAULTS => s.faults,
+                    DSTAT_STALE_USES => s.stale_uses,
+                    _ => 0,
+                }
+            }
             _ => 0,
         }
     }
 
-    fn queue_reg_write(&mut self, q: usize, reg: u64, value: u32) {
-        let vectors = self.config.msix_vectors();
-        let queue = &mut self.queues[q];
-        let configurable = queue.state == QueueState::Disabled;
+    fn domain_reg_read(&self, d: u16, reg: u64) -> u32 {
+        let Some(regs) = self.shared.mmu.domain(d) else {
+            return 0;
+        };
         match reg {
-            Q_BASE_LO | Q_BASE_HI | Q_SIZE if !configurable => {
-                warn!(
-                    q,
-                    reg, "guest error: queue reconfigured while enabled; ignored"
-                )
-            }
-            Q_BASE_LO => queue.base = (queue.base & !0xffff_ffff) | u64::from(value),
-            Q_BASE_HI => queue.base = (queue.base & 0xffff_ffff) | u64::from(value) << 32,
-            Q_SIZE => queue.size = value,
-            Q_MSIX_VECTOR => match u16::try_from(value) {
-                Ok(v) if v < vectors => queue.vector = v,
-                _ => warn!(q, value, "guest error: MSI-X vector out of range; ignored"),
-            },
-            Q_CTRL => {
-                let enable = value & Q_CTRL_ENABLE != 0;
-                match (queue.state, enable) {
-                    (QueueState::Disabled, true) => {
-                        queue.head = 0;
-                        queue.tail = 0;
-                        let size_ok = (Q_SIZE_MIN..=Q_SIZE_MAX).contains(&queue.size)
-                            && queue.size.is_power_of_two();
-                        queue.state = if size_ok && queue.base % DESC_SIZE == 0 {
-                            QueueState::Running
-                        } else {
-                            warn!(
-                                q,
-                                base = queue.base,
-                                size = queue.size,
-                                "guest error: bad queue configuration"
-                            );
-                            QueueState::Halted(QueueFault::BadConfig)
-                        };
-                    }
-                    (_, false) => {
-                        queue.state = QueueState::Disabled;
-                        queue.head = 0;
-                        queue.tail = 0;
-                    }
-                    (_, true) => {}
-                }
-            }
-            Q_TAIL => match queue.state {
-                QueueState::Running if value < queue.size => {
-                    queue.tail = value;
-                    self.process(q);
-                }
-                QueueState::Running => {
-                    warn!(q, value, "guest error: doorbell beyond the ring");
-                    queue.state = QueueState::Halted(QueueFault::BadTail(value));
-                }
-                _ => debug!(q, value, "doorbell on a queue that is not running; ignored"),
-            },
-            _ => debug!(q, reg, value, "write to a read-only queue register"),
+            D_ROOT_LO => regs.root as u32,
+            D_ROOT_HI => (regs.root >> 32) as u32,
+            D_CTRL => regs.mode,
+            _ => 0,
         }
     }
 
-    /// Process queue `q` from head to tail (when it runs and bus mastering is on).
-    fn process(&mut self, q: usize) {
-        if !self.pci.bus_master() {
-            debug!(
-                q,
-                "doorbell with bus mastering disabled; descriptors stay pending"
-            );
+    fn domain_reg_write(&mut self, d: u16, reg: u64, value: u32) {
+        let mmu = &self.shared.mmu;
+        let Some(mut regs) = mmu.domain(d) else {
             return;
-        }
-        let mem = self.mem.memory();
-        while self.queues[q].state == QueueState::Running
-            && self.queues[q].head != self.queues[q].tail
-        {
-            let queue = &self.queues[q];
-            // The base is guest-controlled: the slot address may wrap.
-            let addr = queue.base.wrapping_add(u64::from(queue.head) * DESC_SIZE);
-            let mut raw = [0u8; DESC_SIZE as usize];
-            if addr < queue.base
-                || check_range(&mem, addr, DESC_SIZE, Access::Read).is_err()
-                || mem.read_slice(&mut raw, GuestAddress(addr)).is_err()
-            {
-                warn!(
-                    q,
-                    addr, "guest error: descriptor not readable; queue halted"
-                );
-                self.queues[q].state = QueueState::Halted(QueueFault::DescriptorUnreadable(addr));
-                break;
-            }
-            let desc = Descriptor::parse(&raw);
-            let outcome = self.execute(&mem, &desc);
-            let completion_written = self.complete(&mem, &desc, &outcome);
-            let queue = &mut self.queues[q];
-            queue.head = (queue.head + 1) % queue.size;
-            queue.completed = queue.completed.wrapping_add(1);
-            if outcome.status != STATUS_OK || !completion_written {
-                queue.errors = queue.errors.wrapping_add(1);
-            }
-            if desc.flags & !DESC_FLAGS_VALID == 0 && desc.flags & DESC_FLAG_INTERRUPT != 0 {
-                self.irq.trigger(queue.vector);
-            }
-        }
-    }
-
-    /// Validate and run one descriptor.
-    fn execute(&self, mem: &GuestMemoryMmap, d: &Descriptor) -> Outcome {
-        let known_op = matches!(d.opcode, OP_NOP | OP_COPY | OP_FILL);
-        let len_ok = match d.opcode {
-            OP_NOP => d.len == 0,
-            _ => d.len != 0 && d.len <= self.config.max_transfer,
         };
-        if !known_op
-            || !len_ok
-            || d.flags & !DESC_FLAGS_VALID != 0
-            || !d.reserved_clear
-            || d.completion % COMPLETION_SIZE != 0
-        {
-            debug!(?d, "malformed descriptor");
-            return Outcome::invalid();
-        }
-        let len = u64::from(d.len);
-        match d.opcode {
-            OP_COPY => {
-                let overlap =
-                    d.src < d.dst.saturating_add(len) && d.dst < d.src.saturating_add(len);
-                if overlap {
-                    debug!(?d, "COPY with overlapping ranges");
-                    return Outcome::invalid();
-                }
-                if let Err(a) = check_range(mem, d.src, len, Access::Read)
-                    .and_then(|()| check_range(mem, d.dst, len, Access::Write))
-                {
-                    warn!(addr = a, "DMA to or from an unmapped address");
-                    return Outcome::dma_error(a);
-                }
-                match copy(mem, d.src, d.dst, len) {
-                    Ok(()) => Outcome::ok(d.len),
-                    Err(a) => Outcome::dma_error(a),
-                }
+        match reg {
+            D_ROOT_LO => regs.root = (regs.root & !0xffff_ffff) | u64::from(value),
+            D_ROOT_HI => regs.root = (regs.root & 0xffff_ffff) | u64::from(value) << 32,
+            D_CTRL => regs.mode = value & 3,
+            _ => {
+                debug!(d, reg, value, "write to an unimplemented domain register");
+                return;
             }
-            OP_FILL => {
-                if let Err(a) = check_range(mem, d.dst, len, Access::Write) {
-                    warn!(addr = a, "DMA to an unmapped address");
-                    return Outcome::dma_error(a);
-                }
-                match fill(mem, d.dst, len, d.src) {
-                    Ok(()) => Outcome::ok(d.len),
-                    Err(a) => Outcome::dma_error(a),
-                }
-            }
-            _ => Outcome::ok(0),
         }
-    }
-
-    /// Write the completion record, status last. Returns false when there was a record to
-    /// write and it could not be written.
-    fn complete(&self, mem: &GuestMemoryMmap, d: &Descriptor, o: &Outcome) -> bool {
-        if d.completion == 0 {
-            return true;
-        }
-        if d.completion % COMPLETION_SIZE != 0
-            || check_range(mem, d.completion, COMPLETION_SIZE, Access::Write).is_err()
-        {
-            warn!(
-                addr = d.completion,
-                "guest error: completion record not writable"
-            );
-            return false;
-        }
-        let mut body = [0u8; (COMPLETION_SIZE - CPL_BYTES) as usize];
-        let mut put = |off: u64, bytes: &[u8]| {
-            let o = (off - CPL_BYTES) as usize;
-            body[o..o + bytes.len()].copy_from_slice(bytes);
-        };
-        put(CPL_BYTES, &o.bytes.to_le_bytes());
-        put(CPL_FAULT_ADDR, &o.fault_addr.to_le_bytes());
-        put(CPL_RESULT, &o.result.to_le_bytes());
-        put(CPL_TAG, &d.tag.to_le_bytes());
-        let body_ok = mem
-            .write_slice(&body, GuestAddress(d.completion + CPL_BYTES))
-            .is_ok();
-        // The status must become visible only after the rest of the record.
-        fence(Ordering::Release);
-        let status_ok = mem
-            .write_obj(u32::from(o.status).to_le(), GuestAddress(d.completion + CPL_STATUS))
-            .is_ok();
-        body_ok && status_ok
+        debug!(
+            d,
+            root = regs.root,
+            mode = regs.mode,
+            "domain registers written"
+        );
+        mmu.set_domain(d, regs);
     }
 
     fn msix_read(&self, offset: u64, data: &mut [u8]) {
@@ -699,7 +568,7 @@ impl Device {
             data.copy_from_slice(src);
         }
         // The PBA and the gap read as zero: the device keeps no pending bits, as the VMM
-        // emulates masking (see SPEC.md, "Interrupts").
+        // emulates masking (see SPEC.md, "BARs and interrupts").
     }
 
     fn msix_write(&mut self, offset: u64, data: &[u8]) {
@@ -709,6 +578,33 @@ impl Device {
         match self.msix_table.get_mut(off..off.saturating_add(data.len())) {
             Some(dst) => dst.copy_from_slice(data),
             None => debug!(offset, "write outside the MSI-X table ignored"),
+        }
+    }
+
+    /// Whether queue `q`'s worker is running a descriptor (tests wait on it).
+    #[cfg(test)]
+    fn in_flight(&self, q: usize) -> bool {
+        self.shared.queues[q].lock().in_flight
+    }
+
+    /// Whether queue `q`'s worker sleeps on its condition variable (tests wait on it).
+    #[cfg(test)]
+    fn asleep(&self, q: usize) -> bool {
+        self.shared.queues[q].lock().sleeping
+    }
+}
+
+impl Drop for Device {
+    /// Stop every worker (the descriptor in flight stops at its next chunk, without a
+    /// completion) and join them.
+    fn drop(&mut self) {
+        for slot in &self.shared.queues {
+            slot.shutdown();
+        }
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                warn!("a DMA engine worker panicked");
+            }
         }
     }
 }
@@ -726,50 +622,12 @@ fn reg_access(offset: u64, len: usize) -> Option<(u64, u32)> {
     Some((offset & !3, ((offset & 3) * 8) as u32))
 }
 
-/// Map a register offset to (queue index, register within the queue block).
-fn queue_of(reg: u64, num_queues: usize) -> Option<(usize, u64)> {
-    let rel = reg.checked_sub(QUEUE_BASE)?;
-    let q = usize::try_from(rel / QUEUE_STRIDE).ok()?;
-    (q < num_queues).then_some((q, rel % QUEUE_STRIDE))
-}
-
-/// Copy between two ranges already checked to be mapped. Returns the failing address if
-/// the memory changed under us.
-fn copy(mem: &GuestMemoryMmap, src: u64, dst: u64, len: u64) -> Result<(), u64> {
-    let mut done = 0;
-    while done < len {
-        let (s, d) = (src + done, dst + done);
-        let chunk = (len - done)
-            .min(region_remaining(mem, s))
-            .min(region_remaining(mem, d));
-        if chunk == 0 {
-            return Err(if region_remaining(mem, s) == 0 { s } else { d });
-        }
-        let n = chunk as usize;
-        let from = mem.get_slice(GuestAddress(s), n).map_err(|_| s)?;
-        let to = mem.get_slice(GuestAddress(d), n).map_err(|_| d)?;
-        from.copy_to_volatile_slice(to);
-        done += chunk;
-    }
-    Ok(())
-}
-
-/// Fill a range already checked to be mapped with a repeated 64-bit little-endian pattern.
-fn fill(mem: &GuestMemoryMmap, dst: u64, len: u64, pattern: u64) -> Result<(), u64> {
-    const BLOCK: usize = 4096;
-    let mut buf = [0u8; BLOCK + 8];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = pattern.to_le_bytes()[i % 8];
-    }
-    let mut done = 0u64;
-    while done < len {
-        let phase = (done % 8) as usize;
-        let n = (len - done).min(BLOCK as u64) as usize;
-        mem.write_slice(&buf[phase..phase + n], GuestAddress(dst + done))
-            .map_err(|_| dst + done)?;
-        done += n as u64;
-    }
-    Ok(())
+/// Map a register offset to (block index, register within the block) for `count` blocks
+/// of `stride` bytes at `base`.
+fn block_of(reg: u64, base: u64, stride: u64, count: usize) -> Option<(usize, u64)> {
+    let rel = reg.checked_sub(base)?;
+    let i = usize::try_from(rel / stride).ok()?;
+    (i < count).then_some((i, rel % stride))
 }
 
 #[cfg(test)]

@@ -1,17 +1,24 @@
 //! `domdma-device`: the domdma vfio-user device server.
 //!
 //! Listens on a UNIX socket for a vfio-user client (QEMU's `vfio-user-pci`) and serves one
-//! client at a time until SIGTERM or SIGINT, which remove the socket and exit with status 0.
-//! Does not daemonise. Logs go to stderr, filtered by `DOMDMA_LOG` or `RUST_LOG`
-//! (`tracing-subscriber` env-filter syntax, default `info`).
+//! client at a time until SIGTERM or SIGINT, which remove the socket (and the inspector's)
+//! and exit with status 0. Does not daemonise. Logs go to stderr, filtered by `DOMDMA_LOG`
+//! or `RUST_LOG` (`tracing-subscriber` env-filter syntax, default `info`).
+//!
+//! The device is configured by options (`--queues`, `--domains`, `--iova-width`,
+//! `--iotlb-entries`, `--max-transfer`, `--strict-iotlb`), checked by
+//! [`DeviceConfig::validate`]; a value out of range exits with status 2 and a message
+//! naming the option and the allowed range. `--inspect PATH` serves the device's counters
+//! as JSON on a second UNIX socket (see `domdma_device::vfio_user::inspect`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use domdma_device::core::DeviceConfig;
-use domdma_device::vfio_user::Server;
+use domdma_device::core::{ConfigError, DeviceConfig};
+use domdma_device::spec;
+use domdma_device::vfio_user::{Inspector, Server};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{debug, info, warn};
@@ -25,12 +32,109 @@ use tracing_subscriber::EnvFilter;
     version,
     after_help = "QEMU attaches with:\n  -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"PATH\"}}'\n\
                   Guest RAM must be shared and fd-backed (memory-backend-memfd,share=on).\n\n\
+                  Inspector: --inspect PATH serves one JSON document of counters per connection\n\
+                  (e.g. socat - UNIX-CONNECT:PATH).\n\n\
                   Logging: DOMDMA_LOG or RUST_LOG (e.g. debug, domdma_device=trace); default info."
 )]
 struct Args {
     /// UNIX socket to listen on. A stale socket left by a server that is gone is replaced.
     #[arg(long, value_name = "PATH", visible_alias = "socket-path")]
     socket: PathBuf,
+    /// Descriptor queues, 1 to 32. The device has one MSI-X vector per queue plus one for
+    /// the fault log.
+    #[arg(long, value_name = "N", default_value_t = spec::DEFAULT_QUEUES)]
+    queues: u32,
+    /// DMA domains, 1 to 64. Domain 0 starts in pass-through mode.
+    #[arg(long, value_name = "N", default_value_t = spec::DEFAULT_DOMAINS)]
+    domains: u32,
+    /// IOVA width in bits: 48, or 32 (every IOVA at or above 4 GiB faults).
+    #[arg(long, value_name = "BITS", default_value_t = spec::DEFAULT_IOVA_WIDTH)]
+    iova_width: u32,
+    /// IOTLB entries, 1 to 4096.
+    #[arg(long, value_name = "N", default_value_t = spec::DEFAULT_IOTLB_ENTRIES)]
+    iotlb_entries: u32,
+    /// Largest transfer of one descriptor, 4K to 1G: bytes, 0x-hex, or with a K, M or G
+    /// (binary) suffix.
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    max_transfer: u64,
+    /// Strict IOTLB mode: every IOTLB hit re-walks the page table and counts (and logs)
+    /// stale translations.
+    #[arg(long)]
+    strict_iotlb: bool,
+    /// Serve the device's counters and configuration as JSON on this UNIX socket (one
+    /// document per connection).
+    #[arg(long, value_name = "PATH")]
+    inspect: Option<PathBuf>,
+}
+
+/// Parse a byte count: decimal or `0x` hexadecimal, optionally followed by K, M or G
+/// (powers of 1024, with or without a trailing `iB` or `B`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{t:?} is not a byte count (e.g. 65536, 0x10000, 64K, 64M, 1G)");
+    let lower = t.to_ascii_lowercase();
+    if let Some(hex) = lower.strip_prefix("0x") {
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        _ => (body, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{t:?} is too large"))
+}
+
+/// The option a configuration error is about, for the message.
+fn option_of(e: &ConfigError) -> &'static str {
+    match e {
+        ConfigError::OutOfRange { what, .. } => match *what {
+            "queues" => "--queues",
+            "domains" => "--domains",
+            "IOTLB entries" => "--iotlb-entries",
+            "max transfer" => "--max-transfer",
+            _ => "an option",
+        },
+        ConfigError::IovaWidth(_) => "--iova-width",
+    }
+}
+
+/// The device configuration the options ask for, checked.
+fn device_config(args: &Args) -> Result<DeviceConfig, String> {
+    let mut config = DeviceConfig {
+        queues: args.queues,
+        domains: args.domains,
+        iotlb_entries: args.iotlb_entries,
+        iova_width: args.iova_width,
+        max_transfer: u32::try_from(args.max_transfer).unwrap_or(u32::MAX),
+        strict_iotlb: args.strict_iotlb,
+    };
+    if let Err(e) = config.validate() {
+        let e = match e {
+            // Report the value given, not the clamped one.
+            ConfigError::OutOfRange {
+                what: "max transfer",
+                min,
+                max,
+                ..
+            } => ConfigError::OutOfRange {
+                what: "max transfer",
+                value: args.max_transfer,
+                min,
+                max,
+            },
+            e => e,
+        };
+        return Err(format!("invalid {}: {e}", option_of(&e)));
+    }
+    config.max_transfer = args.max_transfer as u32;
+    Ok(config)
 }
 
 fn init_logging() {
@@ -94,15 +198,37 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let config = match device_config(&args) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("domdma-device: error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.inspect.as_ref() == Some(&args.socket) {
+        eprintln!("domdma-device: error: --inspect must name another path than --socket");
+        return ExitCode::from(2);
+    }
     init_logging();
     raise_fd_limit();
 
-    let server = match Server::bind(&args.socket, DeviceConfig::default()) {
+    let server = match Server::bind(&args.socket, config.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("domdma-device: error: {}", chain(&e));
             return ExitCode::FAILURE;
         }
+    };
+    // Dropped after the server's run ends: the inspector stops and removes its socket.
+    let inspector = match &args.inspect {
+        Some(path) => match Inspector::start(path, server.device(), config.clone()) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!("domdma-device: error: --inspect: {}", chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
 
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
@@ -127,9 +253,20 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    info!(
+        queues = config.queues,
+        domains = config.domains,
+        iova_width = config.iova_width,
+        iotlb_entries = config.iotlb_entries,
+        max_transfer = config.max_transfer,
+        strict_iotlb = config.strict_iotlb,
+        msix_vectors = config.msix_vectors(),
+        "device configuration"
+    );
     info!("listening on {}", server.path().display());
     let result = server.run();
     let path = server.path().to_path_buf();
+    drop(inspector);
     drop(server);
     match result {
         Ok(()) => {
@@ -140,5 +277,24 @@ fn main() -> ExitCode {
             eprintln!("domdma-device: error: {}", chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0x10000"), Ok(0x10000));
+        assert_eq!(parse_size("0xab"), Ok(0xab));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999G").is_err());
     }
 }

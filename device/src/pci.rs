@@ -144,11 +144,14 @@ impl ConfigSpace {
 mod tests {
     use super::*;
 
+    /// MSI-X vectors of the default configuration: one per queue and one for the fault log.
+    const VECTORS: u16 = spec::DEFAULT_QUEUES as u16 + 1;
+
     fn cfg() -> ConfigSpace {
         let mut bars = [0; 6];
         bars[0] = spec::REGS_BAR_SIZE;
         bars[2] = spec::MSIX_BAR_SIZE;
-        ConfigSpace::new(&bars, spec::MSIX_VECTORS)
+        ConfigSpace::new(&bars, VECTORS)
     }
 
     fn read32(c: &ConfigSpace, off: u64) -> u32 {
@@ -202,7 +205,7 @@ mod tests {
         let cap = u64::from(spec::PCI_MSIX_CAP_OFFSET);
         let hdr = read32(&c, cap);
         assert_eq!(hdr & 0xff, u32::from(PCI_CAP_ID_MSIX));
-        assert_eq!((hdr >> 16) & 0x7ff, u32::from(spec::MSIX_VECTORS - 1));
+        assert_eq!((hdr >> 16) & 0x7ff, u32::from(VECTORS - 1));
         assert_eq!(read32(&c, cap + 4), spec::MSIX_BAR as u32);
         assert_eq!(
             read32(&c, cap + 8),

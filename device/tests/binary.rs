@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Client, TestServer};
+use common::{Client, TestServer, MSIX_IRQ};
 use domdma_device::spec;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -27,9 +27,14 @@ struct Proc {
 
 impl Proc {
     fn spawn(socket: &Path) -> Self {
+        Self::spawn_with(socket, &[])
+    }
+
+    fn spawn_with(socket: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .arg("--socket")
             .arg(socket)
+            .args(args)
             .env("DOMDMA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -196,4 +201,217 @@ fn help() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--socket <PATH>"), "{text}");
     assert!(text.contains("vfio-user-pci"), "{text}");
+}
+
+/// Runs the binary with `args` after `--socket`, expecting it to refuse them.
+fn refused(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_option_values_name_the_option_and_the_range() {
+    let dir = tmp();
+    let sock = dir.as_path().join("dev.sock");
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--queues", "0"],
+            &["--queues", "between 1 and 32", "not 0"],
+        ),
+        (
+            &["--queues", "33"],
+            &["--queues", "between 1 and 32", "not 33"],
+        ),
+        (&["--domains", "0"], &["--domains", "between 1 and 64"]),
+        (
+            &["--domains", "65"],
+            &["--domains", "between 1 and 64", "not 65"],
+        ),
+        (
+            &["--iova-width", "40"],
+            &["--iova-width", "32 or 48", "not 40"],
+        ),
+        (
+            &["--iotlb-entries", "0"],
+            &["--iotlb-entries", "between 1 and 4096"],
+        ),
+        (
+            &["--iotlb-entries", "4097"],
+            &["--iotlb-entries", "between 1 and 4096"],
+        ),
+        (
+            &["--max-transfer", "100"],
+            &["--max-transfer", "between 4096 and 1073741824", "not 100"],
+        ),
+        (
+            &["--max-transfer", "8G"],
+            &[
+                "--max-transfer",
+                "between 4096 and 1073741824",
+                "not 8589934592",
+            ],
+        ),
+        // Not numbers at all: clap's own messages, naming the option.
+        (
+            &["--max-transfer", "lots"],
+            &["--max-transfer", "not a byte count"],
+        ),
+        (&["--queues", "four"], &["--queues"]),
+        (&["--inspect", "SOCKET"], &["--inspect", "another path"]),
+    ];
+    for (args, needles) in cases {
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| {
+                if *a == "SOCKET" {
+                    sock.to_str().unwrap()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let (code, err) = refused(&sock, &args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{args:?}: {n:?} not in {err:?}");
+        }
+        assert!(
+            !sock.exists(),
+            "{args:?}: no socket for a refused configuration"
+        );
+    }
+    // Good values, at the edges of their ranges, are accepted.
+    let mut p = Proc::spawn_with(
+        &sock,
+        &[
+            "--queues",
+            "32",
+            "--domains",
+            "64",
+            "--iova-width",
+            "32",
+            "--iotlb-entries",
+            "4096",
+            "--max-transfer",
+            "4K",
+        ],
+    );
+    p.expect_line("listening on");
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait().code(), Some(0));
+}
+
+#[test]
+fn options_reach_the_device() {
+    let dir = tmp();
+    let sock = dir.as_path().join("dev.sock");
+    let mut p = Proc::spawn_with(
+        &sock,
+        &[
+            "--queues",
+            "3",
+            "--domains",
+            "7",
+            "--iova-width",
+            "32",
+            "--iotlb-entries",
+            "128",
+            "--max-transfer",
+            "1M",
+            "--strict-iotlb",
+        ],
+    );
+    p.expect_line("listening on");
+    let mut c = Client::connect(&sock);
+    c.handshake();
+    let cap = c.read_u32(0, spec::REG_CAP);
+    assert_eq!((cap >> spec::CAP_QUEUES_SHIFT) & 0xff, 3, "{cap:#x}");
+    assert_eq!((cap >> spec::CAP_VECTORS_SHIFT) & 0xff, 4, "{cap:#x}");
+    assert_eq!((cap >> spec::CAP_IOVA_WIDTH_SHIFT) & 0xff, 32, "{cap:#x}");
+    assert_eq!((cap >> spec::CAP_DOMAINS_SHIFT) & 0xff, 7, "{cap:#x}");
+    assert_eq!(c.read_u32(0, spec::REG_MAX_XFER), 1 << 20);
+    assert_eq!(c.read_u32(0, spec::REG_CAP_IOTLB), 128);
+    assert_ne!(
+        c.read_u32(0, spec::REG_DEV_STATUS) & spec::DEV_STATUS_STRICT_IOTLB,
+        0
+    );
+    // The MSI-X vector count VFIO clients see: queues + 1.
+    let r = c
+        .call(
+            common::DEVICE_GET_IRQ_INFO,
+            &common::fields(&[&16u32, &0u32, &MSIX_IRQ, &0u32]),
+            &[],
+        )
+        .ok(common::DEVICE_GET_IRQ_INFO);
+    assert_eq!(r.u32_at(12), 4);
+    drop(c);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait().code(), Some(0));
+}
+
+fn fetch_json(path: &Path) -> serde_json::Value {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn inspect_serves_json_and_is_removed_at_exit() {
+    let dir = tmp();
+    let sock = dir.as_path().join("dev.sock");
+    let insp = dir.as_path().join("inspect.sock");
+    let mut p = Proc::spawn_with(
+        &sock,
+        &[
+            "--queues",
+            "3",
+            "--domains",
+            "5",
+            "--inspect",
+            insp.to_str().unwrap(),
+        ],
+    );
+    p.expect_line("listening on");
+    assert!(insp.exists(), "inspector socket created");
+    // A client connected meanwhile does not stop the inspector answering.
+    let mut c = Client::connect(&sock);
+    c.handshake();
+    for _ in 0..2 {
+        let v = fetch_json(&insp);
+        assert_eq!(v["device"], "domdma", "{v}");
+        assert_eq!(v["config"]["queues"], 3, "{v}");
+        assert_eq!(v["config"]["domains"], 5, "{v}");
+        assert_eq!(v["config"]["msix_vectors"], 4, "{v}");
+        assert_eq!(v["config"]["iova_width"], 48, "{v}");
+        assert_eq!(v["config"]["strict_iotlb"], false, "{v}");
+        let queues = v["queues"].as_array().unwrap_or_else(|| panic!("{v}"));
+        let domains = v["domains"].as_array().unwrap_or_else(|| panic!("{v}"));
+        assert_eq!(queues.len(), 3, "one entry per queue: {v}");
+        assert_eq!(domains.len(), 5, "one entry per domain: {v}");
+        for q in queues {
+            assert!(q["descriptors"].is_u64() && q["bytes"].is_u64(), "{q}");
+        }
+        for d in domains {
+            assert!(d["iotlb_hits"].is_u64() && d["page_walks"].is_u64(), "{d}");
+        }
+        assert!(v["faults"]["count"].is_u64(), "{v}");
+    }
+    assert_eq!(c.read_u32(0, spec::REG_ID), spec::DEVICE_ID_MAGIC);
+    drop(c);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait().code(), Some(0));
+    assert!(!sock.exists(), "device socket removed");
+    assert!(!insp.exists(), "inspector socket removed");
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::*;
+use domdma_device::core::DeviceConfig;
 use domdma_device::spec;
 use domdma_device::vfio_user::proto::{MAX_DATA_XFER_SIZE, MAX_MESSAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -382,7 +383,13 @@ fn irq_info() {
         "not NORESIZE: QEMU may add vectors one at a time"
     );
     assert_eq!(r.u32_at(8), MSIX_IRQ);
-    assert_eq!(r.u32_at(12), u32::from(spec::MSIX_VECTORS));
+    // One vector per queue and one for the fault log.
+    assert_eq!(
+        r.u32_at(12),
+        u32::from(srv.config.msix_vectors()),
+        "MSI-X vectors"
+    );
+    assert_eq!(r.u32_at(12), srv.config.queues + 1);
     // INTx: one interrupt if config space has an interrupt pin, as kernel vfio-pci does.
     let pin = {
         let mut b = [0u8];
@@ -538,10 +545,15 @@ fn dma_map_memfd_unmap_and_unmap_all() {
 
 #[test]
 fn set_irqs_with_eventfds() {
-    let srv = TestServer::start();
+    // Three queues: four vectors.
+    let srv = TestServer::start_with(DeviceConfig {
+        queues: 3,
+        ..DeviceConfig::default()
+    });
     let mut c = srv.connect();
     c.handshake();
-    let n = u32::from(spec::MSIX_VECTORS);
+    let n = u32::from(srv.config.msix_vectors());
+    assert_eq!(n, 4);
     let efds: Vec<EventFd> = (0..n).map(|_| eventfd()).collect();
     let raw: Vec<i32> = efds.iter().map(|e| e.as_raw_fd()).collect();
     // All vectors in one message (max_msg_fds >= vectors).
@@ -751,18 +763,42 @@ fn device_dma_and_interrupt_through_the_socket() {
     let mut p = fields(&[&q(spec::Q_TAIL), &0u32, &4u32]);
     p.extend_from_slice(&1u32.to_le_bytes());
     c.send(REGION_WRITE, F_NO_REPLY, &p, &[]);
-    assert_eq!(c.read_u32(0, q(spec::Q_COMPLETED)), 1);
-
+    // The engine runs on its own threads: the doorbell returns at once, the completion
+    // follows.
     let mut status = [0u8; 4];
-    ram.read_exact_at(&mut status, cpl + spec::CPL_STATUS)
-        .unwrap();
-    assert_eq!(u32::from_le_bytes(status), spec::STATUS_OK);
+    for _ in 0..1000 {
+        ram.read_exact_at(&mut status, cpl + spec::CPL_STATUS)
+            .unwrap();
+        if status[0] != spec::STATUS_PENDING {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(status[0], spec::STATUS_OK, "completion status");
+    let mut completed = 0;
+    for _ in 0..500 {
+        completed = c.read_u32(0, q(spec::Q_COMPLETED));
+        if completed == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(completed, 1, "Q_COMPLETED");
     let mut data = vec![0u8; 4096];
     ram.read_exact_at(&mut data, dst).unwrap();
     assert!(data
         .chunks(8)
         .all(|w| w == 0x0123_4567_89ab_cdefu64.to_le_bytes()));
-    assert!(fired(&efd), "MSI-X vector 1 signalled");
+    // The vector is raised after the completion record is written; allow for the worker.
+    let mut signalled = false;
+    for _ in 0..500 {
+        if fired(&efd) {
+            signalled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(signalled, "MSI-X vector 1 signalled");
 }
 
 /// Random messages (valid framing, random commands, flags and payloads) and then raw
@@ -805,4 +841,73 @@ fn random_messages_never_kill_the_server() {
     let mut c = srv.connect();
     c.handshake();
     assert_eq!(c.read_u32(0, spec::REG_ID), spec::DEVICE_ID_MAGIC);
+}
+
+/// DMA_UNMAP must stop the device's access to the range before the reply: a VMM reuses the
+/// memory as soon as the reply arrives (with an emulated IOMMU, the guest's unmapped pages).
+/// Here a 64 MiB FILL is in flight when its destination is unmapped: after the reply no
+/// byte of the memfd may change, and the descriptor ends with a DMA error.
+#[test]
+fn dma_unmap_stops_device_access() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.handshake();
+    let len: u64 = 64 << 20;
+    let ctl = memfd(1 << 20);
+    let big = memfd(len);
+    let (bus_ctl, bus_big) = (0x1_0000_0000u64, 0x2_0000_0000u64);
+    c.dma_map(RW, 0, bus_ctl, 1 << 20, Some(ctl.as_raw_fd()))
+        .ok(DMA_MAP);
+    c.dma_map(RW, 0, bus_big, len, Some(big.as_raw_fd()))
+        .ok(DMA_MAP);
+    let cmd = c.read_u32(CONFIG_REGION, 4) & 0xffff;
+    c.write_region(CONFIG_REGION, 4, &((cmd | 0x6) as u16).to_le_bytes())
+        .ok(REGION_WRITE);
+    let mut desc = [0u8; spec::DESC_SIZE as usize];
+    let put = |d: &mut [u8], off: u64, v: &[u8]| {
+        d[off as usize..off as usize + v.len()].copy_from_slice(v)
+    };
+    put(&mut desc, spec::DESC_OPCODE, &[spec::OP_FILL]);
+    put(&mut desc, spec::DESC_LEN, &(len as u32).to_le_bytes());
+    put(
+        &mut desc,
+        spec::DESC_SRC,
+        &0x5a5a_5a5a_5a5a_5a5au64.to_le_bytes(),
+    );
+    put(&mut desc, spec::DESC_DST, &bus_big.to_le_bytes());
+    put(
+        &mut desc,
+        spec::DESC_COMPLETION,
+        &(bus_ctl + 0x1000).to_le_bytes(),
+    );
+    ctl.write_all_at(&desc, 0).unwrap();
+    let q = |reg| spec::queue_reg(0, reg);
+    c.write_u32(0, q(spec::Q_BASE_LO), bus_ctl as u32);
+    c.write_u32(0, q(spec::Q_BASE_HI), (bus_ctl >> 32) as u32);
+    c.write_u32(0, q(spec::Q_SIZE), 4);
+    c.write_u32(0, q(spec::Q_CTRL), spec::Q_CTRL_ENABLE);
+    c.write_u32(0, q(spec::Q_TAIL), 1);
+    c.dma_unmap(0, bus_big, len).ok(DMA_UNMAP);
+    let mut after_reply = vec![0u8; len as usize];
+    big.read_exact_at(&mut after_reply, 0).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut later = vec![0u8; len as usize];
+    big.read_exact_at(&mut later, 0).unwrap();
+    let changed = after_reply
+        .iter()
+        .zip(&later)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(changed, 0, "bytes written after the DMA_UNMAP reply");
+    let mut status = [0u8; 4];
+    ctl.read_exact_at(&mut status, 0x1000 + spec::CPL_STATUS)
+        .unwrap();
+    if after_reply.contains(&0) {
+        // The transfer was cut short by the unmap.
+        assert_eq!(
+            status[0],
+            spec::STATUS_DMA_ERROR,
+            "status of the cut transfer"
+        );
+    }
 }

@@ -45,7 +45,7 @@ fn vfio_user_crate_client_interoperates() {
 
     // Interrupts: one eventfd per message (the crate's max_msg_fds).
     let info = client.get_irq_info(2).unwrap();
-    assert_eq!(info.count, u32::from(spec::MSIX_VECTORS));
+    assert_eq!(info.count, u32::from(srv.config.msix_vectors()));
     assert_eq!(info.flags & 1, 1);
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     client

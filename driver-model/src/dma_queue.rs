@@ -1,12 +1,19 @@
 //! A thin driver for one domdma descriptor queue, on any [`DmaBackend`].
 //!
 //! Programming sequence (device/SPEC.md): reset the device, enable bus mastering, allocate
-//! a ring of `size` 64-byte descriptors in DMA memory, program `Q_BASE_LO/HI`, `Q_SIZE` and
-//! `Q_MSIX_VECTOR`, set `Q_CTRL.ENABLE`. To submit, write descriptors at the ring index
-//! `tail`, advance `tail` modulo the ring size and write it to `Q_TAIL` (the doorbell). The
-//! device processes descriptors from `Q_HEAD` up to `Q_TAIL`; the ring holds at most
-//! `size - 1` outstanding descriptors. Each descriptor may name a 32-byte completion record
-//! whose status (zeroed by the driver beforehand) the device writes last.
+//! a ring of `size` 64-byte descriptors in DMA memory, program `Q_BASE_LO/HI`, `Q_SIZE`,
+//! `Q_DOMAIN` and `Q_MSIX_VECTOR`, set `Q_CTRL.ENABLE`. To submit, write descriptors at the
+//! ring index `tail`, advance `tail` modulo the ring size and write it to `Q_TAIL` (the
+//! doorbell). The device processes descriptors from `Q_HEAD` up to `Q_TAIL`; the ring holds
+//! at most `size - 1` outstanding descriptors. Each descriptor may name a 32-byte completion
+//! record whose status (zeroed by the driver beforehand) the device writes last.
+//!
+//! **Addresses are IOVAs of the queue's domain.** Every address the device uses for a
+//! queue — the ring base, descriptor sources and destinations, completion records — goes
+//! through the queue's DMA domain. In domain 0 after reset (pass-through) an IOVA is the
+//! bus address; in a translated domain the driver maps the ring and the records (see
+//! [`crate::domain::Domain`]) and gives their IOVAs: [`DmaQueue::with_ring`] and
+//! [`CompletionRecords::set_device_base`].
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -62,6 +69,14 @@ pub enum QueueError {
     /// The device reset did not complete.
     #[error("device reset did not complete within {0:?} (DEV_CTRL still {1:#x})")]
     ResetTimeout(Duration, u32),
+    /// The ring buffer given is too small for the ring size.
+    #[error("ring buffer of {len:#x} bytes is too small for {size} descriptors")]
+    RingTooSmall {
+        /// Buffer length.
+        len: usize,
+        /// Ring size.
+        size: u32,
+    },
 }
 
 /// One 64-byte descriptor. All fields are public so that tests can build malformed ones.
@@ -75,11 +90,11 @@ pub struct Descriptor {
     pub reserved: u16,
     /// Transfer length in bytes.
     pub len: u32,
-    /// COPY: source bus address; FILL: the 64-bit pattern.
+    /// COPY, COMPARE, CRC32C: source IOVA; FILL: the 64-bit pattern.
     pub src: u64,
-    /// Destination bus address.
+    /// COPY, FILL: destination IOVA; COMPARE: the second source.
     pub dst: u64,
-    /// Bus address of the completion record (32-byte aligned), 0 = none.
+    /// IOVA of the completion record (32-byte aligned), 0 = none.
     pub completion: u64,
     /// Driver tag, echoed in the completion record.
     pub tag: u64,
@@ -107,7 +122,7 @@ impl Descriptor {
         Self::new(spec::OP_NOP, 0, 0, 0)
     }
 
-    /// Copy `len` bytes from bus address `src` to `dst`.
+    /// Copy `len` bytes from IOVA `src` to `dst`.
     pub fn copy(src: u64, dst: u64, len: u32) -> Self {
         Self::new(spec::OP_COPY, len, src, dst)
     }
@@ -117,9 +132,26 @@ impl Descriptor {
         Self::new(spec::OP_FILL, len, pattern, dst)
     }
 
-    /// Sets the completion record address.
-    pub fn with_completion(mut self, bus_addr: u64) -> Self {
-        self.completion = bus_addr;
+    /// Compare `len` bytes at `a` and `b`; the completion's result is 0 when equal, else 1
+    /// plus the offset of the first difference.
+    pub fn compare(a: u64, b: u64, len: u32) -> Self {
+        Self::new(spec::OP_COMPARE, len, a, b)
+    }
+
+    /// CRC32C (Castagnoli) of `len` bytes at `src`; the completion's result is the CRC.
+    pub fn crc32c(src: u64, len: u32) -> Self {
+        Self::new(spec::OP_CRC32C, len, src, 0)
+    }
+
+    /// Sets the FENCE flag (start only after every earlier descriptor completed).
+    pub fn with_fence(mut self) -> Self {
+        self.flags |= spec::DESC_FLAG_FENCE;
+        self
+    }
+
+    /// Sets the completion record address (an IOVA of the queue's domain).
+    pub fn with_completion(mut self, iova: u64) -> Self {
+        self.completion = iova;
         self
     }
 
@@ -169,7 +201,7 @@ pub struct Completion {
     pub fault_access: u8,
     /// Bytes completed.
     pub bytes: u32,
-    /// Faulting bus address, 0 if none.
+    /// Faulting IOVA (of the queue's domain), 0 if none.
     pub fault_addr: u64,
     /// Operation result.
     pub result: u64,
@@ -214,10 +246,15 @@ pub fn status_name(status: u8) -> &'static str {
 }
 
 /// An array of completion records in DMA memory.
+///
+/// The device writes them at IOVAs of the queue's domain: by default the bus address (for
+/// a pass-through domain); [`CompletionRecords::set_device_base`] gives the IOVA the
+/// buffer is mapped at in a translated domain.
 #[derive(Debug)]
 pub struct CompletionRecords {
     buf: DmaBuffer,
     count: usize,
+    device_base: u64,
 }
 
 const CPL: usize = spec::COMPLETION_SIZE as usize;
@@ -226,7 +263,30 @@ impl CompletionRecords {
     /// Allocates `count` zeroed records.
     pub fn new(backend: &dyn DmaBackend, count: usize) -> Result<Self, QueueError> {
         let buf = backend.alloc_dma(DmaRequest::new(count.max(1) * CPL))?;
-        Ok(CompletionRecords { buf, count })
+        let device_base = buf.bus_addr();
+        Ok(CompletionRecords {
+            buf,
+            count,
+            device_base,
+        })
+    }
+
+    /// The DMA buffer holding the records (to map it into a domain).
+    pub fn buffer(&self) -> &DmaBuffer {
+        &self.buf
+    }
+
+    /// Sets the IOVA at which the device reaches record 0 (the buffer's mapping in the
+    /// queue's domain).
+    pub fn set_device_base(&mut self, iova: u64) {
+        self.device_base = iova;
+    }
+
+    /// The address the device writes record `i` at: what a descriptor's completion field
+    /// takes.
+    pub fn device_addr(&self, i: usize) -> u64 {
+        assert!(i < self.count, "completion record {i} of {}", self.count);
+        self.device_base + (i * CPL) as u64
     }
 
     /// Number of records.
@@ -239,7 +299,8 @@ impl CompletionRecords {
         self.count == 0
     }
 
-    /// Bus address of record `i`.
+    /// Bus address of record `i` (equal to [`CompletionRecords::device_addr`] in a
+    /// pass-through domain).
     pub fn bus_addr(&self, i: usize) -> u64 {
         assert!(i < self.count, "completion record {i} of {}", self.count);
         self.buf.bus_addr() + (i * CPL) as u64
@@ -276,7 +337,9 @@ impl CompletionRecords {
     }
 }
 
-/// Resets the device through `DEV_CTRL` and waits for the bit to clear.
+/// Resets the device through `DEV_CTRL` and waits for the bit to clear (it reads 0: the
+/// reset completes before the register write returns; the wait guards against a device
+/// that does otherwise).
 pub fn reset_device(backend: &dyn DmaBackend, timeout: Duration) -> Result<(), QueueError> {
     backend.write32(spec::REG_DEV_CTRL, spec::DEV_CTRL_RESET)?;
     let start = Instant::now();
@@ -292,15 +355,78 @@ pub fn reset_device(backend: &dyn DmaBackend, timeout: Duration) -> Result<(), Q
     }
 }
 
+/// How to program a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Queue index.
+    pub index: u32,
+    /// Ring size in descriptors: a power of two in `Q_SIZE_MIN..=Q_SIZE_MAX`.
+    pub size: u32,
+    /// MSI-X vector for completions (`Q_MSIX_VECTOR`).
+    pub vector: u16,
+    /// DMA domain (`Q_DOMAIN`); every address the queue uses is an IOVA of it.
+    pub domain: u32,
+    /// Halt after a descriptor that faulted (`Q_CTRL_HALT_ON_FAULT`).
+    pub halt_on_fault: bool,
+    /// Interrupt coalescing by count (`Q_COAL_COUNT`; 0 and 1: every completion).
+    pub coalesce_count: u32,
+    /// Interrupt coalescing by time in microseconds (`Q_COAL_USEC`; 0: no timer).
+    pub coalesce_usec: u32,
+}
+
+impl QueueConfig {
+    /// Queue `index` with a ring of `size`, MSI-X `vector`, domain 0, no halting, no
+    /// coalescing.
+    pub fn new(index: u32, size: u32, vector: u16) -> Self {
+        QueueConfig {
+            index,
+            size,
+            vector,
+            domain: 0,
+            halt_on_fault: false,
+            coalesce_count: 0,
+            coalesce_usec: 0,
+        }
+    }
+
+    /// The same, in `domain`.
+    pub fn in_domain(mut self, domain: u32) -> Self {
+        self.domain = domain;
+        self
+    }
+
+    /// The same, halting on faults.
+    pub fn halting_on_fault(mut self) -> Self {
+        self.halt_on_fault = true;
+        self
+    }
+
+    fn check_size(&self) -> Result<(), QueueError> {
+        if !self.size.is_power_of_two()
+            || !(spec::Q_SIZE_MIN..=spec::Q_SIZE_MAX).contains(&self.size)
+        {
+            return Err(QueueError::InvalidSize(self.size));
+        }
+        Ok(())
+    }
+
+    /// Bytes a ring of this size takes.
+    pub fn ring_bytes(&self) -> usize {
+        self.size as usize * spec::DESC_SIZE as usize
+    }
+}
+
 /// One programmed descriptor queue.
 pub struct DmaQueue<'b> {
     backend: &'b dyn DmaBackend,
     index: u32,
     ring: DmaBuffer,
+    ring_iova: u64,
     size: u32,
     tail: u32,
     head_cache: u32,
     vector: u16,
+    domain: u32,
 }
 
 impl std::fmt::Debug for DmaQueue<'_> {
@@ -308,34 +434,70 @@ impl std::fmt::Debug for DmaQueue<'_> {
         f.debug_struct("DmaQueue")
             .field("index", &self.index)
             .field("ring", &self.ring)
+            .field("ring_iova", &format_args!("{:#x}", self.ring_iova))
             .field("size", &self.size)
             .field("tail", &self.tail)
             .field("vector", &self.vector)
+            .field("domain", &self.domain)
             .finish()
     }
 }
 
 impl<'b> DmaQueue<'b> {
     /// Allocates a ring of `size` descriptors for queue `index`, programs it with MSI-X
-    /// `vector` and enables it. The device should be freshly reset with bus mastering on.
+    /// `vector` in domain 0 (pass-through after reset: the ring's IOVA is its bus address)
+    /// and enables it. The device should be freshly reset with bus mastering on.
     pub fn new(
         backend: &'b dyn DmaBackend,
         index: u32,
         size: u32,
         vector: u16,
     ) -> Result<Self, QueueError> {
-        if !size.is_power_of_two() || !(spec::Q_SIZE_MIN..=spec::Q_SIZE_MAX).contains(&size) {
-            return Err(QueueError::InvalidSize(size));
+        Self::create(backend, QueueConfig::new(index, size, vector))
+    }
+
+    /// Allocates a ring and programs the queue as `cfg` says, with the ring at its bus
+    /// address: right for a pass-through domain.
+    pub fn create(backend: &'b dyn DmaBackend, cfg: QueueConfig) -> Result<Self, QueueError> {
+        cfg.check_size()?;
+        let ring = backend.alloc_dma(DmaRequest::new(cfg.ring_bytes()))?;
+        let iova = ring.bus_addr();
+        Self::with_ring(backend, cfg, ring, iova)
+    }
+
+    /// Programs the queue as `cfg` says with a ring the caller allocated and made
+    /// reachable at `ring_iova` in the queue's domain (for a translated domain: mapped
+    /// there), and enables it.
+    pub fn with_ring(
+        backend: &'b dyn DmaBackend,
+        cfg: QueueConfig,
+        ring: DmaBuffer,
+        ring_iova: u64,
+    ) -> Result<Self, QueueError> {
+        cfg.check_size()?;
+        if ring.len() < cfg.ring_bytes() {
+            return Err(QueueError::RingTooSmall {
+                len: ring.len(),
+                size: cfg.size,
+            });
         }
-        let ring = backend.alloc_dma(DmaRequest::new(size as usize * spec::DESC_SIZE as usize))?;
+        ring.fill(0, cfg.ring_bytes(), 0);
+        let index = cfg.index;
         let reg = |r| spec::queue_reg(index, r);
-        let base = ring.bus_addr();
         backend.write32(reg(spec::Q_CTRL), 0)?;
-        backend.write32(reg(spec::Q_BASE_LO), base as u32)?;
-        backend.write32(reg(spec::Q_BASE_HI), (base >> 32) as u32)?;
-        backend.write32(reg(spec::Q_SIZE), size)?;
-        backend.write32(reg(spec::Q_MSIX_VECTOR), u32::from(vector))?;
-        backend.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE)?;
+        backend.write32(reg(spec::Q_BASE_LO), ring_iova as u32)?;
+        backend.write32(reg(spec::Q_BASE_HI), (ring_iova >> 32) as u32)?;
+        backend.write32(reg(spec::Q_SIZE), cfg.size)?;
+        backend.write32(reg(spec::Q_DOMAIN), cfg.domain)?;
+        backend.write32(reg(spec::Q_MSIX_VECTOR), u32::from(cfg.vector))?;
+        backend.write32(reg(spec::Q_COAL_COUNT), cfg.coalesce_count)?;
+        backend.write32(reg(spec::Q_COAL_USEC), cfg.coalesce_usec)?;
+        let halt = if cfg.halt_on_fault {
+            spec::Q_CTRL_HALT_ON_FAULT
+        } else {
+            0
+        };
+        backend.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE | halt)?;
         let status = backend.read32(reg(spec::Q_STATUS))?;
         if status & spec::Q_STATUS_ENABLED == 0 || status & spec::Q_STATUS_ERROR != 0 {
             return Err(QueueError::EnableFailed {
@@ -348,10 +510,12 @@ impl<'b> DmaQueue<'b> {
             backend,
             index,
             ring,
-            size,
+            ring_iova,
+            size: cfg.size,
             tail: head,
             head_cache: head,
-            vector,
+            vector: cfg.vector,
+            domain: cfg.domain,
         })
     }
 
@@ -377,6 +541,31 @@ impl<'b> DmaQueue<'b> {
     /// Bus address of the ring.
     pub fn ring_bus_addr(&self) -> u64 {
         self.ring.bus_addr()
+    }
+
+    /// IOVA of the ring in the queue's domain (`Q_BASE`).
+    pub fn ring_iova(&self) -> u64 {
+        self.ring_iova
+    }
+
+    /// The queue's domain.
+    pub fn domain(&self) -> u32 {
+        self.domain
+    }
+
+    /// `Q_HALT_REASON` (`spec::HALT_*`).
+    pub fn halt_reason(&self) -> Result<u32, QueueError> {
+        Ok(self.backend.read32(self.reg(spec::Q_HALT_REASON))?)
+    }
+
+    /// Restarts a queue halted by a fault (`Q_CTRL_RESUME`), keeping the other control
+    /// bits.
+    pub fn resume(&self) -> Result<(), QueueError> {
+        let ctrl = self.backend.read32(self.reg(spec::Q_CTRL))?;
+        let keep = ctrl & (spec::Q_CTRL_ENABLE | spec::Q_CTRL_HALT_ON_FAULT);
+        self.backend
+            .write32(self.reg(spec::Q_CTRL), keep | spec::Q_CTRL_RESUME)?;
+        Ok(())
     }
 
     /// The driver's tail: the ring index the next descriptor goes to.

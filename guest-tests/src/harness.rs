@@ -7,10 +7,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use domdma_driver_model::backend::vfio::{VfioBackend, VfioOptions};
-use domdma_driver_model::backend::DmaBackend;
+use domdma_driver_model::backend::{DmaBackend, DmaRequest};
 use domdma_driver_model::dma_queue::{
-    reset_device, status_name, Completion, CompletionRecords, Descriptor, DmaQueue,
+    reset_device, status_name, Completion, CompletionRecords, Descriptor, DmaQueue, QueueConfig,
 };
+use domdma_driver_model::domain::Domain;
+use domdma_driver_model::fault_log::fault_reason_name;
+use domdma_driver_model::iopt::Perm;
 use serde::Serialize;
 
 /// How long a completion may take (TCG guests are slow; the device is not).
@@ -21,6 +24,11 @@ pub const IRQ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NO_IRQ_WINDOW: Duration = Duration::from_millis(300);
 /// How long a device reset may take.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(2);
+/// First bus address for DMA memory when the device has a 32-bit IOVA space.
+pub const LOW_BUS_BASE: u64 = 0x1000_0000;
+/// End of the bus addresses for DMA memory with a 32-bit IOVA space: below the domain IOVA
+/// window the tests use there (3 GiB) and the x86 MSI window (0xfee0_0000).
+pub const LOW_BUS_END: u64 = 0xb000_0000;
 
 /// A test failure: a message for the result line.
 #[derive(Debug)]
@@ -167,6 +175,11 @@ impl Ctx {
         }
         if self.backend.is_none() {
             match VfioBackend::open(&self.opts) {
+                Ok(b) if self.adapt_to_iova_width(&b) => {
+                    // Reopen with bus addresses the device can reach.
+                    drop(b);
+                    return self.dev();
+                }
                 Ok(b) => {
                     let info = b.info();
                     crate::progress!(
@@ -188,6 +201,28 @@ impl Ctx {
             }
         }
         Ok(self.backend.as_ref().expect("opened above"))
+    }
+
+    /// A device in the 32-bit IOVA mode (`--iova-width 32`) cannot reach bus addresses at
+    /// or above 4 GiB, not even in pass-through domain 0, so the back end must hand out
+    /// bus addresses below that: [`LOW_BUS_BASE`]..[`LOW_BUS_END`]. Returns true when the
+    /// options were changed (the back end must be reopened).
+    fn adapt_to_iova_width(&mut self, b: &VfioBackend) -> bool {
+        let Ok(cap) = b.read32(domdma_device::spec::REG_CAP) else {
+            return false;
+        };
+        let width = (cap >> domdma_device::spec::CAP_IOVA_WIDTH_SHIFT) & 0xff;
+        let limit = 1u64.checked_shl(width).unwrap_or(u64::MAX);
+        if width == 0 || self.opts.iova_end <= limit {
+            return false;
+        }
+        crate::progress!(
+            "         the device has a {width}-bit IOVA space: DMA memory at bus addresses \
+             {LOW_BUS_BASE:#x}..{LOW_BUS_END:#x}"
+        );
+        self.opts.iova_base = LOW_BUS_BASE;
+        self.opts.iova_end = LOW_BUS_END.min(limit);
+        true
     }
 
     /// Closes the device (the next [`Ctx::dev`] reopens it with the current options).
@@ -222,12 +257,12 @@ pub fn run_desc(
     desc: Descriptor,
 ) -> Result<Completion, Failure> {
     cpl.clear(i);
-    q.submit(&[desc.with_completion(cpl.bus_addr(i))])?;
+    q.submit(&[desc.with_completion(cpl.device_addr(i))])?;
     Ok(q.wait_completion(cpl, i, COMPLETION_TIMEOUT)?)
 }
 
 /// Checks a completion's status, with a readable message.
-pub fn check_status(c: &Completion, want: u32, what: impl Display) -> TestResult {
+pub fn check_status(c: &Completion, want: u8, what: impl Display) -> TestResult {
     if c.status != want {
         return Err(Failure(format!(
             "{what}: status {:#x} ({}), expected {:#x} ({}); completion: {c}",
@@ -238,6 +273,90 @@ pub fn check_status(c: &Completion, want: u32, what: impl Display) -> TestResult
         )));
     }
     Ok(())
+}
+
+/// Checks that a completion reports a DMA fault of `reason` at `addr` whose access has
+/// (`write`) or lacks the write bit.
+pub fn check_fault(
+    c: &Completion,
+    reason: u8,
+    addr: u64,
+    write: bool,
+    what: impl Display,
+) -> TestResult {
+    check_status(c, domdma_device::spec::STATUS_DMA_ERROR, &what)?;
+    if c.fault_reason != reason {
+        return Err(Failure(format!(
+            "{what}: fault reason {} ({}), expected {reason} ({}); completion: {c}",
+            c.fault_reason,
+            fault_reason_name(c.fault_reason),
+            fault_reason_name(reason)
+        )));
+    }
+    if c.fault_addr != addr {
+        return Err(Failure(format!(
+            "{what}: fault address {:#x}, expected {addr:#x}; completion: {c}",
+            c.fault_addr
+        )));
+    }
+    let is_write = c.fault_access & domdma_device::spec::ACCESS_WRITE != 0;
+    if is_write != write {
+        return Err(Failure(format!(
+            "{what}: fault access {:#x} is a {}, expected a {}; completion: {c}",
+            c.fault_access,
+            if is_write { "write" } else { "read" },
+            if write { "write" } else { "read" }
+        )));
+    }
+    Ok(())
+}
+
+/// A queue whose ring and completion records live in a translated domain: the ring
+/// mapped read-only at `ring_iova`, `records` completion records mapped read-write at
+/// `cpl_iova`. Returns the enabled queue and its records.
+pub fn queue_in_domain<'b>(
+    dev: &'b dyn DmaBackend,
+    dom: &mut Domain<'b>,
+    cfg: QueueConfig,
+    ring_iova: u64,
+    cpl_iova: u64,
+    records: usize,
+) -> Result<(DmaQueue<'b>, CompletionRecords), Failure> {
+    let ring = dev.alloc_dma(DmaRequest::new(cfg.ring_bytes()))?;
+    dom.map_buffer(ring_iova, &ring, Perm::R)?;
+    let mut cpl = CompletionRecords::new(dev, records)?;
+    dom.map_buffer(cpl_iova, cpl.buffer(), Perm::RW)?;
+    cpl.set_device_base(cpl_iova);
+    let q = DmaQueue::with_ring(dev, cfg.in_domain(dom.index()), ring, ring_iova)?;
+    Ok((q, cpl))
+}
+
+/// Reads and discards pending interrupts on every vector.
+pub fn drain_interrupts(dev: &dyn DmaBackend) -> TestResult {
+    for v in 0..dev.msix_vectors() {
+        dev.wait_interrupt(v, Duration::ZERO)?;
+    }
+    Ok(())
+}
+
+/// CRC32C (Castagnoli, reflected, initial value and final XOR 0xffffffff), in software.
+pub fn crc32c(data: &[u8]) -> u32 {
+    const POLY: u32 = 0x82f6_3b78;
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { (c >> 1) ^ POLY } else { c >> 1 };
+            }
+            *e = c;
+        }
+        t
+    });
+    !data.iter().fold(!0u32, |crc, &b| {
+        table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+    })
 }
 
 /// Compares two byte strings, reporting the first difference and the number of differing
@@ -330,6 +449,13 @@ mod unit {
         assert_eq!(show(&Some(0x1234u16)), "Some(0x1234)");
         assert_eq!(show(&17u32), "0x11");
         assert_eq!(show(&Some("vfio-pci")), "Some(\"vfio-pci\")");
+    }
+
+    #[test]
+    fn crc32c_check_values() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(b""), 0);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
     }
 
     #[test]

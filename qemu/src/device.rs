@@ -74,10 +74,13 @@ pub struct DeviceServer {
 }
 
 impl DeviceServer {
-    /// Starts `bin --socket socket` with stdout and stderr in `log` (and `RUST_LOG=info` unless
-    /// the caller set `RUST_LOG`), and waits until it listens.
+    /// Starts `bin --socket socket ARGS...` with stdout and stderr in `log` (and
+    /// `RUST_LOG=info` unless the caller set `RUST_LOG`), and waits until it listens. `args`
+    /// are device options (`--queues 8`, `--strict-iotlb`, ...); a server that refuses them
+    /// exits at once and its message is in the error.
     pub fn start(
         bin: &Path,
+        args: &[String],
         socket: &Path,
         log: &Path,
         timeout: Duration,
@@ -87,6 +90,7 @@ impl DeviceServer {
         let mut cmd = Command::new(bin);
         cmd.arg("--socket")
             .arg(socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -218,6 +222,7 @@ mod tests {
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         let err = DeviceServer::start(
             &script,
+            &["--queues".to_string(), "0".to_string()],
             &dir.path().join("s.sock"),
             &dir.path().join("device.log"),
             Duration::from_secs(5),
@@ -227,5 +232,9 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("exit status 3"), "{text}");
         assert!(text.contains("bad arguments: --socket"), "{text}");
+        assert!(
+            text.contains("--queues 0"),
+            "device options follow the socket: {text}"
+        );
     }
 }

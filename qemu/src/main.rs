@@ -68,6 +68,10 @@ struct RunArgs {
         required_unless_present = "no_device"
     )]
     device_bin: Option<PathBuf>,
+    /// Argument passed to the device server after `--socket PATH` (repeatable), e.g.
+    /// `--device-arg=--iova-width --device-arg=32` or `--device-arg=--strict-iotlb`.
+    #[arg(long = "device-arg", value_name = "ARG", allow_hyphen_values = true)]
+    device_args: Vec<String>,
     /// Boot without the vfio-user device (debugging boot and SSH); --device-bin is ignored.
     #[arg(long)]
     no_device: bool,
@@ -148,6 +152,7 @@ impl RunArgs {
             } else {
                 self.device_bin
             },
+            device_args: self.device_args,
             guest_bin: self.guest_bin,
             guest_args: self.guest_args,
             out: self.out,

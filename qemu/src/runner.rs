@@ -104,6 +104,8 @@ pub enum RunError {
 pub struct RunOptions {
     /// The device server binary; `None` boots without the device (`--no-device`).
     pub device_bin: Option<PathBuf>,
+    /// Arguments for the device server after `--socket PATH` (device options).
+    pub device_args: Vec<String>,
     /// The guest test binary (or any executable that prints result lines).
     pub guest_bin: PathBuf,
     /// Arguments for the guest binary.
@@ -288,7 +290,14 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     if let Some(bin) = &opts.device_bin {
         files.push(("device log", device_log.clone()));
         let started = Instant::now();
-        match DeviceServer::start(bin, &socket, &device_log, DEVICE_START_TIMEOUT, interrupt) {
+        match DeviceServer::start(
+            bin,
+            &opts.device_args,
+            &socket,
+            &device_log,
+            DEVICE_START_TIMEOUT,
+            interrupt,
+        ) {
             Ok(server) => device = Some(server),
             Err(DeviceError::Interrupted) => interrupted = true,
             Err(err) => {

@@ -8,15 +8,28 @@
 //!   chunk; [`Mmu::invalidate`] drops entries and then takes the write side, so when it
 //!   returns no chunk that used a dropped entry is still moving.
 //!
-//! STATUS: interface stub. Pass-through domains work; translated domains fault NOT_PRESENT
-//! until the page walker and IOTLB land.
+//! Structure: the page walker is in `walk` (at most four entry reads, each checked against
+//! bus memory first), the cache in `iotlb` (fully associative, true LRU, behind a mutex).
+//! A translation checks the IOVA width, then the domain's mode (a register, read on every
+//! translation and never cached), then looks the IOTLB up; a miss walks from the domain's
+//! current root and fills. Only successful translations are cached: a walk that faults, or
+//! whose mapping does not allow the access, leaves nothing behind. Cached entries stay until
+//! invalidated, whatever happens to the table, the root or the mode meanwhile (SPEC.md:
+//! "Changing a domain's root or mode does not flush the IOTLB").
 
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+mod iotlb;
+mod walk;
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+
+use tracing::warn;
 use vm_memory::GuestMemoryMmap;
 
+use self::iotlb::Iotlb;
+use self::walk::{walk, Leaf, WalkFault};
 use super::bus::Access;
-use super::stats::{DomainCounters, DomainStats};
+use super::stats::{add, DomainCounters, DomainStats};
 use crate::spec::*;
 
 /// An invalidation command (`REG_INV_CMD`).
@@ -32,7 +45,7 @@ pub enum Invalidation {
         domain: u16,
         /// First IOVA.
         iova: u64,
-        /// Length in bytes (not 0).
+        /// Length in bytes (not 0). A range running past 2^64 ends at 2^64.
         len: u64,
     },
 }
@@ -59,8 +72,16 @@ pub struct TranslationFault {
     /// Detail: the offending entry (malformed), the bus address (outside RAM), else 0.
     pub info: u64,
     /// Page-table level of the fault (4..1), 0 if not in a walk.
+    ///
+    /// Set for `FAULT_NOT_PRESENT`, `FAULT_MALFORMED_ENTRY` and `FAULT_OUTSIDE_RAM` (the
+    /// level of the table whose entry faulted); 0 for `FAULT_PERMISSION` (checked against
+    /// the translation, cached or walked, so the same whether it hit or missed),
+    /// `FAULT_IOVA_WIDTH` and `FAULT_DOMAIN_DISABLED`.
     pub level: u32,
-    /// The fault happened reading a page-table entry.
+    /// The fault happened reading a page-table entry (`ACCESS_PAGE_WALK`): only for
+    /// `FAULT_OUTSIDE_RAM` of a table (the entry's 8 bytes are not mapped for reading);
+    /// `info` is then the table's bus address (4 KiB aligned, for the root too) and
+    /// `level` the table's level.
     pub in_walk: bool,
 }
 
@@ -69,18 +90,46 @@ pub struct TranslationFault {
 pub struct DomainRegs {
     /// Root table bus address as written (bits 11:0 ignored when walking).
     pub root: u64,
-    /// `DOMAIN_MODE_*` as written (bits 1:0 of `D_CTRL`).
+    /// `DOMAIN_MODE_*` as written (bits 1:0 of `D_CTRL`; the unassigned mode 3 behaves as
+    /// `DOMAIN_MODE_DISABLED`).
     pub mode: u32,
 }
 
+/// One domain's registers, readable without a lock on the translation path.
+#[derive(Debug)]
+struct DomainSlot {
+    root: AtomicU64,
+    mode: AtomicU32,
+}
+
+impl DomainSlot {
+    fn load(&self) -> DomainRegs {
+        DomainRegs {
+            root: self.root.load(Ordering::Acquire),
+            mode: self.mode.load(Ordering::Acquire),
+        }
+    }
+
+    fn store(&self, regs: DomainRegs) {
+        self.root.store(regs.root, Ordering::Release);
+        self.mode.store(regs.mode, Ordering::Release);
+    }
+}
+
 /// The device's domains and IOTLB.
+///
+/// Shared by the register thread (domain registers, invalidation, statistics) and the
+/// engine's workers (translation); every method takes `&self`.
 #[derive(Debug)]
 pub struct Mmu {
     iova_width: u32,
+    /// Largest valid IOVA (2^width - 1).
+    iova_limit: u64,
     strict: bool,
     iotlb_capacity: usize,
-    domains: Mutex<Vec<DomainRegs>>,
+    domains: Vec<DomainSlot>,
     counters: Vec<DomainCounters>,
+    iotlb: Mutex<Iotlb>,
     gate: RwLock<()>,
 }
 
@@ -96,20 +145,37 @@ fn reset_regs(d: usize) -> DomainRegs {
 }
 
 impl Mmu {
-    /// An MMU with `domains` domains in their reset state.
+    /// An MMU with `domains` domains in their reset state, an IOVA width of `iova_width`
+    /// bits (64 or more: no limit), an IOTLB of `iotlb_entries` entries (0: nothing is
+    /// cached, every translation walks) and strict IOTLB mode on or off.
     pub fn new(domains: u16, iova_width: u32, iotlb_entries: usize, strict: bool) -> Self {
+        let iova_limit = match 1u64.checked_shl(iova_width) {
+            Some(top) => top.wrapping_sub(1),
+            None => u64::MAX,
+        };
         Self {
             iova_width,
+            iova_limit,
             strict,
             iotlb_capacity: iotlb_entries,
-            domains: Mutex::new((0..usize::from(domains)).map(reset_regs).collect()),
+            domains: (0..usize::from(domains))
+                .map(|d| {
+                    let regs = reset_regs(d);
+                    DomainSlot {
+                        root: AtomicU64::new(regs.root),
+                        mode: AtomicU32::new(regs.mode),
+                    }
+                })
+                .collect(),
             counters: (0..domains).map(|_| DomainCounters::default()).collect(),
+            iotlb: Mutex::new(Iotlb::new(iotlb_entries)),
             gate: RwLock::new(()),
         }
     }
 
     /// Number of domains.
     pub fn num_domains(&self) -> u16 {
+        // `new` takes the count as a u16.
         self.counters.len() as u16
     }
 
@@ -130,31 +196,30 @@ impl Mmu {
 
     /// Entries currently cached.
     pub fn iotlb_len(&self) -> usize {
-        0
+        self.lock_iotlb().len()
     }
 
     /// Register state of domain `d` (None if it does not exist).
     pub fn domain(&self, d: u16) -> Option<DomainRegs> {
-        self.domains
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(usize::from(d))
-            .copied()
+        self.domains.get(usize::from(d)).map(DomainSlot::load)
     }
 
-    /// Update domain `d`'s registers. Takes effect for new walks; the IOTLB is not flushed.
+    /// Update domain `d`'s registers (ignored if it does not exist). Takes effect for new
+    /// translations (the mode) and walks (the root); the IOTLB is not flushed.
     pub fn set_domain(&self, d: u16, regs: DomainRegs) {
-        if let Some(slot) = self
-            .domains
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(usize::from(d))
-        {
-            *slot = regs;
+        if let Some(slot) = self.domains.get(usize::from(d)) {
+            slot.store(regs);
         }
     }
 
     /// Translate `iova` of domain `d` for one access.
+    ///
+    /// In order: an IOVA above the width faults `FAULT_IOVA_WIDTH` (any mode); a domain
+    /// that does not exist or is disabled faults `FAULT_DOMAIN_DISABLED`; pass-through
+    /// returns the IOVA; a translated domain looks the IOTLB up and on a miss walks the
+    /// table and fills. The bus page returned is not checked against bus memory: the
+    /// caller checks the access itself (`FAULT_OUTSIDE_RAM` "when the access happens").
+    /// Counts in the domain's counters; never panics and never blocks on the chunk gate.
     pub fn translate(
         &self,
         mem: &GuestMemoryMmap,
@@ -162,7 +227,24 @@ impl Mmu {
         iova: u64,
         access: Access,
     ) -> Result<Translation, TranslationFault> {
-        let _ = (mem, access);
+        let counters = self.counters.get(usize::from(d));
+        if let Some(c) = counters {
+            add(&c.translations, 1);
+        }
+        let result = self.translate_uncounted(mem, d, iova, access);
+        if let (Err(_), Some(c)) = (&result, counters) {
+            add(&c.faults, 1);
+        }
+        result
+    }
+
+    fn translate_uncounted(
+        &self,
+        mem: &GuestMemoryMmap,
+        d: u16,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
         let fault = |reason| TranslationFault {
             reason,
             iova,
@@ -170,42 +252,138 @@ impl Mmu {
             level: 0,
             in_walk: false,
         };
-        let limit = if self.iova_width >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.iova_width) - 1
-        };
-        if iova > limit {
+        if iova > self.iova_limit {
             return Err(fault(FAULT_IOVA_WIDTH));
         }
-        match self.domain(d).map(|r| r.mode & 3) {
-            Some(DOMAIN_MODE_PASSTHROUGH) => Ok(Translation {
-                bus: iova,
-                len: (limit - iova).saturating_add(1),
-                page_size: 0,
-            }),
-            Some(DOMAIN_MODE_TRANSLATED) => Err(fault(FAULT_NOT_PRESENT)),
-            _ => Err(fault(FAULT_DOMAIN_DISABLED)),
+        let (Some(slot), Some(counters)) = (
+            self.domains.get(usize::from(d)),
+            self.counters.get(usize::from(d)),
+        ) else {
+            return Err(fault(FAULT_DOMAIN_DISABLED));
+        };
+        match slot.mode.load(Ordering::Acquire) & 3 {
+            DOMAIN_MODE_PASSTHROUGH => {
+                return Ok(Translation {
+                    bus: iova,
+                    len: (self.iova_limit - iova).saturating_add(1),
+                    page_size: 0,
+                })
+            }
+            DOMAIN_MODE_TRANSLATED => {}
+            _ => return Err(fault(FAULT_DOMAIN_DISABLED)),
+        }
+        let root = slot.root.load(Ordering::Acquire);
+
+        let (hit, generation) = {
+            let mut iotlb = self.lock_iotlb();
+            (iotlb.lookup(d, iova), iotlb.generation())
+        };
+        let leaf = match hit {
+            Some(cached) => {
+                add(&counters.iotlb_hits, 1);
+                if self.strict {
+                    self.check_stale(mem, d, root, iova, &cached, counters);
+                }
+                cached
+            }
+            None => {
+                add(&counters.iotlb_misses, 1);
+                add(&counters.page_walks, 1);
+                let leaf = walk(mem, root, iova).map_err(|f| walk_fault(f, iova))?;
+                if leaf.allows(access) {
+                    self.lock_iotlb().fill(d, leaf, generation);
+                }
+                leaf
+            }
+        };
+        if !leaf.allows(access) {
+            return Err(fault(FAULT_PERMISSION));
+        }
+        let offset = iova & (leaf.size - 1);
+        Ok(Translation {
+            bus: leaf.bus_page | offset,
+            len: leaf.size - offset,
+            page_size: leaf.size,
+        })
+    }
+
+    /// Strict mode: re-walk for a hit and count (and log, once per cached entry) a cached
+    /// translation that no longer matches the table.
+    fn check_stale(
+        &self,
+        mem: &GuestMemoryMmap,
+        d: u16,
+        root: u64,
+        iova: u64,
+        cached: &Leaf,
+        counters: &DomainCounters,
+    ) {
+        add(&counters.page_walks, 1);
+        let fresh = walk(mem, root, iova);
+        if fresh.as_ref() == Ok(cached) {
+            return;
+        }
+        add(&counters.stale_uses, 1);
+        if self.lock_iotlb().mark_warned(d, cached) {
+            let table = match fresh {
+                Ok(leaf) => format!(
+                    "bus {:#x} size {:#x} perm {:#x}",
+                    leaf.bus_page, leaf.size, leaf.perm
+                ),
+                Err(f) => format!("fault {} at level {}", f.reason, f.level),
+            };
+            warn!(
+                domain = d,
+                iova = format_args!("{iova:#x}"),
+                cached = format_args!(
+                    "bus {:#x} size {:#x} perm {:#x}",
+                    cached.bus_page, cached.size, cached.perm
+                ),
+                table = %table,
+                "strict IOTLB: stale translation used (page table changed without invalidation)"
+            );
         }
     }
 
     /// The read side of the chunk gate; hold it while translating and moving one chunk.
+    ///
+    /// Do not take it twice in one thread: a waiting [`Mmu::invalidate`] blocks new readers,
+    /// so a second read would wait for the writer, which waits for the first.
     pub fn chunk_gate(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Wait until no chunk that started before this call is still moving (the chunk gate's
+    /// write side, taken and released). The transport calls it after it removed a bus
+    /// mapping and before it acknowledges the unmap; do not call it while holding
+    /// [`Mmu::chunk_gate`].
+    pub fn barrier(&self) {
+        drop(self.gate.write().unwrap_or_else(PoisonError::into_inner));
+    }
+
     /// Drop IOTLB entries; returns once no chunk that used them is still moving. Returns
     /// false (and does nothing) for a domain that does not exist or a range of length 0.
+    ///
+    /// A range invalidation drops every entry of the domain whose page overlaps the range
+    /// (a 2 MiB or 1 GiB entry goes when any byte inside it is in the range). After the
+    /// entries are gone it takes the chunk gate's write side, so it waits for every chunk in
+    /// flight (any of them may use a dropped entry, or a walk of the old table that was never
+    /// cached); do not call it while holding [`Mmu::chunk_gate`].
     pub fn invalidate(&self, inv: Invalidation) -> bool {
-        let ok = match inv {
-            Invalidation::All => true,
-            Invalidation::Domain(d) => d < self.num_domains(),
-            Invalidation::Range { domain, len, .. } => domain < self.num_domains() && len != 0,
-        };
-        if ok {
-            drop(self.gate.write().unwrap_or_else(PoisonError::into_inner));
+        let domains = self.num_domains();
+        {
+            let mut iotlb = self.lock_iotlb();
+            match inv {
+                Invalidation::All => iotlb.invalidate_all(),
+                Invalidation::Domain(d) if d < domains => iotlb.invalidate_domain(d),
+                Invalidation::Range { domain, iova, len } if domain < domains && len != 0 => {
+                    iotlb.invalidate_range(domain, iova, iova.saturating_add(len - 1))
+                }
+                _ => return false,
+            };
         }
-        ok
+        drop(self.gate.write().unwrap_or_else(PoisonError::into_inner));
+        true
     }
 
     /// Counters of domain `d`.
@@ -219,11 +397,1107 @@ impl Mmu {
     }
 
     /// Reset: domains to their reset state, IOTLB empty, counters zero.
+    ///
+    /// Does not wait on the chunk gate: the caller stops the engine first.
     pub fn reset(&self) {
-        let mut domains = self.domains.lock().unwrap_or_else(PoisonError::into_inner);
-        for (i, d) in domains.iter_mut().enumerate() {
-            *d = reset_regs(i);
+        for (i, slot) in self.domains.iter().enumerate() {
+            slot.store(reset_regs(i));
         }
+        self.lock_iotlb().invalidate_all();
         self.counters.iter().for_each(DomainCounters::clear);
+    }
+
+    fn lock_iotlb(&self) -> MutexGuard<'_, Iotlb> {
+        // The IOTLB's invariants hold between method calls, none of which can panic midway
+        // on guest input; a poisoned lock still holds a usable cache.
+        self.iotlb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A walker fault as a translation fault of `iova`.
+fn walk_fault(f: WalkFault, iova: u64) -> TranslationFault {
+    TranslationFault {
+        reason: f.reason,
+        iova,
+        info: f.info,
+        level: f.level,
+        in_walk: f.in_walk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::walk::{SIZE_1G, SIZE_2M, SIZE_4K};
+    use super::*;
+    use crate::core::bus::check_range;
+
+    const RW: u64 = PTE_R | PTE_W;
+    /// Bus memory: 16 MiB at 0 (tables from 0x10_0000, small pages above 0x20_0000),
+    /// unmapped from 16 MiB to 1 GiB, then a 1 GiB region at 1 GiB (lazily allocated).
+    const LOW: u64 = 16 << 20;
+    const GAP: u64 = 0x2000_0000;
+    const HIGH: u64 = 0x4000_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), LOW as usize),
+            (GuestAddress(HIGH), SIZE_1G as usize),
+        ])
+        .unwrap()
+    }
+
+    /// A test driver's page-table builder: tables from a bump allocator in low memory.
+    struct Tables {
+        mem: GuestMemoryMmap,
+        root: u64,
+        next: u64,
+    }
+
+    impl Tables {
+        fn new() -> Self {
+            Self::with_memory(memory())
+        }
+
+        fn with_memory(mem: GuestMemoryMmap) -> Self {
+            let mut t = Tables {
+                mem,
+                root: 0,
+                next: 0x10_0000,
+            };
+            t.root = t.alloc();
+            t
+        }
+
+        fn alloc(&mut self) -> u64 {
+            let table = self.next;
+            self.next += SIZE_4K;
+            self.mem
+                .write_slice(&[0u8; SIZE_4K as usize], GuestAddress(table))
+                .unwrap();
+            table
+        }
+
+        fn read(&self, addr: u64) -> u64 {
+            self.mem.read_obj::<u64>(GuestAddress(addr)).unwrap()
+        }
+
+        fn write(&self, addr: u64, entry: u64) {
+            self.mem.write_obj(entry, GuestAddress(addr)).unwrap();
+        }
+
+        /// Bus address of the entry for `iova` at `level`, making tables on the way.
+        fn slot(&mut self, iova: u64, level: u32) -> u64 {
+            let mut table = self.root;
+            for l in (level + 1..=4).rev() {
+                let addr = table + index(iova, l) * 8;
+                let mut e = self.read(addr);
+                if e & RW == 0 {
+                    e = self.alloc() | RW;
+                    self.write(addr, e);
+                }
+                table = e & PTE_ADDR_MASK;
+            }
+            table + index(iova, level) * 8
+        }
+
+        /// Map the page of `size` at `iova` to `bus` with `perm` (and PS for large pages).
+        fn map(&mut self, iova: u64, bus: u64, size: u64, perm: u64) -> u64 {
+            let (level, ps) = match size {
+                SIZE_4K => (1, 0),
+                SIZE_2M => (2, PTE_PS),
+                _ => (3, PTE_PS),
+            };
+            self.set(iova, level, bus | ps | perm)
+        }
+
+        /// Write `entry` at `level` for `iova`; returns the entry's bus address.
+        fn set(&mut self, iova: u64, level: u32, entry: u64) -> u64 {
+            let addr = self.slot(iova, level);
+            self.write(addr, entry);
+            addr
+        }
+
+        fn mmu(&self, strict: bool) -> Mmu {
+            self.mmu_with(48, 64, strict)
+        }
+
+        fn mmu_with(&self, width: u32, entries: usize, strict: bool) -> Mmu {
+            let mmu = Mmu::new(4, width, entries, strict);
+            mmu.set_domain(
+                1,
+                DomainRegs {
+                    root: self.root,
+                    mode: DOMAIN_MODE_TRANSLATED,
+                },
+            );
+            mmu
+        }
+    }
+
+    fn index(iova: u64, level: u32) -> u64 {
+        (iova >> (12 + 9 * (level - 1))) & 511
+    }
+
+    fn tr(
+        mmu: &Mmu,
+        t: &Tables,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        mmu.translate(&t.mem, 1, iova, access)
+    }
+
+    fn ok(bus: u64, len: u64, page_size: u64) -> Result<Translation, TranslationFault> {
+        Ok(Translation {
+            bus,
+            len,
+            page_size,
+        })
+    }
+
+    fn err(
+        reason: u8,
+        iova: u64,
+        info: u64,
+        level: u32,
+        in_walk: bool,
+    ) -> Result<Translation, TranslationFault> {
+        Err(TranslationFault {
+            reason,
+            iova,
+            info,
+            level,
+            in_walk,
+        })
+    }
+
+    fn stats(mmu: &Mmu, d: u16) -> DomainStats {
+        mmu.stats()[usize::from(d)]
+    }
+
+    #[test]
+    fn spec_worked_example_2m() {
+        // SPEC.md "Example: mapping a 2 MiB page", entry for entry.
+        let t = Tables::new();
+        assert_eq!(t.root, 0x10_0000);
+        t.write(0x10_0000, 0x0000_0000_0010_1003);
+        t.write(0x10_1000 + 8, 0x0000_0000_0010_2003);
+        t.write(0x10_2000 + 8, 0x0000_0001_0000_0083);
+        let mmu = t.mmu(false);
+        assert_eq!(
+            tr(&mmu, &t, 0x4020_1234, Access::Write),
+            ok(0x1_0000_1234, SIZE_2M - 0x1234, SIZE_2M)
+        );
+    }
+
+    #[test]
+    fn maps_4k_2m_1g_with_lengths_to_page_end() {
+        let mut t = Tables::new();
+        t.map(0x7000, 0x30_0000, SIZE_4K, RW);
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, RW);
+        t.map(0x8000_0000, HIGH, SIZE_1G, RW);
+        t.map(0x1_2345_6000, 0x31_0000, SIZE_4K, PTE_R); // deep in other tables
+        let mmu = t.mmu(false);
+        let cases = [
+            (0x7000, ok(0x30_0000, SIZE_4K, SIZE_4K)),
+            (0x7abc, ok(0x30_0abc, 0x544, SIZE_4K)),
+            (0x7fff, ok(0x30_0fff, 1, SIZE_4K)),
+            (0x20_0000, ok(0x60_0000, SIZE_2M, SIZE_2M)),
+            (0x30_1000, ok(0x70_1000, 0xf_f000, SIZE_2M)),
+            (0x3f_ffff, ok(0x7f_ffff, 1, SIZE_2M)),
+            (0x8000_0000, ok(HIGH, SIZE_1G, SIZE_1G)),
+            (0x8000_1234, ok(HIGH + 0x1234, SIZE_1G - 0x1234, SIZE_1G)),
+            (0xbfff_ffff, ok(HIGH + SIZE_1G - 1, 1, SIZE_1G)),
+        ];
+        for (iova, want) in cases {
+            for access in [Access::Read, Access::Write] {
+                // Twice: once walked, once from the IOTLB.
+                assert_eq!(tr(&mmu, &t, iova, access), want, "{iova:#x}");
+                assert_eq!(tr(&mmu, &t, iova, access), want, "{iova:#x}");
+            }
+            let got = want.unwrap();
+            assert_eq!(check_range(&t.mem, got.bus, got.len, Access::Write), Ok(()));
+        }
+        assert_eq!(
+            tr(&mmu, &t, 0x1_2345_6789, Access::Read),
+            ok(0x31_0789, 0x877, SIZE_4K)
+        );
+        // The next page after each mapping is not mapped.
+        for iova in [0x8000, 0x40_0000, 0xc000_0000] {
+            assert_eq!(
+                tr(&mmu, &t, iova, Access::Read).unwrap_err().reason,
+                FAULT_NOT_PRESENT
+            );
+        }
+    }
+
+    #[test]
+    fn not_present_at_each_level() {
+        let mut t = Tables::new();
+        let mmu = t.mmu(false);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_NOT_PRESENT, 0x1000, 0, 4, false)
+        );
+        t.slot(0x1000, 3);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_NOT_PRESENT, 0x1000, 0, 3, false)
+        );
+        t.slot(0x1000, 2);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_NOT_PRESENT, 0x1000, 0, 2, false)
+        );
+        t.slot(0x1000, 1);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_NOT_PRESENT, 0x1000, 0, 1, false)
+        );
+        // R = W = 0 is not present whatever the other bits say.
+        t.set(
+            0x1000,
+            1,
+            PTE_RESERVED_MASK | PTE_PS | PTE_ADDR_MASK | 0xf00,
+        );
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_NOT_PRESENT, 0x1000, 0, 1, false)
+        );
+        // Bits 11:8 are ignored.
+        t.set(0x1000, 1, 0x30_0000 | 0xf00 | PTE_R);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            ok(0x30_0000, SIZE_4K, SIZE_4K)
+        );
+        let s = stats(&mmu, 1);
+        assert_eq!(
+            (s.translations, s.faults, s.page_walks, s.iotlb_misses),
+            (6, 5, 6, 6)
+        );
+        assert_eq!(mmu.iotlb_len(), 1, "faults are not cached");
+    }
+
+    #[test]
+    fn malformed_entries() {
+        let mut t = Tables::new();
+        let mmu = t.mmu(false);
+        let fault = |t: &Tables, iova| tr(&mmu, t, iova, Access::Read);
+
+        // PS at level 4.
+        let l4 = 0x20_0000 | PTE_PS | RW;
+        t.set(0x1000, 4, l4);
+        assert_eq!(
+            fault(&t, 0x1000),
+            err(FAULT_MALFORMED_ENTRY, 0x1000, l4, 4, false)
+        );
+        t.set(0x1000, 4, 0);
+
+        // PS at level 1.
+        let l1 = 0x30_0000 | PTE_PS | RW;
+        t.set(0x1000, 1, l1);
+        assert_eq!(
+            fault(&t, 0x1000),
+            err(FAULT_MALFORMED_ENTRY, 0x1000, l1, 1, false)
+        );
+
+        // Misaligned 2 MiB leaf (bits 20:12 not zero).
+        let l2 = 0x60_1000 | PTE_PS | RW;
+        t.set(0x4000_0000, 2, l2);
+        assert_eq!(
+            fault(&t, 0x4000_0000),
+            err(FAULT_MALFORMED_ENTRY, 0x4000_0000, l2, 2, false)
+        );
+        t.set(0x4000_0000, 2, 0x60_0000 | PTE_PS | RW);
+        assert_eq!(fault(&t, 0x4000_0000), ok(0x60_0000, SIZE_2M, SIZE_2M));
+
+        // Misaligned 1 GiB leaf (bits 29:12 not zero), a 2 MiB-aligned address included.
+        for bus in [HIGH + 0x20_0000, HIGH + 0x1000] {
+            let l3 = bus | PTE_PS | RW;
+            t.set(0x80_0000_0000, 3, l3);
+            assert_eq!(
+                fault(&t, 0x80_0000_0000),
+                err(FAULT_MALFORMED_ENTRY, 0x80_0000_0000, l3, 3, false)
+            );
+        }
+
+        // Reserved bits, at a table level and at a leaf, each reserved bit alone.
+        for bit in (0..64).filter(|b| PTE_RESERVED_MASK & (1u64 << b) != 0) {
+            let leaf = 0x30_0000 | RW | (1u64 << bit);
+            t.set(0x1000, 1, leaf);
+            assert_eq!(
+                fault(&t, 0x1000),
+                err(FAULT_MALFORMED_ENTRY, 0x1000, leaf, 1, false)
+            );
+        }
+        t.set(0x1000, 1, 0x30_0000 | RW);
+        let addr = t.slot(0x1000, 3);
+        let good = t.read(addr);
+        t.write(addr, good | (1 << 63));
+        assert_eq!(
+            fault(&t, 0x1000),
+            err(FAULT_MALFORMED_ENTRY, 0x1000, good | (1 << 63), 3, false)
+        );
+        t.write(addr, good);
+        assert_eq!(fault(&t, 0x1000), ok(0x30_0000, SIZE_4K, SIZE_4K));
+    }
+
+    #[test]
+    fn tables_outside_bus_memory() {
+        let mut t = Tables::new();
+        let mmu = t.mmu(false);
+        // The root itself in the gap.
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: GAP | 0xabc,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        let iova = 0x80_4000_0000; // L4 index 1
+        assert_eq!(
+            tr(&mmu, &t, iova, Access::Read),
+            err(FAULT_OUTSIDE_RAM, iova, GAP, 4, true)
+        );
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: t.root,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        // A level-3 table in the gap, a level-1 table past the end of the address field.
+        t.set(iova, 4, GAP | RW);
+        assert_eq!(
+            tr(&mmu, &t, iova, Access::Read),
+            err(FAULT_OUTSIDE_RAM, iova, GAP, 3, true)
+        );
+        t.set(0x1000, 2, PTE_ADDR_MASK | RW);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            err(FAULT_OUTSIDE_RAM, 0x1000, PTE_ADDR_MASK, 1, true)
+        );
+        // The last page of a region is a usable table.
+        t.set(0x1000, 2, (LOW - SIZE_4K) | RW);
+        t.write(LOW - SIZE_4K + 8, 0x30_0000 | RW);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            ok(0x30_0000, SIZE_4K, SIZE_4K)
+        );
+        // A leaf pointing outside bus memory translates; the access itself is the caller's.
+        t.write(LOW - SIZE_4K + 8, GAP | RW);
+        mmu.invalidate(Invalidation::All);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read),
+            ok(GAP, SIZE_4K, SIZE_4K)
+        );
+    }
+
+    #[test]
+    fn table_partly_outside_bus_memory() {
+        // A region that ends half-way through a table (a VMM may map any length): the
+        // entries inside work, the others fault with the table's address.
+        let half = 0x20_0000;
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (half + 0x800) as usize)]).unwrap();
+        let mut t = Tables::with_memory(mem);
+        t.set(0, 2, half | RW);
+        t.write(half, 0x30_0000 | RW);
+        let mmu = t.mmu(false);
+        assert_eq!(
+            tr(&mmu, &t, 0x80, Access::Read),
+            ok(0x30_0080, 0xf80, SIZE_4K)
+        );
+        let iova = 300 * SIZE_4K;
+        assert_eq!(
+            tr(&mmu, &t, iova, Access::Read),
+            err(FAULT_OUTSIDE_RAM, iova, half, 1, true)
+        );
+    }
+
+    #[test]
+    fn self_pointing_table_maps_itself() {
+        let t = Tables::new();
+        // L4[0] points at the root, and so does every level below: four reads of the root.
+        t.write(t.root, t.root | RW);
+        let mmu = t.mmu(false);
+        assert_eq!(
+            tr(&mmu, &t, 0x123, Access::Write),
+            ok(t.root + 0x123, SIZE_4K - 0x123, SIZE_4K)
+        );
+        assert_eq!(stats(&mmu, 1).page_walks, 1);
+        // With PS the root is a misaligned large page.
+        t.write(t.root, t.root | PTE_PS | RW);
+        mmu.invalidate(Invalidation::All);
+        assert_eq!(
+            tr(&mmu, &t, 0, Access::Read).unwrap_err().reason,
+            FAULT_MALFORMED_ENTRY
+        );
+    }
+
+    #[test]
+    fn garbage_tables_never_panic() {
+        let t = Tables::new();
+        let mmu = t.mmu_with(48, 8, true);
+        // Fill sixteen tables (the root and what follows it) with pseudo-random entries, with
+        // a bias towards present entries pointing back into them.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..16 * 512 {
+            let r = rng();
+            let e = match r % 4 {
+                0 => r,
+                1 => (t.root + (r >> 8) % 16 * SIZE_4K) | (r & 0x83),
+                2 => (r & PTE_ADDR_MASK) | RW | (r & PTE_PS),
+                _ => t.root | RW,
+            };
+            t.write(t.root + i * 8, e);
+        }
+        let mut reasons = [0u32; 8];
+        for _ in 0..20_000 {
+            let iova = rng() & ((1 << 48) - 1);
+            let access = if iova & 1 == 0 {
+                Access::Read
+            } else {
+                Access::Write
+            };
+            match tr(&mmu, &t, iova, access) {
+                Ok(tl) => {
+                    assert!(tl.len >= 1 && tl.len <= tl.page_size);
+                    reasons[0] += 1;
+                }
+                Err(f) => {
+                    assert!(matches!(
+                        f.reason,
+                        FAULT_NOT_PRESENT
+                            | FAULT_PERMISSION
+                            | FAULT_MALFORMED_ENTRY
+                            | FAULT_OUTSIDE_RAM
+                    ));
+                    assert!(f.level <= 4);
+                    reasons[usize::from(f.reason)] += 1;
+                }
+            }
+        }
+        // The seed is fixed; it reaches every outcome a table can give.
+        for outcome in [
+            0,
+            FAULT_NOT_PRESENT,
+            FAULT_PERMISSION,
+            FAULT_MALFORMED_ENTRY,
+            FAULT_OUTSIDE_RAM,
+        ] {
+            assert!(reasons[usize::from(outcome)] > 0, "{reasons:?}");
+        }
+        assert!(mmu.iotlb_len() <= 8);
+        let s = stats(&mmu, 1);
+        assert_eq!(s.translations, 20_000);
+        assert_eq!(s.iotlb_hits + s.iotlb_misses, 20_000);
+        assert!(s.page_walks >= s.iotlb_misses);
+    }
+
+    #[test]
+    fn permissions_are_anded_over_levels() {
+        let mut t = Tables::new();
+        t.map(0x1000, 0x30_0000, SIZE_4K, RW);
+        t.map(0x2000, 0x31_0000, SIZE_4K, PTE_R);
+        t.map(0x3000, 0x32_0000, SIZE_4K, PTE_W);
+        // Under an L4 entry that only allows reads, a RW leaf is read-only.
+        let big = 0x80_0000_0000;
+        t.map(big, 0x33_0000, SIZE_4K, RW);
+        let l4 = t.slot(big, 4);
+        t.write(l4, t.read(l4) & !PTE_W);
+        // Under a write-only L2 entry, a RW 2 MiB leaf... is a leaf: an L3 table entry that is
+        // write-only makes the leaf below it write-only.
+        let w_only = 0x4000_0000;
+        t.map(w_only, 0x60_0000, SIZE_2M, RW);
+        let l3 = t.slot(w_only, 3);
+        t.write(l3, t.read(l3) & !PTE_R);
+        let mmu = t.mmu(false);
+        let perm = |iova| TranslationFault {
+            reason: FAULT_PERMISSION,
+            iova,
+            info: 0,
+            level: 0,
+            in_walk: false,
+        };
+        for round in 0..2 {
+            // Round 0 walks, round 1 hits what round 0 cached.
+            assert!(tr(&mmu, &t, 0x1000, Access::Write).is_ok(), "{round}");
+            assert!(tr(&mmu, &t, 0x2000, Access::Read).is_ok());
+            assert_eq!(tr(&mmu, &t, 0x2000, Access::Write), Err(perm(0x2000)));
+            assert!(tr(&mmu, &t, 0x3000, Access::Write).is_ok());
+            assert_eq!(tr(&mmu, &t, 0x3000, Access::Read), Err(perm(0x3000)));
+            assert!(tr(&mmu, &t, big, Access::Read).is_ok());
+            assert_eq!(tr(&mmu, &t, big + 8, Access::Write), Err(perm(big + 8)));
+            assert!(tr(&mmu, &t, w_only, Access::Write).is_ok());
+            assert_eq!(
+                tr(&mmu, &t, w_only + 8, Access::Read),
+                Err(perm(w_only + 8))
+            );
+        }
+        let s = stats(&mmu, 1);
+        assert_eq!(s.faults, 8);
+        assert_eq!(
+            s.iotlb_misses, 5,
+            "one walk per page; the permission faults hit"
+        );
+        assert_eq!(s.iotlb_hits, 13);
+    }
+
+    #[test]
+    fn permission_fault_on_a_miss_is_not_cached() {
+        let mut t = Tables::new();
+        t.map(0x2000, 0x31_0000, SIZE_4K, PTE_R);
+        let mmu = t.mmu(false);
+        assert_eq!(
+            tr(&mmu, &t, 0x2000, Access::Write).unwrap_err().reason,
+            FAULT_PERMISSION
+        );
+        assert_eq!(mmu.iotlb_len(), 0);
+        // The driver grants the write; without an invalidation the next write walks again.
+        t.map(0x2000, 0x31_0000, SIZE_4K, RW);
+        assert!(tr(&mmu, &t, 0x2000, Access::Write).is_ok());
+        assert_eq!(stats(&mmu, 1).page_walks, 2);
+    }
+
+    #[test]
+    fn iova_width_32_in_every_mode() {
+        let mut t = Tables::new();
+        t.map(0xffff_f000, 0x30_0000, SIZE_4K, RW);
+        t.map(0x1_0000_0000, 0x31_0000, SIZE_4K, RW);
+        let mmu = t.mmu_with(IOVA_WIDTH_32, 64, false);
+        mmu.set_domain(
+            2,
+            DomainRegs {
+                root: 0,
+                mode: DOMAIN_MODE_DISABLED,
+            },
+        );
+        assert_eq!(
+            tr(&mmu, &t, 0xffff_ffff, Access::Read),
+            ok(0x30_0fff, 1, SIZE_4K)
+        );
+        for d in 0..=3 {
+            for iova in [1 << 32, 0x1_0000_0fff, u64::MAX] {
+                assert_eq!(
+                    mmu.translate(&t.mem, d, iova, Access::Read),
+                    err(FAULT_IOVA_WIDTH, iova, 0, 0, false),
+                    "domain {d}"
+                );
+            }
+        }
+        // Pass-through: up to the top of the 4 GiB space.
+        assert_eq!(
+            mmu.translate(&t.mem, 0, 0xffff_f000, Access::Write),
+            ok(0xffff_f000, 0x1000, 0)
+        );
+        assert_eq!(mmu.translate(&t.mem, 0, 0, Access::Read), ok(0, 1 << 32, 0));
+        // No walk for a width fault; faults counted for existing domains.
+        let s = stats(&mmu, 1);
+        assert_eq!((s.translations, s.faults, s.page_walks), (4, 3, 1));
+        assert_eq!(stats(&mmu, 0).faults, 3);
+    }
+
+    #[test]
+    fn iova_width_48_pass_through_and_domain_modes() {
+        let t = Tables::new();
+        let mmu = t.mmu(false);
+        let top = (1u64 << 48) - 1;
+        assert_eq!(mmu.translate(&t.mem, 0, top, Access::Read), ok(top, 1, 0));
+        assert_eq!(
+            mmu.translate(&t.mem, 0, top + 1, Access::Read),
+            err(FAULT_IOVA_WIDTH, top + 1, 0, 0, false)
+        );
+        for d in [2, 3, 4, 100, u16::MAX] {
+            assert_eq!(
+                mmu.translate(&t.mem, d, 0x1000, Access::Read),
+                err(FAULT_DOMAIN_DISABLED, 0x1000, 0, 0, false)
+            );
+        }
+        mmu.set_domain(
+            3,
+            DomainRegs {
+                root: t.root,
+                mode: 3,
+            },
+        );
+        assert_eq!(
+            mmu.translate(&t.mem, 3, 0, Access::Read)
+                .unwrap_err()
+                .reason,
+            FAULT_DOMAIN_DISABLED
+        );
+        assert_eq!(stats(&mmu, 0).page_walks, 0);
+        assert_eq!(stats(&mmu, 3).faults, 2);
+        // Width 64 (no limit) does not overflow.
+        let wide = Mmu::new(1, 64, 4, false);
+        assert_eq!(
+            wide.translate(&t.mem, 0, u64::MAX, Access::Read),
+            ok(u64::MAX, 1, 0)
+        );
+    }
+
+    #[test]
+    fn iotlb_hits_misses_and_lru_eviction() {
+        let mut t = Tables::new();
+        for i in 0..4 {
+            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
+        }
+        let mmu = t.mmu_with(48, 3, false);
+        let (a, b, c, d) = (0, SIZE_4K, 2 * SIZE_4K, 3 * SIZE_4K);
+        let walks = |mmu: &Mmu| stats(mmu, 1).page_walks;
+        for iova in [a, b, c] {
+            tr(&mmu, &t, iova, Access::Read).unwrap();
+        }
+        assert_eq!((mmu.iotlb_len(), walks(&mmu)), (3, 3));
+        tr(&mmu, &t, a + 8, Access::Read).unwrap(); // hit: recency a, c, b
+        assert_eq!(walks(&mmu), 3);
+        tr(&mmu, &t, d, Access::Read).unwrap(); // miss: evicts b
+        assert_eq!((mmu.iotlb_len(), walks(&mmu)), (3, 4));
+        tr(&mmu, &t, a, Access::Read).unwrap(); // hit
+        tr(&mmu, &t, c, Access::Read).unwrap(); // hit
+        assert_eq!(walks(&mmu), 4);
+        tr(&mmu, &t, b, Access::Read).unwrap(); // miss: b was evicted; evicts d
+        assert_eq!(walks(&mmu), 5);
+        tr(&mmu, &t, d, Access::Read).unwrap(); // miss
+        assert_eq!(walks(&mmu), 6);
+        let s = stats(&mmu, 1);
+        assert_eq!(
+            (s.translations, s.iotlb_hits, s.iotlb_misses, s.faults),
+            (9, 3, 6, 0)
+        );
+        assert_eq!(mmu.iotlb_len(), 3);
+        assert_eq!(mmu.iotlb_capacity(), 3);
+    }
+
+    #[test]
+    fn domains_do_not_share_entries() {
+        let mut t = Tables::new();
+        t.map(0x1000, 0x30_0000, SIZE_4K, RW);
+        let mmu = t.mmu(false);
+        mmu.set_domain(
+            2,
+            DomainRegs {
+                root: t.root,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+        mmu.translate(&t.mem, 2, 0x1000, Access::Read).unwrap();
+        assert_eq!(stats(&mmu, 1).iotlb_misses, 1);
+        assert_eq!(stats(&mmu, 2).iotlb_misses, 1);
+        assert_eq!(mmu.iotlb_len(), 2);
+    }
+
+    /// Map 0x1000 to `bus` (no invalidation).
+    fn remap(t: &mut Tables, bus: u64) {
+        t.map(0x1000, bus, SIZE_4K, RW);
+    }
+
+    #[test]
+    fn stale_without_invalidation_correct_after_each_kind() {
+        let (x, y) = (0x30_0000, 0x31_0000);
+        let mut t = Tables::new();
+        remap(&mut t, x);
+        let mmu = t.mmu(false);
+        let bus = |mmu: &Mmu, t: &Tables| tr(mmu, t, 0x1000, Access::Read).unwrap().bus;
+        assert_eq!(bus(&mmu, &t), x);
+
+        let kinds = [
+            Invalidation::Range {
+                domain: 1,
+                iova: 0x1fff,
+                len: 1,
+            },
+            Invalidation::Domain(1),
+            Invalidation::All,
+        ];
+        let mut now = x;
+        for inv in kinds {
+            let next = if now == x { y } else { x };
+            remap(&mut t, next);
+            assert_eq!(bus(&mmu, &t), now, "stale before {inv:?}");
+            // Invalidations that miss the entry leave it.
+            assert!(mmu.invalidate(Invalidation::Domain(2)));
+            assert!(mmu.invalidate(Invalidation::Range {
+                domain: 1,
+                iova: 0x2000,
+                len: 0x1000
+            }));
+            assert!(mmu.invalidate(Invalidation::Range {
+                domain: 1,
+                iova: 0,
+                len: 0x1000
+            }));
+            assert!(mmu.invalidate(Invalidation::Range {
+                domain: 2,
+                iova: 0,
+                len: u64::MAX
+            }));
+            assert_eq!(bus(&mmu, &t), now, "stale after unrelated invalidations");
+            assert!(mmu.invalidate(inv));
+            assert_eq!(bus(&mmu, &t), next, "fresh after {inv:?}");
+            now = next;
+        }
+
+        // A removed mapping stays usable until invalidated, then faults.
+        t.set(0x1000, 1, 0);
+        assert_eq!(bus(&mmu, &t), now);
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0x1000,
+            len: 1
+        }));
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap_err().reason,
+            FAULT_NOT_PRESENT
+        );
+        assert_eq!(stats(&mmu, 1).stale_uses, 0, "not strict: nothing counted");
+    }
+
+    #[test]
+    fn root_change_needs_invalidation() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        let mmu = t.mmu(false);
+        tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+        let empty = t.alloc();
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: empty,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        assert_eq!(tr(&mmu, &t, 0x1000, Access::Read).unwrap().bus, 0x30_0000);
+        assert_eq!(
+            tr(&mmu, &t, 0x2000, Access::Read).unwrap_err().reason,
+            FAULT_NOT_PRESENT
+        );
+        // The mode is a register, not cached: disabling takes effect at once.
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: empty,
+                mode: DOMAIN_MODE_DISABLED,
+            },
+        );
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap_err().reason,
+            FAULT_DOMAIN_DISABLED
+        );
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: empty,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        assert!(mmu.invalidate(Invalidation::Domain(1)));
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap_err().reason,
+            FAULT_NOT_PRESENT
+        );
+    }
+
+    #[test]
+    fn range_invalidation_drops_overlapping_large_pages() {
+        let mut t = Tables::new();
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, RW);
+        t.map(0x4000_0000, HIGH, SIZE_1G, RW);
+        let mmu = t.mmu(false);
+        tr(&mmu, &t, 0x20_0000, Access::Read).unwrap();
+        tr(&mmu, &t, 0x4000_0000, Access::Read).unwrap();
+        assert_eq!(mmu.iotlb_len(), 2);
+        // Ranges ending just before or starting just after leave them.
+        for (iova, len) in [(0x1f_f000, 0x1000), (0x8000_0000, 0x1000), (0, 0x20_0000)] {
+            assert!(mmu.invalidate(Invalidation::Range {
+                domain: 1,
+                iova,
+                len
+            }));
+        }
+        assert_eq!(mmu.iotlb_len(), 2);
+        // The last 4 KiB inside the 2 MiB page drops it; one byte drops the 1 GiB page.
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0x3f_f000,
+            len: 0x1000
+        }));
+        assert_eq!(mmu.iotlb_len(), 1);
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0x7fff_ffff,
+            len: 1
+        }));
+        assert_eq!(mmu.iotlb_len(), 0);
+        // Changing the 2 MiB leaf is seen only after the range invalidation.
+        tr(&mmu, &t, 0x20_0000, Access::Read).unwrap();
+        t.map(0x20_0000, 0xa0_0000, SIZE_2M, RW);
+        assert_eq!(
+            tr(&mmu, &t, 0x2a_0000, Access::Read).unwrap().bus,
+            0x6a_0000
+        );
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0x21_0000,
+            len: 0x10
+        }));
+        assert_eq!(
+            tr(&mmu, &t, 0x2a_0000, Access::Read).unwrap().bus,
+            0xaa_0000
+        );
+        // A range running past 2^64 does not overflow.
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: u64::MAX - 1,
+            len: u64::MAX
+        }));
+        assert!(mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0,
+            len: u64::MAX
+        }));
+        assert_eq!(mmu.iotlb_len(), 0);
+    }
+
+    #[test]
+    fn invalid_invalidations_are_rejected() {
+        let t = Tables::new();
+        let mmu = t.mmu(false);
+        assert!(!mmu.invalidate(Invalidation::Domain(4)));
+        assert!(!mmu.invalidate(Invalidation::Domain(u16::MAX)));
+        assert!(!mmu.invalidate(Invalidation::Range {
+            domain: 4,
+            iova: 0,
+            len: 1
+        }));
+        assert!(!mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 0,
+            len: 0
+        }));
+        assert!(mmu.invalidate(Invalidation::All));
+        assert!(mmu.invalidate(Invalidation::Domain(3)));
+    }
+
+    #[test]
+    fn strict_mode_counts_stale_uses_and_uses_the_cache() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, PTE_R);
+        let mmu = t.mmu(true);
+        assert!(mmu.strict());
+        let read = |mmu: &Mmu, t: &Tables, iova| tr(mmu, t, iova, Access::Read).unwrap().bus;
+        assert_eq!(read(&mmu, &t, 0x1000), 0x30_0000);
+        assert_eq!(read(&mmu, &t, 0x1000), 0x30_0000);
+        let s = stats(&mmu, 1);
+        assert_eq!(
+            (s.iotlb_hits, s.page_walks, s.stale_uses),
+            (1, 2, 0),
+            "a matching hit"
+        );
+
+        // Different page: the cached page is still used, and each use counts.
+        remap(&mut t, 0x31_0000);
+        assert_eq!(read(&mmu, &t, 0x1000), 0x30_0000);
+        assert_eq!(read(&mmu, &t, 0x1abc), 0x30_0abc);
+        let s = stats(&mmu, 1);
+        assert_eq!((s.iotlb_hits, s.page_walks, s.stale_uses), (3, 4, 2));
+        // Removed from the table: a fault on re-walk is a stale use, not a fault.
+        t.set(0x1000, 1, 0);
+        assert_eq!(read(&mmu, &t, 0x1000), 0x30_0000);
+        let s = stats(&mmu, 1);
+        assert_eq!((s.stale_uses, s.faults), (3, 0));
+        // After the invalidation the table is used (a walk fault is now a fault).
+        assert!(mmu.invalidate(Invalidation::Domain(1)));
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap_err().reason,
+            FAULT_NOT_PRESENT
+        );
+        assert_eq!(stats(&mmu, 1).stale_uses, 3);
+
+        // Permissions: granting W without invalidating is stale, and the cached read-only
+        // entry still refuses the write.
+        assert_eq!(read(&mmu, &t, 0x20_0000), 0x60_0000);
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, RW);
+        assert_eq!(
+            tr(&mmu, &t, 0x20_0000, Access::Write).unwrap_err().reason,
+            FAULT_PERMISSION
+        );
+        // Page size: the 2 MiB page split into 4 KiB pages is stale too.
+        let l2 = t.slot(0x20_0000, 2);
+        t.write(l2, 0);
+        t.map(0x20_0000, 0x60_0000, SIZE_4K, PTE_R);
+        assert_eq!(read(&mmu, &t, 0x20_0000), 0x60_0000);
+        let s = stats(&mmu, 1);
+        assert_eq!((s.stale_uses, s.faults), (5, 2));
+    }
+
+    #[test]
+    fn non_strict_mode_does_not_rewalk() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        let mmu = t.mmu(false);
+        tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+        remap(&mut t, 0x31_0000);
+        assert_eq!(tr(&mmu, &t, 0x1000, Access::Read).unwrap().bus, 0x30_0000);
+        let s = stats(&mmu, 1);
+        assert_eq!((s.page_walks, s.stale_uses), (1, 0));
+    }
+
+    #[test]
+    fn invalidation_waits_for_a_chunk_in_flight() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        let t = Arc::new(t);
+        let mmu = Arc::new(t.mmu(false));
+        tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+
+        let (events, log) = mpsc::channel::<&'static str>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (held_tx, held_rx) = mpsc::channel::<()>();
+        let chunk = {
+            let (mmu, t, events) = (mmu.clone(), t.clone(), events.clone());
+            thread::spawn(move || {
+                let gate = mmu.chunk_gate();
+                tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                events.send("chunk done").unwrap();
+                drop(gate);
+            })
+        };
+        held_rx.recv().unwrap();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let inval = {
+            let mmu = mmu.clone();
+            thread::spawn(move || {
+                assert!(mmu.invalidate(Invalidation::Domain(1)));
+                events.send("invalidated").unwrap();
+                done_tx.send(()).unwrap();
+            })
+        };
+        // Give the invalidation a chance to get stuck on the gate: it must not finish while
+        // the chunk holds it (the sleep only makes a broken gate more likely to show).
+        thread::sleep(Duration::from_millis(20));
+        assert!(
+            done_rx.try_recv().is_err(),
+            "invalidate returned while a chunk held the gate"
+        );
+        go_tx.send(()).unwrap();
+        chunk.join().unwrap();
+        inval.join().unwrap();
+        let order: Vec<_> = log.iter().collect();
+        assert_eq!(order, ["chunk done", "invalidated"]);
+        // The entries were dropped before it waited.
+        assert_eq!(mmu.iotlb_len(), 0);
+    }
+
+    #[test]
+    fn concurrent_translation_in_several_domains() {
+        let mut t = Tables::new();
+        for i in 0..64 {
+            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
+        }
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, RW);
+        let mmu = Mmu::new(4, 48, 16, false);
+        for d in 1..4 {
+            mmu.set_domain(
+                d,
+                DomainRegs {
+                    root: t.root,
+                    mode: DOMAIN_MODE_TRANSLATED,
+                },
+            );
+        }
+        thread::scope(|s| {
+            for d in 1..4u16 {
+                let (mmu, t) = (&mmu, &t);
+                s.spawn(move || {
+                    for n in 0..5_000u64 {
+                        let iova = if n % 2 == 0 {
+                            (n % 64) * SIZE_4K
+                        } else {
+                            0x20_0000 + n
+                        };
+                        let got = mmu.translate(&t.mem, d, iova, Access::Write).unwrap();
+                        let want = if n % 2 == 0 {
+                            0x30_0000 + iova
+                        } else {
+                            0x60_0000 + n
+                        };
+                        assert_eq!(got.bus, want);
+                    }
+                });
+            }
+            s.spawn(|| {
+                for _ in 0..200 {
+                    mmu.invalidate(Invalidation::Domain(2));
+                }
+            });
+        });
+        for d in 1..4 {
+            let s = stats(&mmu, d);
+            assert_eq!(s.translations, 5_000);
+            assert_eq!(s.iotlb_hits + s.iotlb_misses, 5_000);
+            assert_eq!(s.faults, 0);
+        }
+        assert!(mmu.iotlb_len() <= 16);
+    }
+
+    #[test]
+    fn reset_restores_domains_and_clears_iotlb_and_counters() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        let mmu = t.mmu(true);
+        tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+        mmu.reset();
+        assert_eq!(mmu.iotlb_len(), 0);
+        assert_eq!(mmu.stats()[1], DomainStats::default());
+        assert_eq!(
+            mmu.domain(0),
+            Some(DomainRegs {
+                root: 0,
+                mode: DOMAIN_MODE_PASSTHROUGH
+            })
+        );
+        assert_eq!(
+            mmu.domain(1),
+            Some(DomainRegs {
+                root: 0,
+                mode: DOMAIN_MODE_DISABLED
+            })
+        );
+        assert_eq!(mmu.domain(4), None);
+        assert_eq!(
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap_err().reason,
+            FAULT_DOMAIN_DISABLED
+        );
+    }
+
+    #[test]
+    fn zero_capacity_always_walks() {
+        let mut t = Tables::new();
+        remap(&mut t, 0x30_0000);
+        let mmu = t.mmu_with(48, 0, false);
+        for _ in 0..3 {
+            tr(&mmu, &t, 0x1000, Access::Read).unwrap();
+        }
+        assert_eq!(stats(&mmu, 1).page_walks, 3);
+        assert_eq!(mmu.iotlb_len(), 0);
     }
 }

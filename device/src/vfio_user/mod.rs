@@ -1,7 +1,8 @@
 //! vfio-user transport: the protocol ([`proto`]) and a server ([`server`]) that adapts its
 //! messages to the device core.
 //!
-//! The transport is a thin adapter. Region reads and writes go to
+//! The transport is a thin adapter; beside it, [`inspect`] serves the device's counters as
+//! JSON on a second socket (`--inspect PATH`). Region reads and writes go to
 //! [`Device::config_read`](crate::core::Device::config_read) and friends, DMA mappings
 //! become `vm-memory` regions in the device's [`BusMemory`](crate::core::BusMemory)
 //! ([`memory`]), and MSI-X interrupts are delivered through client eventfds ([`irq`]). All
@@ -31,11 +32,13 @@
 //! - ERR IRQ count 0 makes QEMU warn "Could not enable error recovery for the device",
 //!   as it does for any conventional-PCI device under kernel VFIO.
 
+pub mod inspect;
 pub mod irq;
 pub mod memory;
 pub mod proto;
 pub mod server;
 
+pub use inspect::{Inspector, Report};
 pub use irq::EventFdInterrupts;
 pub use memory::DmaMappings;
 pub use server::{Server, ServerError, StopHandle};

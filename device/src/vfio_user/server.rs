@@ -4,7 +4,13 @@
 //! Threading: [`Server::run`] blocks the calling thread. It accepts a client and serves it
 //! on the same thread, one message after another, in order (the spec requires commands to
 //! be processed in the order received). The device core sits behind `Arc<Mutex<Device>>`
-//! and is locked per message. Every blocking wait (accept, read, write) also watches a stop
+//! and is locked per message. Its DMA engine runs on its own worker threads, which never
+//! take that mutex: they reach bus memory through the shared [`BusMemory`] and raise
+//! interrupts through [`EventFdInterrupts`] (a read lock and a non-blocking eventfd write).
+//! So a register write that waits for the workers (a queue disable, `DEV_CTRL` reset,
+//! DEVICE_RESET) may block under the mutex without deadlock: the server holds no other
+//! lock the workers need. The inspector ([`super::inspect`]) takes the mutex only for a
+//! counter snapshot. Every blocking wait (accept, read, write) also watches a stop
 //! eventfd, so [`StopHandle::stop`] ends the server promptly even while a client is
 //! connected and idle.
 //!
@@ -110,6 +116,9 @@ pub enum ServerError {
     /// Waiting for or accepting a connection failed.
     #[error("cannot accept connections")]
     Accept(#[source] io::Error),
+    /// A service thread (the inspector) could not be started.
+    #[error("cannot start the inspector thread")]
+    Thread(#[source] io::Error),
 }
 
 /// Signals a running [`Server`] to stop. Cloneable and usable from any thread (or from a
@@ -136,6 +145,7 @@ pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     inode: (u64, u64),
+    config: DeviceConfig,
     device: Arc<Mutex<Device>>,
     memory: BusMemory,
     irqs: Arc<EventFdInterrupts>,
@@ -166,7 +176,7 @@ fn describe(ft: fs::FileType) -> &'static str {
 }
 
 /// Check the socket path and remove a stale socket left by a server that is gone.
-fn prepare_socket_path(path: &Path) -> Result<(), ServerError> {
+pub(crate) fn prepare_socket_path(path: &Path) -> Result<(), ServerError> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(ServerError::PathTooLong {
@@ -253,11 +263,12 @@ impl Server {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServerError::StopFd)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventFdInterrupts::new());
-        let device = Device::new(config, memory.clone(), irqs.clone());
+        let device = Device::new(config.clone(), memory.clone(), irqs.clone());
         Ok(Self {
             listener,
             path,
             inode: (meta.dev(), meta.ino()),
+            config,
             device: Arc::new(Mutex::new(device)),
             memory,
             irqs,
@@ -268,6 +279,11 @@ impl Server {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The configuration the device was created with.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
     }
 
     /// The device this server serves.
@@ -389,19 +405,19 @@ impl Drop for Server {
     }
 }
 
-fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
+pub(crate) fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
     device.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Outcome of waiting for a descriptor.
 #[derive(Debug, PartialEq, Eq)]
-enum Wait {
+pub(crate) enum Wait {
     Ready,
     Stopped,
 }
 
 /// Wait until `fd` has `events` (or an error/hangup) or `stop` is signalled.
-fn wait(fd: RawFd, events: libc::c_short, stop: &EventFd) -> io::Result<Wait> {
+pub(crate) fn wait(fd: RawFd, events: libc::c_short, stop: &EventFd) -> io::Result<Wait> {
     let mut fds = [
         libc::pollfd {
             fd,
@@ -736,6 +752,9 @@ impl<'s> Connection<'s> {
                 e.errno()
             })?;
         }
+        // The VMM reuses the memory as soon as it has the reply: wait until no DMA that may
+        // still use the old mapping is moving.
+        lock(&self.server.device).dma_barrier();
         // The spec: the reply carries the original DMA entry.
         Ok(DmaUnmap {
             argsz: DmaUnmap::SIZE as u32,

@@ -42,6 +42,7 @@ pub const MSIX_IRQ: u32 = 2;
 /// A server running on a thread, on a socket in a private temporary directory.
 pub struct TestServer {
     pub path: PathBuf,
+    pub config: DeviceConfig,
     pub device: Arc<Mutex<Device>>,
     pub memory: BusMemory,
     pub irqs: Arc<EventFdInterrupts>,
@@ -52,9 +53,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start() -> Self {
+        Self::start_with(DeviceConfig::default())
+    }
+
+    pub fn start_with(config: DeviceConfig) -> Self {
         let dir = TempDir::new_with_prefix("/tmp/domdma-it-").unwrap();
         let path = dir.as_path().join("dev.sock");
-        let server = Server::bind(&path, DeviceConfig::default()).unwrap();
+        let server = Server::bind(&path, config.clone()).unwrap();
         let device = server.device();
         let memory = server.memory();
         let irqs = server.interrupts();
@@ -62,6 +67,7 @@ impl TestServer {
         let thread = std::thread::spawn(move || server.run().unwrap());
         Self {
             path,
+            config,
             device,
             memory,
             irqs,

@@ -1,0 +1,816 @@
+//! The DMA engine: one worker thread per queue.
+//!
+//! A worker sleeps on its queue's condition variable until the queue runs, has descriptors
+//! (head != tail) and Bus Master Enable is set, or until its coalescing deadline. It then
+//! takes the descriptor at head, marks itself in flight and runs it **without** the queue
+//! lock: the descriptor fetch, the data and the completion record each go through the
+//! queue's domain ([`Mmu::translate`]) and are then checked against bus memory
+//! ([`check_range`]). Data moves chunk by chunk; a chunk lies inside one page of the mapping
+//! on each side, inside one bus region and below [`CHUNK_MAX`], and is translated and moved
+//! under [`Mmu::chunk_gate`], so an invalidation waits for at most one chunk. Between chunks
+//! the worker checks its queue's epoch (disable, reset) and coalescing timer. It comes back
+//! under the queue lock to write the completion record (status last), advance head, count
+//! and raise interrupts — or, when the epoch moved, to abort.
+//!
+//! Workers never take the transport's device lock, so a register access that waits for a
+//! worker (disable, reset) cannot deadlock. Lock order: queue lock, then the chunk gate,
+//! then the MMU's and the fault log's own locks; nothing takes a queue lock while holding
+//! the gate.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, warn};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
+};
+
+use super::bus::{check_range, Access};
+use super::faults::{Fault, FaultLog};
+use super::mmu::Mmu;
+use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
+use super::stats::add;
+use super::{BusMemory, DeviceConfig};
+use crate::irq::InterruptSink;
+use crate::spec::*;
+
+/// Largest chunk moved under one hold of the chunk gate: bounds how long a disable, reset or
+/// invalidation waits for a worker.
+pub const CHUNK_MAX: u64 = 1 << 20;
+
+/// Size of a worker's scratch buffers (COMPARE, CRC32C and FILL work through them).
+const BLOCK: usize = 64 << 10;
+
+/// State shared by the register front end and the workers, reached without the transport's
+/// device lock.
+pub(crate) struct Shared {
+    pub config: DeviceConfig,
+    pub mem: BusMemory,
+    pub irq: Arc<dyn InterruptSink>,
+    pub bus_master: AtomicBool,
+    pub mmu: Mmu,
+    pub faults: FaultLog,
+    pub queues: Vec<QueueSlot>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("bus_master", &self.bus_master)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Follow the PCI command register's Bus Master Enable; setting it wakes every worker.
+    pub fn set_bus_master(&self, on: bool) {
+        self.bus_master.store(on, Ordering::Release);
+        if on {
+            for slot in &self.queues {
+                // Taking the lock orders the store before the worker's next check.
+                let r = slot.lock();
+                slot.kick(&r);
+            }
+        }
+    }
+
+    /// Raise `vector` for queue `slot` and count it.
+    fn raise(&self, slot: &QueueSlot, vector: Option<u16>) {
+        if let Some(v) = vector {
+            self.irq.trigger(v);
+            add(&slot.counters.interrupts, 1);
+        }
+    }
+}
+
+/// A descriptor as fetched from the ring, not yet validated.
+#[derive(Debug, Clone, Copy)]
+struct Descriptor {
+    opcode: u8,
+    flags: u8,
+    len: u32,
+    src: u64,
+    dst: u64,
+    completion: u64,
+    tag: u64,
+    reserved_clear: bool,
+}
+
+impl Descriptor {
+    fn parse(raw: &[u8; DESC_SIZE as usize]) -> Self {
+        let u32_at = |o: u64| {
+            let o = o as usize;
+            u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]])
+        };
+        let u64_at = |o: u64| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+        let lo = DESC_RESERVED_LO as usize;
+        let reserved_clear = raw[lo] == 0
+            && raw[lo + 1] == 0
+            && raw[DESC_RESERVED as usize..].iter().all(|&b| b == 0);
+        Self {
+            opcode: raw[DESC_OPCODE as usize],
+            flags: raw[DESC_FLAGS as usize],
+            len: u32_at(DESC_LEN),
+            src: u64_at(DESC_SRC),
+            dst: u64_at(DESC_DST),
+            completion: u64_at(DESC_COMPLETION),
+            tag: u64_at(DESC_TAG),
+            reserved_clear,
+        }
+    }
+
+    /// SPEC.md's list of malformed descriptors; the reason for the log when malformed.
+    fn malformed(&self, max_transfer: u32) -> Option<&'static str> {
+        if !matches!(
+            self.opcode,
+            OP_NOP | OP_COPY | OP_FILL | OP_COMPARE | OP_CRC32C
+        ) {
+            return Some("unknown opcode");
+        }
+        if self.flags & !DESC_FLAGS_VALID != 0 {
+            return Some("unknown flag");
+        }
+        if !self.reserved_clear {
+            return Some("reserved byte set");
+        }
+        let len_ok = match self.opcode {
+            OP_NOP => self.len == 0,
+            _ => self.len != 0 && self.len <= max_transfer,
+        };
+        if !len_ok {
+            return Some("bad length");
+        }
+        if self.completion % COMPLETION_SIZE != 0 {
+            return Some("misaligned completion record");
+        }
+        if self.opcode == OP_COPY {
+            let len = u64::from(self.len);
+            if self.src < self.dst.saturating_add(len) && self.dst < self.src.saturating_add(len) {
+                return Some("COPY ranges overlap");
+            }
+        }
+        None
+    }
+
+    /// The descriptor asked for an interrupt (only trusted when its flags are valid).
+    fn wants_interrupt(&self) -> bool {
+        self.flags & !DESC_FLAGS_VALID == 0 && self.flags & DESC_FLAG_INTERRUPT != 0
+    }
+}
+
+/// What a descriptor's completion record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    status: u8,
+    reason: u8,
+    access: u8,
+    bytes: u32,
+    fault_addr: u64,
+    result: u64,
+}
+
+impl Outcome {
+    fn ok(bytes: u32, result: u64) -> Self {
+        Self {
+            status: STATUS_OK,
+            reason: 0,
+            access: 0,
+            bytes,
+            fault_addr: 0,
+            result,
+        }
+    }
+
+    fn fault(status: u8, f: &Fault, bytes: u32) -> Self {
+        Self {
+            status,
+            reason: f.reason,
+            access: f.access,
+            bytes,
+            fault_addr: f.iova,
+            result: 0,
+        }
+    }
+
+    fn aborted(bytes: u32) -> Self {
+        Self {
+            status: STATUS_ABORTED,
+            ..Self::ok(bytes, 0)
+        }
+    }
+
+    /// The record's bytes 4..32 (`CPL_BYTES` onwards).
+    fn body(&self, tag: u64) -> [u8; (COMPLETION_SIZE - CPL_BYTES) as usize] {
+        let mut body = [0u8; (COMPLETION_SIZE - CPL_BYTES) as usize];
+        let mut put = |off: u64, bytes: &[u8]| {
+            let o = (off - CPL_BYTES) as usize;
+            body[o..o + bytes.len()].copy_from_slice(bytes);
+        };
+        put(CPL_BYTES, &self.bytes.to_le_bytes());
+        put(CPL_FAULT_ADDR, &self.fault_addr.to_le_bytes());
+        put(CPL_RESULT, &self.result.to_le_bytes());
+        put(CPL_TAG, &tag.to_le_bytes());
+        body
+    }
+
+    /// The record's first 4 bytes as one little-endian u32.
+    fn head(&self) -> u32 {
+        u32::from_le_bytes([self.status, self.reason, self.access, 0])
+    }
+}
+
+/// How running a descriptor ended.
+#[derive(Debug)]
+enum RunResult {
+    /// The descriptor could not be fetched (the fault is logged): halt with head at it.
+    FetchFault(Fault),
+    /// It ran to its end, successfully or not.
+    Done(Descriptor, Outcome),
+    /// Disable or reset stopped it between chunks, after `bytes` bytes.
+    Aborted(Descriptor, u32),
+}
+
+/// Why a transfer stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// A fault after `done` bytes.
+    Fault(Fault, u64),
+    /// The queue's epoch moved after `done` bytes.
+    Aborted(u64),
+}
+
+/// One side of a transfer.
+#[derive(Debug, Clone, Copy)]
+struct Side {
+    iova: u64,
+    access: Access,
+    /// `ACCESS_*` flags of a fault on this side.
+    flags: u8,
+}
+
+impl Side {
+    fn read(iova: u64) -> Self {
+        Self {
+            iova,
+            access: Access::Read,
+            flags: 0,
+        }
+    }
+    fn write(iova: u64) -> Self {
+        Self {
+            iova,
+            access: Access::Write,
+            flags: ACCESS_WRITE,
+        }
+    }
+}
+
+/// A translated address: bus address, bytes usable from there, and its bus region.
+struct Mapped<'m> {
+    bus: u64,
+    len: u64,
+    region: &'m GuestRegionMmap,
+}
+
+/// A worker's buffers, allocated once.
+struct Scratch {
+    a: Vec<u8>,
+    b: Vec<u8>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            a: vec![0; BLOCK],
+            b: vec![0; BLOCK + 8],
+        }
+    }
+}
+
+/// The work a worker took under the queue lock.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    base: u64,
+    head: u32,
+    domain: u16,
+    epoch: u64,
+}
+
+/// Runs one descriptor of one queue. Every access to bus memory takes a fresh snapshot of
+/// it under the chunk gate, so once the transport has removed a mapping and passed
+/// [`Mmu::barrier`], no access reaches the old mapping.
+struct Exec<'a> {
+    shared: &'a Shared,
+    slot: &'a QueueSlot,
+    domain: u16,
+    epoch: u64,
+}
+
+/// The worker thread of queue `q`. Returns when the queue is shut down.
+///
+/// After a descriptor, a worker with nothing left to do spins for up to [`SPIN`] on its
+/// queue's kick count before it sleeps on the condition variable: a driver that submits the
+/// next descriptor as soon as it sees a completion then pays no thread wake-up.
+pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
+    let Some(slot) = shared.queues.get(q) else {
+        return;
+    };
+    let mut scratch = Scratch::new();
+    let mut last_done: Option<Instant> = None;
+    let mut r = slot.lock();
+    loop {
+        if r.shutdown {
+            return;
+        }
+        let now = Instant::now();
+        let due = r.timer(now);
+        slot.sync_timer(&r);
+        shared.raise(slot, due);
+        if r.has_work() && shared.bus_master.load(Ordering::Acquire) {
+            let job = Job {
+                base: r.base,
+                head: r.head,
+                // Checked against the number of domains when the queue was enabled.
+                domain: u16::try_from(r.domain).unwrap_or(u16::MAX),
+                epoch: slot.epoch.load(Ordering::Acquire),
+            };
+            r.in_flight = true;
+            drop(r);
+            let exec = Exec {
+                shared: &shared,
+                slot,
+                domain: job.domain,
+                epoch: job.epoch,
+            };
+            let result = exec.run(&job, &mut scratch);
+            r = slot.lock();
+            exec.finish(&mut r, result);
+            r.in_flight = false;
+            slot.idle.notify_all();
+            last_done = Some(Instant::now());
+            continue;
+        }
+        if let Some(done) = last_done.take() {
+            let mut until = done + SPIN;
+            if let Some(deadline) = r.coal_deadline {
+                until = until.min(deadline);
+            }
+            let seen = slot.kicks.load(Ordering::Acquire);
+            drop(r);
+            spin_until(|| slot.kicks.load(Ordering::Acquire) != seen, until);
+            r = slot.lock();
+            continue;
+        }
+        r.sleeping = true;
+        r = match r.coal_deadline {
+            Some(deadline) => {
+                let wait = deadline.saturating_duration_since(now);
+                slot.wake
+                    .wait_timeout(r, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => slot.wake.wait(r).unwrap_or_else(|e| e.into_inner()),
+        };
+        r.sleeping = false;
+    }
+}
+
+/// How long an idle worker spins for the next doorbell before it sleeps.
+pub const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// How long of [`SPIN`] the worker spins without yielding the CPU.
+const SPIN_HOT: std::time::Duration = std::time::Duration::from_micros(5);
+
+/// Spin until `cond` holds or `until` has passed: busy for [`SPIN_HOT`], then yielding the
+/// CPU between checks (the thread that will ring the doorbell may need this core).
+fn spin_until(cond: impl Fn() -> bool, until: Instant) {
+    let hot_until = Instant::now() + SPIN_HOT;
+    loop {
+        for _ in 0..32 {
+            if cond() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        if now >= hot_until {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Exec<'_> {
+    fn q(&self) -> u16 {
+        self.slot.index
+    }
+
+    fn aborted(&self) -> bool {
+        self.slot.epoch.load(Ordering::Relaxed) != self.epoch
+    }
+
+    /// Count a fault in the queue and the fault log, and log it. (The domain's counter
+    /// counts translation faults in [`Mmu::translate`] and access faults in
+    /// [`Exec::access_fault`].)
+    fn report(&self, f: &Fault) {
+        let _gate = self.shared.mmu.chunk_gate();
+        let mem = self.shared.mem.memory();
+        self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
+        add(&self.slot.counters.faults, 1);
+    }
+
+    /// A fault the engine finds itself after translating (the translation was good but the
+    /// access is not), counted in the domain as a translation fault is by the MMU. Only
+    /// called for a fault that will be reported.
+    fn access_fault(&self, reason: u8, iova: u64, bus: u64, flags: u8) -> Fault {
+        if let Some(c) = self.shared.mmu.counters(self.domain) {
+            add(&c.faults, 1);
+        }
+        Fault {
+            reason,
+            access: flags,
+            domain: self.domain,
+            queue: self.q(),
+            iova,
+            info: bus,
+            level: 0,
+        }
+    }
+
+    /// `FAULT_OUTSIDE_RAM` for the access to `iova` at bus address `bus`.
+    fn outside_ram(&self, iova: u64, bus: u64, flags: u8) -> Fault {
+        self.access_fault(FAULT_OUTSIDE_RAM, iova, bus, flags)
+    }
+
+    /// Translate `iova` and find its bus region. Call with the chunk gate held.
+    fn map<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+        iova: u64,
+        access: Access,
+        flags: u8,
+    ) -> Result<Mapped<'m>, Fault> {
+        let t = self
+            .shared
+            .mmu
+            .translate(mem, self.domain, iova, access)
+            .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
+        if t.len == 0 {
+            // Never returned by the MMU; a chunk of 0 bytes would make no progress.
+            debug_assert!(false, "translation of length 0");
+            return Err(self.outside_ram(iova, t.bus, flags));
+        }
+        let region = mem
+            .find_region(GuestAddress(t.bus))
+            .ok_or_else(|| self.outside_ram(iova, t.bus, flags))?;
+        let in_region = (region.last_addr().0 - t.bus).saturating_add(1);
+        Ok(Mapped {
+            bus: t.bus,
+            len: t.len.min(in_region),
+            region,
+        })
+    }
+
+    /// Check `n` bytes at `m` (of IOVA `iova`) and return them as a volatile slice.
+    fn slice<'m>(
+        &self,
+        mem: &GuestMemoryMmap,
+        m: &Mapped<'m>,
+        iova: u64,
+        n: u64,
+        access: Access,
+        flags: u8,
+    ) -> Result<VolatileSlice<'m, ()>, Fault> {
+        check_range(mem, m.bus, n, access).map_err(|bad| {
+            self.outside_ram(iova.wrapping_add(bad.wrapping_sub(m.bus)), bad, flags)
+        })?;
+        let off = MemoryRegionAddress(m.bus - m.region.start_addr().0);
+        m.region
+            .get_slice(off, n as usize)
+            .map_err(|_| self.outside_ram(iova, m.bus, flags))
+    }
+
+    /// Translate and check a small access (a descriptor or a completion record) that must
+    /// lie in one page and one region; returns its bus address. Call with the gate held.
+    fn map_small(
+        &self,
+        mem: &GuestMemoryMmap,
+        iova: u64,
+        len: u64,
+        access: Access,
+        flags: u8,
+    ) -> Result<u64, Fault> {
+        let m = self.map(mem, iova, access, flags)?;
+        if m.len < len {
+            let bus = m.bus.wrapping_add(m.len);
+            return Err(self.outside_ram(iova.wrapping_add(m.len), bus, flags));
+        }
+        check_range(mem, m.bus, len, access).map_err(|bad| {
+            self.outside_ram(iova.wrapping_add(bad.wrapping_sub(m.bus)), bad, flags)
+        })?;
+        Ok(m.bus)
+    }
+
+    /// Fetch the descriptor at `iova`.
+    fn fetch(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
+        let _gate = self.shared.mmu.chunk_gate();
+        let mem = self.shared.mem.memory();
+        let bus = self.map_small(&mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
+        let mut raw = [0u8; DESC_SIZE as usize];
+        mem.read_slice(&mut raw, GuestAddress(bus))
+            .map_err(|_| self.outside_ram(iova, bus, ACCESS_DESCRIPTOR))?;
+        Ok(raw)
+    }
+
+    /// Fetch, validate and execute the descriptor at the job's head. Faults are reported
+    /// here; the completion is left to [`Exec::finish`].
+    fn run(&self, job: &Job, scratch: &mut Scratch) -> RunResult {
+        let offset = u64::from(job.head) * DESC_SIZE;
+        let desc_iova = job.base.wrapping_add(offset);
+        let fetched = match job.base.checked_add(offset) {
+            Some(iova) => self.fetch(iova),
+            None => Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR)),
+        };
+        let raw = match fetched {
+            Ok(raw) => raw,
+            Err(f) => {
+                self.report(&f);
+                return RunResult::FetchFault(f);
+            }
+        };
+        let d = Descriptor::parse(&raw);
+        if let Some(why) = d.malformed(self.shared.config.max_transfer) {
+            debug!(q = self.q(), ?d, why, "guest error: malformed descriptor");
+            let f = Fault {
+                reason: FAULT_DESCRIPTOR_INVALID,
+                access: ACCESS_DESCRIPTOR,
+                domain: self.domain,
+                queue: self.q(),
+                iova: desc_iova,
+                info: 0,
+                level: 0,
+            };
+            self.report(&f);
+            return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
+        }
+        let result = match d.opcode {
+            OP_COPY => self.copy(&d),
+            OP_FILL => self.fill(&d, scratch),
+            OP_COMPARE => self.compare(&d, scratch),
+            OP_CRC32C => self.crc32c(&d, scratch),
+            _ => Ok(0),
+        };
+        match result {
+            Ok(value) => RunResult::Done(d, Outcome::ok(d.len, value)),
+            Err(Stop::Fault(f, done)) => {
+                self.report(&f);
+                RunResult::Done(d, Outcome::fault(STATUS_DMA_ERROR, &f, done as u32))
+            }
+            Err(Stop::Aborted(done)) => RunResult::Aborted(d, done as u32),
+        }
+    }
+
+    /// Between chunks: stop when the queue's epoch moved; raise a due coalesced interrupt.
+    fn between_chunks(&self, done: u64) -> Result<(), Stop> {
+        if self.aborted() {
+            return Err(Stop::Aborted(done));
+        }
+        if self.slot.timer_armed.load(Ordering::Relaxed) {
+            let mut r = self.slot.lock();
+            let due = r.timer(Instant::now());
+            self.slot.sync_timer(&r);
+            self.shared.raise(self.slot, due);
+        }
+        Ok(())
+    }
+
+    /// Move `len` bytes chunk by chunk over one or two sides. `f` gets the offset of the
+    /// chunk and its slices; it may stop early (COMPARE) with `ControlFlow::Break`.
+    fn transfer<F>(&self, len: u64, a: Side, b: Option<Side>, mut f: F) -> Result<(), Stop>
+    where
+        F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
+    {
+        let mut done = 0u64;
+        while done < len {
+            self.between_chunks(done)?;
+            let _gate = self.shared.mmu.chunk_gate();
+            let mem = self.shared.mem.memory();
+            let fault = move |f| Stop::Fault(f, done);
+            let a_iova = a.iova.wrapping_add(done);
+            let ma = self.map(&mem, a_iova, a.access, a.flags).map_err(fault)?;
+            let mut n = (len - done).min(ma.len).min(CHUNK_MAX);
+            let mb = match b {
+                Some(b) => {
+                    let b_iova = b.iova.wrapping_add(done);
+                    let mb = self.map(&mem, b_iova, b.access, b.flags).map_err(fault)?;
+                    n = n.min(mb.len);
+                    Some((b, b_iova, mb))
+                }
+                None => None,
+            };
+            let sa = self
+                .slice(&mem, &ma, a_iova, n, a.access, a.flags)
+                .map_err(fault)?;
+            let sb = match &mb {
+                Some((b, b_iova, mb)) => Some(
+                    self.slice(&mem, mb, *b_iova, n, b.access, b.flags)
+                        .map_err(fault)?,
+                ),
+                None => None,
+            };
+            let flow = f(done, sa, sb);
+            done += n;
+            if flow.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy(&self, d: &Descriptor) -> Result<u64, Stop> {
+        self.transfer(
+            d.len.into(),
+            Side::read(d.src),
+            Some(Side::write(d.dst)),
+            |_, from, to| {
+                if let Some(to) = to {
+                    from.copy_to_volatile_slice(to);
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
+        Ok(0)
+    }
+
+    fn fill(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+        let pattern = d.src.to_le_bytes();
+        for (i, b) in scratch.b.iter_mut().enumerate() {
+            *b = pattern[i % 8];
+        }
+        let buf = &scratch.b;
+        self.transfer(d.len.into(), Side::write(d.dst), None, |at, to, _| {
+            let mut off = 0;
+            while off < to.len() {
+                let phase = ((at + off as u64) % 8) as usize;
+                let k = (to.len() - off).min(BLOCK);
+                if let Ok(dst) = to.subslice(off, k) {
+                    dst.copy_from(&buf[phase..phase + k]);
+                }
+                off += k;
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(0)
+    }
+
+    fn compare(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+        let mut result = 0u64;
+        let Scratch { a, b } = scratch;
+        let (sa, sb) = (Side::read(d.src), Side::read(d.dst));
+        self.transfer(d.len.into(), sa, Some(sb), |at, x, y| {
+            let Some(y) = y else {
+                return ControlFlow::Continue(());
+            };
+            let mut off = 0;
+            while off < x.len() {
+                let k = (x.len() - off).min(BLOCK);
+                let (xa, yb) = (&mut a[..k], &mut b[..k]);
+                if let (Ok(xs), Ok(ys)) = (x.subslice(off, k), y.subslice(off, k)) {
+                    xs.copy_to(xa);
+                    ys.copy_to(yb);
+                }
+                if let Some(i) = xa.iter().zip(yb.iter()).position(|(p, q)| p != q) {
+                    result = 1 + at + (off + i) as u64;
+                    return ControlFlow::Break(());
+                }
+                off += k;
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(result)
+    }
+
+    fn crc32c(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+        let mut crc = 0u32;
+        let buf = &mut scratch.a;
+        self.transfer(d.len.into(), Side::read(d.src), None, |_, x, _| {
+            let mut off = 0;
+            while off < x.len() {
+                let k = (x.len() - off).min(BLOCK);
+                if let Ok(xs) = x.subslice(off, k) {
+                    xs.copy_to(&mut buf[..k]);
+                }
+                crc = crc32c::crc32c_append(crc, &buf[..k]);
+                off += k;
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(crc.into())
+    }
+
+    /// Write `d`'s completion record: bytes 4..32, a release fence, then the first 4 bytes
+    /// in one write. No record for a completion address of 0 (Ok) or a misaligned one.
+    fn write_completion(&self, d: &Descriptor, o: &Outcome) -> Result<bool, Fault> {
+        if d.completion == 0 {
+            return Ok(true);
+        }
+        if d.completion % COMPLETION_SIZE != 0 {
+            return Ok(false);
+        }
+        let flags = ACCESS_COMPLETION | ACCESS_WRITE;
+        let _gate = self.shared.mmu.chunk_gate();
+        let mem = self.shared.mem.memory();
+        let bus = self.map_small(&mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
+        let outside = |_| self.outside_ram(d.completion, bus, flags);
+        mem.write_slice(&o.body(d.tag), GuestAddress(bus + CPL_BYTES))
+            .map_err(outside)?;
+        // The status must become visible only after the rest of the record.
+        fence(Ordering::Release);
+        mem.write_obj(o.head().to_le(), GuestAddress(bus + CPL_STATUS))
+            .map_err(outside)?;
+        Ok(true)
+    }
+
+    /// Complete (or abort) the descriptor that [`Exec::run`] ran. Called with the queue
+    /// lock held.
+    fn finish(&self, r: &mut QueueRegs, result: RunResult) {
+        let slot = self.slot;
+        let counters = &slot.counters;
+        if self.aborted() {
+            if let (
+                Abort::Disable,
+                RunResult::Aborted(d, bytes) | RunResult::Done(d, Outcome { bytes, .. }),
+            ) = (r.abort, &result)
+            {
+                let written = match self.write_completion(d, &Outcome::aborted(*bytes)) {
+                    Ok(w) => w,
+                    Err(f) => {
+                        self.report(&f);
+                        false
+                    }
+                };
+                debug!(q = self.q(), written, "descriptor aborted by disable");
+                r.completed = r.completed.wrapping_add(1);
+                r.errors = r.errors.wrapping_add(1);
+                add(&counters.descriptors, 1);
+                add(&counters.errors, 1);
+                add(&counters.bytes, u64::from(*bytes));
+            }
+            return;
+        }
+        let (d, outcome) = match result {
+            RunResult::FetchFault(f) => {
+                warn!(
+                    q = self.q(),
+                    iova = f.iova,
+                    "guest error: descriptor fetch faulted; queue halted"
+                );
+                r.state = QueueState::Halted(HaltReason::DescriptorFetch(f.iova));
+                let pending = r.flush();
+                slot.sync_timer(r);
+                self.shared.raise(slot, pending);
+                return;
+            }
+            RunResult::Done(d, o) => (d, o),
+            // The epoch did not move: nothing aborted it.
+            RunResult::Aborted(d, bytes) => (d, Outcome::aborted(bytes)),
+        };
+        let written = match self.write_completion(&d, &outcome) {
+            Ok(w) => w,
+            Err(f) => {
+                self.report(&f);
+                false
+            }
+        };
+        let ok = outcome.status == STATUS_OK && written;
+        r.head = (r.head + 1) & r.size.wrapping_sub(1);
+        r.completed = r.completed.wrapping_add(1);
+        add(&counters.descriptors, 1);
+        add(&counters.bytes, u64::from(outcome.bytes));
+        if !ok {
+            r.errors = r.errors.wrapping_add(1);
+            add(&counters.errors, 1);
+        }
+        let mut vector = None;
+        if d.wants_interrupt() {
+            vector = r.coalesce(Instant::now());
+        }
+        if !ok && r.halt_on_fault && r.state == QueueState::Running {
+            debug!(q = self.q(), head = r.head, "queue halted on a fault");
+            r.state = QueueState::Halted(HaltReason::Fault);
+        }
+        if matches!(r.state, QueueState::Halted(_)) {
+            vector = vector.or(r.flush());
+        }
+        slot.sync_timer(r);
+        self.shared.raise(slot, vector);
+    }
+}
