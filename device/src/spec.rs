@@ -136,7 +136,8 @@ pub const INV_CMD_DOMAIN: u32 = 2;
 pub const INV_CMD_RANGE: u32 = 3;
 /// [`REG_INV_STATUS`] bit: an invalidation is in progress.
 pub const INV_STATUS_BUSY: u32 = 1 << 0;
-/// [`REG_INV_STATUS`] bit: the last command was invalid (unknown command or domain).
+/// [`REG_INV_STATUS`] bit: the last command was rejected (unknown command or domain, or a
+/// range of length 0).
 pub const INV_STATUS_ERROR: u32 = 1 << 1;
 
 // ---- Fault log registers ----
