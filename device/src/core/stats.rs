@@ -49,7 +49,13 @@ impl QueueCounters {
 
     /// Zero every counter.
     pub fn clear(&self) {
-        for c in [&self.descriptors, &self.bytes, &self.errors, &self.faults, &self.interrupts] {
+        for c in [
+            &self.descriptors,
+            &self.bytes,
+            &self.errors,
+            &self.faults,
+            &self.interrupts,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
     }
