@@ -4,7 +4,9 @@
 //! of it lies in a mapped region whose protection allows the access; the device checks
 //! before it touches anything.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 /// Direction of an access to bus memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -15,6 +17,16 @@ pub enum Access {
     Write,
 }
 
+/// Whether `region`'s protection allows `access` (a region the VMM mapped read-only is
+/// mmapped `PROT_READ`, and a device write to it is a DMA error, never a SIGSEGV).
+pub fn region_allows(region: &GuestRegionMmap, access: Access) -> bool {
+    let need = match access {
+        Access::Read => libc::PROT_READ,
+        Access::Write => libc::PROT_WRITE,
+    };
+    region.prot() & need != 0
+}
+
 /// Check that `[addr, addr + len)` is mapped with the permission `access`. Returns the first
 /// bus address that is not (or `addr` when the range wraps past 2^64).
 pub fn check_range(mem: &GuestMemoryMmap, addr: u64, len: u64, access: Access) -> Result<(), u64> {
@@ -22,14 +34,10 @@ pub fn check_range(mem: &GuestMemoryMmap, addr: u64, len: u64, access: Access) -
         return Ok(());
     }
     let last = addr.checked_add(len - 1).ok_or(addr)?;
-    let need = match access {
-        Access::Read => libc::PROT_READ,
-        Access::Write => libc::PROT_WRITE,
-    };
     let mut a = addr;
     loop {
         let region = mem.find_region(GuestAddress(a)).ok_or(a)?;
-        if region.prot() & need == 0 {
+        if !region_allows(region, access) {
             return Err(a);
         }
         let region_last = region.last_addr().0;

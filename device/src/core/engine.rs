@@ -4,13 +4,21 @@
 //! (head != tail) and Bus Master Enable is set, or until its coalescing deadline. It then
 //! takes the descriptor at head, marks itself in flight and runs it **without** the queue
 //! lock: the descriptor fetch, the data and the completion record each go through the
-//! queue's domain ([`Mmu::translate`]) and are then checked against bus memory
-//! ([`check_range`]). Data moves chunk by chunk; a chunk lies inside one page of the mapping
-//! on each side, inside one bus region and below [`CHUNK_MAX`], and is translated and moved
-//! under [`Mmu::chunk_gate`], so an invalidation waits for at most one chunk. Between chunks
-//! the worker checks its queue's epoch (disable, reset) and coalescing timer. It comes back
-//! under the queue lock to write the completion record (status last), advance head, count
-//! and raise interrupts — or, when the epoch moved, to abort.
+//! queue's domain ([`Mmu::translate`], or a [`Translator`] for the pages of a chunk) and are
+//! then checked against bus memory ([`check_range`], or a region lookup per piece).
+//!
+//! Data moves chunk by chunk. A chunk is at most [`CHUNK_MAX`] bytes, translated and moved
+//! under one read hold of [`Mmu::chunk_gate`] and one snapshot of bus memory, so an
+//! invalidation, a disable, a reset or an unmap barrier waits for at most one chunk per
+//! worker. Inside a chunk every page of every side is translated through the IOTLB, in
+//! offset order, before any byte of it moves; consecutive pages that are contiguous in bus
+//! memory and inside one bus region on each side form a *piece*, checked with one region
+//! lookup per side and moved with one copy (one `memcpy` for a 1 MiB chunk of contiguous
+//! 4 KiB pages instead of 256). A fault stops the chunk at the exact first faulting page,
+//! after the pieces before it have moved. Between chunks the worker checks its queue's
+//! epoch (disable, reset) and coalescing timer. It comes back under the queue lock to write
+//! the completion record (status last), advance head, count and raise interrupts — or,
+//! when the epoch moved, to abort.
 //!
 //! Workers never take the transport's device lock, so a register access that waits for a
 //! worker (disable, reset) cannot deadlock. Lock order: queue lock, then the chunk gate,
@@ -28,17 +36,17 @@ use vm_memory::{
     GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
 };
 
-use super::bus::{check_range, Access};
+use super::bus::{check_range, region_allows, Access};
 use super::faults::{Fault, FaultLog};
-use super::mmu::Mmu;
+use super::mmu::{Mmu, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::stats::add;
 use super::{BusMemory, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::*;
 
-/// Largest chunk moved under one hold of the chunk gate: bounds how long a disable, reset or
-/// invalidation waits for a worker.
+/// Largest chunk translated and moved under one hold of the chunk gate (and one snapshot of
+/// bus memory): bounds how long a disable, reset, invalidation or unmap waits for a worker.
 pub const CHUNK_MAX: u64 = 1 << 20;
 
 /// Size of a worker's scratch buffers (COMPARE, CRC32C and FILL work through them).
@@ -270,11 +278,55 @@ impl Side {
     }
 }
 
-/// A translated address: bus address, bytes usable from there, and its bus region.
-struct Mapped<'m> {
+/// A translated address: bus address, and bytes from there inside its page and its bus
+/// region.
+struct Mapped {
     bus: u64,
     len: u64,
+}
+
+/// Where a piece starts on one side, and the bus region holding it.
+#[derive(Clone, Copy)]
+struct Span<'m> {
+    bus: u64,
     region: &'m GuestRegionMmap,
+}
+
+impl Span<'_> {
+    /// Whether bus address `bus`, `len` bytes into the piece, continues it in its region.
+    fn continues(&self, len: u64, bus: u64) -> bool {
+        self.bus.wrapping_add(len) == bus && bus <= self.region.last_addr().0
+    }
+
+    /// Bytes from `bus` (in the region) to the end of the region.
+    fn room(&self, bus: u64) -> u64 {
+        (self.region.last_addr().0 - bus).saturating_add(1)
+    }
+}
+
+/// Bytes of a chunk that are contiguous in bus memory and inside one bus region on each
+/// side: what one call of the operation moves. `off` is the offset in the chunk.
+struct Piece<'m> {
+    off: u64,
+    len: u64,
+    a: Span<'m>,
+    b: Option<Span<'m>>,
+}
+
+/// The translated pages holding the current offset of a chunk on one side, contiguous in
+/// bus memory: offsets `[off, end)` of the chunk are at bus `bus` onwards.
+#[derive(Debug, Clone, Copy, Default)]
+struct Page {
+    off: u64,
+    bus: u64,
+    end: u64,
+}
+
+impl Page {
+    /// Bus address of chunk offset `o` (in `[off, end)`).
+    fn bus_at(&self, o: u64) -> u64 {
+        self.bus.wrapping_add(o - self.off)
+    }
 }
 
 /// A worker's buffers, allocated once.
@@ -451,13 +503,13 @@ impl Exec<'_> {
     }
 
     /// Translate `iova` and find its bus region. Call with the chunk gate held.
-    fn map<'m>(
+    fn map(
         &self,
-        mem: &'m GuestMemoryMmap,
+        mem: &GuestMemoryMmap,
         iova: u64,
         access: Access,
         flags: u8,
-    ) -> Result<Mapped<'m>, Fault> {
+    ) -> Result<Mapped, Fault> {
         let t = self
             .shared
             .mmu
@@ -475,27 +527,7 @@ impl Exec<'_> {
         Ok(Mapped {
             bus: t.bus,
             len: t.len.min(in_region),
-            region,
         })
-    }
-
-    /// Check `n` bytes at `m` (of IOVA `iova`) and return them as a volatile slice.
-    fn slice<'m>(
-        &self,
-        mem: &GuestMemoryMmap,
-        m: &Mapped<'m>,
-        iova: u64,
-        n: u64,
-        access: Access,
-        flags: u8,
-    ) -> Result<VolatileSlice<'m, ()>, Fault> {
-        check_range(mem, m.bus, n, access).map_err(|bad| {
-            self.outside_ram(iova.wrapping_add(bad.wrapping_sub(m.bus)), bad, flags)
-        })?;
-        let off = MemoryRegionAddress(m.bus - m.region.start_addr().0);
-        m.region
-            .get_slice(off, n as usize)
-            .map_err(|_| self.outside_ram(iova, m.bus, flags))
     }
 
     /// Translate and check a small access (a descriptor or a completion record) that must
@@ -592,9 +624,21 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// Move `len` bytes chunk by chunk over one or two sides. `f` gets the offset of the
-    /// chunk and its slices; it may stop early (COMPARE) with `ControlFlow::Break`.
-    fn transfer<F>(&self, len: u64, a: Side, b: Option<Side>, mut f: F) -> Result<(), Stop>
+    /// Move `len` bytes chunk by chunk over one or two sides. `f` gets the offset of a
+    /// piece and its slices; it may stop early (COMPARE) with `ControlFlow::Break`, and
+    /// then `may_stop` must be set (see [`Exec::chunk`]).
+    ///
+    /// A chunk is at most [`CHUNK_MAX`] bytes translated and moved under one read hold of
+    /// the chunk gate and one snapshot of bus memory; between chunks the worker checks its
+    /// epoch and coalescing timer.
+    fn transfer<F>(
+        &self,
+        len: u64,
+        a: Side,
+        b: Option<Side>,
+        may_stop: bool,
+        mut f: F,
+    ) -> Result<(), Stop>
     where
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
@@ -603,30 +647,10 @@ impl Exec<'_> {
             self.between_chunks(done)?;
             let _gate = self.shared.mmu.chunk_gate();
             let mem = self.shared.mem.memory();
-            let fault = move |f| Stop::Fault(f, done);
-            let a_iova = a.iova.wrapping_add(done);
-            let ma = self.map(&mem, a_iova, a.access, a.flags).map_err(fault)?;
-            let mut n = (len - done).min(ma.len).min(CHUNK_MAX);
-            let mb = match b {
-                Some(b) => {
-                    let b_iova = b.iova.wrapping_add(done);
-                    let mb = self.map(&mem, b_iova, b.access, b.flags).map_err(fault)?;
-                    n = n.min(mb.len);
-                    Some((b, b_iova, mb))
-                }
-                None => None,
-            };
-            let sa = self
-                .slice(&mem, &ma, a_iova, n, a.access, a.flags)
-                .map_err(fault)?;
-            let sb = match &mb {
-                Some((b, b_iova, mb)) => Some(
-                    self.slice(&mem, mb, *b_iova, n, b.access, b.flags)
-                        .map_err(fault)?,
-                ),
-                None => None,
-            };
-            let flow = f(done, sa, sb);
+            let limit = (len - done).min(CHUNK_MAX);
+            let (n, flow) = self
+                .chunk(&mem, done, limit, a, b, may_stop, &mut f)
+                .map_err(|(fault, n)| Stop::Fault(fault, done + n))?;
             done += n;
             if flow.is_break() {
                 break;
@@ -635,11 +659,274 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// Translate and move the `limit` bytes at offset `at` of the transfer: one chunk, with
+    /// the chunk gate held by the caller and `mem` its snapshot of bus memory.
+    ///
+    /// Page by page, in offset order (side `a` before side `b` at the same offset), each
+    /// side's page is translated through the IOTLB when the chunk reaches it, and its bus
+    /// region is looked up and checked for the access when the bytes do not continue the
+    /// current piece; only then are the bytes added to a piece. Consecutive pages that are
+    /// contiguous in bus memory and in one region on both sides make one piece, moved with
+    /// one call of `f` (after the IOTLB lock is released). So every byte is translated and
+    /// checked before it moves, and a fault stops the chunk at the exact first faulting
+    /// page: the pieces before it are moved, and the fault is returned with the bytes
+    /// moved in this chunk.
+    ///
+    /// With `may_stop` every piece is moved before the next page is translated (so an `f`
+    /// that stops leaves no translation of a page it will not touch, as with one chunk per
+    /// page). Returns the bytes moved and whether `f` stopped.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk<F>(
+        &self,
+        mem: &GuestMemoryMmap,
+        at: u64,
+        limit: u64,
+        a: Side,
+        b: Option<Side>,
+        may_stop: bool,
+        f: &mut F,
+    ) -> Result<(u64, ControlFlow<()>), (Fault, u64)>
+    where
+        F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
+    {
+        let mut tr = self.shared.mmu.translator(mem, self.domain);
+        let (mut pa, mut pb) = (Page::default(), Page::default());
+        let mut piece: Option<Piece<'_>> = None;
+        let mut o = 0u64;
+        while o < limit {
+            if may_stop {
+                if let Some(p) = piece.take() {
+                    tr.release();
+                    let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                    if flow.is_break() {
+                        return Ok((o, flow));
+                    }
+                }
+            }
+            // Translate no further than this chunk needs, and page by page for an `f` that
+            // may stop.
+            let want = if may_stop { 1 } else { limit - o };
+            let step = self.advance(
+                &mut tr,
+                mem,
+                (at, o, want),
+                (a, &mut pa),
+                b.map(|b| (b, &mut pb)),
+                &piece,
+            );
+            let next = match step {
+                Ok(next) => next,
+                Err(fault) => {
+                    if let Some(p) = piece.take() {
+                        tr.release();
+                        // Moves everything before the fault.
+                        let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                        if flow.is_break() {
+                            return Ok((o, flow));
+                        }
+                    }
+                    return Err((fault, o));
+                }
+            };
+            if let Some((sa, sb)) = next {
+                if let Some(p) = piece.take() {
+                    tr.release();
+                    let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                    if flow.is_break() {
+                        return Ok((o, flow));
+                    }
+                }
+                piece = Some(Piece {
+                    off: o,
+                    len: 0,
+                    a: sa,
+                    b: sb,
+                });
+            }
+            let Some(p) = piece.as_mut() else {
+                // `advance` starts a piece when there is none.
+                break;
+            };
+            let mut n = (pa.end.min(limit) - o).min(p.a.room(pa.bus_at(o)));
+            if let Some(sb) = p.b {
+                n = n.min(pb.end - o).min(sb.room(pb.bus_at(o)));
+            }
+            p.len += n;
+            o += n;
+        }
+        let mut flow = ControlFlow::Continue(());
+        if let Some(p) = piece {
+            tr.release();
+            flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+        }
+        Ok((o, flow))
+    }
+
+    /// Chunk offset `o`: translate each side's pages from `o` when `o` starts a new one
+    /// (`a` first: a run of pages contiguous in bus memory covering up to `want` bytes;
+    /// then `b`: a run no longer than `a`'s and its region need), and when the bytes there
+    /// do not continue `piece` look their bus region up and check it allows the access
+    /// (`a`'s lookup, `b`'s lookup, then the checks). Returns the spans of a new piece
+    /// starting at `o`, or None when `o` continues `piece` on both sides.
+    #[allow(clippy::type_complexity)]
+    fn advance<'m>(
+        &self,
+        tr: &mut Translator<'_>,
+        mem: &'m GuestMemoryMmap,
+        (at, o, want): (u64, u64, u64),
+        (a, pa): (Side, &mut Page),
+        b: Option<(Side, &mut Page)>,
+        piece: &Option<Piece<'m>>,
+    ) -> Result<Option<(Span<'m>, Option<Span<'m>>)>, Fault> {
+        if o == pa.end {
+            *pa = self.extent(tr, a, at, o, want)?;
+        }
+        let a_bus = pa.bus_at(o);
+        let a_old = piece
+            .as_ref()
+            .filter(|p| p.a.continues(p.len, a_bus))
+            .map(|p| p.a.region);
+        let a_region = match a_old {
+            Some(region) => region,
+            None => self.region(mem, a, at + o, a_bus)?,
+        };
+        let mut b_span = None;
+        let mut b_continues = true;
+        if let Some((b, pb)) = b {
+            if o == pb.end {
+                let a_room = Span {
+                    bus: a_bus,
+                    region: a_region,
+                }
+                .room(a_bus);
+                let want = want.min(pa.end - o).min(a_room);
+                *pb = self.extent(tr, b, at, o, want)?;
+            }
+            let b_bus = pb.bus_at(o);
+            let b_old = piece
+                .as_ref()
+                .and_then(|p| p.b.filter(|s| s.continues(p.len, b_bus)))
+                .map(|s| s.region);
+            b_continues = b_old.is_some();
+            let b_region = match b_old {
+                Some(region) => region,
+                None => self.region(mem, b, at + o, b_bus)?,
+            };
+            if a_old.is_none() {
+                self.check_region(a_region, a, at + o, a_bus)?;
+            }
+            if !b_continues {
+                self.check_region(b_region, b, at + o, b_bus)?;
+            }
+            b_span = Some((b, b_bus, b_region));
+        } else if a_old.is_none() {
+            self.check_region(a_region, a, at + o, a_bus)?;
+        }
+        if a_old.is_some() && b_continues {
+            return Ok(None);
+        }
+        let sa = Span {
+            bus: a_bus,
+            region: a_region,
+        };
+        let sb = b_span.map(|(_, bus, region)| Span { bus, region });
+        Ok(Some((sa, sb)))
+    }
+
+    /// Translate side `side` from offset `o` of the chunk at `at`: the pages contiguous in
+    /// bus memory from there, up to `want` bytes ([`Translator::translate_run`]).
+    fn extent(
+        &self,
+        tr: &mut Translator<'_>,
+        side: Side,
+        at: u64,
+        o: u64,
+        want: u64,
+    ) -> Result<Page, Fault> {
+        let iova = side.iova.wrapping_add(at + o);
+        let t = tr
+            .translate_run(iova, side.access, want)
+            .map_err(|f| Fault::from_translation(f, side.flags, self.domain, self.q()))?;
+        if t.len == 0 {
+            // Never returned by the MMU; a page of 0 bytes would make no progress.
+            debug_assert!(false, "translation of length 0");
+            return Err(self.outside_ram(iova, t.bus, side.flags));
+        }
+        Ok(Page {
+            off: o,
+            bus: t.bus,
+            end: o.saturating_add(t.len),
+        })
+    }
+
+    /// The bus region holding `bus`, the translation of `side`'s byte at transfer offset
+    /// `off`.
+    fn region<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+        side: Side,
+        off: u64,
+        bus: u64,
+    ) -> Result<&'m GuestRegionMmap, Fault> {
+        mem.find_region(GuestAddress(bus))
+            .ok_or_else(|| self.outside_ram(side.iova.wrapping_add(off), bus, side.flags))
+    }
+
+    /// Check that `region` allows `side`'s access (at transfer offset `off`, bus `bus`).
+    fn check_region(
+        &self,
+        region: &GuestRegionMmap,
+        side: Side,
+        off: u64,
+        bus: u64,
+    ) -> Result<(), Fault> {
+        if region_allows(region, side.access) {
+            return Ok(());
+        }
+        Err(self.outside_ram(side.iova.wrapping_add(off), bus, side.flags))
+    }
+
+    /// Move piece `p` of the chunk at `at`: hand its slices to `f`.
+    fn flush<F>(
+        &self,
+        p: &Piece<'_>,
+        at: u64,
+        a: Side,
+        b: Option<Side>,
+        f: &mut F,
+    ) -> Result<ControlFlow<()>, Fault>
+    where
+        F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
+    {
+        let off = at + p.off;
+        let sa = self.span_slice(p.a, p.len, a, off)?;
+        let sb = match (b, p.b) {
+            (Some(b), Some(span)) => Some(self.span_slice(span, p.len, b, off)?),
+            _ => None,
+        };
+        Ok(f(off, sa, sb))
+    }
+
+    /// The `len` bytes of `span` (checked: in its region, which allows the access).
+    fn span_slice<'m>(
+        &self,
+        span: Span<'m>,
+        len: u64,
+        side: Side,
+        off: u64,
+    ) -> Result<VolatileSlice<'m, ()>, Fault> {
+        let at = MemoryRegionAddress(span.bus - span.region.start_addr().0);
+        span.region
+            .get_slice(at, len as usize)
+            .map_err(|_| self.outside_ram(side.iova.wrapping_add(off), span.bus, side.flags))
+    }
+
     fn copy(&self, d: &Descriptor) -> Result<u64, Stop> {
         self.transfer(
             d.len.into(),
             Side::read(d.src),
             Some(Side::write(d.dst)),
+            false,
             |_, from, to| {
                 if let Some(to) = to {
                     from.copy_to_volatile_slice(to);
@@ -656,18 +943,24 @@ impl Exec<'_> {
             *b = pattern[i % 8];
         }
         let buf = &scratch.b;
-        self.transfer(d.len.into(), Side::write(d.dst), None, |at, to, _| {
-            let mut off = 0;
-            while off < to.len() {
-                let phase = ((at + off as u64) % 8) as usize;
-                let k = (to.len() - off).min(BLOCK);
-                if let Ok(dst) = to.subslice(off, k) {
-                    dst.copy_from(&buf[phase..phase + k]);
+        self.transfer(
+            d.len.into(),
+            Side::write(d.dst),
+            None,
+            false,
+            |at, to, _| {
+                let mut off = 0;
+                while off < to.len() {
+                    let phase = ((at + off as u64) % 8) as usize;
+                    let k = (to.len() - off).min(BLOCK);
+                    if let Ok(dst) = to.subslice(off, k) {
+                        dst.copy_from(&buf[phase..phase + k]);
+                    }
+                    off += k;
                 }
-                off += k;
-            }
-            ControlFlow::Continue(())
-        })?;
+                ControlFlow::Continue(())
+            },
+        )?;
         Ok(0)
     }
 
@@ -675,7 +968,7 @@ impl Exec<'_> {
         let mut result = 0u64;
         let Scratch { a, b } = scratch;
         let (sa, sb) = (Side::read(d.src), Side::read(d.dst));
-        self.transfer(d.len.into(), sa, Some(sb), |at, x, y| {
+        self.transfer(d.len.into(), sa, Some(sb), true, |at, x, y| {
             let Some(y) = y else {
                 return ControlFlow::Continue(());
             };
@@ -701,7 +994,7 @@ impl Exec<'_> {
     fn crc32c(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
         let mut crc = 0u32;
         let buf = &mut scratch.a;
-        self.transfer(d.len.into(), Side::read(d.src), None, |_, x, _| {
+        self.transfer(d.len.into(), Side::read(d.src), None, false, |_, x, _| {
             let mut off = 0;
             while off < x.len() {
                 let k = (x.len() - off).min(BLOCK);

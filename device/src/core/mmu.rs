@@ -4,18 +4,23 @@
 //! - [`Mmu::translate`] turns an IOVA of a domain into a bus address for one access, with
 //!   how many bytes from there stay inside the same page of the mapping (so the engine can
 //!   split transfers at page boundaries of whichever mapping size applies);
+//! - [`Mmu::translator`] does the same for the pages of one chunk, cheaper per page: one
+//!   IOTLB lock hold for many pages, counters added once, a paging-structure cache of
+//!   level-1 tables, and [`Translator::translate_run`] for a run of pages contiguous in bus
+//!   memory (every page still looked up, walked on a miss and filled one by one);
 //! - the engine holds [`Mmu::chunk_gate`] (a read guard) while it translates and moves one
 //!   chunk; [`Mmu::invalidate`] drops entries and then takes the write side, so when it
 //!   returns no chunk that used a dropped entry is still moving.
 //!
 //! Structure: the page walker is in `walk` (at most four entry reads, each checked against
-//! bus memory first), the cache in `iotlb` (fully associative, true LRU, behind a mutex).
+//! bus memory first; a level-1 read alone when a translator has the table cached), the
+//! cache in `iotlb` (fully associative, true LRU, behind a mutex).
 //! A translation checks the IOVA width, then the domain's mode (a register, read on every
 //! translation and never cached), then looks the IOTLB up; a miss walks from the domain's
 //! current root and fills. Only successful translations are cached: a walk that faults, or
 //! whose mapping does not allow the access, leaves nothing behind. Cached entries stay until
-//! invalidated, whatever happens to the table, the root or the mode meanwhile (SPEC.md:
-//! "Changing a domain's root or mode does not flush the IOTLB").
+//! invalidated, whatever happens to the table or the root meanwhile; the mode is checked on
+//! every translation (SPEC.md "Domain registers").
 
 mod iotlb;
 mod walk;
@@ -220,6 +225,8 @@ impl Mmu {
     /// table and fills. The bus page returned is not checked against bus memory: the
     /// caller checks the access itself (`FAULT_OUTSIDE_RAM` "when the access happens").
     /// Counts in the domain's counters; never panics and never blocks on the chunk gate.
+    ///
+    /// For several translations in a row (the pages of one chunk) use [`Mmu::translator`].
     pub fn translate(
         &self,
         mem: &GuestMemoryMmap,
@@ -227,104 +234,47 @@ impl Mmu {
         iova: u64,
         access: Access,
     ) -> Result<Translation, TranslationFault> {
-        let counters = self.counters.get(usize::from(d));
-        if let Some(c) = counters {
-            add(&c.translations, 1);
-        }
-        let result = self.translate_uncounted(mem, d, iova, access);
-        if let (Err(_), Some(c)) = (&result, counters) {
-            add(&c.faults, 1);
-        }
-        result
+        self.translator(mem, d).translate(iova, access)
     }
 
-    fn translate_uncounted(
-        &self,
-        mem: &GuestMemoryMmap,
-        d: u16,
-        iova: u64,
-        access: Access,
-    ) -> Result<Translation, TranslationFault> {
-        let fault = |reason| TranslationFault {
-            reason,
-            iova,
-            info: 0,
-            level: 0,
-            in_walk: false,
-        };
-        if iova > self.iova_limit {
-            return Err(fault(FAULT_IOVA_WIDTH));
+    /// A [`Translator`] for several translations in domain `d`, each exactly as
+    /// [`Mmu::translate`] does it, at a lower cost per translation. Hold the chunk gate
+    /// while it lives and while the translations it gave are used; drop it to publish its
+    /// counts. It keeps the IOTLB locked between translations: release it
+    /// ([`Translator::release`]) before the same thread translates otherwise, invalidates
+    /// or moves data.
+    pub fn translator<'a>(&'a self, mem: &'a GuestMemoryMmap, d: u16) -> Translator<'a> {
+        Translator {
+            mmu: self,
+            mem,
+            d,
+            counters: self.counters.get(usize::from(d)),
+            iotlb: None,
+            held: 0,
+            l1: walk::L1Cache::default(),
+            generation: 0,
+            counts: Counts::default(),
+            pending: [None; 2],
         }
-        let (Some(slot), Some(counters)) = (
-            self.domains.get(usize::from(d)),
-            self.counters.get(usize::from(d)),
-        ) else {
-            return Err(fault(FAULT_DOMAIN_DISABLED));
-        };
-        match slot.mode.load(Ordering::Acquire) & 3 {
-            DOMAIN_MODE_PASSTHROUGH => {
-                return Ok(Translation {
-                    bus: iova,
-                    len: (self.iova_limit - iova).saturating_add(1),
-                    page_size: 0,
-                })
-            }
-            DOMAIN_MODE_TRANSLATED => {}
-            _ => return Err(fault(FAULT_DOMAIN_DISABLED)),
-        }
-        let root = slot.root.load(Ordering::Acquire);
-
-        let (hit, generation) = {
-            let mut iotlb = self.lock_iotlb();
-            (iotlb.lookup(d, iova), iotlb.generation())
-        };
-        let leaf = match hit {
-            Some(cached) => {
-                add(&counters.iotlb_hits, 1);
-                if self.strict {
-                    self.check_stale(mem, d, root, iova, &cached, counters);
-                }
-                cached
-            }
-            None => {
-                add(&counters.iotlb_misses, 1);
-                add(&counters.page_walks, 1);
-                let leaf = walk(mem, root, iova).map_err(|f| walk_fault(f, iova))?;
-                if leaf.allows(access) {
-                    self.lock_iotlb().fill(d, leaf, generation);
-                }
-                leaf
-            }
-        };
-        if !leaf.allows(access) {
-            return Err(fault(FAULT_PERMISSION));
-        }
-        let offset = iova & (leaf.size - 1);
-        Ok(Translation {
-            bus: leaf.bus_page | offset,
-            len: leaf.size - offset,
-            page_size: leaf.size,
-        })
     }
 
-    /// Strict mode: re-walk for a hit and count (and log, once per cached entry) a cached
-    /// translation that no longer matches the table.
-    fn check_stale(
+    /// Strict mode: re-walk a hit from the root (no cache) and tell whether the cached
+    /// translation no longer matches the table (a different page, permissions, or a
+    /// fault); log that once per cached entry. Called with the IOTLB locked (`iotlb`).
+    fn is_stale(
         &self,
         mem: &GuestMemoryMmap,
+        iotlb: &mut Iotlb,
         d: u16,
         root: u64,
         iova: u64,
         cached: &Leaf,
-        counters: &DomainCounters,
-    ) {
-        add(&counters.page_walks, 1);
+    ) -> bool {
         let fresh = walk(mem, root, iova);
         if fresh.as_ref() == Ok(cached) {
-            return;
+            return false;
         }
-        add(&counters.stale_uses, 1);
-        if self.lock_iotlb().mark_warned(d, cached) {
+        if iotlb.mark_warned(d, cached) {
             let table = match fresh {
                 Ok(leaf) => format!(
                     "bus {:#x} size {:#x} perm {:#x}",
@@ -343,6 +293,7 @@ impl Mmu {
                 "strict IOTLB: stale translation used (page table changed without invalidation)"
             );
         }
+        true
     }
 
     /// The read side of the chunk gate; hold it while translating and moving one chunk.
@@ -411,6 +362,319 @@ impl Mmu {
         // The IOTLB's invariants hold between method calls, none of which can panic midway
         // on guest input; a poisoned lock still holds a usable cache.
         self.iotlb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Translations under one hold of the IOTLB lock before a [`Translator`] releases it to let
+/// other translators in (bounds how long a worker translating a long run keeps others
+/// waiting).
+const LOCK_BUDGET: u32 = 64;
+
+/// Counts of one [`Translator`], added to the domain's counters when it is dropped.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    translations: u64,
+    hits: u64,
+    misses: u64,
+    walks: u64,
+    faults: u64,
+    stale: u64,
+}
+
+impl Counts {
+    /// What was counted since `before`.
+    fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            translations: self.translations - before.translations,
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            walks: self.walks - before.walks,
+            faults: self.faults - before.faults,
+            stale: self.stale - before.stale,
+        }
+    }
+
+    fn add(&mut self, n: &Counts) {
+        self.translations += n.translations;
+        self.hits += n.hits;
+        self.misses += n.misses;
+        self.walks += n.walks;
+        self.faults += n.faults;
+        self.stale += n.stale;
+    }
+}
+
+/// A translation [`Translator::translate_run`] made ahead (the page after a run), kept for
+/// the call that asks for it; its counts are added then.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    iova: u64,
+    access: Access,
+    result: Result<Translation, TranslationFault>,
+    counts: Counts,
+}
+
+/// Consecutive translations in one domain (from [`Mmu::translator`]), typically the pages
+/// of one chunk. Each translation has exactly the semantics of [`Mmu::translate`]: every
+/// page is looked up in the IOTLB, a hit is used even when stale (strict mode re-walks it
+/// from the root and counts a stale use), a miss walks and fills, faults are not cached.
+/// What is cheaper:
+///
+/// - the IOTLB lock is taken once for up to `LOCK_BUDGET` (64) translations instead of once
+///   or twice for each; walks happen under it. [`Translator::release`] drops it early, and
+///   the owner releases it before moving data;
+/// - the domain's counters are added to once, when the translator is dropped;
+/// - [`Translator::translate_run`] translates a run of pages contiguous in bus memory in one
+///   call (still page by page through the IOTLB);
+/// - a miss in the 2 MiB IOVA range of a recent walk reads only the level-1 entry (a
+///   paging-structure cache of a few level-1 tables, `walk::L1Cache`). That cache lives
+///   only as long as the translator and only while the IOTLB's generation is unchanged, so
+///   an invalidation (or a reset) drops it as it drops leaf entries, and a fill never
+///   carries a walk older than the last invalidation (walk and fill happen under one hold
+///   of the lock).
+///
+/// The owner holds the chunk gate for the translator's whole life and while it uses the
+/// translations, as for [`Mmu::translate`].
+#[derive(Debug)]
+pub struct Translator<'a> {
+    mmu: &'a Mmu,
+    mem: &'a GuestMemoryMmap,
+    d: u16,
+    /// The domain's counters (None: the domain does not exist).
+    counters: Option<&'a DomainCounters>,
+    /// The IOTLB while locked.
+    iotlb: Option<MutexGuard<'a, Iotlb>>,
+    /// Translations under the current hold of the lock.
+    held: u32,
+    /// The paging-structure cache, valid in IOTLB generation `generation`.
+    l1: walk::L1Cache<'a>,
+    generation: u64,
+    counts: Counts,
+    /// The pages after the last runs (one per side of a transfer), translated ahead.
+    pending: [Option<Pending>; 2],
+}
+
+impl Translator<'_> {
+    /// Translate `iova` for one access, as [`Mmu::translate`] does.
+    #[inline]
+    pub fn translate(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        for slot in &mut self.pending {
+            if let Some(p) = slot.filter(|p| p.iova == iova && p.access == access) {
+                *slot = None;
+                self.counts.add(&p.counts);
+                return p.result;
+            }
+        }
+        self.translate_now(iova, access)
+    }
+
+    /// Translate the pages from `iova` on for one access, each as [`Translator::translate`]
+    /// does, until they cover `want` bytes or a page does not continue the previous one in
+    /// bus memory. Returns the translation of `iova` with `len` the bytes from `iova` to the
+    /// end of the last page of that contiguous run (at least to the end of `iova`'s page;
+    /// a run may end short of `want`, or beyond it).
+    ///
+    /// A page after the first that does not continue the run, or faults, has been
+    /// translated ahead: it is kept for the next call that asks for it (with the same
+    /// access), which returns it without translating again; its counts (and its fault's)
+    /// are added only then, so a page translated ahead but never asked for (the transfer
+    /// stopped before it) is not counted. It is valid, like every translation, while the
+    /// owner holds the chunk gate.
+    pub fn translate_run(
+        &mut self,
+        iova: u64,
+        access: Access,
+        want: u64,
+    ) -> Result<Translation, TranslationFault> {
+        let mut run = self.translate(iova, access)?;
+        while run.len < want {
+            let Some(next) = iova.checked_add(run.len) else {
+                break;
+            };
+            let before = self.counts;
+            match self.translate_now(next, access) {
+                Ok(t) if run.bus.checked_add(run.len) == Some(t.bus) => {
+                    run.len = run.len.saturating_add(t.len);
+                }
+                result => {
+                    let counts = self.counts.since(&before);
+                    self.counts = before;
+                    // One per access (the two sides of a copy): replace this access's,
+                    // else take a free slot, else the first.
+                    let same = |p: &Option<Pending>| p.is_some_and(|p| p.access == access);
+                    let i = (self.pending.iter().position(same))
+                        .or_else(|| self.pending.iter().position(Option::is_none));
+                    self.pending[i.unwrap_or(0)] = Some(Pending {
+                        iova: next,
+                        access,
+                        result,
+                        counts,
+                    });
+                    break;
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    /// Translate `iova` (not looking at a pending translation) and count it.
+    #[inline(always)]
+    fn translate_now(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        let counted = u64::from(self.counters.is_some());
+        self.counts.translations += counted;
+        let result = self.translate_uncounted(iova, access);
+        if result.is_err() {
+            self.counts.faults += counted;
+        }
+        result
+    }
+
+    /// Release the IOTLB lock; the next translation takes it again. Call before moving
+    /// data.
+    pub fn release(&mut self) {
+        self.iotlb = None;
+    }
+
+    #[inline(always)]
+    fn translate_uncounted(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        let fault = |reason| TranslationFault {
+            reason,
+            iova,
+            info: 0,
+            level: 0,
+            in_walk: false,
+        };
+        let mmu = self.mmu;
+        if iova > mmu.iova_limit {
+            return Err(fault(FAULT_IOVA_WIDTH));
+        }
+        let (Some(slot), Some(_)) = (mmu.domains.get(usize::from(self.d)), self.counters) else {
+            return Err(fault(FAULT_DOMAIN_DISABLED));
+        };
+        match slot.mode.load(Ordering::Acquire) & 3 {
+            DOMAIN_MODE_PASSTHROUGH => {
+                return Ok(Translation {
+                    bus: iova,
+                    len: (mmu.iova_limit - iova).saturating_add(1),
+                    page_size: 0,
+                })
+            }
+            DOMAIN_MODE_TRANSLATED => {}
+            _ => return Err(fault(FAULT_DOMAIN_DISABLED)),
+        }
+        let root = slot.root.load(Ordering::Acquire);
+
+        let iotlb = relock(
+            mmu,
+            &mut self.iotlb,
+            &mut self.held,
+            &mut self.l1,
+            &mut self.generation,
+        );
+        let leaf = match iotlb.lookup(self.d, iova) {
+            Some(cached) => {
+                self.counts.hits += 1;
+                if mmu.strict {
+                    self.counts.walks += 1;
+                    if mmu.is_stale(self.mem, iotlb, self.d, root, iova, &cached) {
+                        self.counts.stale += 1;
+                    }
+                }
+                cached
+            }
+            None => {
+                self.counts.misses += 1;
+                self.counts.walks += 1;
+                let leaf = walk::walk_cached(self.mem, root, iova, &mut self.l1)
+                    .map_err(|f| walk_fault(f, iova))?;
+                if leaf.allows(access) {
+                    // Looked up and walked under this hold of the lock: not cached, and
+                    // the generation is current.
+                    iotlb.fill_missed(self.d, leaf);
+                }
+                leaf
+            }
+        };
+        if !leaf.allows(access) {
+            return Err(fault(FAULT_PERMISSION));
+        }
+        let offset = iova & (leaf.size - 1);
+        Ok(Translation {
+            bus: leaf.bus_page | offset,
+            len: leaf.size - offset,
+            page_size: leaf.size,
+        })
+    }
+}
+
+/// The locked IOTLB of a translator (its `iotlb`, `held`, `l1` and `generation` fields),
+/// re-taking the lock after [`LOCK_BUDGET`] translations. Taking it drops the
+/// paging-structure cache when an invalidation happened since that was filled.
+#[inline(always)]
+fn relock<'g, 'a>(
+    mmu: &'a Mmu,
+    iotlb: &'g mut Option<MutexGuard<'a, Iotlb>>,
+    held: &mut u32,
+    l1: &mut walk::L1Cache<'a>,
+    generation: &mut u64,
+) -> &'g mut Iotlb {
+    if *held >= LOCK_BUDGET || iotlb.is_none() {
+        lock(mmu, iotlb, held, l1, generation);
+    }
+    *held += 1;
+    iotlb.get_or_insert_with(|| mmu.lock_iotlb())
+}
+
+/// [`relock`]'s slow path: (re-)take the lock.
+#[cold]
+fn lock<'a>(
+    mmu: &'a Mmu,
+    iotlb: &mut Option<MutexGuard<'a, Iotlb>>,
+    held: &mut u32,
+    l1: &mut walk::L1Cache<'a>,
+    generation: &mut u64,
+) {
+    *iotlb = None;
+    let locked = mmu.lock_iotlb();
+    if locked.generation() != *generation {
+        l1.clear();
+        *generation = locked.generation();
+    }
+    *iotlb = Some(locked);
+    *held = 0;
+}
+
+impl Drop for Translator<'_> {
+    fn drop(&mut self) {
+        self.iotlb = None;
+        let Some(c) = self.counters else {
+            return;
+        };
+        let n = self.counts;
+        for (counter, v) in [
+            (&c.translations, n.translations),
+            (&c.iotlb_hits, n.hits),
+            (&c.iotlb_misses, n.misses),
+            (&c.page_walks, n.walks),
+            (&c.faults, n.faults),
+            (&c.stale_uses, n.stale),
+        ] {
+            if v != 0 {
+                add(counter, v);
+            }
+        }
     }
 }
 
@@ -1499,5 +1763,140 @@ mod tests {
         }
         assert_eq!(stats(&mmu, 1).page_walks, 3);
         assert_eq!(mmu.iotlb_len(), 0);
+    }
+
+    #[test]
+    fn translator_gives_what_translate_gives() {
+        // 4 KiB pages, a 2 MiB page, a hole, a read-only page and a malformed entry, each
+        // translated one by one through a translator and through `translate`, for reads and
+        // writes, with the same results and the same counts.
+        let mut t = Tables::new();
+        for p in 0..8u64 {
+            t.map(0x1000 + p * SIZE_4K, 0x30_0000 + p * SIZE_4K, SIZE_4K, RW);
+        }
+        t.map(0x9000, 0x40_0000, SIZE_4K, PTE_R);
+        t.set(0xa000, 1, 0x41_0000 | RW | 0x4);
+        t.map(0x20_0000, 0x60_0000, SIZE_2M, RW);
+        let iovas: Vec<u64> = (0..16u64)
+            .map(|p| p * SIZE_4K + 0x10)
+            .chain([0x20_0000, 0x2f_f000, 1 << 47])
+            .collect();
+        let (one, many) = (t.mmu(false), t.mmu(false));
+        let mut translator = many.translator(&t.mem, 1);
+        for round in 0..2 {
+            for &iova in &iovas {
+                for access in [Access::Read, Access::Write] {
+                    assert_eq!(
+                        translator.translate(iova, access),
+                        tr(&one, &t, iova, access),
+                        "round {round} iova {iova:#x} {access:?}"
+                    );
+                }
+            }
+        }
+        drop(translator);
+        assert_eq!(stats(&many, 1), stats(&one, 1));
+        assert_eq!(many.iotlb_len(), one.iotlb_len());
+    }
+
+    #[test]
+    fn translator_level_1_cache_is_dropped_by_an_invalidation() {
+        let mut t = Tables::new();
+        t.map(0x1000, 0x30_0000, SIZE_4K, RW);
+        t.map(0x2000, 0x31_0000, SIZE_4K, RW);
+        let mmu = t.mmu(false);
+        // The same memory (a clone shares the mappings), so `t` can change the tables.
+        let mem = t.mem.clone();
+        // Walking 0x1000 caches its level-1 table in the translator.
+        let mut translator = mmu.translator(&mem, 1);
+        assert_eq!(
+            translator.translate(0x1000, Access::Read).unwrap().bus,
+            0x30_0000
+        );
+        // The driver points the level-2 entry at a new level-1 table mapping 0x2000
+        // elsewhere.
+        let l2 = t.slot(0x1000, 2);
+        let new_l1 = t.alloc();
+        t.write(l2, new_l1 | RW);
+        t.map(0x2000, 0x50_0000, SIZE_4K, RW);
+        // Without an invalidation the cached table may still be used (as an IOMMU's
+        // paging-structure cache would be) ...
+        assert_eq!(
+            translator.translate(0x2000, Access::Read).unwrap().bus,
+            0x31_0000
+        );
+        // ... but not by a new translator, which walks from the root (the translator holds
+        // the IOTLB lock between translations: release it first) ...
+        translator.release();
+        assert_eq!(
+            tr(&mmu, &t, 0x3000, Access::Read).unwrap_err().reason,
+            FAULT_NOT_PRESENT
+        );
+        // ... nor after an invalidation: taking the lock again sees the new generation.
+        assert!(mmu.invalidate(Invalidation::Domain(1)));
+        assert_eq!(
+            translator.translate(0x2000, Access::Read).unwrap().bus,
+            0x50_0000
+        );
+        assert_eq!(
+            translator
+                .translate(0x1000, Access::Read)
+                .unwrap_err()
+                .reason,
+            FAULT_NOT_PRESENT
+        );
+    }
+
+    #[test]
+    fn translate_run_stops_at_a_gap_and_counts_pages_translated_ahead_when_used() {
+        let mut t = Tables::new();
+        // Pages 0..8 contiguous, page 8 elsewhere, page 9 missing.
+        for p in 0..8u64 {
+            t.map(p * SIZE_4K, 0x30_0000 + p * SIZE_4K, SIZE_4K, RW);
+        }
+        t.map(8 * SIZE_4K, 0x50_0000, SIZE_4K, RW);
+        let mmu = t.mmu(false);
+        let mut translator = mmu.translator(&t.mem, 1);
+        // A run from the middle of page 0: up to the end of page 7.
+        let run = translator
+            .translate_run(0x10, Access::Write, 1 << 20)
+            .unwrap();
+        assert_eq!((run.bus, run.len), (0x30_0010, 8 * SIZE_4K - 0x10));
+        // Page 8 was translated ahead; asking for it uses that translation.
+        let run = translator
+            .translate_run(8 * SIZE_4K, Access::Write, 1 << 20)
+            .unwrap();
+        assert_eq!((run.bus, run.len), (0x50_0000, SIZE_4K));
+        // A run covering `want` stops there (within its last page).
+        let run = translator
+            .translate_run(0x1000, Access::Read, 0x1800)
+            .unwrap();
+        assert_eq!((run.bus, run.len), (0x30_1000, 0x2000));
+        drop(translator);
+        // Page 9 faulted ahead but was never asked for: not counted. Every other page once.
+        let s = stats(&mmu, 1);
+        assert_eq!(
+            (s.translations, s.iotlb_misses, s.iotlb_hits, s.faults),
+            (11, 9, 2, 0)
+        );
+        assert_eq!(s.page_walks, s.iotlb_misses);
+        // Asked for, the fault is counted.
+        let mut translator = mmu.translator(&t.mem, 1);
+        translator
+            .translate_run(7 * SIZE_4K, Access::Read, 1 << 20)
+            .unwrap();
+        let f = translator
+            .translate_run(9 * SIZE_4K, Access::Read, 1)
+            .unwrap_err();
+        assert_eq!(
+            (f.reason, f.iova, f.level),
+            (FAULT_NOT_PRESENT, 9 * SIZE_4K, 1)
+        );
+        drop(translator);
+        // Pages 7 and 9 counted; page 8, translated ahead of the run from page 7, was not
+        // asked for.
+        let s = stats(&mmu, 1);
+        assert_eq!((s.translations, s.faults), (13, 1));
+        assert_eq!(s.translations, s.iotlb_hits + s.iotlb_misses);
     }
 }

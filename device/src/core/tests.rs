@@ -1446,3 +1446,187 @@ fn translated_domain_splits_at_pages_and_stops_at_a_missing_one() {
     assert_eq!(c.result, u64::from(crc32c::crc32c(&pages.concat())));
     assert!(d.stat(STAT_KIND_DOMAIN, DSTAT_TRANSLATIONS, 1) > 0);
 }
+
+/// A translated domain 1 for queue 0 (ring and completions identity-mapped) whose source
+/// pages at `SRC_IOVA` map to `src_bus(p)` (read-only) and destination pages at `DST_IOVA`
+/// to `dst_bus(p)` (write-only, `None`: not mapped). Returns the next free table address.
+fn translated_copy_setup(
+    d: &mut TestDriver,
+    pages: u64,
+    src_bus: impl Fn(u64) -> u64,
+    dst_bus: impl Fn(u64) -> Option<u64>,
+) -> u64 {
+    let mut next = TABLE_ROOT + 0x1000;
+    map_4k(d, &mut next, RING, RING, PTE_R);
+    map_4k(d, &mut next, CPL, CPL, PTE_R | PTE_W);
+    for p in 0..pages {
+        map_4k(d, &mut next, SRC_IOVA + p * 0x1000, src_bus(p), PTE_R);
+        if let Some(bus) = dst_bus(p) {
+            map_4k(d, &mut next, DST_IOVA + p * 0x1000, bus, PTE_W);
+        }
+    }
+    d.write(domain_reg(1, D_ROOT_LO), TABLE_ROOT as u32);
+    d.write(domain_reg(1, D_CTRL), DOMAIN_MODE_TRANSLATED);
+    d.setup(0, 8, 1, 0);
+    next
+}
+
+const SRC_IOVA: u64 = 0x7_0000_0000;
+const DST_IOVA: u64 = 0x7_0010_0000;
+
+#[test]
+fn contiguous_pages_move_together_and_a_fault_stops_at_the_exact_page() {
+    // Two adjacent bus regions: the source's 64 contiguous pages cross from the first into
+    // the second at page 32; the destination's page 40 is not mapped.
+    const S: u64 = (8 << 20) - 32 * 0x1000;
+    const D: u64 = 0x30_0000;
+    let mut d = TestDriver::with(DeviceConfig::default(), &[(0, 8 << 20), (8 << 20, 4 << 20)]);
+    d.enable_fault_log(8);
+    let next = translated_copy_setup(
+        &mut d,
+        64,
+        |p| S + p * 0x1000,
+        |p| (p != 40).then_some(D + p * 0x1000),
+    );
+    let data = pattern(64 << 12, 9);
+    d.put(S, &data);
+    d.put(D, &[0xcc; 64 << 12]);
+    let c = d.run(OP_COPY, 0, 64 << 12, SRC_IOVA, DST_IOVA);
+    assert_eq!(
+        (c.status, c.reason, c.access, c.bytes, c.fault),
+        (
+            STATUS_DMA_ERROR,
+            FAULT_NOT_PRESENT,
+            ACCESS_WRITE,
+            40 << 12,
+            DST_IOVA + (40 << 12)
+        )
+    );
+    assert!(
+        d.bytes(D, 40 << 12) == data[..40 << 12],
+        "bytes before the fault moved"
+    );
+    assert_eq!(
+        d.bytes(D + (40 << 12), 24 << 12),
+        [0xcc; 24 << 12],
+        "nothing from the faulting page on"
+    );
+    let f = d.fault_record(0);
+    assert_eq!(
+        (f.reason, f.access, f.domain, f.iova, f.level),
+        (FAULT_NOT_PRESENT, ACCESS_WRITE, 1, DST_IOVA + (40 << 12), 1)
+    );
+    let dstat = |d: &mut TestDriver, c| d.stat(STAT_KIND_DOMAIN, c, 1);
+    assert_eq!(dstat(&mut d, DSTAT_FAULTS), 1, "one fault, counted once");
+    assert_eq!(d.read(REG_FLOG_COUNT), 1);
+    let (t, h, m, w) = (
+        dstat(&mut d, DSTAT_TRANSLATIONS),
+        dstat(&mut d, DSTAT_IOTLB_HITS),
+        dstat(&mut d, DSTAT_IOTLB_MISSES),
+        dstat(&mut d, DSTAT_PAGE_WALKS),
+    );
+    assert_eq!((t, w), (h + m, m));
+    // Every page of both sides went through the IOTLB: at least 40 + 41 data translations.
+    assert!(t >= 2 + 40 + 41, "translations {t}");
+    // Mapped (faults are not cached: no invalidation needed), the copy completes.
+    let mut next = next;
+    map_4k(&d, &mut next, DST_IOVA + (40 << 12), D + (40 << 12), PTE_W);
+    let c = d.run(OP_COPY, 0, 64 << 12, SRC_IOVA, DST_IOVA);
+    assert_eq!((c.status, c.bytes), (STATUS_OK, 64 << 12));
+    assert!(d.bytes(D, 64 << 12) == data);
+    // CRC32C and COMPARE over the pages crossing the region boundary.
+    let c = d.run(OP_CRC32C, 0, 64 << 12, SRC_IOVA, 0);
+    assert_eq!(c.result, u64::from(crc32c::crc32c(&data)));
+}
+
+#[test]
+fn a_stale_page_inside_a_run_is_used_until_invalidated() {
+    const S: u64 = 0x20_0000;
+    const D: u64 = 0x30_0000;
+    const X: u64 = 0x40_0000;
+    for strict in [false, true] {
+        let config = DeviceConfig {
+            strict_iotlb: strict,
+            ..DeviceConfig::default()
+        };
+        let mut d = TestDriver::with(config, &[MEM_A, MEM_B]);
+        let mut next =
+            translated_copy_setup(&mut d, 16, |p| S + p * 0x1000, |p| Some(D + p * 0x1000));
+        let data = pattern(16 << 12, 4);
+        d.put(S, &data);
+        d.put(X, &[0x5a; 0x1000]);
+        assert_eq!(
+            d.run(OP_COPY, 0, 16 << 12, SRC_IOVA, DST_IOVA).status,
+            STATUS_OK
+        );
+        // Page 5 remapped without an invalidation: the cached translation is still used,
+        // inside a run of contiguous pages as alone.
+        map_4k(&d, &mut next, SRC_IOVA + (5 << 12), X, PTE_R);
+        d.put(D, &[0; 16 << 12]);
+        assert_eq!(
+            d.run(OP_COPY, 0, 16 << 12, SRC_IOVA, DST_IOVA).status,
+            STATUS_OK
+        );
+        assert!(
+            d.bytes(D, 16 << 12) == data,
+            "strict {strict}: stale page used"
+        );
+        let stale = |d: &mut TestDriver| d.stat(STAT_KIND_DOMAIN, DSTAT_STALE_USES, 1);
+        assert_eq!(
+            stale(&mut d),
+            u64::from(strict),
+            "one stale use, in strict mode"
+        );
+        // After a range invalidation of that page the new mapping is used.
+        d.write(REG_INV_DOMAIN, 1);
+        d.write(REG_INV_ADDR_LO, (SRC_IOVA + (5 << 12)) as u32);
+        d.write(REG_INV_ADDR_HI, ((SRC_IOVA + (5 << 12)) >> 32) as u32);
+        d.write(REG_INV_LEN_LO, 1);
+        d.write(REG_INV_CMD, INV_CMD_RANGE);
+        assert_eq!(d.read(REG_INV_STATUS), 0);
+        assert_eq!(
+            d.run(OP_COPY, 0, 16 << 12, SRC_IOVA, DST_IOVA).status,
+            STATUS_OK
+        );
+        let mut want = data.clone();
+        want[5 << 12..6 << 12].fill(0x5a);
+        assert!(
+            d.bytes(D, 16 << 12) == want,
+            "strict {strict}: new page used"
+        );
+        assert_eq!(stale(&mut d), u64::from(strict));
+    }
+}
+
+#[test]
+fn compare_stops_at_the_first_difference_without_translating_further() {
+    // Pages 0..4 mapped on both sides, page 4 of the second missing: a difference in page 1
+    // ends the COMPARE before page 4 is translated, so no fault.
+    const S: u64 = 0x20_0000;
+    const D: u64 = 0x30_0000;
+    let mut d = TestDriver::new();
+    translated_copy_setup(
+        &mut d,
+        5,
+        |p| S + p * 0x1000,
+        |p| (p != 4).then_some(D + p * 0x1000),
+    );
+    // The destination pages must be readable for COMPARE: map them read-write.
+    let mut next = TABLE_ROOT + 0x8000;
+    for p in 0..4u64 {
+        map_4k(
+            &d,
+            &mut next,
+            DST_IOVA + p * 0x1000,
+            D + p * 0x1000,
+            PTE_R | PTE_W,
+        );
+    }
+    let data = pattern(5 << 12, 7);
+    d.put(S, &data);
+    d.put(D, &data[..4 << 12]);
+    d.put(D + 0x1234, &[!data[0x1234]]);
+    let c = d.run(OP_COMPARE, 0, 5 << 12, SRC_IOVA, DST_IOVA);
+    assert_eq!((c.status, c.result), (STATUS_OK, 1 + 0x1234));
+    assert_eq!(d.stat(STAT_KIND_DOMAIN, DSTAT_FAULTS, 1), 0);
+}

@@ -2,20 +2,21 @@
 //! addresses, as SPEC.md "I/O page tables" defines them.
 //!
 //! Every entry is read through `vm-memory` after [`check_range`] said the 8 bytes are mapped
-//! for reading, with one atomic 8-byte load (a driver rewriting an entry concurrently is
-//! seen before or after, never torn). The walk has exactly as many steps as levels, so a
+//! for reading (or from the part of a cached level-1 table found mapped for reading with
+//! one region lookup, [`L1Table`]), with one atomic 8-byte load (a driver rewriting an entry
+//! concurrently is seen before or after, never torn). The walk has exactly as many steps as levels, so a
 //! hostile table (pointing at itself, outside bus memory, full of garbage) ends in a fault
 //! or a mapping after at most four reads. No arithmetic on a guest value can overflow: table
 //! and page addresses are masked to bits 51:12 and combined with in-table offsets by `|`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    MemoryRegionAddress, VolatileMemory, VolatileSlice,
 };
 
-use crate::core::bus::{check_range, Access};
+use crate::core::bus::{check_range, region_allows, Access};
 use crate::spec::*;
 
 /// Size of a 4 KiB page.
@@ -100,49 +101,197 @@ fn read_entry(mem: &GuestMemoryMmap, table: u64, index: u64, level: u32) -> Resu
         .map_err(|_| outside)
 }
 
+/// What one entry of a walk leads to.
+enum Step {
+    /// A leaf: the walk is done.
+    Leaf(Leaf),
+    /// A table of the next level down, and the permissions so far.
+    Table(u64, u64),
+}
+
+/// Decode `entry`, read from the table of `level` for `iova`, with `perm` the permissions
+/// ANDed over the levels above.
+#[inline(always)]
+fn decode(entry: u64, level: u32, perm: u64, iova: u64) -> Result<Step, WalkFault> {
+    let fault = |reason, info| WalkFault {
+        reason,
+        info,
+        level,
+        in_walk: false,
+    };
+    if entry & (PTE_R | PTE_W) == 0 {
+        return Err(fault(FAULT_NOT_PRESENT, 0));
+    }
+    let large = entry & PTE_PS != 0;
+    if entry & PTE_RESERVED_MASK != 0 || (large && (level == 4 || level == 1)) {
+        return Err(fault(FAULT_MALFORMED_ENTRY, entry));
+    }
+    let perm = perm & entry;
+    let addr = entry & PTE_ADDR_MASK;
+    let size = match (level, large) {
+        (1, _) => SIZE_4K,
+        (2, true) => SIZE_2M,
+        (3, true) => SIZE_1G,
+        // A table pointer at level 4, 3 or 2: one level down (level 1 never gets here).
+        _ => return Ok(Step::Table(addr, perm)),
+    };
+    if addr & (size - 1) != 0 {
+        return Err(fault(FAULT_MALFORMED_ENTRY, entry));
+    }
+    Ok(Step::Leaf(Leaf {
+        iova_page: iova & !(size - 1),
+        bus_page: addr,
+        size,
+        perm,
+    }))
+}
+
 /// Walk the table rooted at bus address `root` (bits 11:0 ignored) for `iova`.
 ///
 /// The caller has checked `iova` against the IOVA width; bits above 47 are not looked at.
 pub(crate) fn walk(mem: &GuestMemoryMmap, root: u64, iova: u64) -> Result<Leaf, WalkFault> {
-    let mut table = root & !(SIZE_4K - 1);
+    walk_from(mem, root, iova, None)
+}
+
+/// A level-1 table reached by an earlier walk: a paging-structure cache entry (as an IOMMU
+/// keeps for non-leaf entries), so that the next 4 KiB page of the same 2 MiB IOVA range
+/// walks with one entry read instead of four.
+///
+/// It caches the level-4, -3 and -2 entries on the way (the table's address and the
+/// permissions they grant), for one root. Its owner ([`super::Translator`]) keeps it only
+/// while no invalidation has happened (the IOTLB's generation is unchanged), so an
+/// invalidation drops it as it drops leaf entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Table<'m> {
+    /// Root the walk started from (4 KiB aligned).
+    root: u64,
+    /// `iova >> 21` of the IOVAs the table maps.
+    range: u64,
+    /// Bus address of the level-1 table.
+    table: u64,
+    /// `PTE_R | PTE_W` ANDed over levels 4..2.
+    perm: u64,
+    /// The table's entries that are mapped for reading, from its first (found with one
+    /// region lookup; empty when the table's first byte is not readable).
+    entries: Option<VolatileSlice<'m>>,
+}
+
+impl<'m> L1Table<'m> {
+    fn new(mem: &'m GuestMemoryMmap, root: u64, iova: u64, table: u64, perm: u64) -> Self {
+        let entries = mem.find_region(GuestAddress(table)).and_then(|region| {
+            if !region_allows(region, Access::Read) {
+                return None;
+            }
+            // `table` is in the region, so neither subtraction underflows.
+            let avail = (region.last_addr().0 - table)
+                .saturating_add(1)
+                .min(SIZE_4K);
+            let offset = MemoryRegionAddress(table - region.start_addr().0);
+            region.get_slice(offset, avail as usize).ok()
+        });
+        Self {
+            root,
+            range: iova >> 21,
+            table,
+            perm,
+            entries,
+        }
+    }
+
+    /// Read entry `index`: from the slice when it holds the entry, else exactly as a walk
+    /// reads any entry ([`read_entry`], which faults for bytes not mapped for reading).
+    #[inline(always)]
+    fn read(&self, mem: &GuestMemoryMmap, index: u64) -> Result<u64, WalkFault> {
+        let at = (index * 8) as usize;
+        if let Some(entries) = self.entries {
+            if at + 8 <= entries.len() {
+                if let Ok(entry) = entries.get_atomic_ref::<AtomicU64>(at) {
+                    return Ok(u64::from_le(entry.load(Ordering::Acquire)));
+                }
+            }
+        }
+        read_entry(mem, self.table, index, 1)
+    }
+}
+
+/// Level-1 tables of recent walks ([`L1Table`]): a few, so that the two sides of a copy
+/// (each walking its own level-1 table) both find theirs; the oldest goes first.
+#[derive(Debug, Default)]
+pub(crate) struct L1Cache<'m> {
+    tables: [Option<L1Table<'m>>; 4],
+    /// Where the next table goes.
+    next: usize,
+}
+
+impl<'m> L1Cache<'m> {
+    /// Forget every table.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    #[inline(always)]
+    fn find(&self, root: u64, iova: u64) -> Option<&L1Table<'m>> {
+        self.tables
+            .iter()
+            .flatten()
+            .find(|t| t.root == root && t.range == iova >> 21)
+    }
+
+    fn insert(&mut self, table: L1Table<'m>) {
+        self.tables[self.next] = Some(table);
+        self.next = (self.next + 1) % self.tables.len();
+    }
+}
+
+/// Walk like [`walk`], starting from `cache` when it holds the level-1 table for `iova`
+/// under `root`, and adding to `cache` the level-1 table a full walk reaches.
+///
+/// The result is the one [`walk`] gives as long as the level-4..2 entries the cached table
+/// was found through are unchanged; a driver that changes them must invalidate (SPEC.md
+/// "IOTLB"), which makes the owner clear the cache.
+#[inline(always)]
+pub(crate) fn walk_cached<'m>(
+    mem: &'m GuestMemoryMmap,
+    root: u64,
+    iova: u64,
+    cache: &mut L1Cache<'m>,
+) -> Result<Leaf, WalkFault> {
+    let root = root & !(SIZE_4K - 1);
+    if let Some(l1) = cache.find(root, iova) {
+        let entry = l1.read(mem, index(iova, 1))?;
+        // Level 1 holds only leaves; were it otherwise, a full walk decides.
+        if let Step::Leaf(leaf) = decode(entry, 1, l1.perm, iova)? {
+            return Ok(leaf);
+        }
+    }
+    walk_from(mem, root, iova, Some(cache))
+}
+
+#[inline(never)]
+fn walk_from<'m>(
+    mem: &'m GuestMemoryMmap,
+    root: u64,
+    iova: u64,
+    mut cache: Option<&mut L1Cache<'m>>,
+) -> Result<Leaf, WalkFault> {
+    let root = root & !(SIZE_4K - 1);
+    let mut table = root;
     let mut perm = PTE_R | PTE_W;
     let mut level = LEVELS;
     loop {
         let entry = read_entry(mem, table, index(iova, level), level)?;
-        let fault = |reason, info| WalkFault {
-            reason,
-            info,
-            level,
-            in_walk: false,
-        };
-        if entry & (PTE_R | PTE_W) == 0 {
-            return Err(fault(FAULT_NOT_PRESENT, 0));
-        }
-        let large = entry & PTE_PS != 0;
-        if entry & PTE_RESERVED_MASK != 0 || (large && (level == 4 || level == 1)) {
-            return Err(fault(FAULT_MALFORMED_ENTRY, entry));
-        }
-        perm &= entry;
-        let addr = entry & PTE_ADDR_MASK;
-        let size = match (level, large) {
-            (1, _) => SIZE_4K,
-            (2, true) => SIZE_2M,
-            (3, true) => SIZE_1G,
-            // A table pointer at level 4, 3 or 2: one level down (level 1 never gets here).
-            _ => {
-                table = addr;
+        match decode(entry, level, perm, iova)? {
+            Step::Leaf(leaf) => return Ok(leaf),
+            Step::Table(next, p) => {
+                table = next;
+                perm = p;
                 level -= 1;
-                continue;
+                if level == 1 {
+                    if let Some(cache) = cache.as_deref_mut() {
+                        cache.insert(L1Table::new(mem, root, iova, table, perm));
+                    }
+                }
             }
-        };
-        if addr & (size - 1) != 0 {
-            return Err(fault(FAULT_MALFORMED_ENTRY, entry));
         }
-        return Ok(Leaf {
-            iova_page: iova & !(size - 1),
-            bus_page: addr,
-            size,
-            perm,
-        });
     }
 }
