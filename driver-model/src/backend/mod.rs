@@ -60,6 +60,10 @@ pub enum BackendError {
     /// A DMA allocation request that cannot be satisfied as asked.
     #[error("invalid DMA allocation: {0}")]
     InvalidAllocation(String),
+    /// Not enough memory of the kind asked for (for 2 MiB pages: no free huge page). Never
+    /// answered by falling back to another kind.
+    #[error("out of DMA memory: {0}")]
+    OutOfMemory(String),
     /// The back end cannot do this at all.
     #[error("not supported by the {backend} back end: {what}")]
     Unsupported {
@@ -143,6 +147,10 @@ pub struct DmaRequest {
     pub len: usize,
     /// Page backing.
     pub pages: PageKind,
+    /// Preferred NUMA node (`None`: any). A back end places the memory there when it can
+    /// and reports where it went in [`DmaBuffer::node`]; a preference it cannot honour is
+    /// not an error (as `MmAllocateContiguousMemorySpecifyCacheNode` treats it).
+    pub node: Option<u32>,
 }
 
 impl DmaRequest {
@@ -151,6 +159,7 @@ impl DmaRequest {
         DmaRequest {
             len,
             pages: PageKind::Base,
+            node: None,
         }
     }
 
@@ -159,6 +168,15 @@ impl DmaRequest {
         DmaRequest {
             len,
             pages: PageKind::Huge2M,
+            node: None,
+        }
+    }
+
+    /// The same request, preferring NUMA node `node`.
+    pub fn on_node(self, node: u32) -> Self {
+        DmaRequest {
+            node: Some(node),
+            ..self
         }
     }
 }
@@ -193,6 +211,11 @@ pub trait DmaBackend {
 
     /// Number of MSI-X vectors set up.
     fn msix_vectors(&self) -> u16;
+
+    /// Number of NUMA nodes memory can be requested from (nodes are `0..n`).
+    fn numa_nodes(&self) -> u32 {
+        1
+    }
 
     /// (Re-)programs the MSI-X vectors (for example after a device reset) and discards
     /// interrupts that were pending.
@@ -248,6 +271,7 @@ pub struct DmaBuffer {
     len: usize,
     bus_addr: u64,
     page_size: usize,
+    node: Option<u32>,
     // Releases the memory and the device mapping when dropped.
     _backing: Box<dyn Any + Send>,
 }
@@ -264,6 +288,7 @@ impl fmt::Debug for DmaBuffer {
             .field("len", &self.len)
             .field("bus_addr", &format_args!("{:#x}", self.bus_addr))
             .field("page_size", &self.page_size)
+            .field("node", &self.node)
             .finish()
     }
 }
@@ -289,8 +314,20 @@ impl DmaBuffer {
             len,
             bus_addr,
             page_size,
+            node: None,
             _backing: backing,
         }
+    }
+
+    /// Records the NUMA node the memory is on (back ends call this when they know it).
+    pub fn with_node(mut self, node: Option<u32>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// The NUMA node the memory is on, when the back end knows it.
+    pub fn node(&self) -> Option<u32> {
+        self.node
     }
 
     /// Length in bytes.
