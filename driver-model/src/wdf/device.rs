@@ -1,0 +1,164 @@
+//! Device and request objects: the parents a driver hangs its memory on.
+//!
+//! `WdfDeviceCreate` here takes a [`WDFDEVICE_INIT`] that names the back end the device is
+//! reached through (the PnP manager's part in Windows); the DMA calls find the device's
+//! hardware through it. `WdfRequestCreate` makes a driver-created request, the parent the
+//! seeds' preallocated-memory example uses.
+
+#![allow(non_snake_case, non_camel_case_types)]
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::driver::current;
+use super::memory::null_parameter;
+use super::object::{
+    self, validate_attributes, Body, Kind, NewObject, WDFDEVICE, WDFOBJECT, WDFREQUEST,
+    WDF_OBJECT_ATTRIBUTES,
+};
+use crate::backend::DmaBackend;
+use crate::irql::{KeGetCurrentIrql, PASSIVE_LEVEL};
+use crate::status::*;
+use crate::verifier::fx_type;
+
+/// A back end shared by the objects of a device.
+pub type SharedBackend = Arc<dyn DmaBackend + Send + Sync>;
+
+/// `WDFDEVICE_INIT`: what the device is created from.
+pub struct WDFDEVICE_INIT {
+    backend: Option<SharedBackend>,
+}
+
+impl fmt::Debug for WDFDEVICE_INIT {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WDFDEVICE_INIT")
+            .field("backend", &self.backend.as_ref().map(|b| b.info().backend))
+            .finish()
+    }
+}
+
+impl WDFDEVICE_INIT {
+    /// A device reached through `backend`.
+    pub fn new(backend: SharedBackend) -> Box<Self> {
+        Box::new(WDFDEVICE_INIT {
+            backend: Some(backend),
+        })
+    }
+
+    /// A device without hardware (for memory-only use).
+    pub fn without_hardware() -> Box<Self> {
+        Box::new(WDFDEVICE_INIT { backend: None })
+    }
+}
+
+/// A device object's state.
+#[allow(dead_code)] // The back end is read by the DMA facade (next change).
+pub(crate) struct DeviceBody {
+    pub backend: Option<SharedBackend>,
+}
+
+/// `WdfDeviceCreate`: creates a device object (parent: the driver) and consumes
+/// `DeviceInit` (set to `None` on success, as KMDF frees it). PASSIVE_LEVEL only.
+pub fn WdfDeviceCreate(
+    DeviceInit: &mut Option<Box<WDFDEVICE_INIT>>,
+    DeviceAttributes: Option<&WDF_OBJECT_ATTRIBUTES>,
+    Device: Option<&mut WDFDEVICE>,
+) -> NTSTATUS {
+    const API: &str = "WdfDeviceCreate";
+    let Some(out) = Device else {
+        null_parameter(API, "Device");
+        return STATUS_INVALID_PARAMETER;
+    };
+    let Some(init) = DeviceInit.as_ref() else {
+        null_parameter(API, "DeviceInit");
+        return STATUS_INVALID_PARAMETER;
+    };
+    if KeGetCurrentIrql() > PASSIVE_LEVEL {
+        return STATUS_INVALID_DEVICE_REQUEST;
+    }
+    let s = validate_attributes(DeviceAttributes);
+    if !s.is_success() {
+        return s;
+    }
+    if DeviceAttributes.is_some_and(|a| !a.ParentObject.is_null()) {
+        return STATUS_WDF_PARENT_ASSIGNMENT_NOT_ALLOWED;
+    }
+    let g = current();
+    let default_parent = object::lookup(g.handle().into());
+    match object::create(NewObject {
+        kind: Kind::Device,
+        driver: g,
+        body: Body::Device(DeviceBody {
+            backend: init.backend.clone(),
+        }),
+        attributes: DeviceAttributes,
+        default_parent,
+        api: API,
+    }) {
+        Ok(o) => {
+            *DeviceInit = None;
+            *out = WDFDEVICE(o.handle);
+            STATUS_SUCCESS
+        }
+        Err(s) => s,
+    }
+}
+
+/// `WdfRequestCreate`: a driver-created request (no I/O target in this model:
+/// `IoTarget` must be NULL). Parent: the attributes' `ParentObject`, else the driver.
+pub fn WdfRequestCreate(
+    RequestAttributes: Option<&WDF_OBJECT_ATTRIBUTES>,
+    IoTarget: WDFOBJECT,
+    Request: Option<&mut WDFREQUEST>,
+) -> NTSTATUS {
+    const API: &str = "WdfRequestCreate";
+    let Some(out) = Request else {
+        null_parameter(API, "Request");
+        return STATUS_INVALID_PARAMETER;
+    };
+    *out = WDFREQUEST::NULL;
+    if !IoTarget.is_null() {
+        return STATUS_NOT_SUPPORTED;
+    }
+    let s = validate_attributes(RequestAttributes);
+    if !s.is_success() {
+        return s;
+    }
+    let g = current();
+    let default_parent = object::lookup(g.handle().into());
+    match object::create(NewObject {
+        kind: Kind::Request,
+        driver: g,
+        body: Body::None,
+        attributes: RequestAttributes,
+        default_parent,
+        api: API,
+    }) {
+        Ok(o) => {
+            *out = WDFREQUEST(o.handle);
+            STATUS_SUCCESS
+        }
+        Err(s) => s,
+    }
+}
+
+/// The device `h` is or hangs under (KMDF's `_SearchForDevice`), if any.
+pub(crate) fn device_ancestor(h: WDFOBJECT) -> Option<WDFOBJECT> {
+    let mut cur = object::lookup(h)?;
+    loop {
+        if cur.kind == Kind::Device {
+            return Some(cur.handle);
+        }
+        cur = object::lookup(cur.parent()?)?;
+    }
+}
+
+/// The back end of device `Device` (an invalid handle is bug check 0x10D / 0x5).
+#[allow(dead_code)] // Used by the DMA facade (next change).
+pub(crate) fn device_backend(Device: WDFDEVICE, api: &str) -> Option<SharedBackend> {
+    let o = object::resolve(Device.into(), fx_type::FX_TYPE_DEVICE, api)?;
+    match &o.body {
+        Body::Device(d) => d.backend.clone(),
+        _ => None,
+    }
+}
