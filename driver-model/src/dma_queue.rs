@@ -77,6 +77,14 @@ pub enum QueueError {
         /// Ring size.
         size: u32,
     },
+    /// The buffer given for completion records is too small.
+    #[error("completion buffer of {len:#x} bytes is too small for {count} records")]
+    RecordsTooSmall {
+        /// Buffer length.
+        len: usize,
+        /// Records asked for.
+        count: usize,
+    },
 }
 
 /// One 64-byte descriptor. All fields are public so that tests can build malformed ones.
@@ -264,6 +272,24 @@ impl CompletionRecords {
     pub fn new(backend: &dyn DmaBackend, count: usize) -> Result<Self, QueueError> {
         let buf = backend.alloc_dma(DmaRequest::new(count.max(1) * CPL))?;
         let device_base = buf.bus_addr();
+        Ok(CompletionRecords {
+            buf,
+            count,
+            device_base,
+        })
+    }
+
+    /// Records in memory the caller allocated (at least `count` records long), which the
+    /// device reaches at `device_base` in the queue's domain (for example a domain common
+    /// buffer and its logical address). The records are cleared.
+    pub fn with_buffer(buf: DmaBuffer, count: usize, device_base: u64) -> Result<Self, QueueError> {
+        if buf.len() < count * CPL {
+            return Err(QueueError::RecordsTooSmall {
+                len: buf.len(),
+                count,
+            });
+        }
+        buf.fill(0, count * CPL, 0);
         Ok(CompletionRecords {
             buf,
             count,

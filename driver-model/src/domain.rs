@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use domdma_device::spec;
 
-use crate::backend::{BackendError, DmaBackend, DmaBuffer};
+use crate::backend::{BackendError, BackendRef, DmaBackend, DmaBuffer};
 use crate::iopt::{IoPageTable, IoptError, PageSize, Perm};
 
 /// How long [`Domain`] waits for an invalidation by default.
@@ -205,7 +205,7 @@ pub fn disable_domain(dev: &dyn DmaBackend, d: u32, timeout: Duration) -> Result
 /// removes them and invalidates. Dropping it disables the domain and invalidates it
 /// before the tables' memory goes, so the device never walks freed tables.
 pub struct Domain<'b> {
-    dev: &'b dyn DmaBackend,
+    dev: BackendRef<'b>,
     index: u32,
     table: IoPageTable<'b>,
     timeout: Duration,
@@ -224,10 +224,11 @@ impl<'b> Domain<'b> {
     /// Builds an empty page table for domain `index`, installs its root, sets the mode to
     /// translated and invalidates the domain. `iova_width` is the device's (`REG_CAP`).
     pub fn translated(
-        dev: &'b dyn DmaBackend,
+        dev: impl Into<BackendRef<'b>>,
         index: u32,
         iova_width: u32,
     ) -> Result<Self, DomainError> {
+        let dev = dev.into();
         let domains = (dev.read32(spec::REG_CAP)? >> spec::CAP_DOMAINS_SHIFT) & 0xff;
         if index >= domains {
             return Err(DomainError::NoSuchDomain {
@@ -235,15 +236,15 @@ impl<'b> Domain<'b> {
                 domains,
             });
         }
-        let table = IoPageTable::new(dev, iova_width)?;
+        let table = IoPageTable::new(dev.clone(), iova_width)?;
         let d = Domain {
-            dev,
+            dev: dev.clone(),
             index,
             table,
             timeout: DEFAULT_INVALIDATION_TIMEOUT,
         };
         write_domain(
-            dev,
+            &*dev,
             index,
             DomainRegs {
                 root: d.table.root(),
@@ -324,14 +325,14 @@ impl<'b> Domain<'b> {
 
     /// Invalidates the whole domain.
     pub fn invalidate(&self) -> Result<(), DomainError> {
-        invalidate(self.dev, Invalidation::Domain(self.index), self.timeout)?;
+        invalidate(&*self.dev, Invalidation::Domain(self.index), self.timeout)?;
         Ok(())
     }
 
     /// Invalidates `[iova, iova + len)` of the domain.
     pub fn invalidate_range(&self, iova: u64, len: u64) -> Result<(), DomainError> {
         invalidate(
-            self.dev,
+            &*self.dev,
             Invalidation::Range {
                 domain: self.index,
                 iova,
@@ -346,7 +347,7 @@ impl<'b> Domain<'b> {
 impl Drop for Domain<'_> {
     fn drop(&mut self) {
         // Best effort: the device may have been reset or be gone.
-        if let Err(e) = disable_domain(self.dev, self.index, self.timeout) {
+        if let Err(e) = disable_domain(&*self.dev, self.index, self.timeout) {
             tracing::warn!(domain = self.index, "disabling the domain on drop: {e}");
         }
     }

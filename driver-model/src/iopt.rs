@@ -24,7 +24,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use domdma_device::spec;
 
-use crate::backend::{BackendError, DmaBackend, DmaBuffer, DmaRequest};
+use crate::backend::{BackendError, BackendRef, DmaBuffer, DmaRequest};
 
 /// Entries per table.
 pub const ENTRIES: usize = 512;
@@ -248,7 +248,7 @@ struct Slot {
 
 /// A 4-level I/O page table in DMA memory.
 pub struct IoPageTable<'b> {
-    backend: &'b dyn DmaBackend,
+    backend: BackendRef<'b>,
     iova_width: u32,
     chunks: Vec<DmaBuffer>,
     used_in_last: usize,
@@ -269,9 +269,9 @@ impl fmt::Debug for IoPageTable<'_> {
 impl<'b> IoPageTable<'b> {
     /// An empty table (a zeroed root: nothing mapped) for an IOVA space of `iova_width`
     /// bits (at most 48; `REG_CAP` tells the device's).
-    pub fn new(backend: &'b dyn DmaBackend, iova_width: u32) -> Result<Self, IoptError> {
+    pub fn new(backend: impl Into<BackendRef<'b>>, iova_width: u32) -> Result<Self, IoptError> {
         let mut t = IoPageTable {
-            backend,
+            backend: backend.into(),
             iova_width: iova_width.min(MAX_IOVA_WIDTH),
             chunks: Vec::new(),
             used_in_last: TABLES_PER_CHUNK,
@@ -656,22 +656,22 @@ impl<'b> IoPageTable<'b> {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
     use std::ptr::NonNull;
     use std::time::Duration;
 
     use super::*;
-    use crate::backend::{BackendInfo, RegisterAccess, Result as BResult};
+    use crate::backend::{BackendInfo, DmaBackend, RegisterAccess, Result as BResult};
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A back end with heap "DMA memory" at fake bus addresses, enough for the builder.
     struct HeapBackend {
-        next: Cell<u64>,
+        next: AtomicU64,
     }
 
     impl HeapBackend {
         fn new() -> Self {
             HeapBackend {
-                next: Cell::new(0x10_0000),
+                next: AtomicU64::new(0x10_0000),
             }
         }
     }
@@ -705,8 +705,9 @@ mod tests {
             let base = v.as_ptr() as usize;
             let aligned = base.next_multiple_of(4096);
             let ptr = NonNull::new(aligned as *mut u8).unwrap();
-            let bus = self.next.get();
-            self.next.set(bus + len as u64 + 0x1_0000);
+            let bus = self
+                .next
+                .fetch_add(len as u64 + 0x1_0000, Ordering::Relaxed);
             // SAFETY: the boxed slice stays alive inside the buffer, and `aligned..+len`
             // lies inside it.
             Ok(unsafe { DmaBuffer::from_raw_parts(ptr, len, bus, 4096, Box::new(v)) })

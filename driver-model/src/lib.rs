@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod caps;
+pub mod dma;
 pub mod dma_queue;
 pub mod domain;
 pub mod fault_log;

@@ -99,6 +99,8 @@ statuses! {
     STATUS_NOT_SUPPORTED = 0xC000_00BB;
     /// The device is not in a valid state to perform this request.
     STATUS_INVALID_DEVICE_STATE = 0xC000_0184;
+    /// The I/O device reported an I/O error.
+    STATUS_IO_DEVICE_ERROR = 0xC000_0185;
     /// The size of the buffer is invalid for the specified operation.
     STATUS_INVALID_BUFFER_SIZE = 0xC000_0206;
     /// The structure's Size field is not the expected size.

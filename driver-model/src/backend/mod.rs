@@ -20,6 +20,10 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 #[cfg(target_os = "linux")]
+pub mod inprocess;
+#[cfg(target_os = "linux")]
+pub mod phys;
+#[cfg(target_os = "linux")]
 pub mod vfio;
 
 /// PCI configuration space offset of the command register (u16).
@@ -181,11 +185,58 @@ impl DmaRequest {
     }
 }
 
-/// The interface every back end implements. Object safe: drivers hold a `&dyn DmaBackend`.
+/// A back end as a page table or domain holds it: borrowed for a scope, or shared (for
+/// long-lived objects such as the WDF facade's DMA domains).
+#[derive(Clone)]
+pub enum BackendRef<'b> {
+    /// Borrowed.
+    Borrowed(&'b dyn DmaBackend),
+    /// Shared ownership.
+    Shared(std::sync::Arc<dyn DmaBackend + Send + Sync>),
+}
+
+impl<'b> std::ops::Deref for BackendRef<'b> {
+    type Target = dyn DmaBackend + 'b;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            BackendRef::Borrowed(b) => *b,
+            BackendRef::Shared(b) => &**b,
+        }
+    }
+}
+
+impl fmt::Debug for BackendRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackendRef({})", self.info().backend)
+    }
+}
+
+impl<'b> From<&'b dyn DmaBackend> for BackendRef<'b> {
+    fn from(b: &'b dyn DmaBackend) -> Self {
+        BackendRef::Borrowed(b)
+    }
+}
+
+impl<'b, T: DmaBackend> From<&'b T> for BackendRef<'b> {
+    fn from(b: &'b T) -> Self {
+        BackendRef::Borrowed(b)
+    }
+}
+
+impl From<std::sync::Arc<dyn DmaBackend + Send + Sync>> for BackendRef<'static> {
+    fn from(b: std::sync::Arc<dyn DmaBackend + Send + Sync>) -> Self {
+        BackendRef::Shared(b)
+    }
+}
+
+/// The interface every back end implements. Object safe: drivers hold a `&dyn DmaBackend`
+/// (or share an `Arc`); back ends are `Send + Sync`, so a driver may use one from several
+/// threads.
 ///
 /// Register offsets are byte offsets into the register BAR (BAR0); accesses are 32 bits,
 /// little endian, 4-byte aligned.
-pub trait DmaBackend {
+pub trait DmaBackend: Send + Sync {
     /// What the back end is and how it reaches the device.
     fn info(&self) -> BackendInfo;
 
@@ -316,6 +367,25 @@ impl DmaBuffer {
             page_size,
             node: None,
             _backing: backing,
+        }
+    }
+
+    /// A second handle to the same memory that does not own it (dropping it releases
+    /// nothing): for structures that take a `DmaBuffer` (a queue ring, completion records)
+    /// built in memory something else owns, such as a domain common buffer.
+    ///
+    /// # Safety
+    ///
+    /// The alias must be dropped before `self` (and before the memory is otherwise
+    /// released); accesses through both follow the same volatile rules.
+    pub unsafe fn alias(&self) -> DmaBuffer {
+        DmaBuffer {
+            ptr: self.ptr,
+            len: self.len,
+            bus_addr: self.bus_addr,
+            page_size: self.page_size,
+            node: self.node,
+            _backing: Box::new(()),
         }
     }
 

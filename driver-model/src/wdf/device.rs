@@ -8,7 +8,7 @@
 #![allow(non_snake_case, non_camel_case_types)]
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::driver::current;
 use super::memory::null_parameter;
@@ -16,13 +16,12 @@ use super::object::{
     self, validate_attributes, Body, Kind, NewObject, WDFDEVICE, WDFOBJECT, WDFREQUEST,
     WDF_OBJECT_ATTRIBUTES,
 };
-use crate::backend::DmaBackend;
+use crate::dma::DmaDevice;
 use crate::irql::{KeGetCurrentIrql, PASSIVE_LEVEL};
 use crate::status::*;
 use crate::verifier::fx_type;
 
-/// A back end shared by the objects of a device.
-pub type SharedBackend = Arc<dyn DmaBackend + Send + Sync>;
+pub use crate::dma::SharedBackend;
 
 /// `WDFDEVICE_INIT`: what the device is created from.
 pub struct WDFDEVICE_INIT {
@@ -52,9 +51,10 @@ impl WDFDEVICE_INIT {
 }
 
 /// A device object's state.
-#[allow(dead_code)] // The back end is read by the DMA facade (next change).
 pub(crate) struct DeviceBody {
-    pub backend: Option<SharedBackend>,
+    backend: Option<SharedBackend>,
+    /// The DMA side, set up on first use.
+    dma: Mutex<Option<Arc<DmaDevice>>>,
 }
 
 /// `WdfDeviceCreate`: creates a device object (parent: the driver) and consumes
@@ -90,6 +90,7 @@ pub fn WdfDeviceCreate(
         driver: g,
         body: Body::Device(DeviceBody {
             backend: init.backend.clone(),
+            dma: Mutex::new(None),
         }),
         attributes: DeviceAttributes,
         default_parent,
@@ -153,12 +154,27 @@ pub(crate) fn device_ancestor(h: WDFOBJECT) -> Option<WDFOBJECT> {
     }
 }
 
-/// The back end of device `Device` (an invalid handle is bug check 0x10D / 0x5).
-#[allow(dead_code)] // Used by the DMA facade (next change).
-pub(crate) fn device_backend(Device: WDFDEVICE, api: &str) -> Option<SharedBackend> {
+/// The DMA side of device `Device` (set up on first use: capabilities read, bus mastering
+/// on). `None` for a device without hardware or when the set-up fails (logged). An invalid
+/// handle is bug check 0x10D / 0x5.
+pub(crate) fn device_dma(Device: WDFDEVICE, api: &str) -> Option<Arc<DmaDevice>> {
     let o = object::resolve(Device.into(), fx_type::FX_TYPE_DEVICE, api)?;
-    match &o.body {
-        Body::Device(d) => d.backend.clone(),
-        _ => None,
+    let Body::Device(d) = &o.body else {
+        return None;
+    };
+    let backend = d.backend.clone()?;
+    let mut slot = d.dma.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dma) = &*slot {
+        return Some(Arc::clone(dma));
+    }
+    match DmaDevice::new(backend) {
+        Ok(dma) => {
+            *slot = Some(Arc::clone(&dma));
+            Some(dma)
+        }
+        Err(e) => {
+            tracing::error!("{api}: setting up DMA on the device: {e}");
+            None
+        }
     }
 }

@@ -34,12 +34,14 @@
 //! docs/wdf-behaviour-sources.md; driver-model/tests/wdf_rules.rs has one test per rule.
 
 mod device;
+mod dma;
 mod driver;
 mod memory;
 mod object;
 mod pool;
 
 pub use device::*;
+pub use dma::*;
 pub use driver::*;
 pub use memory::*;
 pub use object::*;

@@ -387,7 +387,6 @@ pub(crate) enum Body {
     None,
     Lookaside(LookasideBody),
     Memory(MemoryBody),
-    #[allow(dead_code)] // Read by the DMA facade (next change).
     Device(super::device::DeviceBody),
 }
 
