@@ -147,7 +147,7 @@ impl fmt::Debug for CommonBuffer {
     }
 }
 
-/// What [`DmaDomain::allocate`] reports besides the buffer.
+/// What [`Adapter::allocate_common_buffer`] reports besides the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocated {
     /// Logical address.

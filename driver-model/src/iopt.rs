@@ -1,4 +1,4 @@
-//! I/O page tables for a domdma DMA domain, built in DMA memory from any [`DmaBackend`].
+//! I/O page tables for a domdma DMA domain, built in DMA memory from any [`DmaBackend`](crate::backend::DmaBackend).
 //!
 //! The format is device/SPEC.md "I/O page tables": four levels of 4 KiB tables of 512
 //! little-endian u64 entries (x86-64 / VT-d second-level style). A 48-bit IOVA splits into

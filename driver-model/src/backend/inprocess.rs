@@ -2,10 +2,10 @@
 //! this process, for unit tests, fuzzing and benchmarks without a socket or a VM.
 //!
 //! This process plays the VMM: guest RAM is anonymous memory laid out as NUMA nodes by
-//! [`PhysMemory`](super::phys::PhysMemory), and the device reaches it only through
-//! `vm-memory` (a [`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) over the same host
-//! mappings, at the nodes' bus addresses), exactly as the vfio-user server reaches the
-//! memory QEMU maps for it. The whole of guest RAM is mapped for the device, as in a VM
+//! [`PhysMemory`], and the device reaches it only through `vm-memory` (a
+//! [`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) over the same host mappings, at the
+//! nodes' bus addresses), exactly as the vfio-user server reaches the memory QEMU maps for
+//! it. The whole of guest RAM is mapped for the device, as in a VM
 //! without an IOMMU: a freed buffer's bus address is still RAM; only
 //! [`DmaBackend::reserve_unmapped`] addresses (above RAM) fault in a pass-through domain.
 //!

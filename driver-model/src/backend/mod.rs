@@ -10,9 +10,14 @@
 //! 4. MSI-X interrupts, one per vector, that can be waited for with a timeout
 //!    ([`DmaBackend::wait_interrupt`]).
 //!
-//! Implementations: [`vfio`] (Linux, inside the QEMU guest, through VFIO type1). The
-//! in-process back end (the device core linked into the process) and the vfio-user client
-//! back end implement the same trait.
+//! Implementations:
+//! - [`vfio`]: Linux, inside the QEMU guest, through VFIO type1;
+//! - [`inprocess`]: the device core linked into the process, over `vm-memory` guest RAM;
+//! - [`vfio_user`]: this process as the VMM, talking to the real device server over its
+//!   vfio-user socket (and [`vfio_user::DeviceServer`] to start one in tests).
+//!
+//! The last two own guest RAM themselves: [`phys`] lays it out as NUMA nodes and allocates
+//! physically contiguous base- and huge-page ranges from it.
 
 use std::any::Any;
 use std::fmt;
@@ -25,6 +30,8 @@ pub mod inprocess;
 pub mod phys;
 #[cfg(target_os = "linux")]
 pub mod vfio;
+#[cfg(target_os = "linux")]
+pub mod vfio_user;
 
 /// PCI configuration space offset of the command register (u16).
 pub const PCI_COMMAND: u64 = 0x04;

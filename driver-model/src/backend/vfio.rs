@@ -164,8 +164,78 @@ pub enum VfioBackendError {
 
 impl From<VfioBackendError> for BackendError {
     fn from(e: VfioBackendError) -> Self {
-        BackendError::Backend(Box::new(e))
+        match e {
+            // No 2 MiB page is a shortage the caller reports as such (never a fallback).
+            e @ VfioBackendError::HugePagesUnavailable { .. } => {
+                BackendError::OutOfMemory(e.to_string())
+            }
+            e => BackendError::Backend(Box::new(e)),
+        }
     }
+}
+
+/// `MPOL_PREFERRED` (linux/mempolicy.h): allocate on the node if it can, else anywhere.
+const MPOL_PREFERRED: libc::c_long = 1;
+/// `MPOL_F_NODE | MPOL_F_ADDR`: `get_mempolicy` returns the node of the page at an address.
+const MPOL_F_NODE_ADDR: libc::c_long = 1 | 2;
+
+/// Number of NUMA nodes of this system (`/sys/devices/system/node/online`, "0-1" or
+/// "0"); 1 when the file is missing (a kernel without NUMA).
+pub fn numa_nodes_online() -> u32 {
+    fs::read_to_string("/sys/devices/system/node/online")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .filter_map(|r| r.rsplit('-').next()?.parse::<u32>().ok())
+                .max()
+        })
+        .map_or(1, |last| last + 1)
+}
+
+/// Prefers NUMA node `node` for the pages of `[addr, addr + len)` not yet faulted in.
+fn prefer_node(addr: *mut libc::c_void, len: usize, node: u32) -> io::Result<()> {
+    let mut mask = [0u64; 16];
+    let (word, bit) = ((node / 64) as usize, node % 64);
+    if word >= mask.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    mask[word] = 1 << bit;
+    // SAFETY: mbind only changes the memory policy of the range, a mapping this process
+    // owns; the node mask is a valid array of `16 * 64` bits.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr,
+            len,
+            MPOL_PREFERRED,
+            mask.as_ptr(),
+            (mask.len() * 64) as libc::c_ulong,
+            0 as libc::c_uint,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The NUMA node of the (faulted-in) page at `addr`.
+fn node_of(addr: *mut libc::c_void) -> Option<u32> {
+    let mut node: libc::c_int = -1;
+    // SAFETY: get_mempolicy with MPOL_F_NODE | MPOL_F_ADDR writes one int (the node of the
+    // page at `addr`, a mapped address of this process) to `node`; no node mask is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut node as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_ulong>(),
+            0 as libc::c_ulong,
+            addr,
+            MPOL_F_NODE_ADDR,
+        )
+    };
+    (r == 0 && node >= 0).then_some(node as u32)
 }
 
 fn sysfs_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> VfioBackendError {
@@ -713,6 +783,7 @@ impl VfioBackend {
         &self,
         len: usize,
         pages: PageKind,
+        node: Option<u32>,
     ) -> std::result::Result<(NonNull<u8>, Option<File>), VfioBackendError> {
         let sys = |what| move |source| VfioBackendError::Sys { what, source };
         let (fd, file, flags) = match pages {
@@ -722,6 +793,12 @@ impl VfioBackend {
                 (file.as_raw_fd(), Some(file), libc::MAP_SHARED)
             }
         };
+        // With a node preference the pages are faulted in after mbind (below), not here.
+        let populate = if node.is_some() {
+            0
+        } else {
+            libc::MAP_POPULATE
+        };
         // SAFETY: a fresh mapping chosen by the kernel (no fixed address); the fd is either
         // -1 (anonymous) or an open hugetlbfs file at least `len` bytes long.
         let p = unsafe {
@@ -729,7 +806,7 @@ impl VfioBackend {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                flags | libc::MAP_POPULATE,
+                flags | populate,
                 fd,
                 0,
             )
@@ -745,6 +822,18 @@ impl VfioBackend {
                 });
             }
             return Err(sys("allocating DMA memory (mmap)")(e));
+        }
+        if let Some(node) = node {
+            if let Err(e) = prefer_node(p, len, node) {
+                debug!("mbind to node {node} failed: {e}; the memory goes anywhere");
+            }
+            // Fault every page in now, under the policy (hugetlbfs pages come from the
+            // node's pool). A failed huge-page fault would be SIGBUS, so the pool was
+            // checked before.
+            for off in (0..len).step_by(pages.size()) {
+                // SAFETY: `p + off` is inside the fresh writable mapping.
+                unsafe { p.cast::<u8>().wrapping_add(off).write_volatile(0) };
+            }
         }
         // Pinning by VFIO_IOMMU_MAP_DMA keeps the pages resident anyway; mlock documents the
         // intent and is not fatal when refused.
@@ -949,7 +1038,8 @@ impl DmaBackend for VfioBackend {
             .unwrap_or_else(|p| p.into_inner())
             .alloc(len as u64, page as u64)
             .ok_or(VfioBackendError::IovaExhausted { len: len as u64 })?;
-        let (addr, file) = self.alloc_memory(len, req.pages)?;
+        let (addr, file) = self.alloc_memory(len, req.pages, req.node)?;
+        let node = node_of(addr.as_ptr().cast());
         let mut mapping = VfioDmaMapping {
             container: self.container.clone(),
             iova,
@@ -970,7 +1060,8 @@ impl DmaBackend for VfioBackend {
         // SAFETY: `addr` is valid for `len` bytes and page aligned for as long as `mapping`
         // lives (it owns the memory), nothing else references it, and the device reaches it
         // at `iova` through the mapping just made.
-        Ok(unsafe { DmaBuffer::from_raw_parts(addr, len, iova, page, Box::new(mapping)) })
+        let buf = unsafe { DmaBuffer::from_raw_parts(addr, len, iova, page, Box::new(mapping)) };
+        Ok(buf.with_node(node))
     }
 
     fn reserve_unmapped(&self, len: u64) -> Result<u64> {
@@ -985,6 +1076,10 @@ impl DmaBackend for VfioBackend {
 
     fn msix_vectors(&self) -> u16 {
         self.msix.len() as u16
+    }
+
+    fn numa_nodes(&self) -> u32 {
+        numa_nodes_online()
     }
 
     fn rearm_interrupts(&self) -> Result<()> {
