@@ -153,7 +153,7 @@ pub fn print_result(name: &str, passed: bool, duration_ms: f64, message: &str) {
 pub struct Ctx {
     /// How to open the device.
     pub opts: VfioOptions,
-    backend: Option<VfioBackend>,
+    backend: Option<std::sync::Arc<VfioBackend>>,
     open_error: Option<String>,
 }
 
@@ -191,7 +191,7 @@ impl Ctx {
                         info.numa_node
                             .map_or("unknown".to_string(), |n| n.to_string())
                     );
-                    self.backend = Some(b);
+                    self.backend = Some(std::sync::Arc::new(b));
                 }
                 Err(e) => {
                     let msg = Failure::from(e).0;
@@ -200,7 +200,16 @@ impl Ctx {
                 }
             }
         }
-        Ok(self.backend.as_ref().expect("opened above"))
+        Ok(self.backend.as_deref().expect("opened above"))
+    }
+
+    /// The open device, shared (for code that keeps the back end, such as the WDF facade's
+    /// devices).
+    pub fn shared(&mut self) -> Result<std::sync::Arc<VfioBackend>, Failure> {
+        self.dev()?;
+        Ok(std::sync::Arc::clone(
+            self.backend.as_ref().expect("opened above"),
+        ))
     }
 
     /// A device in the 32-bit IOVA mode (`--iova-width 32`) cannot reach bus addresses at

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use domdma_device::spec;
 use domdma_driver_model::backend::vfio::{
-    find_domdma, hugepages_2m, reserve_hugepages_2m, VfioBackend, VfioBackendError, VfioOptions,
+    find_domdma, hugepages_2m, reserve_hugepages_2m, VfioBackend, VfioOptions,
 };
 use domdma_driver_model::backend::{
     BackendError, BumpIova, DmaBackend, DmaRequest, RegisterAccess, PAGE_SIZE_2M, PCI_COMMAND,
@@ -106,6 +106,10 @@ pub fn all() -> Vec<Test> {
         Test {
             name: "interrupt_coalescing",
             run: interrupt_coalescing,
+        },
+        Test {
+            name: "wdf_domain_common_buffer_dma",
+            run: wdf_domain_common_buffer_dma,
         },
     ]
 }
@@ -882,11 +886,9 @@ fn copy_hugepages(ctx: &mut Ctx) -> TestResult {
     // More than is free: a clear error, no fallback to base pages.
     let (free_now, _) = hugepages_2m()?;
     match dev.alloc_dma(DmaRequest::huge((free_now as usize + 1) * PAGE_SIZE_2M)) {
-        Err(BackendError::Backend(e))
-            if matches!(
-                e.downcast_ref::<VfioBackendError>(),
-                Some(VfioBackendError::HugePagesUnavailable { .. })
-            ) => {}
+        // A shortage of 2 MiB pages is `OutOfMemory` (what AllocateDomainCommonBuffer turns
+        // into STATUS_INSUFFICIENT_RESOURCES), naming what was needed.
+        Err(BackendError::OutOfMemory(m)) if m.contains("huge pages") => {}
         Err(e) => {
             return Err(Failure(format!(
                 "over-asking huge pages: unexpected error {e}"
@@ -2098,5 +2100,38 @@ fn interrupt_coalescing(ctx: &mut Ctx) -> TestResult {
         "a second interrupt for the same batch"
     );
     q.disable()?;
+    Ok(())
+}
+
+/// The driver model's WDF DMA scenario (the same function the in-process and vfio-user
+/// tests run): `IoGetDmaAdapter`, `GetDmaDomain`, two `LARGE_PAGE` domain common buffers
+/// from hugetlbfs on the device's NUMA node, a COPY through the domain's 2 MiB mappings,
+/// `FreeCommonBuffer`, unload without leaks.
+fn wdf_domain_common_buffer_dma(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.shared()?;
+    fresh(&*dev)?;
+    let node = dev.info().numa_node.unwrap_or(0);
+    // Two 3 MiB LARGE_PAGE buffers: four 2 MiB pages, all on the device's node.
+    let free = domdma_driver_model::backend::vfio::reserve_hugepages_2m_on_node(node, 4)
+        .map_err(|e| Failure(format!("reserving huge pages on node {node}: {e}")))?;
+    check!(
+        free >= 4,
+        "only {free} free 2 MiB huge pages on node {node}"
+    );
+    let shared: domdma_driver_model::dma::SharedBackend = dev.clone();
+    let report =
+        domdma_driver_model::scenarios::dma_copy_through_domain_common_buffers(shared, node)
+            .map_err(|e| Failure(e.to_string()))?;
+    crate::progress!(
+        "         domain {}: src IOVA {:#x} -> bus {:#x}, dst IOVA {:#x} -> bus {:#x}, memory on node {:?}",
+        report.device_domain,
+        report.src.0,
+        report.src.1,
+        report.dst.0,
+        report.dst.1,
+        report.src_node
+    );
+    check_eq!(report.bytes, 3 << 20, "bytes copied");
+    check_eq!(report.src_node, Some(node), "PreferredNode honoured");
     Ok(())
 }

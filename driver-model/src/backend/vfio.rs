@@ -463,6 +463,36 @@ pub fn reserve_hugepages_2m(count: u64) -> std::result::Result<u64, VfioBackendE
     Ok(hugepages_2m()?.0)
 }
 
+/// Makes at least `count` 2 MiB huge pages free on NUMA node `node` (through
+/// `/sys/devices/system/node/nodeN/hugepages/hugepages-2048kB`). Returns the number free
+/// there afterwards, which may be lower when the node has no more memory.
+pub fn reserve_hugepages_2m_on_node(
+    node: u32,
+    count: u64,
+) -> std::result::Result<u64, VfioBackendError> {
+    let dir = PathBuf::from(format!(
+        "/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB"
+    ));
+    let read = |name: &str| -> std::result::Result<u64, VfioBackendError> {
+        let path = dir.join(name);
+        read_trimmed(&path)?
+            .parse()
+            .map_err(|_| VfioBackendError::Sysfs {
+                what: "parsing",
+                path: path.clone(),
+                source: io::Error::from(io::ErrorKind::InvalidData),
+            })
+    };
+    let (free, total) = (read("free_hugepages")?, read("nr_hugepages")?);
+    if free < count {
+        write_sysfs(
+            &dir.join("nr_hugepages"),
+            &(total + (count - free)).to_string(),
+        )?;
+    }
+    read("free_hugepages")
+}
+
 /// Options for [`VfioBackend::open`].
 #[derive(Debug, Clone)]
 pub struct VfioOptions {
