@@ -1,28 +1,36 @@
-//! Lookaside lists: fixed-size buffers recycled through a bounded lock-free free list,
-//! refilled from (and overflowing to) the tagged pool, the core of
-//! `WdfLookasideListCreate` / `WdfMemoryCreateFromLookaside`.
+//! Lookaside lists: fixed-size buffers recycled through free lists, refilled from (and
+//! overflowing to) the tagged pool, the core of `WdfLookasideListCreate` /
+//! `WdfMemoryCreateFromLookaside`.
 //!
-//! As NT's lookaside lists: nothing is allocated at creation; an allocation takes a buffer
-//! from the free list or, when it is empty (an allocate miss), from the pool with the
-//! list's tag; a free puts the buffer back or, when the list is at its depth (a free miss),
-//! returns it to the pool. The counters are NT's `TotalAllocates`, `AllocateMisses`,
-//! `TotalFrees` and `FreeMisses`. Buffers smaller than a page are zeroed on every
-//! allocation (what KMDF does: its small buffers share a zeroed block with the memory
-//! object, non-paged and paged alike); page-sized and larger buffers are handed out as
-//! they are.
+//! As NT's lookaside lists: nothing is allocated at creation; an allocation takes a free
+//! buffer or, when there is none (an allocate miss), one from the pool with the list's
+//! tag; a free keeps the buffer or, when the list holds its depth (a free miss), returns
+//! it to the pool. The counters are NT's `TotalAllocates`, `AllocateMisses`, `TotalFrees`
+//! and `FreeMisses`. Buffers smaller than a page are zeroed on every allocation (what KMDF
+//! does: its small buffers share a zeroed block with the memory object, non-paged and
+//! paged alike); page-sized and larger buffers are handed out as they are.
 //!
-//! The free list is a `crossbeam-queue` [`ArrayQueue`]: lock-free and bounded, so a get or
-//! put is one compare-and-swap on a hit, from any thread.
+//! Layout, as NT keeps per-processor lookaside lists in front of a shared one: each thread
+//! has a small cache of free buffers ([`THREAD_CACHE`] at most; `thread_local`'s
+//! `ThreadLocal`, no atomic read-modify-write on the hot path), in front of a shared
+//! bounded lock-free depot (`crossbeam-queue`'s `ArrayQueue`, `depth` buffers). A free
+//! goes to the thread's cache, or to the depot when the cache is full, or to the pool; an
+//! allocation takes from the thread's cache, else the depot, else the pool. So buffers
+//! freed on one thread serve allocations on another, and a thread that only allocates or
+//! only frees still recycles through the depot. Each thread's counters are written only by
+//! that thread (plain relaxed load and store) and read by anyone, so the totals are exact.
 
+use std::cell::UnsafeCell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
+use thread_local::ThreadLocal;
 
 use crate::pool::{PoolKind, PoolTag, PoolTracker, PAGE_SIZE};
 
-/// Default depth (buffers kept on the free list), NT's maximum lookaside depth.
+/// Default depth of the shared depot, NT's maximum lookaside depth.
 pub const DEFAULT_DEPTH: usize = 256;
 
 /// A lookaside list's counters.
@@ -40,25 +48,66 @@ pub struct LookasideStats {
     pub depth: usize,
 }
 
+/// Free buffers a thread keeps in its own cache.
+pub const THREAD_CACHE: usize = 32;
+
+/// A thread's part of a list: its cache and its counters.
+struct Local {
+    /// Free buffers; only the owning thread touches it (see the `Sync` impl).
+    cache: UnsafeCell<Vec<NonNull<u8>>>,
+    total_allocates: AtomicU64,
+    allocate_misses: AtomicU64,
+    total_frees: AtomicU64,
+    free_misses: AtomicU64,
+    /// `cache.len()`, for [`Lookaside::stats`] from other threads.
+    cached: AtomicUsize,
+}
+
+// SAFETY: a `Local` holds pool blocks owned by the list and atomics; moving it to another
+// thread (which `ThreadLocal` does only when the list is dropped, with exclusive access)
+// moves plain addresses.
+unsafe impl Send for Local {}
+// SAFETY: other threads only read the atomics (`Lookaside::stats`); `cache` is accessed
+// only through `Lookaside::local()`, which gives each thread its own `Local`, or with
+// exclusive access (`&mut Lookaside` in `Drop`).
+unsafe impl Sync for Local {}
+
+impl Local {
+    fn new() -> Self {
+        Local {
+            cache: UnsafeCell::new(Vec::with_capacity(THREAD_CACHE)),
+            total_allocates: AtomicU64::new(0),
+            allocate_misses: AtomicU64::new(0),
+            total_frees: AtomicU64::new(0),
+            free_misses: AtomicU64::new(0),
+            cached: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts `c` up by one: only the owning thread writes it, so a relaxed load and store is
+/// exact (and cheaper than an atomic add).
+#[inline(always)]
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 /// A lookaside list of `size`-byte buffers.
 pub struct Lookaside {
     size: usize,
     kind: PoolKind,
     tag: PoolTag,
     zero: bool,
-    free: ArrayQueue<NonNull<u8>>,
+    locals: ThreadLocal<Local>,
+    depot: ArrayQueue<NonNull<u8>>,
     pool: Arc<PoolTracker>,
-    total_allocates: AtomicU64,
-    allocate_misses: AtomicU64,
-    total_frees: AtomicU64,
-    free_misses: AtomicU64,
 }
 
-// SAFETY: the buffers on the free list are pool blocks owned by the list (no one else
-// holds them while they are queued); `ArrayQueue` is `Sync` for `Send` items, and a block
-// address is just an address until handed out.
+// SAFETY: the buffers in the depot and the thread caches are pool blocks owned by the list
+// (no one else holds them while they are free); `ArrayQueue` and `ThreadLocal` are safe to
+// share for `Send` items, and `Local` is `Sync` (see there).
 unsafe impl Send for Lookaside {}
-// SAFETY: as for `Send`; every shared operation is on the lock-free queue or atomics.
+// SAFETY: as for `Send`.
 unsafe impl Sync for Lookaside {}
 
 impl std::fmt::Debug for Lookaside {
@@ -74,7 +123,8 @@ impl std::fmt::Debug for Lookaside {
 
 impl Lookaside {
     /// A list of `size`-byte buffers (`size` > 0) from `pool`'s `kind` pool, tagged `tag`,
-    /// keeping at most `depth` (> 0) free buffers.
+    /// keeping at most `depth` (> 0) free buffers in its shared depot (plus up to
+    /// [`THREAD_CACHE`] in each thread's cache).
     pub fn new(
         size: usize,
         kind: PoolKind,
@@ -91,12 +141,9 @@ impl Lookaside {
             kind,
             tag,
             zero: size < PAGE_SIZE,
-            free: ArrayQueue::new(depth),
+            locals: ThreadLocal::new(),
+            depot: ArrayQueue::new(depth),
             pool,
-            total_allocates: AtomicU64::new(0),
-            allocate_misses: AtomicU64::new(0),
-            total_frees: AtomicU64::new(0),
-            free_misses: AtomicU64::new(0),
         }
     }
 
@@ -120,24 +167,50 @@ impl Lookaside {
         self.zero
     }
 
-    /// Takes a buffer (from the free list, else the pool). `None` when the pool is out of
-    /// memory.
+    /// Runs `f` on the calling thread's part and its cache. `f` must not use the list's
+    /// caches again (none of the callers below do: the slow paths use the depot and the
+    /// pool only).
+    #[inline(always)]
+    fn with_local<R>(&self, f: impl FnOnce(&Local, &mut Vec<NonNull<u8>>) -> R) -> R {
+        let local = self.locals.get_or(Local::new);
+        // SAFETY: `ThreadLocal::get_or` returns the calling thread's own `Local`, so no
+        // other thread accesses this cache (other threads read only its atomics), and this
+        // thread holds no other borrow of it: the borrow lives only during `f`, which does
+        // not reenter.
+        let cache = unsafe { &mut *local.cache.get() };
+        f(local, cache)
+    }
+
+    /// Takes a buffer (from the thread's cache, else the depot, else the pool). `None` when
+    /// the pool is out of memory.
     #[inline]
     pub fn allocate(&self) -> Option<NonNull<u8>> {
-        self.total_allocates.fetch_add(1, Ordering::Relaxed);
-        let p = match self.free.pop() {
-            Some(p) => p,
-            None => {
-                self.allocate_misses.fetch_add(1, Ordering::Relaxed);
-                self.pool.allocate(self.kind, self.size, self.tag)?.ptr
+        let p = self.with_local(|local, cache| {
+            bump(&local.total_allocates);
+            match cache.pop() {
+                Some(p) => {
+                    local.cached.store(cache.len(), Ordering::Relaxed);
+                    Some(p)
+                }
+                None => self.allocate_slow(local),
             }
-        };
+        })?;
         if self.zero {
             // SAFETY: `p` is a block of `size` bytes owned by this list and now handed to
             // the caller; nothing else accesses it.
             unsafe { p.as_ptr().write_bytes(0, self.size) };
         }
         Some(p)
+    }
+
+    /// The thread's cache is empty: the depot, else the pool (an allocate miss).
+    #[cold]
+    fn allocate_slow(&self, local: &Local) -> Option<NonNull<u8>> {
+        if let Some(p) = self.depot.pop() {
+            return Some(p);
+        }
+        bump(&local.allocate_misses);
+        Some(self.pool.allocate(self.kind, self.size, self.tag)?.ptr)
     }
 
     /// Returns a buffer.
@@ -148,27 +221,53 @@ impl Lookaside {
     /// the caller gives up every access to it.
     #[inline]
     pub unsafe fn free(&self, p: NonNull<u8>) {
-        self.total_frees.fetch_add(1, Ordering::Relaxed);
-        if let Err(p) = self.free.push(p) {
-            self.free_misses.fetch_add(1, Ordering::Relaxed);
+        self.with_local(|local, cache| {
+            bump(&local.total_frees);
+            if cache.len() < THREAD_CACHE {
+                cache.push(p);
+                local.cached.store(cache.len(), Ordering::Relaxed);
+            } else {
+                self.free_slow(local, p);
+            }
+        })
+    }
+
+    /// The thread's cache is full: the depot, else the pool (a free miss).
+    #[cold]
+    fn free_slow(&self, local: &Local, p: NonNull<u8>) {
+        if let Err(p) = self.depot.push(p) {
+            bump(&local.free_misses);
             self.pool.free(p.as_ptr(), Some(self.tag));
         }
     }
 
-    /// The counters (exact when no allocation or free runs concurrently).
+    /// The counters, summed over every thread that used the list (exact once the threads'
+    /// operations are done).
     pub fn stats(&self) -> LookasideStats {
-        LookasideStats {
-            total_allocates: self.total_allocates.load(Ordering::Relaxed),
-            allocate_misses: self.allocate_misses.load(Ordering::Relaxed),
-            total_frees: self.total_frees.load(Ordering::Relaxed),
-            free_misses: self.free_misses.load(Ordering::Relaxed),
-            depth: self.free.len(),
+        let mut s = LookasideStats {
+            depth: self.depot.len(),
+            ..LookasideStats::default()
+        };
+        for l in self.locals.iter() {
+            s.total_allocates += l.total_allocates.load(Ordering::Relaxed);
+            s.allocate_misses += l.allocate_misses.load(Ordering::Relaxed);
+            s.total_frees += l.total_frees.load(Ordering::Relaxed);
+            s.free_misses += l.free_misses.load(Ordering::Relaxed);
+            s.depth += l.cached.load(Ordering::Relaxed);
         }
+        s
     }
 
-    /// Returns every free buffer to the pool.
+    /// Returns the depot's and the calling thread's free buffers to the pool (other
+    /// threads' caches are returned when the list is dropped).
     pub fn trim(&self) {
-        while let Some(p) = self.free.pop() {
+        self.with_local(|local, cache| {
+            for p in cache.drain(..) {
+                self.pool.free(p.as_ptr(), Some(self.tag));
+            }
+            local.cached.store(0, Ordering::Relaxed);
+        });
+        while let Some(p) = self.depot.pop() {
             self.pool.free(p.as_ptr(), Some(self.tag));
         }
     }
@@ -176,7 +275,14 @@ impl Lookaside {
 
 impl Drop for Lookaside {
     fn drop(&mut self) {
-        self.trim();
+        for l in self.locals.iter_mut() {
+            for p in l.cache.get_mut().drain(..) {
+                self.pool.free(p.as_ptr(), Some(self.tag));
+            }
+        }
+        while let Some(p) = self.depot.pop() {
+            self.pool.free(p.as_ptr(), Some(self.tag));
+        }
     }
 }
 
@@ -247,19 +353,29 @@ mod tests {
 
     #[test]
     fn misses_hits_and_free_misses_are_counted() {
+        // Depot of 2: THREAD_CACHE frees stay in the thread's cache, 2 go to the depot,
+        // the last one back to the pool.
         let (pool, l) = list(64, PoolKind::NonPaged, 2);
-        let bufs: Vec<_> = (0..3).map(|_| LookasideBuffer::new(&l).unwrap()).collect();
-        assert_eq!(l.stats().allocate_misses, 3);
+        let n = THREAD_CACHE + 3;
+        let bufs: Vec<_> = (0..n).map(|_| LookasideBuffer::new(&l).unwrap()).collect();
+        assert_eq!(l.stats().allocate_misses, n as u64);
         drop(bufs);
         let s = l.stats();
         assert_eq!(
             (s.total_allocates, s.total_frees, s.free_misses, s.depth),
-            (3, 3, 1, 2)
+            (n as u64, n as u64, 1, THREAD_CACHE + 2)
         );
         let again = LookasideBuffer::new(&l).unwrap();
-        assert_eq!(l.stats().allocate_misses, 3, "served from the free list");
+        assert_eq!(
+            l.stats().allocate_misses,
+            n as u64,
+            "served from the free list"
+        );
         drop(again);
-        assert_eq!(pool.tag_stats(TAG, PoolKind::NonPaged).outstanding(), 2);
+        assert_eq!(
+            pool.tag_stats(TAG, PoolKind::NonPaged).outstanding(),
+            (THREAD_CACHE + 2) as u64
+        );
         drop(l);
         assert!(
             pool.leaks().is_empty(),
@@ -287,6 +403,30 @@ mod tests {
                 "size {size} {kind:?}: zeroed {zeroed}"
             );
         }
+    }
+
+    #[test]
+    fn buffers_freed_on_one_thread_serve_another() {
+        let (pool, l) = list(64, PoolKind::NonPaged, 64);
+        let n = THREAD_CACHE + 8;
+        let bufs: Vec<_> = (0..n).map(|_| LookasideBuffer::new(&l).unwrap()).collect();
+        // Freed on another thread: its cache keeps THREAD_CACHE, the rest goes to the depot.
+        std::thread::scope(|s| {
+            s.spawn(move || drop(bufs));
+        });
+        assert_eq!(l.stats().depth, n);
+        let again: Vec<_> = (0..8).map(|_| LookasideBuffer::new(&l).unwrap()).collect();
+        assert_eq!(
+            l.stats().allocate_misses,
+            n as u64,
+            "no new misses: taken from the depot"
+        );
+        drop(again);
+        drop(l);
+        assert!(
+            pool.leaks().is_empty(),
+            "every thread's cache went back to the pool"
+        );
     }
 
     #[test]

@@ -392,7 +392,8 @@ pub(crate) enum Body {
 
 struct State {
     parent: Option<Arc<Object>>,
-    children: Vec<Arc<Object>>,
+    /// Children by attach sequence number (attach order, O(log n) removal).
+    children: std::collections::BTreeMap<u64, Arc<Object>>,
     refs: u32,
     deleted: bool,
     destroyed: bool,
@@ -401,6 +402,8 @@ struct State {
 /// A framework object.
 pub(crate) struct Object {
     pub handle: WDFOBJECT,
+    /// Creation sequence number (orders a parent's children).
+    seq: u64,
     pub kind: Kind,
     pub driver: Arc<DriverGlobals>,
     pub body: Body,
@@ -517,6 +520,10 @@ pub(crate) fn create(new: NewObject<'_>) -> Result<Arc<Object>, NTSTATUS> {
         let e = &mut t.entries[index as usize];
         let object = Arc::new(Object {
             handle: handle_of(index, e.generation),
+            seq: {
+                static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             kind: new.kind,
             driver: new.driver,
             body: new.body,
@@ -525,7 +532,7 @@ pub(crate) fn create(new: NewObject<'_>) -> Result<Arc<Object>, NTSTATUS> {
             destroy: attrs.and_then(|a| a.EvtDestroyCallback),
             state: Mutex::new(State {
                 parent: None,
-                children: Vec::new(),
+                children: std::collections::BTreeMap::new(),
                 refs: 1,
                 deleted: false,
                 destroyed: false,
@@ -541,7 +548,7 @@ pub(crate) fn create(new: NewObject<'_>) -> Result<Arc<Object>, NTSTATUS> {
             retire(&object);
             return Err(STATUS_DELETE_PENDING);
         }
-        ps.children.push(Arc::clone(&object));
+        ps.children.insert(object.seq, Arc::clone(&object));
         drop(ps);
         object.lock().parent = Some(parent);
     }
@@ -584,7 +591,7 @@ pub(crate) fn delete_tree(o: &Arc<Object>) {
     // Detach from the parent: the parent no longer lists it.
     let parent = o.lock().parent.take();
     if let Some(p) = parent {
-        p.lock().children.retain(|c| !Arc::ptr_eq(c, o));
+        p.lock().children.remove(&o.seq);
     }
     release_tree(o);
 }
@@ -597,7 +604,7 @@ fn dispose(o: &Arc<Object>) {
             return;
         }
         s.deleted = true;
-        s.children.clone()
+        s.children.values().cloned().collect::<Vec<_>>()
     };
     for c in &children {
         dispose(c);
@@ -610,7 +617,7 @@ fn dispose(o: &Arc<Object>) {
 /// Releases the creation references of the subtree: children in attach order, then `o`.
 fn release_tree(o: &Arc<Object>) {
     let children = std::mem::take(&mut o.lock().children);
-    for c in &children {
+    for c in children.values() {
         c.lock().parent = None;
         release_tree(c);
     }
