@@ -253,6 +253,8 @@ pub struct IoPageTable<'b> {
     chunks: Vec<DmaBuffer>,
     used_in_last: usize,
     tables: HashMap<u64, Slot>,
+    /// Tables emptied by [`IoPageTable::unmap`], reused by later maps.
+    free_tables: Vec<u64>,
     root: u64,
 }
 
@@ -276,6 +278,7 @@ impl<'b> IoPageTable<'b> {
             chunks: Vec::new(),
             used_in_last: TABLES_PER_CHUNK,
             tables: HashMap::new(),
+            free_tables: Vec::new(),
             root: 0,
         };
         t.root = t.alloc_table()?;
@@ -292,9 +295,9 @@ impl<'b> IoPageTable<'b> {
         self.iova_width
     }
 
-    /// Number of tables allocated, the root included.
+    /// Number of tables in use, the root included.
     pub fn table_count(&self) -> usize {
-        self.tables.len()
+        self.tables.len() - self.free_tables.len()
     }
 
     /// Bus addresses of every table, the root first (for tests that check that the device
@@ -302,12 +305,17 @@ impl<'b> IoPageTable<'b> {
     pub fn table_addrs(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.tables.keys().copied().collect();
         v.sort_unstable();
-        v.retain(|&a| a != self.root);
+        v.retain(|&a| a != self.root && !self.free_tables.contains(&a));
         v.insert(0, self.root);
         v
     }
 
     fn alloc_table(&mut self) -> Result<u64, IoptError> {
+        if let Some(table) = self.free_tables.pop() {
+            let s = self.slot(table).expect("a freed table is one of ours");
+            self.chunks[s.chunk].fill(s.offset, TABLE_SIZE, 0);
+            return Ok(table);
+        }
         if self.used_in_last == TABLES_PER_CHUNK {
             let buf = self
                 .backend
@@ -564,11 +572,34 @@ impl<'b> IoPageTable<'b> {
                     page_iova,
                 });
             }
-            leaves.push((table, idx));
+            leaves.push((table, idx, level, page_iova));
             off = page_iova + size - iova;
         }
-        for &(table, idx) in &leaves {
+        for &(table, idx, _, _) in &leaves {
             self.write_entry(table, idx, 0);
+        }
+        // Tables the unmap left empty are unlinked (their parent entry cleared) and kept
+        // for later maps, lowest level first, so that a larger leaf can be mapped there
+        // afterwards. They are reused only by a later map: invalidate the range before
+        // mapping again (as `Domain::unmap` does), so the device no longer walks them.
+        let mut work: std::collections::BTreeMap<(u32, u64), u64> = leaves
+            .iter()
+            .filter(|&&(table, _, _, _)| table != self.root)
+            .map(|&(table, _, level, page_iova)| ((level, table), page_iova))
+            .collect();
+        while let Some(((level, table), some_iova)) = work.pop_first() {
+            if level >= 4 || (0..ENTRIES).any(|i| self.read_entry(table, i) != Some(0)) {
+                continue;
+            }
+            let Some(parent_entry) = self.entry_addr(some_iova, level + 1) else {
+                continue;
+            };
+            let parent = parent_entry & !(TABLE_SIZE as u64 - 1);
+            self.write_entry(parent, ((parent_entry - parent) / 8) as usize, 0);
+            self.free_tables.push(table);
+            if parent != self.root {
+                work.insert((level + 1, parent), some_iova);
+            }
         }
         Ok(leaves.len())
     }
@@ -724,6 +755,30 @@ mod tests {
         fn wait_interrupt(&self, _: u16, _: Duration) -> BResult<u64> {
             Ok(0)
         }
+    }
+
+    #[test]
+    fn unmap_unlinks_emptied_tables_so_a_large_page_fits_later() {
+        let b = HeapBackend::new();
+        let mut t = IoPageTable::new(&b, 48).unwrap();
+        let iova = 0x4000_0000;
+        t.map(iova, 0x1000_0000, 4 << 20, Perm::RW, PageSize::Size4K)
+            .unwrap();
+        // Root, level 3, level 2, two level-1 tables.
+        assert_eq!(t.table_count(), 5);
+        t.unmap(iova, 4 << 20).unwrap();
+        assert_eq!(t.table_count(), 1, "emptied tables unlinked up to the root");
+        assert!(t.translate(iova).is_none());
+        t.map(iova, 0x2000_0000, 4 << 20, Perm::RW, PageSize::Size2M)
+            .unwrap();
+        let m = t.translate(iova + (2 << 20) + 5).unwrap();
+        assert_eq!((m.page, m.bus), (PageSize::Size2M, 0x2020_0005));
+        assert_eq!(t.table_count(), 3, "freed tables reused");
+        // A partly emptied table stays.
+        t.map(0x8000_0000, 0x3000_0000, 0x2000, Perm::R, PageSize::Size4K)
+            .unwrap();
+        t.unmap(0x8000_0000, 0x1000).unwrap();
+        assert!(t.translate(0x8000_1000).is_some());
     }
 
     #[test]

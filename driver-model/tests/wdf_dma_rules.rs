@@ -212,6 +212,20 @@ fn large_page_rounds_to_2m_in_logical_and_physical_address_with_2m_leaves() {
 }
 
 #[test]
+fn large_page_fits_where_freed_small_buffers_were() {
+    let (_f, a, d) = setup(48);
+    let small = alloc(&a, d, 4 * MIB, 0);
+    free(&a, small);
+    let large = alloc(&a, d, 4 * MIB, DOMAIN_COMMON_BUFFER_LARGE_PAGE);
+    assert_eq!(
+        large.logical, small.logical,
+        "the freed IOVA range is reused"
+    );
+    let dom = a.core().current_domain().unwrap();
+    assert_eq!(dom.translate(large.logical).unwrap().page, PageSize::Size2M);
+}
+
+#[test]
 fn small_pages_map_with_4k_leaves() {
     let (_f, a, d) = setup(48);
     let cb = alloc(&a, d, 10_000, 0);
