@@ -481,6 +481,25 @@ fn preallocated_size_zero_is_invalid_parameter() {
 }
 
 #[test]
+fn preallocated_requires_irql_at_most_dispatch_level() {
+    let (_d, _) = load();
+    let mut byte = 0u8;
+    let p: *mut c_void = (&mut byte as *mut u8).cast();
+    let mut m = WDFMEMORY::NULL;
+    {
+        let _dispatch = IrqlGuard::raise(DISPATCH_LEVEL);
+        // SAFETY: `byte` outlives the memory object.
+        let s = unsafe { WdfMemoryCreatePreallocated(None, p, 1, Some(&mut m)) };
+        assert_eq!(s, STATUS_SUCCESS);
+    }
+    WdfObjectDelete(m);
+    let _high = IrqlGuard::raise(HIGH_LEVEL);
+    // SAFETY: as above.
+    let s = unsafe { WdfMemoryCreatePreallocated(None, p, 1, Some(&mut m)) };
+    assert_eq!(s, STATUS_INVALID_DEVICE_REQUEST);
+}
+
+#[test]
 fn preallocated_buffer_is_never_freed_by_the_framework() {
     let (mut d, _) = load();
     let p = ExAllocatePoolWithTag(NonPagedPool, 256, TAG);

@@ -200,8 +200,9 @@ pub fn WdfMemoryCreate(
 }
 
 /// `WdfMemoryCreatePreallocated`: a memory object for the caller's buffer. NULL `Buffer`
-/// or `Memory` is bug check 0x10D / 0x4; `BufferSize` 0 is `STATUS_INVALID_PARAMETER`.
-/// The framework never frees the buffer.
+/// or `Memory` is bug check 0x10D / 0x4; `BufferSize` 0 is `STATUS_INVALID_PARAMETER`;
+/// above DISPATCH_LEVEL `STATUS_INVALID_DEVICE_REQUEST`. The framework never frees the
+/// buffer.
 ///
 /// # Safety
 ///
@@ -226,6 +227,10 @@ pub unsafe fn WdfMemoryCreatePreallocated(
     *memory = WDFMEMORY::NULL;
     if BufferSize == 0 {
         return STATUS_INVALID_PARAMETER;
+    }
+    // The seed's IRQL rule (KMDF has only the SAL annotation; the model's verifier checks).
+    if !irql_at_most(API, DISPATCH_LEVEL) {
+        return STATUS_INVALID_DEVICE_REQUEST;
     }
     let status = validate_attributes(Attributes);
     if !status.is_success() {
