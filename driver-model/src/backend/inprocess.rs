@@ -203,30 +203,11 @@ impl InProcessBackend {
     }
 
     fn check_reg(&self, offset: u64) -> Result<()> {
-        if offset % 4 != 0 || offset.checked_add(4).is_none_or(|e| e > self.bar0_size) {
-            return Err(BackendError::OutOfRange {
-                region: "BAR0",
-                offset,
-                len: 4,
-                size: self.bar0_size,
-            });
-        }
-        Ok(())
+        super::check_reg_access(offset, self.bar0_size)
     }
 
     fn check_config(&self, offset: u64, len: usize) -> Result<()> {
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|e| e > self.config_size)
-        {
-            return Err(BackendError::OutOfRange {
-                region: "config space",
-                offset,
-                len,
-                size: self.config_size,
-            });
-        }
-        Ok(())
+        super::check_config_access(offset, len, self.config_size)
     }
 }
 

@@ -91,6 +91,33 @@ pub enum BackendError {
 /// Result type of the back-end interface.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// Checks a 32-bit register access at `offset` of a BAR0 of `size` bytes (4-byte aligned,
+/// inside the BAR): what every back end does before touching the device.
+pub fn check_reg_access(offset: u64, size: u64) -> Result<()> {
+    if offset % 4 != 0 || offset.checked_add(4).is_none_or(|e| e > size) {
+        return Err(BackendError::OutOfRange {
+            region: "BAR0",
+            offset,
+            len: 4,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a `len`-byte access at `offset` of a configuration space of `size` bytes.
+pub fn check_config_access(offset: u64, len: usize, size: u64) -> Result<()> {
+    if offset.checked_add(len as u64).is_none_or(|e| e > size) {
+        return Err(BackendError::OutOfRange {
+            region: "config space",
+            offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}
+
 /// How the back end reaches the register BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterAccess {
