@@ -403,7 +403,9 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             r = slot.lock();
             exec.finish(&mut r, result);
             r.in_flight = false;
-            slot.idle.notify_all();
+            if r.drain_waiters > 0 {
+                slot.idle.notify_all();
+            }
             last_done = Some(Instant::now());
             continue;
         }

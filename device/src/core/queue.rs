@@ -88,6 +88,10 @@ pub(crate) struct QueueRegs {
     pub state: QueueState,
     /// The worker is running a descriptor (taken at head) without the lock.
     pub in_flight: bool,
+    /// Threads waiting on `QueueSlot::idle` for `in_flight` to clear (the worker signals
+    /// only when there are some: an unconditional notify costs a futex system call per
+    /// descriptor).
+    pub drain_waiters: u32,
     /// What stopping the descriptor in flight means (valid when the epoch moved).
     pub abort: Abort,
     /// Completions that asked for an interrupt since the vector was last raised.
@@ -116,6 +120,7 @@ impl QueueRegs {
             halt_on_fault: false,
             state: QueueState::Disabled,
             in_flight: false,
+            drain_waiters: 0,
             abort: Abort::Silent,
             coal_pending: 0,
             coal_deadline: None,
@@ -129,6 +134,7 @@ impl QueueRegs {
     fn reset(&mut self, index: u16) {
         *self = Self {
             in_flight: self.in_flight,
+            drain_waiters: self.drain_waiters,
             abort: self.abort,
             shutdown: self.shutdown,
             sleeping: self.sleeping,
@@ -399,9 +405,11 @@ impl QueueSlot {
         if r.in_flight {
             r.abort = abort;
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            r.drain_waiters += 1;
             while r.in_flight {
                 r = self.idle.wait(r).unwrap_or_else(PoisonError::into_inner);
             }
+            r.drain_waiters -= 1;
         }
         r
     }
