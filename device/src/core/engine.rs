@@ -1078,6 +1078,15 @@ impl Exec<'_> {
             // The epoch did not move: nothing aborted it.
             RunResult::Aborted(d, bytes) => (d, Outcome::aborted(bytes)),
         };
+        // The statistics count the descriptor before its completion record can be seen
+        // (the registers are read under the queue lock held here, so they are consistent
+        // anyway), so a driver that sees the completion reads counters that include it.
+        let failed = outcome.status != STATUS_OK;
+        add(&counters.descriptors, 1);
+        add(&counters.bytes, u64::from(outcome.bytes));
+        if failed {
+            add(&counters.errors, 1);
+        }
         let written = match self.write_completion(&d, &outcome) {
             Ok(w) => w,
             Err(f) => {
@@ -1085,14 +1094,15 @@ impl Exec<'_> {
                 false
             }
         };
-        let ok = outcome.status == STATUS_OK && written;
+        let ok = !failed && written;
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
         r.completed = r.completed.wrapping_add(1);
-        add(&counters.descriptors, 1);
-        add(&counters.bytes, u64::from(outcome.bytes));
         if !ok {
             r.errors = r.errors.wrapping_add(1);
-            add(&counters.errors, 1);
+            if !failed {
+                // The completion record could not be written: an error all the same.
+                add(&counters.errors, 1);
+            }
         }
         let mut vector = None;
         if d.wants_interrupt() {

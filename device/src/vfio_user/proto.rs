@@ -230,6 +230,72 @@ impl Put for Vec<u8> {
     }
 }
 
+/// A fixed-width field of a wire structure.
+trait Field: Sized {
+    fn read(r: &mut Reader<'_>) -> Self;
+    fn put(self, v: &mut Vec<u8>);
+}
+
+impl Field for u32 {
+    fn read(r: &mut Reader<'_>) -> Self {
+        r.u32()
+    }
+    fn put(self, v: &mut Vec<u8>) {
+        v.put_u32(self);
+    }
+}
+
+impl Field for u64 {
+    fn read(r: &mut Reader<'_>) -> Self {
+        r.u64()
+    }
+    fn put(self, v: &mut Vec<u8>) {
+        v.put_u64(self);
+    }
+}
+
+/// A fixed-layout payload that starts with `argsz`: the structure, its size, `parse` (the
+/// payload must hold the structure, and `argsz` must cover it) and `encode`, fields in
+/// declaration order.
+macro_rules! wire_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident ($what:literal, $size:literal) {
+            $( $(#[$fmeta:meta])* pub $field:ident: $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        // The declared size is the fields' (no padding on the wire).
+        const _: () = assert!($size == 0 $(+ std::mem::size_of::<$ty>())*);
+
+        impl $name {
+            /// Size of the structure.
+            pub const SIZE: usize = $size;
+
+            #[doc = concat!("Parse a ", $what, " payload.")]
+            pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
+                let mut r = Reader::new(payload, $what, Self::SIZE)?;
+                // Struct expression fields are evaluated in the order written.
+                let m = Self { $( $field: Field::read(&mut r), )* };
+                check_argsz($what, m.argsz, Self::SIZE)?;
+                Ok(m)
+            }
+
+            /// Encode.
+            pub fn encode(&self) -> Vec<u8> {
+                let mut v = Vec::with_capacity(Self::SIZE);
+                $( Field::put(self.$field, &mut v); )*
+                v
+            }
+        }
+    };
+}
+
 fn check_argsz(what: &'static str, argsz: u32, min: usize) -> Result<(), ProtoError> {
     // `min` is a structure size, far below u32::MAX.
     let min = min as u32;
@@ -497,89 +563,33 @@ pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = vfio::VFIO_DMA_UNMAP_FLAG_GET_D
 /// `VFIO_DMA_UNMAP_FLAG_ALL` in `<linux/vfio.h>`, which QEMU sends.)
 pub const DMA_UNMAP_FLAG_ALL: u32 = vfio::VFIO_DMA_UNMAP_FLAG_ALL;
 
-/// A `VFIO_USER_DMA_MAP` request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DmaMap {
-    /// Size of this structure (32).
-    pub argsz: u32,
-    /// `DMA_MAP_FLAG_*`.
-    pub flags: u32,
-    /// Offset of the range in the file descriptor sent with the message.
-    pub offset: u64,
-    /// Base DMA (bus) address.
-    pub address: u64,
-    /// Length in bytes.
-    pub size: u64,
-}
-
-impl DmaMap {
-    /// Size of the structure.
-    pub const SIZE: usize = 32;
-
-    /// Parse a DMA_MAP payload.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Reader::new(payload, "DMA_MAP", Self::SIZE)?;
-        let m = Self {
-            argsz: r.u32(),
-            flags: r.u32(),
-            offset: r.u64(),
-            address: r.u64(),
-            size: r.u64(),
-        };
-        check_argsz("DMA_MAP", m.argsz, Self::SIZE)?;
-        Ok(m)
-    }
-
-    /// Encode.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.put_u32(self.argsz);
-        v.put_u32(self.flags);
-        v.put_u64(self.offset);
-        v.put_u64(self.address);
-        v.put_u64(self.size);
-        v
+wire_struct! {
+    /// A `VFIO_USER_DMA_MAP` request.
+    pub struct DmaMap ("DMA_MAP", 32) {
+        /// Size of this structure (32).
+        pub argsz: u32,
+        /// `DMA_MAP_FLAG_*`.
+        pub flags: u32,
+        /// Offset of the range in the file descriptor sent with the message.
+        pub offset: u64,
+        /// Base DMA (bus) address.
+        pub address: u64,
+        /// Length in bytes.
+        pub size: u64,
     }
 }
 
-/// A `VFIO_USER_DMA_UNMAP` request, echoed in the reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DmaUnmap {
-    /// Maximum reply payload size (at least 24).
-    pub argsz: u32,
-    /// `DMA_UNMAP_FLAG_*`.
-    pub flags: u32,
-    /// Base DMA address.
-    pub address: u64,
-    /// Length in bytes.
-    pub size: u64,
-}
-
-impl DmaUnmap {
-    /// Size of the structure.
-    pub const SIZE: usize = 24;
-
-    /// Parse a DMA_UNMAP payload.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Reader::new(payload, "DMA_UNMAP", Self::SIZE)?;
-        let m = Self {
-            argsz: r.u32(),
-            flags: r.u32(),
-            address: r.u64(),
-            size: r.u64(),
-        };
-        check_argsz("DMA_UNMAP", m.argsz, Self::SIZE)?;
-        Ok(m)
-    }
-
-    /// Encode.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.put_u32(self.argsz);
-        v.put_u32(self.flags);
-        v.put_u64(self.address);
-        v.put_u64(self.size);
-        v
+wire_struct! {
+    /// A `VFIO_USER_DMA_UNMAP` request, echoed in the reply.
+    pub struct DmaUnmap ("DMA_UNMAP", 24) {
+        /// Maximum reply payload size (at least 24).
+        pub argsz: u32,
+        /// `DMA_UNMAP_FLAG_*`.
+        pub flags: u32,
+        /// Base DMA address.
+        pub address: u64,
+        /// Length in bytes.
+        pub size: u64,
     }
 }
 
@@ -590,44 +600,17 @@ pub const DEVICE_FLAGS_RESET: u32 = vfio::VFIO_DEVICE_FLAGS_RESET;
 /// `VFIO_DEVICE_FLAGS_PCI`: the device is a PCI device.
 pub const DEVICE_FLAGS_PCI: u32 = vfio::VFIO_DEVICE_FLAGS_PCI;
 
-/// A `VFIO_USER_DEVICE_GET_INFO` request or reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DeviceInfo {
-    /// Request: maximum reply size; reply: size of the full reply (16).
-    pub argsz: u32,
-    /// `DEVICE_FLAGS_*`.
-    pub flags: u32,
-    /// Number of regions.
-    pub num_regions: u32,
-    /// Number of interrupt types.
-    pub num_irqs: u32,
-}
-
-impl DeviceInfo {
-    /// Size of the structure.
-    pub const SIZE: usize = 16;
-
-    /// Parse.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Reader::new(payload, "DEVICE_GET_INFO", Self::SIZE)?;
-        let m = Self {
-            argsz: r.u32(),
-            flags: r.u32(),
-            num_regions: r.u32(),
-            num_irqs: r.u32(),
-        };
-        check_argsz("DEVICE_GET_INFO", m.argsz, Self::SIZE)?;
-        Ok(m)
-    }
-
-    /// Encode.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.put_u32(self.argsz);
-        v.put_u32(self.flags);
-        v.put_u32(self.num_regions);
-        v.put_u32(self.num_irqs);
-        v
+wire_struct! {
+    /// A `VFIO_USER_DEVICE_GET_INFO` request or reply.
+    pub struct DeviceInfo ("DEVICE_GET_INFO", 16) {
+        /// Request: maximum reply size; reply: size of the full reply (16).
+        pub argsz: u32,
+        /// `DEVICE_FLAGS_*`.
+        pub flags: u32,
+        /// Number of regions.
+        pub num_regions: u32,
+        /// Number of interrupt types.
+        pub num_irqs: u32,
     }
 }
 
@@ -649,52 +632,21 @@ pub const REGION_INFO_FLAG_MMAP: u32 = vfio::VFIO_REGION_INFO_FLAG_MMAP;
 /// Region flag: capabilities follow the structure.
 pub const REGION_INFO_FLAG_CAPS: u32 = vfio::VFIO_REGION_INFO_FLAG_CAPS;
 
-/// A `VFIO_USER_DEVICE_GET_REGION_INFO` request or reply (`struct vfio_region_info`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionInfo {
-    /// Request: maximum reply size; reply: size of the full reply.
-    pub argsz: u32,
-    /// `REGION_INFO_FLAG_*`.
-    pub flags: u32,
-    /// Region index.
-    pub index: u32,
-    /// Offset of the first capability, 0 if none.
-    pub cap_offset: u32,
-    /// Region size in bytes.
-    pub size: u64,
-    /// mmap offset of the region.
-    pub offset: u64,
-}
-
-impl RegionInfo {
-    /// Size of the structure.
-    pub const SIZE: usize = 32;
-
-    /// Parse.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Reader::new(payload, "DEVICE_GET_REGION_INFO", Self::SIZE)?;
-        let m = Self {
-            argsz: r.u32(),
-            flags: r.u32(),
-            index: r.u32(),
-            cap_offset: r.u32(),
-            size: r.u64(),
-            offset: r.u64(),
-        };
-        check_argsz("DEVICE_GET_REGION_INFO", m.argsz, Self::SIZE)?;
-        Ok(m)
-    }
-
-    /// Encode.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.put_u32(self.argsz);
-        v.put_u32(self.flags);
-        v.put_u32(self.index);
-        v.put_u32(self.cap_offset);
-        v.put_u64(self.size);
-        v.put_u64(self.offset);
-        v
+wire_struct! {
+    /// A `VFIO_USER_DEVICE_GET_REGION_INFO` request or reply (`struct vfio_region_info`).
+    pub struct RegionInfo ("DEVICE_GET_REGION_INFO", 32) {
+        /// Request: maximum reply size; reply: size of the full reply.
+        pub argsz: u32,
+        /// `REGION_INFO_FLAG_*`.
+        pub flags: u32,
+        /// Region index.
+        pub index: u32,
+        /// Offset of the first capability, 0 if none.
+        pub cap_offset: u32,
+        /// Region size in bytes.
+        pub size: u64,
+        /// mmap offset of the region.
+        pub offset: u64,
     }
 }
 
@@ -739,44 +691,17 @@ pub const IRQ_SET_DATA_TYPE_MASK: u32 = vfio::VFIO_IRQ_SET_DATA_TYPE_MASK;
 /// Mask of the SET_IRQS action bits.
 pub const IRQ_SET_ACTION_TYPE_MASK: u32 = vfio::VFIO_IRQ_SET_ACTION_TYPE_MASK;
 
-/// A `VFIO_USER_DEVICE_GET_IRQ_INFO` request or reply (`struct vfio_irq_info`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct IrqInfo {
-    /// Request: maximum reply size; reply: 16.
-    pub argsz: u32,
-    /// `IRQ_INFO_*`.
-    pub flags: u32,
-    /// Interrupt type index (`VFIO_PCI_*_IRQ_INDEX`).
-    pub index: u32,
-    /// Number of interrupts of this type.
-    pub count: u32,
-}
-
-impl IrqInfo {
-    /// Size of the structure.
-    pub const SIZE: usize = 16;
-
-    /// Parse.
-    pub fn parse(payload: &[u8]) -> Result<Self, ProtoError> {
-        let mut r = Reader::new(payload, "DEVICE_GET_IRQ_INFO", Self::SIZE)?;
-        let m = Self {
-            argsz: r.u32(),
-            flags: r.u32(),
-            index: r.u32(),
-            count: r.u32(),
-        };
-        check_argsz("DEVICE_GET_IRQ_INFO", m.argsz, Self::SIZE)?;
-        Ok(m)
-    }
-
-    /// Encode.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.put_u32(self.argsz);
-        v.put_u32(self.flags);
-        v.put_u32(self.index);
-        v.put_u32(self.count);
-        v
+wire_struct! {
+    /// A `VFIO_USER_DEVICE_GET_IRQ_INFO` request or reply (`struct vfio_irq_info`).
+    pub struct IrqInfo ("DEVICE_GET_IRQ_INFO", 16) {
+        /// Request: maximum reply size; reply: 16.
+        pub argsz: u32,
+        /// `IRQ_INFO_*`.
+        pub flags: u32,
+        /// Interrupt type index (`VFIO_PCI_*_IRQ_INDEX`).
+        pub index: u32,
+        /// Number of interrupts of this type.
+        pub count: u32,
     }
 }
 
