@@ -249,6 +249,12 @@ impl Mmu {
             mem,
             d,
             counters: self.counters.get(usize::from(d)),
+            domain: self.domains.get(usize::from(d)).map(|slot| {
+                (
+                    slot.mode.load(Ordering::Acquire),
+                    slot.root.load(Ordering::Acquire),
+                )
+            }),
             iotlb: None,
             held: 0,
             l1: walk::L1Cache::default(),
@@ -442,6 +448,11 @@ pub struct Translator<'a> {
     d: u16,
     /// The domain's counters (None: the domain does not exist).
     counters: Option<&'a DomainCounters>,
+    /// The domain's mode and root, read once when the translator is made (per chunk): a
+    /// change reaches the device only after an invalidation, and invalidation waits for
+    /// the chunk in flight, so one snapshot per chunk is what SPEC.md allows. `None`: the
+    /// domain does not exist.
+    domain: Option<(u32, u64)>,
     /// The IOTLB while locked.
     iotlb: Option<MutexGuard<'a, Iotlb>>,
     /// Translations under the current hold of the lock.
@@ -560,10 +571,10 @@ impl Translator<'_> {
         if iova > mmu.iova_limit {
             return Err(fault(FAULT_IOVA_WIDTH));
         }
-        let (Some(slot), Some(_)) = (mmu.domains.get(usize::from(self.d)), self.counters) else {
+        let (Some((mode, root)), Some(_)) = (self.domain, self.counters) else {
             return Err(fault(FAULT_DOMAIN_DISABLED));
         };
-        match slot.mode.load(Ordering::Acquire) & 3 {
+        match mode & 3 {
             DOMAIN_MODE_PASSTHROUGH => {
                 return Ok(Translation {
                     bus: iova,
@@ -574,8 +585,6 @@ impl Translator<'_> {
             DOMAIN_MODE_TRANSLATED => {}
             _ => return Err(fault(FAULT_DOMAIN_DISABLED)),
         }
-        let root = slot.root.load(Ordering::Acquire);
-
         let iotlb = relock(
             mmu,
             &mut self.iotlb,
