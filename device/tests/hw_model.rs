@@ -2504,11 +2504,12 @@ fn domain_root_change_reaches_the_device_only_after_invalidation() {
 }
 
 #[test]
-fn domain_mode_is_checked_on_every_access_and_cached_translations_return_with_it() {
+fn domain_mode_is_read_per_chunk_and_cached_translations_return_with_it() {
     let (mut d, _, b, dst) = stale_setup(DeviceConfig::default());
     // SRC now maps page B in the table, but the IOTLB still holds page A.
     d.set_pte(DOM, SRC, 1, b | RW);
-    // SPEC.md "Domain registers": disabling takes effect at once, without invalidation.
+    // SPEC.md "Domain registers": disabling takes effect from the next chunk (here: the
+    // next descriptor's fetch), without invalidation.
     d.dwrite(DOM, D_CTRL, DOMAIN_MODE_DISABLED);
     d.bus.write(dst, &[0; 64]);
     let t = d.submit(Q, Desc::copy(SRC, DST, 64));
@@ -2541,6 +2542,42 @@ fn domain_mode_is_checked_on_every_access_and_cached_translations_return_with_it
     // SRC as a bus address is not bus memory.
     let c = d.run(Q, Desc::copy(SRC, dst, 64));
     assert_cpl(&c, STATUS_DMA_ERROR, FAULT_OUTSIDE_RAM, 0, SRC, 0);
+    d.bus.check_canaries();
+}
+
+#[test]
+fn domain_disabled_mid_transfer_is_in_effect_when_the_invalidation_returns() {
+    let mut d = setup();
+    let len = MAX_XFER;
+    let src = d.map_new(DOM, SRC, u64::from(len), PAGE_4K, RW);
+    let dst = d.map_new(DOM, DST, u64::from(len), PAGE_4K, RW);
+    d.bus.fill(src, u64::from(len), 0x5a);
+    let _t = d.submit(Q, Desc::copy(SRC, DST, len));
+    poll("the copy to start", || {
+        (d.bus.read_u8(dst) == 0x5a).then_some(())
+    });
+    // Disable the domain mid-transfer and invalidate it: when the invalidation returns the
+    // chunk in flight has finished, and the next chunk reads the new mode.
+    d.dwrite(DOM, D_CTRL, DOMAIN_MODE_DISABLED);
+    assert_eq!(d.invalidate_domain(DOM), 0);
+    let snapshot = d.bus.read(dst, len as usize);
+    let r = d.wait_faults(1);
+    assert_eq!(
+        (r[0].reason, r[0].domain, r[0].queue),
+        (FAULT_DOMAIN_DISABLED, DOM as u16, Q as u16),
+        "{:x?}",
+        r[0]
+    );
+    let done = r[0].iova - SRC;
+    assert!(
+        done > 0 && done < u64::from(len) && done % 4096 == 0,
+        "stopped at {done:#x}"
+    );
+    assert!(
+        d.bus.read(dst, len as usize) == snapshot,
+        "written after the invalidation"
+    );
+    assert!(d.bus.read(dst, done as usize).iter().all(|&x| x == 0x5a));
     d.bus.check_canaries();
 }
 

@@ -15,12 +15,13 @@
 //! Structure: the page walker is in `walk` (at most four entry reads, each checked against
 //! bus memory first; a level-1 read alone when a translator has the table cached), the
 //! cache in `iotlb` (fully associative, true LRU, behind a mutex).
-//! A translation checks the IOVA width, then the domain's mode (a register, read on every
-//! translation and never cached), then looks the IOTLB up; a miss walks from the domain's
-//! current root and fills. Only successful translations are cached: a walk that faults, or
-//! whose mapping does not allow the access, leaves nothing behind. Cached entries stay until
-//! invalidated, whatever happens to the table or the root meanwhile; the mode is checked on
-//! every translation (SPEC.md "Domain registers").
+//! A translation checks the IOVA width, then the domain's mode, then looks the IOTLB up; a
+//! miss walks from the domain's root and fills. Mode and root are read when a
+//! [`Translator`] is made, once per transfer chunk (SPEC.md "Domain registers": an
+//! invalidation waits for the chunk in flight). Only successful translations are cached: a
+//! walk that faults, or whose mapping does not allow the access, leaves nothing behind.
+//! Cached entries stay until invalidated, whatever happens to the table or the root
+//! meanwhile.
 
 mod iotlb;
 mod walk;
