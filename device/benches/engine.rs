@@ -23,42 +23,17 @@
 #[path = "../tests/driver/mod.rs"]
 mod driver;
 
+mod common;
+
 use std::hint::black_box;
 
+use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domdma_device::spec::*;
 use driver::*;
 
-/// Transfer sizes.
-const SIZES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 16 << 20];
-/// Buffer size: the largest transfer.
-const MAX: u64 = 16 << 20;
-/// Source IOVA in both domains.
-const SRC: u64 = 0x10_0000_0000;
-/// Destination IOVA in both domains.
-const DST: u64 = 0x11_0000_0000;
 /// Descriptors in flight in the `copy_stream` group.
 const STREAM: usize = 16;
-/// Domain (and queue) with 4 KiB mappings.
-const DOM_4K: u32 = 1;
-/// Domain (and queue) with 2 MiB mappings.
-const DOM_2M: u32 = 2;
-
-fn label(size: u64) -> String {
-    if size >= 1 << 20 {
-        format!("{}MiB", size >> 20)
-    } else {
-        format!("{}KiB", size >> 10)
-    }
-}
-
-/// Submit one COPY on queue `q` and spin on its completion.
-fn engine_copy(d: &mut Driver, q: u32, len: u64) {
-    let t = d.submit(q, Desc::copy(SRC, DST, len as u32));
-    let c = d.wait_spin(&t);
-    assert_eq!((c.status, u64::from(c.bytes)), (STATUS_OK, len), "{c:x?}");
-    black_box(c);
-}
 
 fn copy_throughput(c: &mut Criterion) {
     let mut d = Driver::new();
