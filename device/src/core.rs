@@ -362,7 +362,12 @@ impl Device {
                     | (self.config.domains & 0xff) << CAP_DOMAINS_SHIFT
             }
             REG_CAP_OPS => {
-                1 << OP_NOP | 1 << OP_COPY | 1 << OP_FILL | 1 << OP_COMPARE | 1 << OP_CRC32C
+                1 << OP_NOP
+                    | 1 << OP_COPY
+                    | 1 << OP_FILL
+                    | 1 << OP_COMPARE
+                    | 1 << OP_CRC32C
+                    | 1 << OP_BATCH
             }
             REG_MAX_XFER => self.config.max_transfer,
             REG_SCRATCH => self.scratch,

@@ -342,6 +342,11 @@ pub const OP_FILL: u8 = 2;
 pub const OP_COMPARE: u8 = 3;
 /// Opcode: CRC32C (Castagnoli) of `len` bytes at `src`; result the CRC.
 pub const OP_CRC32C: u8 = 4;
+/// Opcode: run the `len` descriptors of the list at `src` (NOP, COPY, FILL) in order as
+/// one descriptor; result the number of elements completed.
+pub const OP_BATCH: u8 = 5;
+/// Most elements in one BATCH list.
+pub const BATCH_MAX: u32 = 64;
 
 /// Descriptor flag: raise the queue's MSI-X vector when this descriptor completes.
 pub const DESC_FLAG_INTERRUPT: u8 = 1 << 0;
@@ -600,6 +605,8 @@ mod doc {
         OP_FILL,
         OP_COMPARE,
         OP_CRC32C,
+        OP_BATCH,
+        BATCH_MAX,
         DESC_FLAG_INTERRUPT,
         DESC_FLAG_FENCE,
         DESC_FLAGS_VALID,

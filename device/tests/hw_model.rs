@@ -2972,3 +2972,217 @@ fn read_only_registers_ignore_writes() {
     assert_ok(&d.run(Q, Desc::fill(DST, 8, 2)), 8);
     assert_eq!(d.qread(Q, Q_HEAD), 3);
 }
+
+// ---- BATCH ----
+
+/// IOVA of BATCH lists (L4 0, L3 72).
+const LIST: u64 = 0x12_0000_0000;
+
+/// Maps a list of `elems` at [`LIST`] (read-only for the device) and returns its bus
+/// address.
+fn write_list(d: &mut Driver, elems: &[Desc]) -> u64 {
+    let bytes = (elems.len().max(1) as u64) * DESC_SIZE;
+    let bus = d.map_new(DOM, LIST, bytes, PAGE_4K, PTE_R);
+    for (i, e) in elems.iter().enumerate() {
+        let cpl = match e.cpl {
+            Cpl::At(iova) => iova,
+            Cpl::Slot | Cpl::None => 0,
+        };
+        d.bus.write(bus + i as u64 * DESC_SIZE, &e.to_bytes(cpl));
+    }
+    bus
+}
+
+fn batch(count: u32) -> Desc {
+    Desc {
+        opcode: OP_BATCH,
+        len: count,
+        src: LIST,
+        tag: 0xba7c,
+        ..Desc::default()
+    }
+}
+
+#[test]
+fn batch_runs_copy_fill_and_nop_elements_in_order_as_one_descriptor() {
+    let mut d = setup();
+    let src = d.map_new(DOM, SRC, 3 * 4096, PAGE_4K, PTE_R);
+    let dst = d.map_new(DOM, DST, 3 * 4096, PAGE_4K, RW);
+    let data = pattern(7, 3 * 4096);
+    d.bus.write(src, &data);
+    write_list(
+        &mut d,
+        &[
+            Desc::copy(SRC, DST, 8192).cpl(Cpl::None),
+            Desc::nop().cpl(Cpl::None).flags(DESC_FLAG_FENCE),
+            // Runs after the copy: overwrites part of what it wrote.
+            Desc::fill(DST + 4096, 100, 0x1111_2222_3333_4444).cpl(Cpl::None),
+            Desc::copy(SRC + 8192, DST + 8192, 4096).cpl(Cpl::None),
+        ],
+    );
+    let before = d.stats().queues[Q as usize].descriptors;
+    let c = d.run(Q, batch(4));
+    assert_ok(&c, 8192 + 100 + 4096);
+    assert_eq!((c.result, c.tag), (4, 0xba7c));
+    let mut want = data.clone();
+    for (i, b) in want[4096..4196].iter_mut().enumerate() {
+        *b = 0x1111_2222_3333_4444u64.to_le_bytes()[i % 8];
+    }
+    assert_eq!(d.bus.read(dst, 3 * 4096), want);
+    assert_eq!(
+        d.stats().queues[Q as usize].descriptors,
+        before + 1,
+        "a BATCH counts as one descriptor"
+    );
+    d.bus.check_canaries();
+}
+
+#[test]
+fn batch_stops_at_a_faulting_element_and_reports_how_far_it_got() {
+    let mut d = setup();
+    let src = d.map_new(DOM, SRC, 2 * 4096, PAGE_4K, PTE_R);
+    let dst = d.map_new(DOM, DST, 4096, PAGE_4K, RW);
+    d.bus.write(src, &pattern(8, 2 * 4096));
+    d.bus.fill(dst, 4096, 0);
+    write_list(
+        &mut d,
+        &[
+            Desc::copy(SRC, DST, 1000).cpl(Cpl::None),
+            // Writes past the 4 KiB destination mapping after 4096 - 2000 bytes.
+            Desc::copy(SRC + 4096, DST + 2000, 4096).cpl(Cpl::None),
+            Desc::fill(DST, 64, 0xffff_ffff_ffff_ffff).cpl(Cpl::None),
+        ],
+    );
+    let c = d.run(Q, batch(3));
+    assert_cpl(
+        &c,
+        STATUS_DMA_ERROR,
+        FAULT_NOT_PRESENT,
+        ACCESS_WRITE,
+        DST + 4096,
+        1000 + 2096,
+    );
+    assert_eq!(c.result, 1, "one element completed before the failing one");
+    assert_ne!(
+        d.bus.read_u8(dst),
+        0xff,
+        "the element after the fault did not run"
+    );
+    let r = d.wait_faults(1);
+    assert_rec(
+        &r[0],
+        FAULT_NOT_PRESENT,
+        ACCESS_WRITE,
+        DOM,
+        Q,
+        DST + 4096,
+        0,
+    );
+    d.bus.check_canaries();
+}
+
+#[test]
+fn batch_with_a_malformed_element_fails_at_that_element() {
+    for (bad, why) in [
+        (Desc::compare(SRC, DST, 64).cpl(Cpl::None), "COMPARE"),
+        (batch(1).cpl(Cpl::None), "nested BATCH"),
+        (
+            Desc::copy(SRC, DST, 64).cpl(Cpl::At(0x1000)),
+            "element completion record",
+        ),
+        (
+            Desc::copy(SRC, DST, 64)
+                .cpl(Cpl::None)
+                .flags(DESC_FLAG_INTERRUPT),
+            "element interrupt",
+        ),
+        (Desc::copy(SRC, DST, 0).cpl(Cpl::None), "zero length"),
+    ] {
+        let mut d = setup();
+        let src = d.map_new(DOM, SRC, 4096, PAGE_4K, PTE_R);
+        let dst = d.map_new(DOM, DST, 4096, PAGE_4K, RW);
+        d.bus.write(src, &[0x77; 4096]);
+        d.bus.fill(dst, 4096, 0);
+        write_list(&mut d, &[Desc::copy(SRC, DST, 64).cpl(Cpl::None), bad]);
+        let c = d.run(Q, batch(2));
+        assert_cpl(
+            &c,
+            STATUS_INVALID_DESCRIPTOR,
+            FAULT_DESCRIPTOR_INVALID,
+            ACCESS_DESCRIPTOR,
+            LIST + DESC_SIZE,
+            64,
+        );
+        assert_eq!(c.result, 1, "{why}");
+        assert_eq!(d.bus.read_u8(dst), 0x77, "{why}: the first element ran");
+        let r = d.wait_faults(1);
+        assert_rec(
+            &r[0],
+            FAULT_DESCRIPTOR_INVALID,
+            ACCESS_DESCRIPTOR,
+            DOM,
+            Q,
+            LIST + DESC_SIZE,
+            0,
+        );
+        d.bus.check_canaries();
+    }
+}
+
+#[test]
+fn batch_list_fetch_fault_and_malformed_batches() {
+    let mut d = setup();
+    // The list's second element is on an unmapped page.
+    let bus = d.map_new(DOM, LIST, 4096, PAGE_4K, PTE_R);
+    let _ = d.map_new(DOM, DST, 4096, PAGE_4K, RW);
+    d.bus.write(
+        bus + 4096 - DESC_SIZE,
+        &Desc::fill(DST, 64, 1).cpl(Cpl::None).to_bytes(0),
+    );
+    let c = d.run(
+        Q,
+        Desc {
+            src: LIST + 4096 - DESC_SIZE,
+            ..batch(2)
+        },
+    );
+    assert_cpl(
+        &c,
+        STATUS_DMA_ERROR,
+        FAULT_NOT_PRESENT,
+        ACCESS_DESCRIPTOR,
+        LIST + 4096,
+        64,
+    );
+    assert_eq!(c.result, 1);
+    // Malformed BATCH descriptors: never fetch the list.
+    for (desc, why) in [
+        (batch(0), "no elements"),
+        (batch(BATCH_MAX + 1), "too many elements"),
+        (
+            Desc {
+                src: LIST + 8,
+                ..batch(1)
+            },
+            "misaligned list",
+        ),
+        (
+            Desc {
+                dst: DST,
+                ..batch(1)
+            },
+            "destination set",
+        ),
+    ] {
+        let before = d.stats().domains[DOM as usize].translations;
+        let c = d.run(Q, desc);
+        assert_eq!(c.status, STATUS_INVALID_DESCRIPTOR, "{why}");
+        assert_eq!((c.result, c.bytes), (0, 0), "{why}");
+        // Only the completion record is translated (identity-mapped ring area).
+        assert!(
+            d.stats().domains[DOM as usize].translations <= before + 2,
+            "{why}: the list was not read"
+        );
+    }
+    d.bus.check_canaries();
+}

@@ -151,6 +151,13 @@ impl Descriptor {
         Self::new(spec::OP_CRC32C, len, src, 0)
     }
 
+    /// Run the `count` descriptors (NOP, COPY, FILL; no completion record, no interrupt
+    /// flag) of the list at IOVA `list` (`DESC_SIZE`-aligned) as one descriptor; the
+    /// completion's result is the number of elements completed (device/SPEC.md "BATCH").
+    pub fn batch(list: u64, count: u32) -> Self {
+        Self::new(spec::OP_BATCH, count, list, 0)
+    }
+
     /// Sets the FENCE flag (start only after every earlier descriptor completed).
     pub fn with_fence(mut self) -> Self {
         self.flags |= spec::DESC_FLAG_FENCE;

@@ -108,6 +108,10 @@ pub fn all() -> Vec<Test> {
             run: interrupt_coalescing,
         },
         Test {
+            name: "batch_descriptor",
+            run: batch_descriptor,
+        },
+        Test {
             name: "wdf_domain_common_buffer_dma",
             run: wdf_domain_common_buffer_dma,
         },
@@ -2133,5 +2137,62 @@ fn wdf_domain_common_buffer_dma(ctx: &mut Ctx) -> TestResult {
     );
     check_eq!(report.bytes, 3 << 20, "bytes copied");
     check_eq!(report.src_node, Some(node), "PreferredNode honoured");
+    Ok(())
+}
+
+/// A BATCH descriptor: a list of COPY, FILL and NOP elements in DMA memory runs as one
+/// descriptor with one completion (result: elements completed); a COMPARE element stops the
+/// batch as a malformed element, after the elements before it ran.
+fn batch_descriptor(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    fresh(dev)?;
+    let caps = Capabilities::read(dev)?;
+    check!(
+        caps.supports_op(spec::OP_BATCH),
+        "CAP_OPS {:#x} lacks BATCH",
+        caps.ops
+    );
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 4)?;
+    let src = dev.alloc_dma(DmaRequest::new(64 << 10))?;
+    let dst = dev.alloc_dma(DmaRequest::new(64 << 10))?;
+    let list = dev.alloc_dma(DmaRequest::new(4096))?;
+    let data = Rng::from_time().bytes(64 << 10);
+    src.write(0, &data);
+    let (s, t) = (src.bus_addr(), dst.bus_addr());
+    let elems = [
+        Descriptor::copy(s, t, 32 << 10),
+        Descriptor::nop().with_fence(),
+        Descriptor::fill(t + (32 << 10), 0x5a5a_5a5a_5a5a_5a5a, 16 << 10),
+        Descriptor::copy(s + (48 << 10), t + (48 << 10), 16 << 10),
+    ];
+    for (i, e) in elems.iter().enumerate() {
+        list.write(i * spec::DESC_SIZE as usize, &e.to_bytes());
+    }
+    let c = run_desc(&mut q, &cpl, 0, Descriptor::batch(list.bus_addr(), 4))?;
+    check_status(&c, spec::STATUS_OK, "BATCH")?;
+    check_eq!(c.bytes, 64 << 10, "BATCH bytes");
+    check_eq!(c.result, 4, "BATCH elements completed");
+    let got = dst.to_vec(0, 64 << 10);
+    check!(got[..32 << 10] == data[..32 << 10], "first COPY element");
+    check!(
+        got[32 << 10..48 << 10].iter().all(|&b| b == 0x5a),
+        "FILL element"
+    );
+    check!(got[48 << 10..] == data[48 << 10..], "last COPY element");
+
+    // A COMPARE element is not allowed: the batch stops there.
+    list.write(
+        spec::DESC_SIZE as usize,
+        &Descriptor::compare(s, t, 64).to_bytes(),
+    );
+    let c = run_desc(&mut q, &cpl, 1, Descriptor::batch(list.bus_addr(), 4))?;
+    check_status(&c, spec::STATUS_INVALID_DESCRIPTOR, "BATCH with COMPARE")?;
+    check_eq!(c.result, 1, "elements completed before the bad one");
+    check_eq!(
+        c.fault_addr,
+        list.bus_addr() + spec::DESC_SIZE,
+        "fault address = the bad element"
+    );
     Ok(())
 }

@@ -136,7 +136,7 @@ impl Descriptor {
     fn malformed(&self, max_transfer: u32) -> Option<&'static str> {
         if !matches!(
             self.opcode,
-            OP_NOP | OP_COPY | OP_FILL | OP_COMPARE | OP_CRC32C
+            OP_NOP | OP_COPY | OP_FILL | OP_COMPARE | OP_CRC32C | OP_BATCH
         ) {
             return Some("unknown opcode");
         }
@@ -148,6 +148,7 @@ impl Descriptor {
         }
         let len_ok = match self.opcode {
             OP_NOP => self.len == 0,
+            OP_BATCH => (1..=BATCH_MAX).contains(&self.len),
             _ => self.len != 0 && self.len <= max_transfer,
         };
         if !len_ok {
@@ -156,11 +157,29 @@ impl Descriptor {
         if self.completion % COMPLETION_SIZE != 0 {
             return Some("misaligned completion record");
         }
+        if self.opcode == OP_BATCH && (self.dst != 0 || self.src % DESC_SIZE != 0) {
+            return Some("BATCH list misaligned or destination set");
+        }
         if self.opcode == OP_COPY {
             let len = u64::from(self.len);
             if self.src < self.dst.saturating_add(len) && self.dst < self.src.saturating_add(len) {
                 return Some("COPY ranges overlap");
             }
+        }
+        None
+    }
+
+    /// SPEC.md's rules for an element of a BATCH list: a well-formed NOP, COPY or FILL
+    /// without a completion record or an interrupt request.
+    fn malformed_element(&self, max_transfer: u32) -> Option<&'static str> {
+        if let Some(why) = self.malformed(max_transfer) {
+            return Some(why);
+        }
+        if !matches!(self.opcode, OP_NOP | OP_COPY | OP_FILL) {
+            return Some("opcode not allowed in a BATCH list");
+        }
+        if self.completion != 0 || self.flags & DESC_FLAG_INTERRUPT != 0 {
+            return Some("BATCH element with a completion record or an interrupt");
         }
         None
     }
@@ -595,6 +614,9 @@ impl Exec<'_> {
             self.report(&f);
             return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
         }
+        if d.opcode == OP_BATCH {
+            return self.batch(d, scratch);
+        }
         let result = match d.opcode {
             OP_COPY => self.copy(&d),
             OP_FILL => self.fill(&d, scratch),
@@ -1013,6 +1035,75 @@ impl Exec<'_> {
 
     /// Write `d`'s completion record: bytes 4..32, a release fence, then the first 4 bytes
     /// in one write. No record for a completion address of 0 (Ok) or a misaligned one.
+    /// BATCH: fetch the list's elements one by one through the queue's domain (as ring
+    /// descriptors are fetched) and run them in order; stop at the first that is malformed
+    /// or faults. The batch's outcome: bytes moved by every element (saturating at
+    /// `u32::MAX`), the number of elements completed as the result, and the stopping
+    /// element's fault.
+    fn batch(&self, d: Descriptor, scratch: &mut Scratch) -> RunResult {
+        let mut bytes = 0u64;
+        let sum = |bytes: u64| u32::try_from(bytes).unwrap_or(u32::MAX);
+        for i in 0..d.len {
+            if let Err(Stop::Aborted(_)) = self.between_chunks(bytes) {
+                return RunResult::Aborted(d, sum(bytes));
+            }
+            let done = u64::from(i);
+            // `src` is DESC_SIZE-aligned and i < BATCH_MAX, so this stays in u64 unless the
+            // list runs off the end of the IOVA space, which faults like any other IOVA.
+            let iova = d.src.checked_add(done * DESC_SIZE);
+            let fetched = match iova {
+                Some(iova) => self.fetch(iova),
+                None => Err(self.access_fault(FAULT_IOVA_WIDTH, d.src, 0, ACCESS_DESCRIPTOR)),
+            };
+            let raw = match fetched {
+                Ok(raw) => raw,
+                Err(f) => {
+                    self.report(&f);
+                    let o = Outcome::fault(STATUS_DMA_ERROR, &f, sum(bytes));
+                    return RunResult::Done(d, Outcome { result: done, ..o });
+                }
+            };
+            let e = Descriptor::parse(&raw);
+            if let Some(why) = e.malformed_element(self.shared.config.max_transfer) {
+                let iova = iova.unwrap_or(0);
+                debug!(
+                    q = self.q(),
+                    ?e,
+                    element = i,
+                    why,
+                    "guest error: bad BATCH element"
+                );
+                let f = Fault {
+                    reason: FAULT_DESCRIPTOR_INVALID,
+                    access: ACCESS_DESCRIPTOR,
+                    domain: self.domain,
+                    queue: self.q(),
+                    iova,
+                    info: 0,
+                    level: 0,
+                };
+                self.report(&f);
+                let o = Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, sum(bytes));
+                return RunResult::Done(d, Outcome { result: done, ..o });
+            }
+            let ran = match e.opcode {
+                OP_COPY => self.copy(&e),
+                OP_FILL => self.fill(&e, scratch),
+                _ => Ok(0),
+            };
+            match ran {
+                Ok(_) => bytes += u64::from(e.len),
+                Err(Stop::Fault(f, moved)) => {
+                    self.report(&f);
+                    let o = Outcome::fault(STATUS_DMA_ERROR, &f, sum(bytes + moved));
+                    return RunResult::Done(d, Outcome { result: done, ..o });
+                }
+                Err(Stop::Aborted(moved)) => return RunResult::Aborted(d, sum(bytes + moved)),
+            }
+        }
+        RunResult::Done(d, Outcome::ok(sum(bytes), u64::from(d.len)))
+    }
+
     fn write_completion(&self, d: &Descriptor, o: &Outcome) -> Result<bool, Fault> {
         if d.completion == 0 {
             return Ok(true);

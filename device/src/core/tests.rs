@@ -302,7 +302,7 @@ fn identity_and_capability_registers() {
     assert_eq!((cap >> CAP_IOVA_WIDTH_SHIFT) & 0xff, DEFAULT_IOVA_WIDTH);
     assert_eq!((cap >> CAP_DOMAINS_SHIFT) & 0xff, DEFAULT_DOMAINS);
     assert_eq!(d.read(REG_MAX_XFER), MAX_XFER);
-    assert_eq!(d.read(REG_CAP_OPS), 0b1_1111);
+    assert_eq!(d.read(REG_CAP_OPS), 0b11_1111);
     assert_eq!(d.read(REG_CAP_PGSIZES), PGSIZE_4K | PGSIZE_2M | PGSIZE_1G);
     assert_eq!(d.read(REG_CAP_IOTLB), DEFAULT_IOTLB_ENTRIES);
     assert_eq!(d.read(REG_CAP_FAULT_LOG), FAULT_LOG_MAX);
