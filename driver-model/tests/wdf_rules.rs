@@ -873,3 +873,14 @@ fn misuse_paged_pool_at_dispatch_level_is_verifier_0xc4_0x01() {
         "non-paged is fine"
     );
 }
+
+#[test]
+fn dropping_a_driver_object_without_unload_deletes_its_objects() {
+    let (d, driver) = load();
+    let l = lookaside(64, None);
+    let m = from_lookaside(l);
+    drop(d);
+    for h in [driver.into(), WDFOBJECT::from(l), m.into()] {
+        assert!(!object_is_live(h), "{h:?} still in the handle table");
+    }
+}

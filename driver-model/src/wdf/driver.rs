@@ -234,6 +234,25 @@ impl DRIVER_OBJECT {
     }
 }
 
+impl Drop for DRIVER_OBJECT {
+    /// A driver object dropped without [`DRIVER_OBJECT::unload`] (a test that stops early)
+    /// deletes its framework objects, so they do not stay in the handle table; there is no
+    /// leak check and no bug check here (a drop may run while a bug check unwinds). Pool
+    /// blocks go back when the last object that may use them is gone.
+    fn drop(&mut self) {
+        let Some(g) = self.globals.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        let _scope = g.enter();
+        if let Some(o) = object::lookup(g.handle().into()) {
+            object::delete_tree(&o);
+        }
+    }
+}
+
 /// `WdfDriverCreate`: creates the framework driver object for `DriverObject`, binds it to
 /// the calling thread, and returns its handle in `Driver` (optional, as in KMDF).
 ///
