@@ -884,3 +884,76 @@ fn dropping_a_driver_object_without_unload_deletes_its_objects() {
         assert!(!object_is_live(h), "{h:?} still in the handle table");
     }
 }
+
+#[test]
+fn create_from_lookaside_paged_requires_apc_level_nonpaged_dispatch_level() {
+    let (_d, _) = load();
+    let mut paged = WDFLOOKASIDE::NULL;
+    assert_eq!(
+        WdfLookasideListCreate(None, 64, PagedPool, None, TAG, Some(&mut paged)),
+        STATUS_SUCCESS
+    );
+    let nonpaged = lookaside(64, None);
+    let _dispatch = IrqlGuard::raise(DISPATCH_LEVEL);
+    let mut m = WDFMEMORY::NULL;
+    assert_eq!(
+        WdfMemoryCreateFromLookaside(paged, Some(&mut m)),
+        STATUS_INVALID_DEVICE_REQUEST
+    );
+    assert!(m.is_null());
+    assert_eq!(
+        WdfMemoryCreateFromLookaside(nonpaged, Some(&mut m)),
+        STATUS_SUCCESS
+    );
+    WdfObjectDelete(m);
+}
+
+#[test]
+fn memory_create_irql_size_and_default_tag_rules() {
+    let (d, _) = load();
+    let mut m = WDFMEMORY::NULL;
+    assert_eq!(
+        WdfMemoryCreate(None, NonPagedPool, 0, 0, Some(&mut m), None),
+        STATUS_INVALID_PARAMETER,
+        "size 0"
+    );
+    let mut buf: *mut c_void = std::ptr::null_mut();
+    assert_eq!(
+        WdfMemoryCreate(None, PagedPool, 0, 32, Some(&mut m), Some(&mut buf)),
+        STATUS_SUCCESS
+    );
+    assert!(!buf.is_null());
+    let tag = d.globals().unwrap().tag();
+    assert_eq!(
+        pool_stats(&d, tag.0, PoolKind::Paged).allocs,
+        1,
+        "PoolTag 0: driver tag"
+    );
+    WdfObjectDelete(m);
+    assert_eq!(
+        pool_stats(&d, tag.0, PoolKind::Paged).outstanding(),
+        0,
+        "freed on delete"
+    );
+    let _dispatch = IrqlGuard::raise(DISPATCH_LEVEL);
+    assert_eq!(
+        WdfMemoryCreate(None, PagedPool, TAG, 32, Some(&mut m), None),
+        STATUS_INVALID_DEVICE_REQUEST
+    );
+    assert_eq!(
+        WdfMemoryCreate(None, NonPagedPool, TAG, 32, Some(&mut m), None),
+        STATUS_SUCCESS
+    );
+    let bc = expect_bug_check(|| WdfMemoryCreate(None, NonPagedPool, TAG, 32, None, None));
+    assert_eq!(bc.subcode(), WDF_REQUIRED_PARAMETER_IS_NULL);
+}
+
+#[test]
+fn misuse_zero_byte_pool_allocation_is_verifier_0xc4_0x00() {
+    let (_d, _) = load();
+    let bc = expect_bug_check(|| ExAllocatePoolWithTag(NonPagedPool, 0, TAG));
+    assert_eq!(
+        (bc.code, bc.params[0]),
+        (DRIVER_VERIFIER_DETECTED_VIOLATION, VERIFIER_ZERO_ALLOCATION)
+    );
+}
