@@ -91,6 +91,46 @@ pub enum BackendError {
 /// Result type of the back-end interface.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// Waits up to `timeout` for a non-blocking eventfd (an MSI-X vector) and returns its count
+/// (0 on timeout), for the back ends whose interrupts are eventfds. On error, what failed
+/// ("reading an eventfd", "poll on an eventfd") and why.
+#[cfg(target_os = "linux")]
+pub(crate) fn wait_eventfd(
+    fd: &vmm_sys_util::eventfd::EventFd,
+    timeout: Duration,
+) -> std::result::Result<u64, (&'static str, std::io::Error)> {
+    use std::os::fd::AsRawFd;
+    // A timeout beyond what Instant can represent waits (in one-hour polls) for ever.
+    let deadline = std::time::Instant::now().checked_add(timeout);
+    loop {
+        match fd.read() {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(("reading an eventfd", e)),
+        }
+        let left = match deadline {
+            Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        if left.is_zero() {
+            return Ok(0);
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(("poll on an eventfd", e));
+            }
+        }
+    }
+}
+
 /// Checks a 32-bit register access at `offset` of a BAR0 of `size` bytes (4-byte aligned,
 /// inside the BAR): what every back end does before touching the device.
 pub fn check_reg_access(offset: u64, size: u64) -> Result<()> {

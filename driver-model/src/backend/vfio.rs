@@ -1109,42 +1109,8 @@ impl DmaBackend for VfioBackend {
                 vector,
                 available: self.msix_vectors(),
             })?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match fd.read() {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(source) => {
-                    return Err(VfioBackendError::Sys {
-                        what: "reading an eventfd",
-                        source,
-                    }
-                    .into())
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(0);
-            }
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(VfioBackendError::Sys {
-                        what: "poll on an eventfd",
-                        source: e,
-                    }
-                    .into());
-                }
-            }
-        }
+        super::wait_eventfd(fd, timeout)
+            .map_err(|(what, source)| VfioBackendError::Sys { what, source }.into())
     }
 }
 

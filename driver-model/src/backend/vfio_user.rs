@@ -995,45 +995,14 @@ impl DmaBackend for VfioUserBackend {
                 vector,
                 available: self.msix_vectors(),
             })?;
-        let sys = |what| {
-            move |source| -> BackendError {
-                VfioUserError::Interrupt {
-                    what,
-                    vector,
-                    source,
-                }
-                .into()
+        super::wait_eventfd(fd, timeout).map_err(|(what, source)| {
+            VfioUserError::Interrupt {
+                what,
+                vector,
+                source,
             }
-        };
-        let deadline = Instant::now().checked_add(timeout);
-        loop {
-            match fd.read() {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(sys("reading an eventfd")(e)),
-            }
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => Duration::from_secs(3600),
-            };
-            if left.is_zero() {
-                return Ok(0);
-            }
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(sys("poll on an eventfd")(e));
-                }
-            }
-        }
+            .into()
+        })
     }
 }
 
