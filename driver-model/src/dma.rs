@@ -315,7 +315,6 @@ impl DmaDomain {
     /// Frees the buffer that matches exactly; unmaps and invalidates before the memory goes.
     fn free(
         &self,
-        owner_domain_check: impl FnOnce(&CommonBuffer) -> bool,
         logical: u64,
         length: u64,
         virtual_address: *mut u8,
@@ -323,10 +322,7 @@ impl DmaDomain {
     ) -> Result<(), DmaError> {
         let mut inner = self.lock();
         let matches = inner.buffers.get(&logical).is_some_and(|b| {
-            b.length == length
-                && b.buffer.as_ptr() == virtual_address
-                && b.cached == cached
-                && owner_domain_check(b)
+            b.length == length && b.buffer.as_ptr() == virtual_address && b.cached == cached
         });
         if !matches {
             return Err(DmaError::NoSuchBuffer { logical, length });
@@ -364,7 +360,7 @@ pub struct DmaDevice {
     backend: SharedBackend,
     caps: Capabilities,
     domains: Mutex<BTreeMap<u32, Weak<DmaDomain>>>,
-    next_adapter: Mutex<u64>,
+    next_adapter: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for DmaDevice {
@@ -390,7 +386,7 @@ impl DmaDevice {
             backend,
             caps,
             domains: Mutex::new(BTreeMap::new()),
-            next_adapter: Mutex::new(1),
+            next_adapter: std::sync::atomic::AtomicU64::new(1),
         }))
     }
 
@@ -406,9 +402,9 @@ impl DmaDevice {
 
     /// A new adapter with an address width of `width` bits (capped by the device's).
     pub fn adapter(self: &Arc<Self>, width: u32) -> Adapter {
-        let mut n = self.next_adapter.lock().unwrap_or_else(|e| e.into_inner());
-        let id = *n;
-        *n += 1;
+        let id = self
+            .next_adapter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Adapter {
             id,
             device: Arc::clone(self),
@@ -606,7 +602,7 @@ impl Adapter {
         cached: bool,
     ) -> Result<(), DmaError> {
         let d = self.current_domain().ok_or(DmaError::NoDomain)?;
-        d.free(|_| true, logical, length, virtual_address, cached)
+        d.free(logical, length, virtual_address, cached)
     }
 
     /// Live buffers this adapter allocated in its current domain.

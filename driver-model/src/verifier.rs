@@ -20,8 +20,6 @@ use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Once;
 
-/// `IRQL_NOT_LESS_OR_EQUAL`: pageable memory touched at too high an IRQL.
-pub const IRQL_NOT_LESS_OR_EQUAL: u32 = 0x0A;
 /// `BAD_POOL_CALLER`: an invalid pool request (double free, wrong tag, bad pointer).
 pub const BAD_POOL_CALLER: u32 = 0xC2;
 /// `DRIVER_VERIFIER_DETECTED_VIOLATION`.
@@ -39,10 +37,6 @@ pub const WDF_INVALID_HANDLE: u64 = 0x5;
 /// `WDF_VIOLATION` parameter 1: an object-level error (for example deleting an object
 /// twice, or deleting one the driver may not delete).
 pub const WDF_OBJECT_ERROR: u64 = 0x7;
-/// `WDF_VIOLATION` parameter 1: a DMA rule was broken.
-pub const WDF_DMA_FATAL_ERROR: u64 = 0x8;
-/// `WDF_VIOLATION` parameter 1: a call at the wrong IRQL, caught by the verifier.
-pub const WDF_VERIFIER_IRQL_MISMATCH: u64 = 0xE;
 
 /// `BAD_POOL_CALLER` parameter 1: the pool block was already freed (P2 reserved, P3 the
 /// block's header, P4 its address).
