@@ -518,6 +518,22 @@ impl Exec<'_> {
         }
     }
 
+    /// The `FAULT_DESCRIPTOR_INVALID` fault of a malformed descriptor (or BATCH element) at
+    /// `iova`, reported.
+    fn invalid_descriptor(&self, iova: u64) -> Fault {
+        let f = Fault {
+            reason: FAULT_DESCRIPTOR_INVALID,
+            access: ACCESS_DESCRIPTOR,
+            domain: self.domain,
+            queue: self.q(),
+            iova,
+            info: 0,
+            level: 0,
+        };
+        self.report(&f);
+        f
+    }
+
     /// `FAULT_OUTSIDE_RAM` for the access to `iova` at bus address `bus`.
     fn outside_ram(&self, iova: u64, bus: u64, flags: u8) -> Fault {
         self.access_fault(FAULT_OUTSIDE_RAM, iova, bus, flags)
@@ -602,16 +618,7 @@ impl Exec<'_> {
         let d = Descriptor::parse(&raw);
         if let Some(why) = d.malformed(self.shared.config.max_transfer) {
             debug!(q = self.q(), ?d, why, "guest error: malformed descriptor");
-            let f = Fault {
-                reason: FAULT_DESCRIPTOR_INVALID,
-                access: ACCESS_DESCRIPTOR,
-                domain: self.domain,
-                queue: self.q(),
-                iova: desc_iova,
-                info: 0,
-                level: 0,
-            };
-            self.report(&f);
+            let f = self.invalid_descriptor(desc_iova);
             return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
         }
         if d.opcode == OP_BATCH {
@@ -1073,16 +1080,7 @@ impl Exec<'_> {
                     why,
                     "guest error: bad BATCH element"
                 );
-                let f = Fault {
-                    reason: FAULT_DESCRIPTOR_INVALID,
-                    access: ACCESS_DESCRIPTOR,
-                    domain: self.domain,
-                    queue: self.q(),
-                    iova,
-                    info: 0,
-                    level: 0,
-                };
-                self.report(&f);
+                let f = self.invalid_descriptor(iova);
                 let o = Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, sum(bytes));
                 return RunResult::Done(d, Outcome { result: done, ..o });
             }
