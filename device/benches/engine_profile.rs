@@ -10,8 +10,9 @@
 //!
 //! A `translate` group measures the translations of a 1 MiB copy on 4 KiB pages alone (256
 //! source and 256 destination pages, alternating, as the engine asks for them): one
-//! `Mmu::translate` each, or one `Mmu::translator` for all, with the IOTLB too small
-//! (every page misses, walks and fills) or large enough (every page hits), and with a
+//! `Mmu::translate` each, or one `Mmu::translator` for all, with no IOTLB (`iotlb0`: every
+//! page walks, nothing is cached: the page walk alone), the IOTLB too small (every page
+//! misses, walks and fills) or large enough (every page hits), and with a
 //! 2 MiB memcpy between rounds (as the engine's copy evicts the IOTLB from the caches;
 //! `pollute_only` is that memcpy alone, to subtract).
 //!
@@ -197,7 +198,11 @@ fn translate(c: &mut Criterion) {
     let mut group = c.benchmark_group("translate");
     group.throughput(Throughput::Elements(512));
     group.bench_function("pollute_only", |b| b.iter(&mut pollute));
-    for entries in [DEFAULT_IOTLB_ENTRIES as usize, MAX_IOTLB_ENTRIES as usize] {
+    for entries in [
+        0,
+        DEFAULT_IOTLB_ENTRIES as usize,
+        MAX_IOTLB_ENTRIES as usize,
+    ] {
         let mmu = Mmu::new(2, DEFAULT_IOVA_WIDTH, entries, false);
         let regs = DomainRegs {
             root,

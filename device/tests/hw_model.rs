@@ -1631,6 +1631,46 @@ fn iotlb_evicts_least_recently_used_entry_when_full() {
     assert!(d.stats().iotlb_entries <= 4);
 }
 
+#[test]
+fn iotlb_is_set_associative_as_spec_defines() {
+    // Eight entries: two sets of four (SPEC.md "IOTLB"). Consecutive 4 KiB pages alternate
+    // between the sets, so page 0 and the odd pages never share one.
+    let mut d = setup_with(DeviceConfig {
+        iotlb_entries: 8,
+        ..DeviceConfig::default()
+    });
+    let pages = scattered_pages(&mut d, 17);
+    d.pt(DOM).map_pages(&mut d.bus, SRC, &pages, PAGE_4K, RW);
+    for p in &pages {
+        d.bus.write(*p, &[(*p >> 12) as u8; 8]);
+    }
+    assert_ok(&d.run(Q, Desc::crc32c(SRC, 8)), 8);
+    // Eight newer pages, all in the other set: a fully associative 8-entry LRU would have
+    // evicted page 0 (ring and record pages are newer still); its own set, holding at most
+    // page 0, the ring page and the record page, has had no reason to.
+    for i in (1..16u64).step_by(2) {
+        assert_ok(&d.run(Q, Desc::crc32c(SRC + i * 4096, 8)), 8);
+    }
+    // Remap page 0 and page 1 to page 16's frame without invalidation: page 0 is still
+    // cached (stale), page 1 was evicted from its set by the seven pages after it.
+    let dst = d.map_new(DOM, DST, 4096, PAGE_4K, RW);
+    d.set_pte(DOM, SRC, 1, pages[16] | RW);
+    d.set_pte(DOM, SRC + 4096, 1, pages[16] | RW);
+    assert_ok(&d.run(Q, Desc::copy(SRC, DST, 8)), 8);
+    assert_eq!(
+        d.bus.read_u8(dst),
+        (pages[0] >> 12) as u8,
+        "page 0 still cached"
+    );
+    assert_ok(&d.run(Q, Desc::copy(SRC + 4096, DST, 8)), 8);
+    assert_eq!(
+        d.bus.read_u8(dst),
+        (pages[16] >> 12) as u8,
+        "page 1 evicted"
+    );
+    assert!(d.stats().iotlb_entries <= 8);
+}
+
 // =======================================================================================
 // The 32-bit mode
 // =======================================================================================

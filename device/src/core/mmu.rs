@@ -14,7 +14,7 @@
 //!
 //! Structure: the page walker is in `walk` (at most four entry reads, each checked against
 //! bus memory first; a level-1 read alone when a translator has the table cached), the
-//! cache in `iotlb` (fully associative, true LRU, behind a mutex).
+//! cache in `iotlb` (4-way set associative, LRU within a set, behind a mutex).
 //! A translation checks the IOVA width, then the domain's mode, then looks the IOTLB up; a
 //! miss walks from the domain's root and fills. Mode and root are read when a
 //! [`Translator`] is made, once per transfer chunk (SPEC.md "Domain registers": an
@@ -66,6 +66,17 @@ pub struct Translation {
     pub len: u64,
     /// Size of the mapping page: 4 KiB, 2 MiB or 1 GiB (0 for pass-through).
     pub page_size: u64,
+}
+
+impl Translation {
+    /// When the page `leaf` maps, reached at `next` (the IOVA right after this run),
+    /// allows `access` and continues this run in bus memory: the bytes it adds.
+    #[inline(always)]
+    fn continued_by(&self, next: u64, leaf: &Leaf, access: Access) -> Option<u64> {
+        let offset = next & (leaf.size - 1);
+        let contiguous = self.bus.checked_add(self.len) == Some(leaf.bus_page | offset);
+        (leaf.allows(access) && contiguous).then_some(leaf.size - offset)
+    }
 }
 
 /// A failed translation.
@@ -504,6 +515,10 @@ impl Translator<'_> {
     ) -> Result<Translation, TranslationFault> {
         let mut run = self.translate(iova, access)?;
         while run.len < want {
+            self.extend_run(&mut run, iova, access, want);
+            if run.len >= want {
+                break;
+            }
             let Some(next) = iova.checked_add(run.len) else {
                 break;
             };
@@ -531,6 +546,70 @@ impl Translator<'_> {
             }
         }
         Ok(run)
+    }
+
+    /// [`Translator::translate_run`]'s fast path: extend `run` (the translation of `iova`
+    /// so far) by the pages after it that translate without a fault, continue it in bus
+    /// memory and need no strict-mode re-walk, looking each up, walking and filling on a
+    /// miss, and counting it, exactly as [`Translator::translate_now`] would. It stops
+    /// before the first page that is anything else (a fault, a gap, strict mode, the end
+    /// of the lock budget, the end of the IOVA space) with nothing of that page counted or
+    /// cached; the general path then translates that page again from the start (a lookup
+    /// that hit has only made its entry the most recent, which the second lookup does
+    /// again; a walk has filled nothing).
+    #[inline(always)]
+    fn extend_run(&mut self, run: &mut Translation, iova: u64, access: Access, want: u64) {
+        let mmu = self.mmu;
+        let (Some((mode, root)), Some(_)) = (self.domain, self.counters) else {
+            return;
+        };
+        if mmu.strict || mode & 3 != DOMAIN_MODE_TRANSLATED {
+            return;
+        }
+        let Some(mut next) = iova.checked_add(run.len) else {
+            return;
+        };
+        while run.len < want {
+            if next > mmu.iova_limit || self.held >= LOCK_BUDGET {
+                return;
+            }
+            let Some(iotlb) = self.iotlb.as_deref_mut() else {
+                return;
+            };
+            // The hit and the miss each check and count on their own: merging the two
+            // leaves into one value made the compiler pass it through the stack, with
+            // store-forwarding stalls on every page.
+            let step = match iotlb.probe(self.d, next) {
+                Ok(cached) => {
+                    let Some(step) = run.continued_by(next, &cached, access) else {
+                        return;
+                    };
+                    self.counts.hits += 1;
+                    step
+                }
+                Err(victim) => {
+                    let Ok(leaf) = walk::walk_cached(self.mem, root, next, &mut self.l1) else {
+                        return;
+                    };
+                    let Some(step) = run.continued_by(next, &leaf, access) else {
+                        return;
+                    };
+                    // Probed and walked under this hold of the lock: not cached, the
+                    // generation is current and the victim is still the way to fill.
+                    iotlb.fill_victim(victim, self.d, leaf);
+                    self.counts.misses += 1;
+                    self.counts.walks += 1;
+                    step
+                }
+            };
+            self.held += 1;
+            self.counts.translations += 1;
+            run.len = run.len.saturating_add(step);
+            let Some(after) = next.checked_add(step) else {
+                return;
+            };
+            next = after;
+        }
     }
 
     /// Translate `iova` (not looking at a pending translation) and count it.
@@ -593,8 +672,8 @@ impl Translator<'_> {
             &mut self.l1,
             &mut self.generation,
         );
-        let leaf = match iotlb.lookup(self.d, iova) {
-            Some(cached) => {
+        let leaf = match iotlb.probe(self.d, iova) {
+            Ok(cached) => {
                 self.counts.hits += 1;
                 if mmu.strict {
                     self.counts.walks += 1;
@@ -604,15 +683,15 @@ impl Translator<'_> {
                 }
                 cached
             }
-            None => {
+            Err(victim) => {
                 self.counts.misses += 1;
                 self.counts.walks += 1;
                 let leaf = walk::walk_cached(self.mem, root, iova, &mut self.l1)
                     .map_err(|f| walk_fault(f, iova))?;
                 if leaf.allows(access) {
-                    // Looked up and walked under this hold of the lock: not cached, and
-                    // the generation is current.
-                    iotlb.fill_missed(self.d, leaf);
+                    // Probed and walked under this hold of the lock: not cached, the
+                    // generation is current and the victim is still the way to fill.
+                    iotlb.fill_victim(victim, self.d, leaf);
                 }
                 leaf
             }

@@ -1,20 +1,24 @@
-//! The IOTLB: a fully associative cache of (domain, page-aligned IOVA, page size) ->
-//! (bus page, R, W) with true least-recently-used replacement.
+//! The IOTLB: a set-associative cache of (domain, page-aligned IOVA, page size) ->
+//! (bus page, R, W), with least-recently-used replacement within a set, as SPEC.md "IOTLB"
+//! defines it.
 //!
-//! Layout: the entries live in a slab of slots, threaded on an intrusive doubly linked
-//! recency list (most recent at the head) and, for lookup, on singly linked hash chains
-//! from a bucket array of at least twice the capacity. A hit is one chain walk per
-//! page-size class that has entries (4 KiB first) plus four index writes to move the slot
-//! to the head; a fill evicts the tail when full. Invalidation walks the (at most
-//! `MAX_IOTLB_ENTRIES`) entries: it is rare and must drop every overlapping page.
+//! `capacity` entries are spread over `ceil(capacity / 4)` sets of at most [`WAYS`] (4)
+//! ways; when 4 does not divide the capacity the first sets get one way more than the rest,
+//! so the IOTLB holds exactly `capacity` entries (an IOTLB of 4 entries or fewer is one
+//! fully associative set). An entry's set is a fixed function of its key ([`Iotlb::set_of`]),
+//! not seeded: which entry a fill evicts is deterministic, so a driver test can rely on it.
+//! Consecutive pages go to consecutive sets, so a transfer streaming through pages spreads
+//! over the whole IOTLB.
 //!
-//! The hash keeps neighbours together: consecutive pages of one 2 MiB (for 4 KiB pages),
-//! 1 GiB (2 MiB pages) or 512 GiB (1 GiB pages) IOVA range go to consecutive buckets, and
-//! consecutive fills take neighbouring slots, so translating a transfer page by page walks
-//! memory sequentially (the engine's hit and miss costs were dominated by cache misses on
-//! a scattering hash). Chaining, unlike open addressing, does not mind such clustered
-//! hashes. The range's bucket comes from a seeded mix (seeded per IOTLB at random), so a
-//! guest cannot aim its IOVAs at one chain.
+//! A set is one 128-byte block: four packed keys (page | domain | class | valid in one u64,
+//! one compare per way), the bus pages, the permissions and the set's recency order (its
+//! ways from most to least recently used, as hardware keeps LRU bits per set). Empty ways
+//! sit at the least recent end of the order, so the way a fill takes is always the last of
+//! the order: an empty one when there is one, else the least recently used. A hit is at
+//! most three set probes (one per page-size class that has entries, 4 KiB first) and a
+//! reorder of four bytes.
+//! Invalidation scans every way (at most `MAX_IOTLB_ENTRIES`): it is rare and must drop
+//! every overlapping page.
 //!
 //! The structure is not thread-safe by itself; [`super::Mmu`] keeps it behind a mutex, and
 //! looks up, walks and fills under one hold of it, so a fill never carries a walk older than
@@ -22,14 +26,11 @@
 //! a translator that re-takes the lock whether an invalidation happened meanwhile (it then
 //! drops its paging-structure cache).
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-
 use super::walk::{Leaf, SIZE_1G, SIZE_2M, SIZE_4K};
-use crate::spec::{PTE_R, PTE_W};
+use crate::spec::{MAX_DOMAINS, PTE_R, PTE_W};
 
-/// "No slot" in the recency list and the hash chains.
-const NIL: u32 = u32::MAX;
+/// Ways per set.
+pub(crate) const WAYS: usize = 4;
 
 /// Page sizes in lookup order, indexed by size class.
 const CLASS_SIZES: [u64; 3] = [SIZE_4K, SIZE_2M, SIZE_1G];
@@ -37,8 +38,20 @@ const CLASS_SIZES: [u64; 3] = [SIZE_4K, SIZE_2M, SIZE_1G];
 /// log2 of [`CLASS_SIZES`].
 const CLASS_SHIFTS: [u32; 3] = [12, 21, 30];
 
-/// Pages of one class whose buckets are consecutive: 512, the entries of one table.
-const RANGE_BITS: u32 = 9;
+/// Key bit 0: the way holds an entry (an empty way's key is 0, which no entry has).
+const KEY_VALID: u64 = 1;
+/// Key bits 2:1: the size class.
+const KEY_CLASS_SHIFT: u32 = 1;
+/// Key bits 11:3: the domain.
+const KEY_DOMAIN_SHIFT: u32 = 3;
+
+// The domain must fit in key bits 11:3, below the page address.
+const _: () = assert!(MAX_DOMAINS <= 1 << 9);
+
+/// Multiplier of the domain in the set index (odd, so domains spread over the sets).
+pub(crate) const SET_DOMAIN_STRIDE: u64 = 97;
+/// Multiplier of the size class in the set index.
+pub(crate) const SET_CLASS_STRIDE: u64 = 31;
 
 /// Size class of a page size (0: 4 KiB, 1: 2 MiB, 2: 1 GiB).
 fn class_of(size: u64) -> u8 {
@@ -49,75 +62,103 @@ fn class_of(size: u64) -> u8 {
     }
 }
 
-/// The 512-page range of a key (domain, class and the range's first page, packed without
-/// overlap: `page >> 9` has at most 43 bits, so different ranges give different values) and
-/// the page's index in it.
+/// The packed key of an entry: the page address (aligned to at least 4 KiB, so its bits
+/// 11:0 are free) with the domain, the class and the valid bit below it.
 #[inline(always)]
-fn range_of(domain: u16, class: u8, iova_page: u64) -> (u64, u64) {
-    let page = iova_page >> CLASS_SHIFTS[usize::from(class)];
-    let range = (page >> RANGE_BITS) | u64::from(domain) << 45 | u64::from(class) << 61;
-    (range, page & ((1 << RANGE_BITS) - 1))
+fn key(domain: u16, class: u8, iova_page: u64) -> u64 {
+    debug_assert!(u32::from(domain) < 1 << 9 && iova_page & (SIZE_4K - 1) == 0);
+    iova_page
+        | u64::from(domain) << KEY_DOMAIN_SHIFT
+        | u64::from(class) << KEY_CLASS_SHIFT
+        | KEY_VALID
 }
 
-/// The murmur3 64-bit finaliser: a bijection that mixes every bit into every bit.
-fn mix(mut k: u64) -> u64 {
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^ (k >> 33)
+/// The parts of a valid key: (domain, class, page address).
+fn unkey(key: u64) -> (u16, u8, u64) {
+    (
+        ((key >> KEY_DOMAIN_SHIFT) & 0x1ff) as u16,
+        ((key >> KEY_CLASS_SHIFT) & 3) as u8,
+        key & !(SIZE_4K - 1),
+    )
 }
 
-/// A slot before its first use.
-const EMPTY: Slot = Slot {
-    iova_page: 0,
-    bus_page: 0,
-    domain: 0,
-    class: 0,
-    perm: 0,
-    warned: false,
-    prev: NIL,
-    next: NIL,
-    chain: NIL,
-    bucket: 0,
-};
-
-/// One cached translation.
+/// Where [`Iotlb::fill_victim`] puts a 4 KiB entry after [`Iotlb::probe`] missed.
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    /// IOVA of the page (aligned to the class's size).
-    iova_page: u64,
-    /// Bus address of the page.
-    bus_page: u64,
-    /// Domain.
-    domain: u16,
-    /// Size class.
-    class: u8,
-    /// `PTE_R | PTE_W` of the translation.
-    perm: u8,
-    /// A strict-mode stale use of this entry has been logged.
-    warned: bool,
-    /// Next more recently used slot.
-    prev: u32,
-    /// Next less recently used slot.
-    next: u32,
-    /// Next slot in the same hash bucket.
-    chain: u32,
-    /// The bucket.
-    bucket: u32,
+pub(crate) struct Victim {
+    set: usize,
+    way: usize,
+    /// Key of the 4 KiB page probed.
+    key: u64,
 }
 
-impl Slot {
-    fn is(&self, domain: u16, class: u8, iova_page: u64) -> bool {
-        self.iova_page == iova_page && self.domain == domain && self.class == class
+/// One set: [`WAYS`] entries in one cache-line-aligned block.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Set {
+    /// Packed keys ([`key`]); 0: empty way.
+    keys: [u64; WAYS],
+    /// Bus address of each way's page.
+    bus: [u64; WAYS],
+    /// `PTE_R | PTE_W` of each way's translation.
+    perm: [u8; WAYS],
+    /// A strict-mode stale use of the way's entry has been logged.
+    warned: [bool; WAYS],
+    /// The ways from most to least recently used; a set of `n` ways keeps them in
+    /// `order[..n]` (the ways it does not have stay behind, never touched), empty ways last.
+    order: [u8; WAYS],
+}
+
+impl Default for Set {
+    fn default() -> Self {
+        Self {
+            keys: [0; WAYS],
+            bus: [0; WAYS],
+            perm: [0; WAYS],
+            warned: [false; WAYS],
+            order: [0, 1, 2, 3],
+        }
+    }
+}
+
+impl Set {
+    #[inline(always)]
+    fn find(&self, key: u64) -> Option<usize> {
+        self.keys.iter().position(|&k| k == key)
     }
 
-    fn leaf(&self) -> Leaf {
+    fn leaf(&self, w: usize) -> Leaf {
+        let (_, class, iova_page) = unkey(self.keys[w]);
         Leaf {
-            iova_page: self.iova_page,
-            bus_page: self.bus_page,
-            size: CLASS_SIZES[usize::from(self.class)],
-            perm: u64::from(self.perm),
+            iova_page,
+            bus_page: self.bus[w],
+            size: CLASS_SIZES[usize::from(class)],
+            perm: u64::from(self.perm[w]),
+        }
+    }
+
+    /// Position of way `w` in the order.
+    #[inline(always)]
+    fn rank(&self, w: usize) -> usize {
+        self.order
+            .iter()
+            .position(|&o| usize::from(o) == w)
+            .unwrap_or(0)
+    }
+
+    /// Make way `w` the most recently used.
+    #[inline(always)]
+    fn touch(&mut self, w: usize) {
+        let r = self.rank(w);
+        self.order.copy_within(0..r, 1);
+        self.order[0] = w as u8;
+    }
+
+    /// Move way `w` (just emptied) behind the other ways of a set of `ways` ways.
+    fn demote(&mut self, w: usize, ways: usize) {
+        let r = self.rank(w);
+        if r < ways {
+            self.order.copy_within(r + 1..ways, r);
+            self.order[ways - 1] = w as u8;
         }
     }
 }
@@ -126,50 +167,34 @@ impl Slot {
 #[derive(Debug)]
 pub(crate) struct Iotlb {
     capacity: usize,
-    /// Heads of the hash chains; a power of two of them.
-    buckets: Vec<u32>,
-    /// `buckets.len() - 1`.
-    mask: u64,
-    /// Random seed of the hash.
-    seed: u64,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    sets: Vec<Set>,
+    /// `sets.len() - 1` when that is a power of two (the set index is then a mask).
+    mask: Option<u64>,
+    /// Ways of every set from `wide` on; the sets before have one more.
+    ways: usize,
+    /// Number of sets with `ways + 1` ways.
+    wide: usize,
     /// Entries cached.
     len: usize,
-    /// Most recently used slot.
-    head: u32,
-    /// Least recently used slot.
-    tail: u32,
     /// Entries per size class, so a lookup skips classes that have none.
     per_class: [u32; 3],
     generation: u64,
-    /// The last 4 KiB key [`Iotlb::lookup`] missed, and its bucket (domain, IOVA page,
-    /// bucket): the key [`Iotlb::fill_missed`] most likely fills next.
-    missed: (u16, u64, usize),
-    /// The last range [`Iotlb::lookup`] hashed and its mix (pages are looked up in runs).
-    memo: (u64, u64),
 }
 
 impl Iotlb {
     /// An empty IOTLB of `capacity` entries (0: nothing is ever cached).
     pub fn new(capacity: usize) -> Self {
-        // Slot indices are u32 with NIL reserved; no configuration comes close.
-        let capacity = capacity.min(1 << 24);
-        let buckets = (capacity * 2).max(16).next_power_of_two();
+        let capacity = capacity.min(MAX_CAPACITY);
+        let n = capacity.div_ceil(WAYS).max(1);
         Self {
             capacity,
-            buckets: vec![NIL; buckets],
-            mask: buckets as u64 - 1,
-            seed: RandomState::new().hash_one(0x10_71b_u64),
-            slots: Vec::with_capacity(capacity.min(1 << 16)),
-            free: Vec::new(),
+            sets: vec![Set::default(); n],
+            mask: n.is_power_of_two().then_some(n as u64 - 1),
+            ways: capacity / n,
+            wide: capacity % n,
             len: 0,
-            head: NIL,
-            tail: NIL,
             per_class: [0; 3],
             generation: 0,
-            missed: (0, u64::MAX, 0),
-            memo: (u64::MAX, 0),
         }
     }
 
@@ -183,163 +208,156 @@ impl Iotlb {
         self.generation
     }
 
-    /// Bucket of a key: a mix of its 512-page range (seeded), plus the page's index in it.
+    /// The set of a key: `(page number + 97 * domain + 31 * class) mod sets`, the page
+    /// number being the IOVA divided by the page size (SPEC.md "IOTLB").
     #[inline(always)]
-    fn bucket(&self, domain: u16, class: u8, iova_page: u64) -> usize {
-        let (range, index) = range_of(domain, class, iova_page);
-        (mix(range ^ self.seed).wrapping_add(index) & self.mask) as usize
-    }
-
-    /// [`Iotlb::bucket`], remembering the last range's mix.
-    #[inline(always)]
-    fn bucket_memo(&mut self, domain: u16, class: u8, iova_page: u64) -> usize {
-        let (range, index) = range_of(domain, class, iova_page);
-        if self.memo.0 != range {
-            self.memo = (range, mix(range ^ self.seed));
+    fn set_of(&self, domain: u16, class: u8, iova_page: u64) -> usize {
+        let h = (iova_page >> CLASS_SHIFTS[usize::from(class)])
+            .wrapping_add(SET_DOMAIN_STRIDE * u64::from(domain))
+            .wrapping_add(SET_CLASS_STRIDE * u64::from(class));
+        match self.mask {
+            Some(mask) => (h & mask) as usize,
+            None => (h % self.sets.len() as u64) as usize,
         }
-        (self.memo.1.wrapping_add(index) & self.mask) as usize
     }
 
-    /// The slot holding a key.
-    #[inline]
-    fn find(&self, domain: u16, class: u8, iova_page: u64) -> Option<u32> {
-        self.find_in(
-            self.bucket(domain, class, iova_page),
-            domain,
-            class,
-            iova_page,
-        )
-    }
-
-    /// The slot holding a key whose bucket is `b`.
+    /// Ways of set `s`.
     #[inline(always)]
-    fn find_in(&self, b: usize, domain: u16, class: u8, iova_page: u64) -> Option<u32> {
-        let mut i = self.buckets[b];
-        while i != NIL {
-            let slot = &self.slots[i as usize];
-            if slot.is(domain, class, iova_page) {
-                return Some(i);
-            }
-            i = slot.chain;
-        }
-        None
+    fn ways_of(&self, s: usize) -> usize {
+        self.ways + usize::from(s < self.wide)
     }
 
-    /// Look `iova` of `domain` up and make the entry the most recently used; returns the
-    /// cached translation of the page holding it.
-    #[inline(always)]
+    /// Look `iova` of `domain` up and make the entry its set's most recently used; returns
+    /// the cached translation of the page holding it.
+    #[cfg(test)]
     pub fn lookup(&mut self, domain: u16, iova: u64) -> Option<Leaf> {
-        for (class, size) in CLASS_SIZES.iter().enumerate() {
+        self.probe(domain, iova).ok()
+    }
+
+    /// [`Iotlb::lookup`], returning on a miss where a 4 KiB entry for `iova` would go, for
+    /// [`Iotlb::fill_victim`] (an empty way of its set, else the least recently used).
+    #[inline(always)]
+    pub fn probe(&mut self, domain: u16, iova: u64) -> Result<Leaf, Victim> {
+        let page = iova & !(SIZE_4K - 1);
+        let s = self.set_of(domain, 0, page);
+        let k = key(domain, 0, page);
+        if let Some(w) = self.sets[s].find(k) {
+            let set = &mut self.sets[s];
+            set.touch(w);
+            return Ok(set.leaf(w));
+        }
+        for (class, size) in CLASS_SIZES.iter().enumerate().skip(1) {
             if self.per_class[class] == 0 {
                 continue;
             }
             let (class, iova_page) = (class as u8, iova & !(size - 1));
-            let b = self.bucket_memo(domain, class, iova_page);
-            if let Some(i) = self.find_in(b, domain, class, iova_page) {
-                self.touch(i);
-                return Some(self.slots[i as usize].leaf());
-            }
-            if class == 0 {
-                self.missed = (domain, iova_page, b);
+            let s = self.set_of(domain, class, iova_page);
+            if let Some(w) = self.sets[s].find(key(domain, class, iova_page)) {
+                let set = &mut self.sets[s];
+                set.touch(w);
+                return Ok(set.leaf(w));
             }
         }
-        None
+        let ways = self.ways_of(s).max(1);
+        Err(Victim {
+            set: s,
+            way: usize::from(self.sets[s].order[ways - 1]),
+            key: k,
+        })
     }
 
     /// Cache `leaf` for `domain`, unless an invalidation happened since `generation` was
-    /// read (the walk may have seen the table before the driver changed it). Evicts the least
-    /// recently used entry when full. (The MMU walks under the lock and uses
-    /// [`Iotlb::fill_missed`]; this is the general form, for tests.)
+    /// read (the walk may have seen the table before the driver changed it). Replaces the
+    /// set's least recently used entry when the set is full. (The MMU walks under the lock
+    /// and uses [`Iotlb::fill_victim`]; this is the general form, for tests.)
     #[cfg(test)]
     pub fn fill(&mut self, domain: u16, leaf: Leaf, generation: u64) {
         if generation != self.generation || self.capacity == 0 {
             return;
         }
         let class = class_of(leaf.size);
-        // A walk's permissions are R and W ANDed over the levels: nothing else survives.
-        let perm = (leaf.perm & (PTE_R | PTE_W)) as u8;
-        if let Some(i) = self.find(domain, class, leaf.iova_page) {
+        let s = self.set_of(domain, class, leaf.iova_page);
+        if let Some(w) = self.sets[s].find(key(domain, class, leaf.iova_page)) {
             // Another thread filled the same page meanwhile: keep the newer walk.
-            let slot = &mut self.slots[i as usize];
-            slot.bus_page = leaf.bus_page;
-            slot.perm = perm;
-            slot.warned = false;
-            self.touch(i);
+            let set = &mut self.sets[s];
+            set.bus[w] = leaf.bus_page;
+            set.perm[w] = (leaf.perm & (PTE_R | PTE_W)) as u8;
+            set.warned[w] = false;
+            set.touch(w);
             return;
         }
         self.insert(domain, leaf);
     }
 
-    /// Cache `leaf` for `domain`, known not to be cached: [`Iotlb::lookup`] of an IOVA in
-    /// it missed and the lock has been held since (so the generation is current too).
-    /// Evicts the least recently used entry when full.
+    /// Cache `leaf` for `domain`, known not to be cached: [`Iotlb::probe`] of an IOVA in it
+    /// missed, returning `victim`, and the lock has been held since (so the generation is
+    /// current too, and the victim is still the way a fill would take). Replaces the set's
+    /// least recently used entry when the set is full.
     #[inline(always)]
-    pub fn fill_missed(&mut self, domain: u16, leaf: Leaf) {
+    pub fn fill_victim(&mut self, victim: Victim, domain: u16, leaf: Leaf) {
         if self.capacity == 0 {
             return;
         }
-        debug_assert!(self
-            .find(domain, class_of(leaf.size), leaf.iova_page)
-            .is_none());
-        self.insert(domain, leaf);
+        let class = class_of(leaf.size);
+        debug_assert!({
+            let s = self.set_of(domain, class, leaf.iova_page);
+            self.sets[s]
+                .find(key(domain, class, leaf.iova_page))
+                .is_none()
+        });
+        if class != 0 || key(domain, 0, leaf.iova_page) != victim.key {
+            // A larger page: it goes to its own set.
+            return self.insert(domain, leaf);
+        }
+        self.put(victim.set, victim.way, victim.key, leaf);
     }
 
-    /// Add an entry not cached yet, evicting the least recently used when full (its slot
-    /// takes the new entry).
-    #[inline(always)]
+    /// Add an entry not cached yet, in its set's victim way (an empty one when there is
+    /// one, else the least recently used).
     fn insert(&mut self, domain: u16, leaf: Leaf) {
         let class = class_of(leaf.size);
-        let b = match self.missed {
-            (d, page, b) if class == 0 && d == domain && page == leaf.iova_page => b,
-            _ => self.bucket(domain, class, leaf.iova_page),
-        };
-        let i = if self.len >= self.capacity && self.tail != NIL {
-            let i = self.tail;
-            self.detach(i);
-            i
-        } else {
+        let s = self.set_of(domain, class, leaf.iova_page);
+        let ways = self.ways_of(s).max(1);
+        let w = usize::from(self.sets[s].order[ways - 1]);
+        self.put(s, w, key(domain, class, leaf.iova_page), leaf);
+    }
+
+    /// Write entry `key` -> `leaf` into way `w` of set `s` (empty, or evicted now) and make
+    /// it the set's most recently used.
+    #[inline(always)]
+    fn put(&mut self, s: usize, w: usize, key: u64, leaf: Leaf) {
+        let (_, class, _) = unkey(key);
+        let set = &mut self.sets[s];
+        let old = set.keys[w];
+        if old == 0 {
             self.len += 1;
-            match self.free.pop() {
-                Some(i) => i,
-                None => {
-                    self.slots.push(EMPTY);
-                    (self.slots.len() - 1) as u32
-                }
+            self.per_class[usize::from(class)] += 1;
+        } else {
+            // Counts change only when the class does (the common case, a 4 KiB entry
+            // replacing another, writes nothing a following lookup reads).
+            let (_, old, _) = unkey(old);
+            if old != class {
+                self.per_class[usize::from(old)] -= 1;
+                self.per_class[usize::from(class)] += 1;
             }
-        };
-        let old = self.head;
-        let slot = &mut self.slots[i as usize];
-        *slot = Slot {
-            iova_page: leaf.iova_page,
-            bus_page: leaf.bus_page,
-            domain,
-            class,
-            // A walk's permissions are R and W ANDed over the levels: nothing else survives.
-            perm: (leaf.perm & (PTE_R | PTE_W)) as u8,
-            warned: false,
-            prev: NIL,
-            next: old,
-            chain: self.buckets[b],
-            bucket: b as u32,
-        };
-        self.buckets[b] = i;
-        match old {
-            NIL => self.tail = i,
-            h => self.slots[h as usize].prev = i,
         }
-        self.head = i;
-        self.per_class[usize::from(class)] += 1;
+        set.keys[w] = key;
+        set.bus[w] = leaf.bus_page;
+        // A walk's permissions are R and W ANDed over the levels: nothing else survives.
+        set.perm[w] = (leaf.perm & (PTE_R | PTE_W)) as u8;
+        set.warned[w] = false;
+        set.touch(w);
     }
 
     /// Strict mode: note that the entry caching `leaf` for `domain` was used stale. Returns
     /// true the first time for that entry (the caller logs then), false after; an entry no
     /// longer cached counts as a first time.
     pub fn mark_warned(&mut self, domain: u16, leaf: &Leaf) -> bool {
-        match self.find(domain, class_of(leaf.size), leaf.iova_page) {
-            Some(i) => {
-                let slot = &mut self.slots[i as usize];
-                !std::mem::replace(&mut slot.warned, true)
-            }
+        let class = class_of(leaf.size);
+        let s = self.set_of(domain, class, leaf.iova_page);
+        let set = &mut self.sets[s];
+        match set.find(key(domain, class, leaf.iova_page)) {
+            Some(w) => !std::mem::replace(&mut set.warned[w], true),
             None => true,
         }
     }
@@ -347,12 +365,8 @@ impl Iotlb {
     /// Drop every entry; returns how many were dropped.
     pub fn invalidate_all(&mut self) -> usize {
         let n = self.len;
-        self.buckets.fill(NIL);
-        self.slots.clear();
-        self.free.clear();
+        self.sets.fill(Set::default());
         self.len = 0;
-        self.head = NIL;
-        self.tail = NIL;
         self.per_class = [0; 3];
         self.generation = self.generation.wrapping_add(1);
         n
@@ -361,123 +375,62 @@ impl Iotlb {
     /// Drop every entry of `domain` whose page overlaps `[first, last]` (inclusive, so a
     /// range reaching the top of the IOVA space needs no overflow); returns how many.
     pub fn invalidate_range(&mut self, domain: u16, first: u64, last: u64) -> usize {
-        self.invalidate_where(|slot| {
+        self.invalidate_where(|d, class, iova_page| {
             // The page is [iova_page, iova_page + size - 1]; it is size-aligned, so the
             // sum cannot overflow.
-            let size = CLASS_SIZES[usize::from(slot.class)];
-            slot.domain == domain && slot.iova_page <= last && first <= slot.iova_page + (size - 1)
+            let size = CLASS_SIZES[usize::from(class)];
+            d == domain && iova_page <= last && first <= iova_page + (size - 1)
         })
     }
 
     /// Drop every entry of `domain`; returns how many.
     pub fn invalidate_domain(&mut self, domain: u16) -> usize {
-        self.invalidate_where(|slot| slot.domain == domain)
+        self.invalidate_where(|d, _, _| d == domain)
     }
 
-    /// Drop the entries `drop` selects; bumps the generation.
-    fn invalidate_where(&mut self, drop: impl Fn(&Slot) -> bool) -> usize {
+    /// Drop the entries `drop(domain, class, page)` selects; bumps the generation.
+    fn invalidate_where(&mut self, drop: impl Fn(u16, u8, u64) -> bool) -> usize {
         self.generation = self.generation.wrapping_add(1);
-        let mut victims = Vec::new();
-        let mut i = self.head;
-        while i != NIL {
-            let slot = &self.slots[i as usize];
-            if drop(slot) {
-                victims.push(i);
-            }
-            i = slot.next;
-        }
-        for &i in &victims {
-            self.remove(i);
-        }
-        victims.len()
-    }
-
-    /// Drop slot `i` (linked): unlink it and free it.
-    fn remove(&mut self, i: u32) {
-        self.detach(i);
-        self.len -= 1;
-        self.free.push(i);
-    }
-
-    /// Unlink slot `i` from the recency list, its hash chain and its class.
-    #[inline]
-    fn detach(&mut self, i: u32) {
-        self.unlink(i);
-        let Slot {
-            class,
-            chain,
-            bucket,
-            ..
-        } = self.slots[i as usize];
-        let b = bucket as usize;
-        if self.buckets[b] == i {
-            self.buckets[b] = chain;
-        } else {
-            let mut p = self.buckets[b];
-            while p != NIL {
-                let next = self.slots[p as usize].chain;
-                if next == i {
-                    self.slots[p as usize].chain = chain;
-                    break;
+        let mut dropped = 0;
+        for s in 0..self.sets.len() {
+            let ways = self.ways_of(s);
+            let set = &mut self.sets[s];
+            for w in 0..WAYS {
+                if set.keys[w] == 0 {
+                    continue;
                 }
-                p = next;
+                let (d, class, page) = unkey(set.keys[w]);
+                if drop(d, class, page) {
+                    set.keys[w] = 0;
+                    set.demote(w, ways);
+                    self.per_class[usize::from(class)] -= 1;
+                    dropped += 1;
+                }
             }
         }
-        self.per_class[usize::from(class)] -= 1;
+        self.len -= dropped;
+        dropped
     }
 
-    /// Make slot `i` (linked) the most recently used.
-    #[inline]
-    fn touch(&mut self, i: u32) {
-        if self.head != i {
-            self.unlink(i);
-            self.push_front(i);
-        }
-    }
-
-    #[inline]
-    fn unlink(&mut self, i: u32) {
-        let Slot { prev, next, .. } = self.slots[i as usize];
-        match prev {
-            NIL => self.head = next,
-            p => self.slots[p as usize].next = next,
-        }
-        match next {
-            NIL => self.tail = prev,
-            n => self.slots[n as usize].prev = prev,
-        }
-    }
-
-    #[inline]
-    fn push_front(&mut self, i: u32) {
-        let old = self.head;
-        {
-            let slot = &mut self.slots[i as usize];
-            slot.prev = NIL;
-            slot.next = old;
-        }
-        match old {
-            NIL => self.tail = i,
-            h => self.slots[h as usize].prev = i,
-        }
-        self.head = i;
-    }
-
-    /// IOVAs (page-aligned) of `domain` from most to least recently used; for tests.
+    /// IOVAs (page-aligned) of `domain`, set by set, from most to least recently used in
+    /// each set; for tests.
     #[cfg(test)]
     pub fn recency(&self, domain: u16) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut i = self.head;
-        while i != NIL {
-            let slot = &self.slots[i as usize];
-            if slot.domain == domain {
-                out.push(slot.iova_page);
+        for set in &self.sets {
+            for &w in &set.order {
+                let k = set.keys[usize::from(w)];
+                if k != 0 && unkey(k).0 == domain {
+                    out.push(unkey(k).2);
+                }
             }
-            i = slot.next;
         }
         out
     }
 }
+
+/// Largest capacity [`Iotlb::new`] honours (more is clamped): far above `MAX_IOTLB_ENTRIES`.
+const MAX_CAPACITY: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -495,6 +448,7 @@ mod tests {
 
     #[test]
     fn lru_order_and_eviction() {
+        // Three entries: one fully associative set.
         let mut t = Iotlb::new(3);
         for p in [0x1000, 0x2000, 0x3000] {
             t.fill(1, leaf(p, SIZE_4K), t.generation());
@@ -506,6 +460,44 @@ mod tests {
         assert_eq!(t.recency(1), vec![0x4000, 0x1000, 0x3000]);
         assert_eq!(t.len(), 3);
         assert!(t.lookup(1, 0x2000).is_none());
+    }
+
+    #[test]
+    fn a_full_set_evicts_its_own_lru_entry_not_another_sets() {
+        // Eight entries: two sets of four; in domain 0, even 4 KiB pages go to set 0.
+        let mut t = Iotlb::new(8);
+        t.fill(0, leaf(0x1000, SIZE_4K), t.generation()); // set 1, the oldest entry
+        for p in [0, 2, 4, 6] {
+            t.fill(0, leaf(p << 12, SIZE_4K), t.generation());
+        }
+        assert!(t.lookup(0, 0).is_some()); // page 0 is now set 0's most recent
+        t.fill(0, leaf(8 << 12, SIZE_4K), t.generation());
+        // Set 0 was full: its least recently used (page 2) went; page 1 (set 1) stays
+        // although it is older.
+        assert_eq!(t.len(), 5);
+        assert!(t.lookup(0, 2 << 12).is_none());
+        for p in [0, 1, 4, 6, 8] {
+            assert!(t.lookup(0, p << 12).is_some(), "page {p}");
+        }
+        // Domain 1 shifts the index by 97: its page 1 lands in set 0.
+        assert_eq!(t.set_of(1, 0, 0x1000), 0);
+    }
+
+    #[test]
+    fn odd_capacities_hold_exactly_their_entries() {
+        for capacity in [1, 2, 3, 5, 6, 7, 9, 10, 63, 65, 4095] {
+            let mut t = Iotlb::new(capacity);
+            // Far more pages than entries, in every set.
+            for p in 0..(capacity as u64 * 8) {
+                let victim = t.probe(0, p << 12).expect_err("never cached");
+                t.fill_victim(victim, 0, leaf(p << 12, SIZE_4K));
+            }
+            assert_eq!(t.len(), capacity, "capacity {capacity}");
+            let n = t.sets.len();
+            let ways: usize = (0..n).map(|s| t.ways_of(s)).sum();
+            assert_eq!(ways, capacity);
+            assert!((0..n).all(|s| (1..=WAYS).contains(&t.ways_of(s))));
+        }
     }
 
     #[test]
@@ -525,6 +517,16 @@ mod tests {
     }
 
     #[test]
+    fn keys_keep_every_address_bit() {
+        // Pages far apart (beyond 48 bits when the IOVA width has no limit) never alias.
+        let mut t = Iotlb::new(64);
+        let high = 0xffff_f000_0000_0000;
+        t.fill(3, leaf(high, SIZE_4K), t.generation());
+        assert!(t.lookup(3, 0).is_none());
+        assert_eq!(t.lookup(3, high | 0xfff).unwrap().iova_page, high);
+    }
+
+    #[test]
     fn stale_generation_is_not_filled() {
         let mut t = Iotlb::new(4);
         let g = t.generation();
@@ -534,16 +536,19 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_reused_after_invalidation() {
+    fn ways_are_reused_after_invalidation() {
         let mut t = Iotlb::new(2);
         for round in 0..100u64 {
             t.fill(1, leaf(round << 12, SIZE_4K), t.generation());
             if round % 3 == 0 {
                 t.invalidate_range(1, round << 12, round << 12);
             }
+            assert!(t.len() <= 2);
         }
-        assert!(t.len() <= 2);
-        assert!(t.slots.len() <= 2);
+        // Round 99 was dropped: one way is free again.
+        assert_eq!(t.len(), 1);
+        t.fill(1, leaf(1000 << 12, SIZE_4K), t.generation());
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
@@ -554,56 +559,83 @@ mod tests {
         assert!(t.lookup(1, 0x1000).is_none());
     }
 
-    /// A reference IOTLB: a list in recency order (most recent first).
+    /// A reference IOTLB written from SPEC.md's rule: entries with a last-use time; a fill
+    /// into a full set drops that set's least recently used entry.
     struct Model {
         capacity: usize,
-        entries: Vec<(u16, Leaf)>,
+        time: u64,
+        /// (domain, leaf, last use).
+        entries: Vec<(u16, Leaf, u64)>,
     }
 
     impl Model {
+        fn sets(&self) -> u64 {
+            self.capacity.div_ceil(4).max(1) as u64
+        }
+
+        fn set(&self, domain: u16, l: &Leaf) -> u64 {
+            let class = CLASS_SIZES.iter().position(|&s| s == l.size).unwrap() as u64;
+            (l.iova_page / l.size + 97 * u64::from(domain) + 31 * class) % self.sets()
+        }
+
+        fn ways(&self, set: u64) -> usize {
+            let n = self.sets();
+            (self.capacity as u64 / n + u64::from(set < self.capacity as u64 % n)) as usize
+        }
+
         fn lookup(&mut self, domain: u16, iova: u64) -> Option<Leaf> {
+            self.time += 1;
             for size in CLASS_SIZES {
                 let page = iova & !(size - 1);
-                let found = self
-                    .entries
-                    .iter()
-                    .position(|&(d, l)| d == domain && l.size == size && l.iova_page == page);
-                if let Some(i) = found {
-                    let e = self.entries.remove(i);
-                    self.entries.insert(0, e);
-                    return Some(e.1);
+                for e in &mut self.entries {
+                    if e.0 == domain && e.1.size == size && e.1.iova_page == page {
+                        e.2 = self.time;
+                        return Some(e.1);
+                    }
                 }
             }
             None
         }
 
         fn fill(&mut self, domain: u16, leaf: Leaf) {
+            self.time += 1;
             if self.capacity == 0 {
                 return;
             }
-            self.entries.retain(|&(d, l)| {
+            self.entries.retain(|&(d, l, _)| {
                 !(d == domain && l.size == leaf.size && l.iova_page == leaf.iova_page)
             });
-            self.entries.insert(0, (domain, leaf));
-            self.entries.truncate(self.capacity);
+            let set = self.set(domain, &leaf);
+            let mut same: Vec<(u64, usize)> = (self.entries.iter().enumerate())
+                .filter(|(_, (d, l, _))| self.set(*d, l) == set)
+                .map(|(i, e)| (e.2, i))
+                .collect();
+            if same.len() >= self.ways(set) {
+                same.sort_unstable();
+                self.entries.remove(same[0].1);
+            }
+            self.entries.push((domain, leaf, self.time));
         }
 
         fn invalidate(&mut self, drop: impl Fn(u16, &Leaf) -> bool) -> usize {
             let before = self.entries.len();
-            self.entries.retain(|(d, l)| !drop(*d, l));
+            self.entries.retain(|(d, l, _)| !drop(*d, l));
             before - self.entries.len()
         }
 
         fn recency(&self, domain: u16) -> Vec<u64> {
-            (self.entries.iter())
-                .filter(|(d, _)| *d == domain)
-                .map(|(_, l)| l.iova_page)
-                .collect()
+            // Set by set, most recent first in each.
+            let mut e: Vec<_> = (self.entries.iter())
+                .filter(|(d, _, _)| *d == domain)
+                .map(|(d, l, t)| (self.set(*d, l), std::cmp::Reverse(*t), l.iova_page))
+                .collect();
+            e.sort_unstable();
+            e.into_iter().map(|(_, _, p)| p).collect()
         }
     }
 
     #[test]
-    fn matches_a_reference_lru_under_random_operations() {
+    fn matches_a_reference_set_associative_lru_under_random_operations() {
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move |n: u64| {
             seed ^= seed << 13;
@@ -611,16 +643,18 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        for capacity in [0, 1, 2, 7, 64] {
+        for capacity in [0, 1, 2, 4, 7, 10, 64] {
             let mut t = Iotlb::new(capacity);
             let mut m = Model {
                 capacity,
+                time: 0,
                 entries: Vec::new(),
             };
             for step in 0..20_000 {
                 let domain = next(3) as u16;
-                // Few pages, so that hits, refills and overlapping sizes are frequent; 4 KiB
-                // pages on both sides of a 2 MiB boundary, some 2 MiB and 1 GiB pages.
+                // Few pages, so that hits, refills, set conflicts and overlapping sizes are
+                // frequent; 4 KiB pages on both sides of a 2 MiB boundary, some 2 MiB and
+                // 1 GiB pages.
                 let size = [SIZE_4K, SIZE_4K, SIZE_4K, SIZE_2M, SIZE_1G][next(5) as usize];
                 let iova = match size {
                     SIZE_4K => 0x1f_0000 + next(48) * SIZE_4K + next(SIZE_4K),
@@ -632,12 +666,16 @@ mod tests {
                     5..=7 => {
                         let mut l = leaf(iova & !(size - 1), size);
                         l.bus_page += next(4) * size;
-                        let (cached, modelled) = (t.lookup(domain, iova), m.lookup(domain, iova));
-                        assert_eq!(cached, modelled, "{step}");
-                        if cached.is_none() {
-                            t.fill_missed(domain, l);
-                        } else {
-                            t.fill(domain, l, t.generation());
+                        let modelled = m.lookup(domain, iova);
+                        match t.probe(domain, iova) {
+                            Ok(cached) => {
+                                assert_eq!(Some(cached), modelled, "{step}");
+                                t.fill(domain, l, t.generation());
+                            }
+                            Err(victim) => {
+                                assert_eq!(None, modelled, "{step}");
+                                t.fill_victim(victim, domain, l);
+                            }
                         }
                         m.fill(domain, l);
                     }

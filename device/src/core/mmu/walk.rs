@@ -9,11 +9,12 @@
 //! or a mapping after at most four reads. No arithmetic on a guest value can overflow: table
 //! and page addresses are masked to bits 51:12 and combined with in-table offsets by `|`.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileMemory, VolatileSlice,
+    MemoryRegionAddress,
 };
 
 use crate::core::bus::{check_range, region_allows, Access};
@@ -171,14 +172,18 @@ pub(crate) struct L1Table<'m> {
     table: u64,
     /// `PTE_R | PTE_W` ANDed over levels 4..2.
     perm: u64,
-    /// The table's entries that are mapped for reading, from its first (found with one
-    /// region lookup; empty when the table's first byte is not readable).
-    entries: Option<VolatileSlice<'m>>,
+    /// Host address of the table's first entry when it is mapped for reading and 8-byte
+    /// aligned (found with one region lookup), else null.
+    entries: *const AtomicU64,
+    /// Entries readable from `entries` (0 to 512).
+    readable: usize,
+    /// The bus memory `entries` points into.
+    mem: PhantomData<&'m GuestMemoryMmap>,
 }
 
 impl<'m> L1Table<'m> {
     fn new(mem: &'m GuestMemoryMmap, root: u64, iova: u64, table: u64, perm: u64) -> Self {
-        let entries = mem.find_region(GuestAddress(table)).and_then(|region| {
+        let slice = mem.find_region(GuestAddress(table)).and_then(|region| {
             if !region_allows(region, Access::Read) {
                 return None;
             }
@@ -189,26 +194,35 @@ impl<'m> L1Table<'m> {
             let offset = MemoryRegionAddress(table - region.start_addr().0);
             region.get_slice(offset, avail as usize).ok()
         });
+        let (entries, readable) = match slice {
+            Some(s) if (s.ptr_guard().as_ptr() as usize) % 8 == 0 => {
+                (s.ptr_guard().as_ptr() as *const AtomicU64, s.len() / 8)
+            }
+            _ => (std::ptr::null(), 0),
+        };
         Self {
             root,
             range: iova >> 21,
             table,
             perm,
             entries,
+            readable,
+            mem: PhantomData,
         }
     }
 
-    /// Read entry `index`: from the slice when it holds the entry, else exactly as a walk
+    /// Read entry `index`: from the mapping when it holds the entry, else exactly as a walk
     /// reads any entry ([`read_entry`], which faults for bytes not mapped for reading).
     #[inline(always)]
     fn read(&self, mem: &GuestMemoryMmap, index: u64) -> Result<u64, WalkFault> {
-        let at = (index * 8) as usize;
-        if let Some(entries) = self.entries {
-            if at + 8 <= entries.len() {
-                if let Ok(entry) = entries.get_atomic_ref::<AtomicU64>(at) {
-                    return Ok(u64::from_le(entry.load(Ordering::Acquire)));
-                }
-            }
+        let i = index as usize;
+        if i < self.readable {
+            // SAFETY: `entries` points at `readable` 8-byte-aligned entries of a region of
+            // `mem`, which is borrowed for 'm and so stays mapped while `self` lives; `i` is
+            // below `readable`. Guest memory is shared with the guest, so the entry is read
+            // with one atomic load, as every entry read is.
+            let entry = unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire);
+            return Ok(u64::from_le(entry));
         }
         read_entry(mem, self.table, index, 1)
     }
@@ -221,6 +235,8 @@ pub(crate) struct L1Cache<'m> {
     tables: [Option<L1Table<'m>>; 4],
     /// Where the next table goes.
     next: usize,
+    /// The table found last (looked at first: pages come in runs).
+    last: usize,
 }
 
 impl<'m> L1Cache<'m> {
@@ -230,11 +246,13 @@ impl<'m> L1Cache<'m> {
     }
 
     #[inline(always)]
-    fn find(&self, root: u64, iova: u64) -> Option<&L1Table<'m>> {
-        self.tables
-            .iter()
-            .flatten()
-            .find(|t| t.root == root && t.range == iova >> 21)
+    fn find(&mut self, root: u64, iova: u64) -> Option<&L1Table<'m>> {
+        let is =
+            |t: &Option<L1Table<'m>>| t.is_some_and(|t| t.root == root && t.range == iova >> 21);
+        if !is(&self.tables[self.last]) {
+            self.last = self.tables.iter().position(is)?;
+        }
+        self.tables[self.last].as_ref()
     }
 
     fn insert(&mut self, table: L1Table<'m>) {
