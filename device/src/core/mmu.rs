@@ -566,50 +566,65 @@ impl Translator<'_> {
         if mmu.strict || mode & 3 != DOMAIN_MODE_TRANSLATED {
             return;
         }
-        let Some(mut next) = iova.checked_add(run.len) else {
+        let Some(iotlb) = self.iotlb.as_deref_mut() else {
             return;
         };
-        while run.len < want {
-            if next > mmu.iova_limit || self.held >= LOCK_BUDGET {
-                return;
+        let (d, mem, l1) = (self.d, self.mem, &mut self.l1);
+        let root = root & !(walk::SIZE_4K - 1);
+        let mut table: Option<walk::L1Table<'_>> = None;
+        // Counted in locals, added once: the loop then keeps them in registers.
+        let budget = LOCK_BUDGET.saturating_sub(self.held);
+        let (mut hits, mut misses) = (0u32, 0u32);
+        let mut next = iova.wrapping_add(run.len);
+        while run.len < want && hits + misses < budget {
+            // The run's end is below 2^64 here (translate_run stops a run that reaches it).
+            if next > mmu.iova_limit || next < iova {
+                break;
             }
-            let Some(iotlb) = self.iotlb.as_deref_mut() else {
-                return;
-            };
             // The hit and the miss each check and count on their own: merging the two
             // leaves into one value made the compiler pass it through the stack, with
             // store-forwarding stalls on every page.
-            let step = match iotlb.probe(self.d, next) {
+            let step = match iotlb.probe(d, next) {
                 Ok(cached) => {
                     let Some(step) = run.continued_by(next, &cached, access) else {
-                        return;
+                        break;
                     };
-                    self.counts.hits += 1;
+                    hits += 1;
                     step
                 }
                 Err(victim) => {
-                    let Ok(leaf) = walk::walk_cached(self.mem, root, next, &mut self.l1) else {
-                        return;
+                    // The level-1 table of this 2 MiB range, kept across its pages.
+                    let fast = table
+                        .filter(|t| t.covers(root, next))
+                        .and_then(|t| t.leaf_4k(next));
+                    let leaf = match fast {
+                        Some(leaf) => leaf,
+                        None => {
+                            let Ok(leaf) = walk::walk_cached(mem, root, next, l1) else {
+                                break;
+                            };
+                            table = l1.table(root, next);
+                            leaf
+                        }
                     };
                     let Some(step) = run.continued_by(next, &leaf, access) else {
-                        return;
+                        break;
                     };
                     // Probed and walked under this hold of the lock: not cached, the
                     // generation is current and the victim is still the way to fill.
-                    iotlb.fill_victim(victim, self.d, leaf);
-                    self.counts.misses += 1;
-                    self.counts.walks += 1;
+                    iotlb.fill_victim(victim, d, leaf);
+                    misses += 1;
                     step
                 }
             };
-            self.held += 1;
-            self.counts.translations += 1;
             run.len = run.len.saturating_add(step);
-            let Some(after) = next.checked_add(step) else {
-                return;
-            };
-            next = after;
+            next = next.wrapping_add(step);
         }
+        self.held += hits + misses;
+        self.counts.translations += u64::from(hits + misses);
+        self.counts.hits += u64::from(hits);
+        self.counts.misses += u64::from(misses);
+        self.counts.walks += u64::from(misses);
     }
 
     /// Translate `iova` (not looking at a pending translation) and count it.

@@ -10,13 +10,12 @@
 //! Consecutive pages go to consecutive sets, so a transfer streaming through pages spreads
 //! over the whole IOTLB.
 //!
-//! A set is one 128-byte block: four packed keys (page | domain | class | valid in one u64,
-//! one compare per way), the bus pages, the permissions and the set's recency order (its
-//! ways from most to least recently used, as hardware keeps LRU bits per set). Empty ways
-//! sit at the least recent end of the order, so the way a fill takes is always the last of
-//! the order: an empty one when there is one, else the least recently used. A hit is at
-//! most three set probes (one per page-size class that has entries, 4 KiB first) and a
-//! reorder of four bytes.
+//! A set is one 64-byte cache line: four packed keys (page | domain | class | valid in one
+//! u64, one compare per way) and four data words (bus page | permissions | recency rank, as
+//! hardware keeps LRU bits beside the entries). Empty ways rank last, so the way a fill
+//! takes is always the one of the last rank: an empty one when there is one, else the
+//! least recently used. A hit is at most three set probes (one per page-size class that
+//! has entries, 4 KiB first) and a re-ranking of the four ways.
 //! Invalidation scans every way (at most `MAX_IOTLB_ENTRIES`): it is rare and must drop
 //! every overlapping page.
 //!
@@ -91,31 +90,38 @@ pub(crate) struct Victim {
     key: u64,
 }
 
-/// One set: [`WAYS`] entries in one cache-line-aligned block.
+/// One set: [`WAYS`] entries in one 64-byte cache line.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Set {
     /// Packed keys ([`key`]); 0: empty way.
     keys: [u64; WAYS],
-    /// Bus address of each way's page.
-    bus: [u64; WAYS],
-    /// `PTE_R | PTE_W` of each way's translation.
-    perm: [u8; WAYS],
-    /// A strict-mode stale use of the way's entry has been logged.
-    warned: [bool; WAYS],
-    /// The ways from most to least recently used; a set of `n` ways keeps them in
-    /// `order[..n]` (the ways it does not have stay behind, never touched), empty ways last.
-    order: [u8; WAYS],
+    /// Each way's bus page (bits 63:12) with, below it, the translation's `PTE_R | PTE_W`
+    /// (bits 1:0, [`DATA_PERM`]), the strict-mode "stale use logged" flag (bit 2,
+    /// [`DATA_WARNED`]) and the way's recency rank (bits 4:3, [`DATA_RANK_SHIFT`]: 0 for
+    /// the most recently used). A set of `n` ways ranks them 0..n-1, empty ways last; the
+    /// ways it does not have keep rank 3 and are never touched.
+    data: [u64; WAYS],
 }
+
+/// [`Set::data`] bits holding the permissions.
+const DATA_PERM: u64 = PTE_R | PTE_W;
+/// [`Set::data`] bit: a stale use of the entry has been logged.
+const DATA_WARNED: u64 = 1 << 2;
+/// Shift of the rank in [`Set::data`].
+const DATA_RANK_SHIFT: u32 = 3;
+/// The rank bits of [`Set::data`].
+const DATA_RANK: u64 = 3 << DATA_RANK_SHIFT;
+
+// Permissions, flag and rank fit below a 4 KiB-aligned bus page.
+const _: () = assert!((DATA_PERM | DATA_WARNED | DATA_RANK) & !(SIZE_4K - 1) == 0 && WAYS <= 4);
 
 impl Default for Set {
     fn default() -> Self {
+        // Way w starts with rank w: all empty, in way order.
         Self {
             keys: [0; WAYS],
-            bus: [0; WAYS],
-            perm: [0; WAYS],
-            warned: [false; WAYS],
-            order: [0, 1, 2, 3],
+            data: std::array::from_fn(|w| (w as u64) << DATA_RANK_SHIFT),
         }
     }
 }
@@ -130,36 +136,55 @@ impl Set {
         let (_, class, iova_page) = unkey(self.keys[w]);
         Leaf {
             iova_page,
-            bus_page: self.bus[w],
+            bus_page: self.data[w] & !(SIZE_4K - 1),
             size: CLASS_SIZES[usize::from(class)],
-            perm: u64::from(self.perm[w]),
+            perm: self.data[w] & DATA_PERM,
         }
     }
 
-    /// Position of way `w` in the order.
+    /// Recency rank of way `w` (0: most recently used).
     #[inline(always)]
-    fn rank(&self, w: usize) -> usize {
-        self.order
-            .iter()
-            .position(|&o| usize::from(o) == w)
-            .unwrap_or(0)
+    fn rank(&self, w: usize) -> u64 {
+        (self.data[w] & DATA_RANK) >> DATA_RANK_SHIFT
     }
 
-    /// Make way `w` the most recently used.
+    /// The way of rank `r`, the victim of a set of `r + 1` ways (exactly one way has it).
+    /// Branch-free, as [`Set::touch`]: ranks change on every miss, so branches on them
+    /// would be mispredicted.
+    #[inline(always)]
+    fn way_of_rank(&self, r: u64) -> usize {
+        let mut w = 0;
+        for v in 0..WAYS {
+            w |= v & usize::from(self.rank(v) == r).wrapping_neg();
+        }
+        w
+    }
+
+    /// Make way `w` the most recently used: every way more recent than it ages by one.
     #[inline(always)]
     fn touch(&mut self, w: usize) {
         let r = self.rank(w);
-        self.order.copy_within(0..r, 1);
-        self.order[0] = w as u8;
+        for v in 0..WAYS {
+            self.data[v] += u64::from(self.rank(v) < r) << DATA_RANK_SHIFT;
+        }
+        self.data[w] &= !DATA_RANK;
     }
 
     /// Move way `w` (just emptied) behind the other ways of a set of `ways` ways.
     fn demote(&mut self, w: usize, ways: usize) {
         let r = self.rank(w);
-        if r < ways {
-            self.order.copy_within(r + 1..ways, r);
-            self.order[ways - 1] = w as u8;
+        for v in 0..ways {
+            if self.rank(v) > r {
+                self.data[v] -= 1 << DATA_RANK_SHIFT;
+            }
         }
+        self.data[w] = (self.data[w] & !DATA_RANK) | (ways as u64 - 1) << DATA_RANK_SHIFT;
+    }
+
+    /// Write way `w`'s translation, keeping its rank.
+    fn set_data(&mut self, w: usize, bus_page: u64, perm: u64) {
+        self.data[w] =
+            (bus_page & !(SIZE_4K - 1)) | (perm & DATA_PERM) | (self.data[w] & DATA_RANK);
     }
 }
 
@@ -244,7 +269,13 @@ impl Iotlb {
         if let Some(w) = self.sets[s].find(k) {
             let set = &mut self.sets[s];
             set.touch(w);
-            return Ok(set.leaf(w));
+            // A 4 KiB entry: built from what is known rather than decoded from the key.
+            return Ok(Leaf {
+                iova_page: page,
+                bus_page: set.data[w] & !(SIZE_4K - 1),
+                size: SIZE_4K,
+                perm: set.data[w] & DATA_PERM,
+            });
         }
         for (class, size) in CLASS_SIZES.iter().enumerate().skip(1) {
             if self.per_class[class] == 0 {
@@ -258,10 +289,10 @@ impl Iotlb {
                 return Ok(set.leaf(w));
             }
         }
-        let ways = self.ways_of(s).max(1);
+        let ways = self.ways_of(s).max(1) as u64;
         Err(Victim {
             set: s,
-            way: usize::from(self.sets[s].order[ways - 1]),
+            way: self.sets[s].way_of_rank(ways - 1),
             key: k,
         })
     }
@@ -280,9 +311,7 @@ impl Iotlb {
         if let Some(w) = self.sets[s].find(key(domain, class, leaf.iova_page)) {
             // Another thread filled the same page meanwhile: keep the newer walk.
             let set = &mut self.sets[s];
-            set.bus[w] = leaf.bus_page;
-            set.perm[w] = (leaf.perm & (PTE_R | PTE_W)) as u8;
-            set.warned[w] = false;
+            set.set_data(w, leaf.bus_page, leaf.perm);
             set.touch(w);
             return;
         }
@@ -317,8 +346,8 @@ impl Iotlb {
     fn insert(&mut self, domain: u16, leaf: Leaf) {
         let class = class_of(leaf.size);
         let s = self.set_of(domain, class, leaf.iova_page);
-        let ways = self.ways_of(s).max(1);
-        let w = usize::from(self.sets[s].order[ways - 1]);
+        let ways = self.ways_of(s).max(1) as u64;
+        let w = self.sets[s].way_of_rank(ways - 1);
         self.put(s, w, key(domain, class, leaf.iova_page), leaf);
     }
 
@@ -342,10 +371,8 @@ impl Iotlb {
             }
         }
         set.keys[w] = key;
-        set.bus[w] = leaf.bus_page;
         // A walk's permissions are R and W ANDed over the levels: nothing else survives.
-        set.perm[w] = (leaf.perm & (PTE_R | PTE_W)) as u8;
-        set.warned[w] = false;
+        set.set_data(w, leaf.bus_page, leaf.perm);
         set.touch(w);
     }
 
@@ -357,7 +384,11 @@ impl Iotlb {
         let s = self.set_of(domain, class, leaf.iova_page);
         let set = &mut self.sets[s];
         match set.find(key(domain, class, leaf.iova_page)) {
-            Some(w) => !std::mem::replace(&mut set.warned[w], true),
+            Some(w) => {
+                let first = set.data[w] & DATA_WARNED == 0;
+                set.data[w] |= DATA_WARNED;
+                first
+            }
             None => true,
         }
     }
@@ -418,8 +449,10 @@ impl Iotlb {
     pub fn recency(&self, domain: u16) -> Vec<u64> {
         let mut out = Vec::new();
         for set in &self.sets {
-            for &w in &set.order {
-                let k = set.keys[usize::from(w)];
+            let mut ways: Vec<usize> = (0..WAYS).collect();
+            ways.sort_by_key(|&w| set.rank(w));
+            for w in ways {
+                let k = set.keys[w];
                 if k != 0 && unkey(k).0 == domain {
                     out.push(unkey(k).2);
                 }

@@ -211,6 +211,34 @@ impl<'m> L1Table<'m> {
         }
     }
 
+    /// Whether this table is the level-1 table for `iova` under `root` (4 KiB aligned).
+    #[inline(always)]
+    pub fn covers(&self, root: u64, iova: u64) -> bool {
+        self.root == root && self.range == iova >> 21
+    }
+
+    /// The 4 KiB page mapping `iova` (which this table covers) when its entry is in the
+    /// readable part of the table and is a valid leaf (present, no reserved bit, no
+    /// page-size bit); None for anything else, which a full decode then handles (a fault,
+    /// or an entry outside the readable part). Gives exactly what [`walk`] gives then.
+    #[inline(always)]
+    pub fn leaf_4k(&self, iova: u64) -> Option<Leaf> {
+        let i = index(iova, 1) as usize;
+        if i >= self.readable {
+            return None;
+        }
+        // SAFETY: as in `read`: `i` is below `readable`, the entries are 8-byte aligned
+        // and in a region of the memory borrowed for 'm.
+        let entry = u64::from_le(unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire));
+        let valid = entry & (PTE_R | PTE_W) != 0 && entry & (PTE_RESERVED_MASK | PTE_PS) == 0;
+        valid.then_some(Leaf {
+            iova_page: iova & !(SIZE_4K - 1),
+            bus_page: entry & PTE_ADDR_MASK,
+            size: SIZE_4K,
+            perm: self.perm & entry & (PTE_R | PTE_W),
+        })
+    }
+
     /// Read entry `index`: from the mapping when it holds the entry, else exactly as a walk
     /// reads any entry ([`read_entry`], which faults for bytes not mapped for reading).
     #[inline(always)]
@@ -253,6 +281,12 @@ impl<'m> L1Cache<'m> {
             self.last = self.tables.iter().position(is)?;
         }
         self.tables[self.last].as_ref()
+    }
+
+    /// The cached level-1 table for `iova` under `root` (4 KiB aligned), if any.
+    #[inline(always)]
+    pub fn table(&mut self, root: u64, iova: u64) -> Option<L1Table<'m>> {
+        self.find(root, iova).copied()
     }
 
     fn insert(&mut self, table: L1Table<'m>) {
