@@ -9,14 +9,17 @@
 //! and page size is what we quote (targets: >= 0.9x for >= 256 KiB on 2 MiB mappings,
 //! >= 0.7x on 4 KiB mappings).
 //!
-//! Two groups:
+//! Groups, with the default configuration (a 1024-entry IOTLB) unless named otherwise:
 //! - `copy`: one descriptor at a time (submit, spin on its completion): throughput of a
 //!   driver that waits for each transfer, so the doorbell-to-completion round trip (about
 //!   1 us here) counts against every transfer;
 //! - `copy_stream`: the queue kept busy, as a DMA engine's throughput is measured: each
 //!   iteration submits [`STREAM`] descriptors with one doorbell and then waits for the
 //!   batch submitted by the iteration before, so one batch is always queued behind the one
-//!   running; beside [`STREAM`] memcpys per iteration.
+//!   running; beside [`STREAM`] memcpys per iteration;
+//! - `copy_stream_iotlb64`: `copy_stream` on 4 KiB pages with a 64-entry IOTLB, in which
+//!   every page of a transfer of more than ~128 KiB misses, walks and fills (its own device
+//!   and buffers, and its own memcpy row).
 //!
 //! Run: `cargo bench -p domdma-device --bench engine -- --warm-up-time 1 --measurement-time 3`.
 
@@ -25,18 +28,20 @@ mod driver;
 
 mod common;
 
-use std::hint::black_box;
-
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
 use driver::*;
 
 /// Descriptors in flight in the `copy_stream` group.
 const STREAM: usize = 16;
 
-fn copy_throughput(c: &mut Criterion) {
-    let mut d = Driver::new();
+/// A device with `config` whose domains [`DOM_4K`] and [`DOM_2M`] map the same source and
+/// destination buffers (of [`MAX`] bytes) at [`SRC`] and [`DST`], a queue on each, and the
+/// buffers' host addresses.
+fn setup(config: DeviceConfig) -> (Driver, *const u8, *mut u8) {
+    let mut d = Driver::with_config(config);
     let src = d.bus.alloc(MAX, PAGE_2M);
     let dst = d.bus.alloc(MAX, PAGE_2M);
     d.bus.write(src, &pattern(1, MAX as usize));
@@ -52,42 +57,25 @@ fn copy_throughput(c: &mut Criterion) {
         assert!(d.bus.read(dst, MAX as usize) == d.bus.read(src, MAX as usize));
     }
     let (from, to) = (d.bus.host_ptr(src), d.bus.host_ptr(dst));
+    (d, from, to)
+}
 
-    let mut group = c.benchmark_group("copy");
-    for size in SIZES {
-        group.throughput(Throughput::Bytes(size));
-        group.bench_with_input(BenchmarkId::new("memcpy", label(size)), &size, |b, &n| {
-            b.iter(|| {
-                // SAFETY: `from` and `to` point at two disjoint MAX-byte ranges of the bus
-                // memory mapping, which lives as long as `d`; no queue runs meanwhile.
-                unsafe { std::ptr::copy_nonoverlapping(from, to, n as usize) };
-                black_box(to);
-            })
-        });
-        for (name, q) in [("engine_4k", DOM_4K), ("engine_2m", DOM_2M)] {
-            group.bench_with_input(BenchmarkId::new(name, label(size)), &size, |b, &n| {
-                b.iter(|| engine_copy(&mut d, q, n))
-            });
-        }
-    }
-    group.finish();
-
-    let mut group = c.benchmark_group("copy_stream");
+/// One group of [`STREAM`] descriptors per iteration (see the module documentation) on the
+/// queues `engines` names, beside [`STREAM`] memcpys of the same buffers.
+fn stream_group(c: &mut Criterion, name: &str, config: DeviceConfig, engines: &[(&str, u32)]) {
+    let (mut d, from, to) = setup(config);
+    let mut group = c.benchmark_group(name);
     for size in SIZES {
         group.throughput(Throughput::Bytes(size * STREAM as u64));
         group.bench_with_input(BenchmarkId::new("memcpy", label(size)), &size, |b, &n| {
-            b.iter(|| {
-                for _ in 0..STREAM {
-                    // SAFETY: as above.
-                    unsafe { std::ptr::copy_nonoverlapping(from, to, n as usize) };
-                    black_box(to);
-                }
-            })
+            // SAFETY: `from` and `to` point at two disjoint MAX-byte ranges of the bus
+            // memory mapping, which lives as long as `d`; no queue runs meanwhile.
+            unsafe { bench_memcpy(b, from, to, n, STREAM) }
         });
-        for (name, q) in [("engine_4k", DOM_4K), ("engine_2m", DOM_2M)] {
+        for &(engine, q) in engines {
             let descs = vec![Desc::copy(SRC, DST, size as u32); STREAM];
             let mut queued: Vec<Ticket> = Vec::new();
-            group.bench_with_input(BenchmarkId::new(name, label(size)), &size, |b, &n| {
+            group.bench_with_input(BenchmarkId::new(engine, label(size)), &size, |b, &n| {
                 b.iter(|| {
                     let next = d.submit_many(q, &descs);
                     for t in queued.drain(..) {
@@ -103,6 +91,36 @@ fn copy_throughput(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+fn copy_throughput(c: &mut Criterion) {
+    let (mut d, from, to) = setup(DeviceConfig::default());
+    let mut group = c.benchmark_group("copy");
+    for size in SIZES {
+        group.throughput(Throughput::Bytes(size));
+        group.bench_with_input(BenchmarkId::new("memcpy", label(size)), &size, |b, &n| {
+            // SAFETY: `from` and `to` point at two disjoint MAX-byte ranges of the bus
+            // memory mapping, which lives as long as `d`; no queue runs meanwhile.
+            unsafe { bench_memcpy(b, from, to, n, 1) }
+        });
+        for (name, q) in [("engine_4k", DOM_4K), ("engine_2m", DOM_2M)] {
+            group.bench_with_input(BenchmarkId::new(name, label(size)), &size, |b, &n| {
+                b.iter(|| engine_copy(&mut d, q, n))
+            });
+        }
+    }
+    group.finish();
+    drop(d);
+
+    let engines = [("engine_4k", DOM_4K), ("engine_2m", DOM_2M)];
+    stream_group(c, "copy_stream", DeviceConfig::default(), &engines);
+    // The same with a 64-entry IOTLB, in which every page of a 4 KiB-mapped copy of more
+    // than ~128 KiB misses, walks and fills.
+    let small = DeviceConfig {
+        iotlb_entries: 64,
+        ..DeviceConfig::default()
+    };
+    stream_group(c, "copy_stream_iotlb64", small, &engines[..1]);
 }
 
 criterion_group!(benches, copy_throughput);

@@ -3,6 +3,8 @@
 
 use std::hint::black_box;
 
+use criterion::Bencher;
+
 use domdma_device::spec::*;
 
 use crate::driver::{Desc, Driver};
@@ -27,6 +29,29 @@ pub fn label(size: u64) -> String {
     } else {
         format!("{}KiB", size >> 10)
     }
+}
+
+/// The baseline: `times` plain memcpys of `n` bytes from `from` to `to` per iteration.
+///
+/// # Safety
+///
+/// `from` and `to` must point at two disjoint ranges of at least `n` bytes of the bus
+/// memory mapping, alive for the whole benchmark, that no queue touches meanwhile.
+pub unsafe fn bench_memcpy(
+    b: &mut Bencher<'_>,
+    from: *const u8,
+    to: *mut u8,
+    n: u64,
+    times: usize,
+) {
+    b.iter(|| {
+        for _ in 0..times {
+            // SAFETY: the function's contract: two disjoint live ranges of `n` bytes that
+            // nothing else writes meanwhile.
+            unsafe { std::ptr::copy_nonoverlapping(from, to, n as usize) };
+            black_box(to);
+        }
+    })
 }
 
 /// Submit one COPY of `len` bytes from [`SRC`] to [`DST`] on queue `q` and spin on its

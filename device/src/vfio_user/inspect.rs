@@ -9,7 +9,7 @@
 //! {
 //!   "device": "domdma",
 //!   "interface_version": "0.2",
-//!   "config": { "queues": 4, "domains": 16, "iova_width": 48, "iotlb_entries": 64,
+//!   "config": { "queues": 4, "domains": 16, "iova_width": 48, "iotlb_entries": 1024,
 //!               "max_transfer": 67108864, "strict_iotlb": false, "msix_vectors": 5 },
 //!   "queues": [ { "descriptors": 0, "bytes": 0, "errors": 0, "faults": 0, "interrupts": 0 }, ... ],
 //!   "domains": [ { "translations": 0, "iotlb_hits": 0, "iotlb_misses": 0, "page_walks": 0,
