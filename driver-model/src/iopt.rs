@@ -403,9 +403,18 @@ impl<'b> IoPageTable<'b> {
     ) -> Result<(), IoptError> {
         self.check_map(iova, bus, len, perm, page)?;
         let size = page.bytes();
+        // Leaves that share a table share the walk to it: one walk per table, not per leaf.
+        let mut memo: Option<(u64, u64)> = None;
         let mut off = 0;
         while off < len {
-            self.set_leaf(iova + off, bus + off, perm, page)?;
+            let at = iova + off;
+            let parent = at / span(page.level() + 1);
+            let table = match memo {
+                Some((p, table)) if p == parent => table,
+                _ => self.table_for_mut(at, page.level())?,
+            };
+            memo = Some((parent, table));
+            self.set_leaf_in(table, at, bus + off, perm, page);
             off += size;
         }
         Ok(())
@@ -475,9 +484,18 @@ impl<'b> IoPageTable<'b> {
         if perm.bits() == 0 {
             return Err(IoptError::NoPermission);
         }
+        // As in `map`: one walk per table.
+        let mut memo: Option<(u64, Option<u64>)> = None;
         let mut off = 0;
         while off < len {
-            self.check_free(iova + off, page)?;
+            let at = iova + off;
+            let parent = at / span(page.level() + 1);
+            let table = match memo {
+                Some((p, table)) if p == parent => table,
+                _ => self.table_for(at, page.level())?,
+            };
+            memo = Some((parent, table));
+            self.check_free_in(table, at, page)?;
             off += size;
         }
         Ok(())
@@ -486,42 +504,59 @@ impl<'b> IoPageTable<'b> {
     /// Checks that a leaf of `page` size at `iova` can be written: no present entry in
     /// the walk above it is a leaf, and its own entry is not present.
     fn check_free(&self, iova: u64, page: PageSize) -> Result<(), IoptError> {
-        let mut table = self.root;
-        for level in (page.level()..=4).rev() {
-            let entry = self.read_entry(table, index(iova, level)).unwrap_or(0);
-            if level == page.level() {
-                if entry & (spec::PTE_R | spec::PTE_W) != 0 {
-                    return Err(IoptError::AlreadyMapped {
-                        iova,
-                        what: if entry & spec::PTE_PS != 0 || level == 1 {
-                            format!("a {} page", PageSize::at_level(level).expect("1..3"))
-                        } else {
-                            format!("a level-{} table under a {page} slot", level - 1)
-                        },
-                    });
-                }
-                return Ok(());
-            }
-            match self.child(entry, level, iova)? {
-                Some(next) => table = next,
-                None => return Ok(()),
-            }
-        }
-        Ok(())
+        let table = self.table_for(iova, page.level())?;
+        self.check_free_in(table, iova, page)
     }
 
-    fn set_leaf(
-        &mut self,
+    /// [`IoPageTable::check_free`] with the walk above done: `table` is what
+    /// [`IoPageTable::table_for`] gave for `iova` at the leaf's level.
+    fn check_free_in(
+        &self,
+        table: Option<u64>,
         iova: u64,
-        bus: u64,
-        perm: Perm,
         page: PageSize,
     ) -> Result<(), IoptError> {
+        let Some(table) = table else {
+            return Ok(());
+        };
+        let level = page.level();
+        let entry = self.read_entry(table, index(iova, level)).unwrap_or(0);
+        if entry & (spec::PTE_R | spec::PTE_W) == 0 {
+            return Ok(());
+        }
+        Err(IoptError::AlreadyMapped {
+            iova,
+            what: if entry & spec::PTE_PS != 0 || level == 1 {
+                format!("a {} page", PageSize::at_level(level).expect("1..3"))
+            } else {
+                format!("a level-{} table under a {page} slot", level - 1)
+            },
+        })
+    }
+
+    /// The table holding the level-`level` entry for `iova`, walking from the root; None
+    /// when a table on the way does not exist yet; an error when a present entry above is
+    /// a leaf (or a pointer this builder did not write).
+    fn table_for(&self, iova: u64, level: u32) -> Result<Option<u64>, IoptError> {
         let mut table = self.root;
-        for level in (page.level() + 1..=4).rev() {
-            let idx = index(iova, level);
+        for l in (level + 1..=4).rev() {
+            let entry = self.read_entry(table, index(iova, l)).unwrap_or(0);
+            match self.child(entry, l, iova)? {
+                Some(next) => table = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(table))
+    }
+
+    /// The table holding the level-`level` entry for `iova`, making the missing tables
+    /// on the way.
+    fn table_for_mut(&mut self, iova: u64, level: u32) -> Result<u64, IoptError> {
+        let mut table = self.root;
+        for l in (level + 1..=4).rev() {
+            let idx = index(iova, l);
             let entry = self.read_entry(table, idx).unwrap_or(0);
-            table = match self.child(entry, level, iova)? {
+            table = match self.child(entry, l, iova)? {
                 Some(next) => next,
                 None => {
                     let next = self.alloc_table()?;
@@ -532,13 +567,29 @@ impl<'b> IoPageTable<'b> {
                 }
             };
         }
+        Ok(table)
+    }
+
+    fn set_leaf(
+        &mut self,
+        iova: u64,
+        bus: u64,
+        perm: Perm,
+        page: PageSize,
+    ) -> Result<(), IoptError> {
+        let table = self.table_for_mut(iova, page.level())?;
+        self.set_leaf_in(table, iova, bus, perm, page);
+        Ok(())
+    }
+
+    /// Write the leaf for `iova` into `table` (from [`IoPageTable::table_for_mut`]).
+    fn set_leaf_in(&self, table: u64, iova: u64, bus: u64, perm: Perm, page: PageSize) {
         let ps = if page == PageSize::Size4K {
             0
         } else {
             spec::PTE_PS
         };
         self.write_entry(table, index(iova, page.level()), bus | perm.bits() | ps);
-        Ok(())
     }
 
     /// Removes the mappings of `[iova, iova + len)` (4 KiB aligned). Every leaf in the
@@ -957,6 +1008,34 @@ mod tests {
         ));
         t.map(0xffff_f000, 0x1000, 0x1000, Perm::RW, PageSize::Size4K)
             .unwrap();
+    }
+
+    #[test]
+    fn a_map_across_tables_writes_every_leaf_and_a_conflict_changes_nothing() {
+        let b = HeapBackend::new();
+        let mut t = IoPageTable::new(&b, 48).unwrap();
+        // 4 MiB + 8 KiB of 4 KiB leaves from 4 KiB below a 1 GiB boundary: level-1, -2 and
+        // -3 tables change along the range (one walk per table, not per leaf).
+        let (iova, len, bus) = ((1u64 << 30) - 0x1000, (4u64 << 20) + 0x2000, 0x8000_0000);
+        // A page already mapped in the middle, in the range's third level-1 table.
+        let taken = iova + (3 << 20);
+        t.map(taken, 0x1234_5000, 0x1000, Perm::RW, PageSize::Size4K)
+            .unwrap();
+        let tables = t.table_count();
+        let err = t.map(iova, bus, len, Perm::RW, PageSize::Size4K);
+        assert!(
+            matches!(err, Err(IoptError::AlreadyMapped { iova: at, .. }) if at == taken),
+            "{err:?}"
+        );
+        assert_eq!(t.table_count(), tables, "nothing made");
+        assert!(t.translate(iova).is_none());
+        t.unmap(taken, 0x1000).unwrap();
+        t.map(iova, bus, len, Perm::RW, PageSize::Size4K).unwrap();
+        for p in 0..len / 0x1000 {
+            let m = t.translate(iova + p * 0x1000 + 8).unwrap();
+            assert_eq!((m.bus, m.page), (bus + p * 0x1000 + 8, PageSize::Size4K));
+        }
+        assert!(t.translate(iova + len).is_none());
     }
 
     #[test]
