@@ -165,7 +165,16 @@ impl Mmu {
     /// An MMU with `domains` domains in their reset state, an IOVA width of `iova_width`
     /// bits (64 or more: no limit), an IOTLB of `iotlb_entries` entries (0: nothing is
     /// cached, every translation walks) and strict IOTLB mode on or off.
+    ///
+    /// # Panics
+    ///
+    /// When `domains` exceeds `MAX_DOMAINS` (the IOTLB packs the domain number into its
+    /// keys; `DeviceConfig::validate` refuses such a configuration before it gets here).
     pub fn new(domains: u16, iova_width: u32, iotlb_entries: usize, strict: bool) -> Self {
+        assert!(
+            u32::from(domains) <= MAX_DOMAINS,
+            "{domains} domains: at most {MAX_DOMAINS}"
+        );
         let iova_limit = match 1u64.checked_shl(iova_width) {
             Some(top) => top.wrapping_sub(1),
             None => u64::MAX,
