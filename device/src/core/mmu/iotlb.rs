@@ -99,8 +99,9 @@ struct Set {
     /// Each way's bus page (bits 63:12) with, below it, the translation's `PTE_R | PTE_W`
     /// (bits 1:0, [`DATA_PERM`]), the strict-mode "stale use logged" flag (bit 2,
     /// [`DATA_WARNED`]) and the way's recency rank (bits 4:3, [`DATA_RANK_SHIFT`]: 0 for
-    /// the most recently used). A set of `n` ways ranks them 0..n-1, empty ways last; the
-    /// ways it does not have keep rank 3 and are never touched.
+    /// the most recently used). A set of `n` ways ranks them 0..n-1, empty ways last; a way
+    /// `w` >= `n` it does not have keeps its initial rank `w` (>= `n`), is never touched
+    /// and never chosen.
     data: [u64; WAYS],
 }
 

@@ -194,6 +194,8 @@ impl<'m> L1Table<'m> {
             let offset = MemoryRegionAddress(table - region.start_addr().0);
             region.get_slice(offset, avail as usize).ok()
         });
+        // The pointer is the mapping's own address: vm-memory hands out plain pointers
+        // (`ptr_guard`) because its `xen` feature, which maps on access, is off.
         let (entries, readable) = match slice {
             Some(s) if (s.ptr_guard().as_ptr() as usize) % 8 == 0 => {
                 (s.ptr_guard().as_ptr() as *const AtomicU64, s.len() / 8)
