@@ -11,11 +11,12 @@
 //! over the whole IOTLB.
 //!
 //! A set is one 64-byte cache line: four packed keys (page | domain | class | valid in one
-//! u64, one compare per way) and four data words (bus page | permissions | recency rank, as
-//! hardware keeps LRU bits beside the entries). Empty ways rank last, so the way a fill
-//! takes is always the one of the last rank: an empty one when there is one, else the
-//! least recently used. A hit is at most three set probes (one per page-size class that
-//! has entries, 4 KiB first) and a re-ranking of the four ways.
+//! u64, one compare per way) and four data words (bus page | permissions, and in the first
+//! the set's packed recency ranks, as hardware keeps LRU bits beside the entries). Empty
+//! ways rank last, so the way a fill takes is always the one of the last rank: an empty one
+//! when there is one, else the least recently used. A hit is at most three set probes (one
+//! per page-size class that has entries, 4 KiB first) and a re-ranking of the four ways
+//! (one table lookup).
 //! Invalidation scans every way (at most `MAX_IOTLB_ENTRIES`): it is rare and must drop
 //! every overlapping page.
 //!
@@ -97,11 +98,12 @@ struct Set {
     /// Packed keys ([`key`]); 0: empty way.
     keys: [u64; WAYS],
     /// Each way's bus page (bits 63:12) with, below it, the translation's `PTE_R | PTE_W`
-    /// (bits 1:0, [`DATA_PERM`]), the strict-mode "stale use logged" flag (bit 2,
-    /// [`DATA_WARNED`]) and the way's recency rank (bits 4:3, [`DATA_RANK_SHIFT`]: 0 for
-    /// the most recently used). A set of `n` ways ranks them 0..n-1, empty ways last; a way
-    /// `w` >= `n` it does not have keeps its initial rank `w` (>= `n`), is never touched
-    /// and never chosen.
+    /// (bits 1:0, [`DATA_PERM`]) and the strict-mode "stale use logged" flag (bit 2,
+    /// [`DATA_WARNED`]). Bits 10:3 of way 0's word hold the set's recency ranks
+    /// ([`DATA_RANKS`]): two bits per way, way `w` at bits `2w+1:2w` of that byte, 0 for
+    /// the most recently used. A set of `n` ways ranks them 0..n-1, empty ways last; a way
+    /// `w` >= `n` it does not have keeps its initial rank `w`, is never touched and never
+    /// chosen, so the four ranks are always a permutation of 0..3.
     data: [u64; WAYS],
 }
 
@@ -109,20 +111,75 @@ struct Set {
 const DATA_PERM: u64 = PTE_R | PTE_W;
 /// [`Set::data`] bit: a stale use of the entry has been logged.
 const DATA_WARNED: u64 = 1 << 2;
-/// Shift of the rank in [`Set::data`].
-const DATA_RANK_SHIFT: u32 = 3;
-/// The rank bits of [`Set::data`].
-const DATA_RANK: u64 = 3 << DATA_RANK_SHIFT;
+/// Shift of the packed ranks in way 0's [`Set::data`] word.
+const DATA_RANKS_SHIFT: u32 = 3;
+/// The packed ranks' bits in way 0's [`Set::data`] word.
+const DATA_RANKS: u64 = 0xff << DATA_RANKS_SHIFT;
+/// Ranks of a fresh set: way `w` has rank `w`.
+const INITIAL_RANKS: u8 = 0b11_10_01_00;
 
-// Permissions, flag and rank fit below a 4 KiB-aligned bus page.
-const _: () = assert!((DATA_PERM | DATA_WARNED | DATA_RANK) & !(SIZE_4K - 1) == 0 && WAYS <= 4);
+// Permissions, flag and ranks fit below a 4 KiB-aligned bus page.
+const _: () = assert!((DATA_PERM | DATA_WARNED | DATA_RANKS) & !(SIZE_4K - 1) == 0 && WAYS == 4);
+
+/// Rank of way `w` in packed ranks `r`.
+const fn rank_in(r: u8, w: usize) -> u8 {
+    (r >> (2 * w)) & 3
+}
+
+/// `TOUCH[r][w]`: packed ranks `r` after way `w` is used (it gets rank 0; every way more
+/// recent than it ages by one). A table, so that the hot path is one load rather than
+/// four compares on ranks that change on every miss.
+static TOUCH: [[u8; WAYS]; 256] = {
+    let mut t = [[0u8; WAYS]; 256];
+    let mut r = 0;
+    while r < 256 {
+        let mut w = 0;
+        while w < WAYS {
+            let used = rank_in(r as u8, w);
+            let mut out = 0u8;
+            let mut v = 0;
+            while v < WAYS {
+                let rv = rank_in(r as u8, v);
+                let new = if v == w {
+                    0
+                } else if rv < used {
+                    rv + 1
+                } else {
+                    rv
+                };
+                out |= new << (2 * v);
+                v += 1;
+            }
+            t[r][w] = out;
+            w += 1;
+        }
+        r += 1;
+    }
+    t
+};
+
+/// `WAY_OF_RANK[r][k]`: the way whose rank is `k` in packed ranks `r` (a permutation).
+static WAY_OF_RANK: [[u8; WAYS]; 256] = {
+    let mut t = [[0u8; WAYS]; 256];
+    let mut r = 0;
+    while r < 256 {
+        let mut w = 0;
+        while w < WAYS {
+            t[r][rank_in(r as u8, w) as usize] = w as u8;
+            w += 1;
+        }
+        r += 1;
+    }
+    t
+};
 
 impl Default for Set {
     fn default() -> Self {
-        // Way w starts with rank w: all empty, in way order.
+        let mut data = [0; WAYS];
+        data[0] = u64::from(INITIAL_RANKS) << DATA_RANKS_SHIFT;
         Self {
             keys: [0; WAYS],
-            data: std::array::from_fn(|w| (w as u64) << DATA_RANK_SHIFT),
+            data,
         }
     }
 }
@@ -143,49 +200,60 @@ impl Set {
         }
     }
 
+    /// The packed ranks.
+    #[inline(always)]
+    fn ranks(&self) -> u8 {
+        ((self.data[0] & DATA_RANKS) >> DATA_RANKS_SHIFT) as u8
+    }
+
+    #[inline(always)]
+    fn set_ranks(&mut self, r: u8) {
+        self.data[0] = (self.data[0] & !DATA_RANKS) | u64::from(r) << DATA_RANKS_SHIFT;
+    }
+
     /// Recency rank of way `w` (0: most recently used).
     #[inline(always)]
     fn rank(&self, w: usize) -> u64 {
-        (self.data[w] & DATA_RANK) >> DATA_RANK_SHIFT
+        u64::from(rank_in(self.ranks(), w))
     }
 
-    /// The way of rank `r`, the victim of a set of `r + 1` ways (exactly one way has it).
-    /// Branch-free, as [`Set::touch`]: ranks change on every miss, so branches on them
-    /// would be mispredicted.
+    /// The way of rank `r`, the victim of a set of `r + 1` ways.
     #[inline(always)]
     fn way_of_rank(&self, r: u64) -> usize {
-        let mut w = 0;
-        for v in 0..WAYS {
-            w |= v & usize::from(self.rank(v) == r).wrapping_neg();
-        }
-        w
+        usize::from(WAY_OF_RANK[usize::from(self.ranks())][(r & 3) as usize])
     }
 
     /// Make way `w` the most recently used: every way more recent than it ages by one.
     #[inline(always)]
     fn touch(&mut self, w: usize) {
-        let r = self.rank(w);
-        for v in 0..WAYS {
-            self.data[v] += u64::from(self.rank(v) < r) << DATA_RANK_SHIFT;
-        }
-        self.data[w] &= !DATA_RANK;
+        self.set_ranks(TOUCH[usize::from(self.ranks())][w & 3]);
     }
 
     /// Move way `w` (just emptied) behind the other ways of a set of `ways` ways.
     fn demote(&mut self, w: usize, ways: usize) {
-        let r = self.rank(w);
-        for v in 0..ways {
-            if self.rank(v) > r {
-                self.data[v] -= 1 << DATA_RANK_SHIFT;
-            }
+        let (r, old) = (self.rank(w) as u8, self.ranks());
+        if usize::from(r) >= ways {
+            return;
         }
-        self.data[w] = (self.data[w] & !DATA_RANK) | (ways as u64 - 1) << DATA_RANK_SHIFT;
+        let mut out = old;
+        for v in 0..ways {
+            let rv = rank_in(old, v);
+            let new = if v == w {
+                ways as u8 - 1
+            } else if rv > r {
+                rv - 1
+            } else {
+                rv
+            };
+            out = (out & !(3 << (2 * v))) | new << (2 * v);
+        }
+        self.set_ranks(out);
     }
 
-    /// Write way `w`'s translation, keeping its rank.
+    /// Write way `w`'s translation (clearing its stale flag), keeping the set's ranks.
     fn set_data(&mut self, w: usize, bus_page: u64, perm: u64) {
         self.data[w] =
-            (bus_page & !(SIZE_4K - 1)) | (perm & DATA_PERM) | (self.data[w] & DATA_RANK);
+            (bus_page & !(SIZE_4K - 1)) | (perm & DATA_PERM) | (self.data[w] & DATA_RANKS);
     }
 }
 
