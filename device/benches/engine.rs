@@ -12,7 +12,8 @@
 //! Groups, with the default configuration (a 1024-entry IOTLB) unless named otherwise:
 //! - `copy`: one descriptor at a time (submit, spin on its completion): throughput of a
 //!   driver that waits for each transfer, so the doorbell-to-completion round trip (about
-//!   1 us here) counts against every transfer;
+//!   1.6 us here for a 64-byte copy, `engine_profile latency_*`) counts against every
+//!   transfer;
 //! - `copy_stream`: the queue kept busy, as a DMA engine's throughput is measured: each
 //!   iteration submits [`STREAM`] descriptors with one doorbell and then waits for the
 //!   batch submitted by the iteration before, so one batch is always queued behind the one
