@@ -239,6 +239,40 @@ const fn span(level: u32) -> u64 {
     1 << (12 + 9 * (level - 1))
 }
 
+/// The table leaves of one size go into, kept for the leaves of a range that share it:
+/// one walk from the root per table, not per leaf.
+struct TableMemo<T> {
+    /// The range the table covers (`iova / span(level + 1)`) and what the walk gave.
+    last: Option<(u64, T)>,
+}
+
+impl<T> Default for TableMemo<T> {
+    fn default() -> Self {
+        Self { last: None }
+    }
+}
+
+impl<T: Copy> TableMemo<T> {
+    /// The table for a `page` leaf at `iova`: the last one when `iova` is in its range,
+    /// else what `walk` gives (then kept).
+    fn get(
+        &mut self,
+        iova: u64,
+        page: PageSize,
+        walk: impl FnOnce() -> Result<T, IoptError>,
+    ) -> Result<T, IoptError> {
+        let range = iova / span(page.level() + 1);
+        match self.last {
+            Some((r, table)) if r == range => Ok(table),
+            _ => {
+                let table = walk()?;
+                self.last = Some((range, table));
+                Ok(table)
+            }
+        }
+    }
+}
+
 /// Where a table is: chunk and byte offset inside it.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -403,17 +437,11 @@ impl<'b> IoPageTable<'b> {
     ) -> Result<(), IoptError> {
         self.check_map(iova, bus, len, perm, page)?;
         let size = page.bytes();
-        // Leaves that share a table share the walk to it: one walk per table, not per leaf.
-        let mut memo: Option<(u64, u64)> = None;
+        let mut memo = TableMemo::default();
         let mut off = 0;
         while off < len {
             let at = iova + off;
-            let parent = at / span(page.level() + 1);
-            let table = match memo {
-                Some((p, table)) if p == parent => table,
-                _ => self.table_for_mut(at, page.level())?,
-            };
-            memo = Some((parent, table));
+            let table = memo.get(at, page, || self.table_for_mut(at, page.level()))?;
             self.set_leaf_in(table, at, bus + off, perm, page);
             off += size;
         }
@@ -484,17 +512,11 @@ impl<'b> IoPageTable<'b> {
         if perm.bits() == 0 {
             return Err(IoptError::NoPermission);
         }
-        // As in `map`: one walk per table.
-        let mut memo: Option<(u64, Option<u64>)> = None;
+        let mut memo = TableMemo::default();
         let mut off = 0;
         while off < len {
             let at = iova + off;
-            let parent = at / span(page.level() + 1);
-            let table = match memo {
-                Some((p, table)) if p == parent => table,
-                _ => self.table_for(at, page.level())?,
-            };
-            memo = Some((parent, table));
+            let table = memo.get(at, page, || self.table_for(at, page.level()))?;
             self.check_free_in(table, at, page)?;
             off += size;
         }

@@ -791,6 +791,18 @@ impl Drop for Translator<'_> {
     }
 }
 
+/// A small deterministic random source for the randomized tests (xorshift64): `next(n)` is
+/// in `0..n`.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 /// A walker fault as a translation fault of `iova`.
 fn walk_fault(f: WalkFault, iova: u64) -> TranslationFault {
     TranslationFault {
@@ -1968,13 +1980,7 @@ mod tests {
     /// only when asked for).
     #[test]
     fn translate_run_matches_page_by_page_translation() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = super::test_rng(0x2545_f491_4f6c_dd1d);
         // 96 pages from 48 pages below a 2 MiB boundary; the 2 MiB range after them is
         // sometimes one 2 MiB leaf. In 32-bit rounds the pages end 16 pages below 4 GiB, so
         // runs reach the IOVA limit.

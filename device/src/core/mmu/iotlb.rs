@@ -738,13 +738,7 @@ mod tests {
 
     #[test]
     fn matches_a_reference_set_associative_lru_under_random_operations() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::core::mmu::test_rng(0x9e37_79b9_7f4a_7c15);
         for capacity in [0, 1, 2, 4, 7, 10, 64] {
             let mut t = Iotlb::new(capacity);
             let mut m = Model {

@@ -225,13 +225,7 @@ impl<'m> L1Table<'m> {
     /// or an entry outside the readable part). Gives exactly what [`walk`] gives then.
     #[inline(always)]
     pub fn leaf_4k(&self, iova: u64) -> Option<Leaf> {
-        let i = index(iova, 1) as usize;
-        if i >= self.readable {
-            return None;
-        }
-        // SAFETY: as in `read`: `i` is below `readable`, the entries are 8-byte aligned
-        // and in a region of the memory borrowed for 'm.
-        let entry = u64::from_le(unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire));
+        let entry = self.mapped(index(iova, 1))?;
         let valid = entry & (PTE_R | PTE_W) != 0 && entry & (PTE_RESERVED_MASK | PTE_PS) == 0;
         valid.then_some(Leaf {
             iova_page: iova & !(SIZE_4K - 1),
@@ -245,16 +239,22 @@ impl<'m> L1Table<'m> {
     /// reads any entry ([`read_entry`], which faults for bytes not mapped for reading).
     #[inline(always)]
     fn read(&self, mem: &GuestMemoryMmap, index: u64) -> Result<u64, WalkFault> {
-        let i = index as usize;
-        if i < self.readable {
-            // SAFETY: `entries` points at `readable` 8-byte-aligned entries of a region of
-            // `mem`, which is borrowed for 'm and so stays mapped while `self` lives; `i` is
-            // below `readable`. Guest memory is shared with the guest, so the entry is read
-            // with one atomic load, as every entry read is.
-            let entry = unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire);
-            return Ok(u64::from_le(entry));
+        match self.mapped(index) {
+            Some(entry) => Ok(entry),
+            None => read_entry(mem, self.table, index, 1),
         }
-        read_entry(mem, self.table, index, 1)
+    }
+
+    /// Entry `index` when it is in the readable part of the table found at creation.
+    #[inline(always)]
+    fn mapped(&self, index: u64) -> Option<u64> {
+        let i = usize::try_from(index).ok().filter(|&i| i < self.readable)?;
+        // SAFETY: `entries` points at `readable` 8-byte-aligned entries of a region of
+        // `mem`, which is borrowed for 'm and so stays mapped while `self` lives; `i` is
+        // below `readable`. Guest memory is shared with the guest, so the entry is read
+        // with one atomic load, as every entry read is.
+        let entry = unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire);
+        Some(u64::from_le(entry))
     }
 }
 
@@ -277,8 +277,7 @@ impl<'m> L1Cache<'m> {
 
     #[inline(always)]
     fn find(&mut self, root: u64, iova: u64) -> Option<&L1Table<'m>> {
-        let is =
-            |t: &Option<L1Table<'m>>| t.is_some_and(|t| t.root == root && t.range == iova >> 21);
+        let is = |t: &Option<L1Table<'m>>| t.is_some_and(|t| t.covers(root, iova));
         if !is(&self.tables[self.last]) {
             self.last = self.tables.iter().position(is)?;
         }
