@@ -172,7 +172,7 @@ fn translate_setup() -> (GuestMemoryMmap, u64) {
             let iova = iova0 + p * PAGE_4K;
             let mut table = ROOT;
             for level in (2..=4).rev() {
-                let addr = table + pt_index(iova, level) * 8;
+                let addr = table + pt_offset(iova, level);
                 let mut e: u64 = mem.read_obj(GuestAddress(addr)).unwrap();
                 if e == 0 {
                     e = next | RW;
@@ -181,7 +181,7 @@ fn translate_setup() -> (GuestMemoryMmap, u64) {
                 }
                 table = e & PTE_ADDR_MASK;
             }
-            let addr = table + pt_index(iova, 1) * 8;
+            let addr = table + pt_offset(iova, 1);
             mem.write_obj((bus0 + p * PAGE_4K) | RW, GuestAddress(addr))
                 .unwrap();
         }

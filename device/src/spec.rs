@@ -3,7 +3,11 @@
 //!
 //! Every constant here is documented in `device/SPEC.md`; the test `spec_doc_matches_code`
 //! checks that the two agree. Drivers (the driver model, the guest tests) use these constants
-//! rather than literals.
+//! rather than literals, and the memory layouts through the types of [`wire`] (re-exported
+//! here), never by offset.
+
+pub mod wire;
+pub use wire::*;
 
 /// PCI vendor ID (the QEMU project's test vendor ID, as QEMU's `edu` device uses).
 pub const PCI_VENDOR_ID: u16 = 0x1234;
@@ -645,6 +649,53 @@ mod doc {
         FREC_LEVEL,
         FREC_SEQ,
     ];
+
+    /// The wire types' sizes and field offsets are the documented `*_SIZE` and offset
+    /// constants (which the test below checks against SPEC.md).
+    #[test]
+    fn wire_types_match_the_documented_layouts() {
+        use std::mem::{offset_of, size_of};
+        let at = |o: usize| o as u64;
+        assert_eq!(size_of::<Descriptor>() as u64, DESC_SIZE);
+        assert_eq!(size_of::<BatchElement>() as u64, DESC_SIZE);
+        assert_eq!(at(offset_of!(Descriptor, opcode)), DESC_OPCODE);
+        assert_eq!(at(offset_of!(Descriptor, flags)), DESC_FLAGS);
+        assert_eq!(at(offset_of!(Descriptor, reserved_lo)), DESC_RESERVED_LO);
+        assert_eq!(at(offset_of!(Descriptor, len)), DESC_LEN);
+        assert_eq!(at(offset_of!(Descriptor, src)), DESC_SRC);
+        assert_eq!(at(offset_of!(Descriptor, dst)), DESC_DST);
+        assert_eq!(at(offset_of!(Descriptor, completion)), DESC_COMPLETION);
+        assert_eq!(at(offset_of!(Descriptor, tag)), DESC_TAG);
+        assert_eq!(at(offset_of!(Descriptor, reserved)), DESC_RESERVED);
+
+        assert_eq!(size_of::<CompletionRecord>() as u64, COMPLETION_SIZE);
+        assert_eq!(at(offset_of!(CompletionRecord, status)), CPL_STATUS);
+        assert_eq!(
+            at(offset_of!(CompletionRecord, fault_reason)),
+            CPL_FAULT_REASON
+        );
+        assert_eq!(
+            at(offset_of!(CompletionRecord, fault_access)),
+            CPL_FAULT_ACCESS
+        );
+        assert_eq!(at(offset_of!(CompletionRecord, bytes)), CPL_BYTES);
+        assert_eq!(at(offset_of!(CompletionRecord, fault_addr)), CPL_FAULT_ADDR);
+        assert_eq!(at(offset_of!(CompletionRecord, result)), CPL_RESULT);
+        assert_eq!(at(offset_of!(CompletionRecord, tag)), CPL_TAG);
+
+        assert_eq!(size_of::<FaultRecord>() as u64, FAULT_RECORD_SIZE);
+        assert_eq!(at(offset_of!(FaultRecord, reason)), FREC_REASON);
+        assert_eq!(at(offset_of!(FaultRecord, access)), FREC_ACCESS);
+        assert_eq!(at(offset_of!(FaultRecord, domain)), FREC_DOMAIN);
+        assert_eq!(at(offset_of!(FaultRecord, queue)), FREC_QUEUE);
+        assert_eq!(at(offset_of!(FaultRecord, iova)), FREC_IOVA);
+        assert_eq!(at(offset_of!(FaultRecord, info)), FREC_INFO);
+        assert_eq!(at(offset_of!(FaultRecord, level)), FREC_LEVEL);
+        assert_eq!(at(offset_of!(FaultRecord, seq)), FREC_SEQ);
+
+        assert_eq!(size_of::<Pte>(), 8);
+        assert_eq!(size_of::<Pte>() * PTES_PER_TABLE, 4096);
+    }
 
     fn parse_number(cell: &str) -> Option<u64> {
         let cell = cell.trim();

@@ -80,7 +80,13 @@ fn read_span(d: &Driver, pages: &[u64], page: u64) -> Vec<u8> {
 #[track_caller]
 fn assert_ok(c: &Completion, bytes: u32) {
     assert_eq!(
-        (c.status, c.reason, c.access, c.bytes, c.fault_addr),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.bytes,
+            c.fault_addr
+        ),
         (STATUS_OK, 0, 0, bytes, 0),
         "completion {c:x?}"
     );
@@ -90,7 +96,13 @@ fn assert_ok(c: &Completion, bytes: u32) {
 #[track_caller]
 fn assert_cpl(c: &Completion, status: u8, reason: u8, access: u8, addr: u64, bytes: u32) {
     assert_eq!(
-        (c.status, c.reason, c.access, c.fault_addr, c.bytes),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.fault_addr,
+            c.bytes
+        ),
         (status, reason, access, addr, bytes),
         "completion {c:x?}"
     );
@@ -795,7 +807,7 @@ fn fault_descriptor_invalid_for_every_malformed_kind_touches_no_memory() {
         let t = d.submit(Q, desc.tag(0x1000 + seq as u64));
         let c = d.wait(&t);
         assert_eq!(
-            (c.status, c.reason, c.bytes, c.result),
+            (c.status, c.fault_reason, c.bytes, c.result),
             (STATUS_INVALID_DESCRIPTOR, FAULT_DESCRIPTOR_INVALID, 0, 0),
             "{what}: {c:x?}"
         );
@@ -820,7 +832,7 @@ fn fault_descriptor_invalid_for_every_malformed_kind_touches_no_memory() {
             "{what}: completion address is the descriptor's"
         );
         assert_eq!(
-            (c.access, r[0].access),
+            (c.fault_access, r[0].access),
             (ACCESS_DESCRIPTOR, ACCESS_DESCRIPTOR),
             "{what}"
         );
@@ -1199,7 +1211,7 @@ fn fault_log_overflow_sets_the_flag_counts_dropped_and_recovers() {
     );
     // The next fault goes to record 3 with sequence number 5; the head wraps.
     let c = d.run(Q, Desc::crc32c(iova(9), 4));
-    assert_eq!(c.reason, FAULT_NOT_PRESENT);
+    assert_eq!(c.fault_reason, FAULT_NOT_PRESENT);
     let r = d.wait_faults(1);
     assert_rec(&r[0], FAULT_NOT_PRESENT, 0, DOM, Q, iova(9), 5);
     assert_eq!(d.read(REG_FLOG_HEAD), 0);
@@ -1213,7 +1225,7 @@ fn fault_log_disabled_counts_every_fault_as_dropped_without_overflow() {
     d.setup_queue(Q, DOM, 8);
     for i in 0..2 {
         let c = d.run(Q, Desc::crc32c(SRC + i * 4096, 4));
-        assert_eq!(c.reason, FAULT_NOT_PRESENT);
+        assert_eq!(c.fault_reason, FAULT_NOT_PRESENT);
     }
     eventually_eq("REG_FLOG_COUNT", 2, || d.read(REG_FLOG_COUNT));
     assert_eq!(d.read(REG_FLOG_DROPPED), 2);
@@ -1365,7 +1377,10 @@ fn disabling_a_queue_aborts_the_descriptor_in_flight() {
     d.qwrite(Q, Q_CTRL, 0);
     let c = d.wait(&t);
     assert_eq!(c.status, STATUS_ABORTED, "{c:x?}");
-    assert_eq!((c.reason, c.access, c.fault_addr, c.result), (0, 0, 0, 0));
+    assert_eq!(
+        (c.fault_reason, c.fault_access, c.fault_addr, c.result),
+        (0, 0, 0, 0)
+    );
     assert!(c.bytes < len);
     assert_eq!(c.bytes % 4096, 0, "whole chunks");
     let done = c.bytes as usize;
@@ -2204,17 +2219,17 @@ fn hostile_random_tables_fuzz_gives_modelled_faults_never_a_panic() {
                 ModelRead::Fault { bytes, iova, fault } => {
                     modelled[fault.reason as usize] += 1;
                     let access = if fault.walk_read { ACCESS_PAGE_WALK } else { 0 };
-                    let reason_ok = c.reason == fault.reason
-                        || (fault.perm_ambiguous && c.reason == FAULT_PERMISSION);
+                    let reason_ok = c.fault_reason == fault.reason
+                        || (fault.perm_ambiguous && c.fault_reason == FAULT_PERMISSION);
                     assert!(
                         c.status == STATUS_DMA_ERROR
                             && reason_ok
-                            && c.access == access
+                            && c.fault_access == access
                             && c.fault_addr == *iova
                             && u64::from(c.bytes) == *bytes,
                         "{desc:x?}: device {c:x?}, model {model:x?}"
                     );
-                    want_faults.push((c.reason, *iova, *fault));
+                    want_faults.push((c.fault_reason, *iova, *fault));
                 }
             }
         }
@@ -2282,11 +2297,16 @@ fn hostile_random_tables_fuzz_gives_modelled_faults_never_a_panic() {
                     assert_ok(&c, want);
                 }
                 STATUS_INVALID_DESCRIPTOR => {
-                    assert_eq!((c.reason, c.bytes), (FAULT_DESCRIPTOR_INVALID, 0), "{x:x?}")
+                    assert_eq!(
+                        (c.fault_reason, c.bytes),
+                        (FAULT_DESCRIPTOR_INVALID, 0),
+                        "{x:x?}"
+                    )
                 }
                 STATUS_DMA_ERROR => {
                     assert!(
-                        (1..=7).contains(&c.reason) && c.reason != FAULT_DESCRIPTOR_INVALID,
+                        (1..=7).contains(&c.fault_reason)
+                            && c.fault_reason != FAULT_DESCRIPTOR_INVALID,
                         "{x:x?}: {c:x?}"
                     );
                     assert!(c.bytes < x.len, "{x:x?}: {c:x?}");
@@ -2711,7 +2731,7 @@ fn fault_log_in_memory_outside_ram_sets_error_and_counts_the_fault_as_dropped() 
     d.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
     // Rejected at enable or failing at the first record: either way ERROR, nothing logged.
     let c = d.run(Q, Desc::crc32c(SRC, 4));
-    assert_eq!(c.reason, FAULT_NOT_PRESENT);
+    assert_eq!(c.fault_reason, FAULT_NOT_PRESENT);
     eventually_eq("REG_FLOG_COUNT", 1, || d.read(REG_FLOG_COUNT));
     assert_eq!(d.read(REG_FLOG_DROPPED), 1);
     assert_eq!(d.read(REG_FLOG_HEAD), 0);
@@ -2884,7 +2904,7 @@ fn vmm_read_only_memory_is_readable_and_never_written() {
     d.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
     let dropped = d.read(REG_FLOG_DROPPED);
     let c = d.run(Q, Desc::crc32c(SRC + 0x10_0000, 4));
-    assert_eq!(c.reason, FAULT_NOT_PRESENT);
+    assert_eq!(c.fault_reason, FAULT_NOT_PRESENT);
     eventually_eq("REG_FLOG_DROPPED", dropped + 1, || d.read(REG_FLOG_DROPPED));
     assert_ne!(d.read(REG_FLOG_STATUS) & FLOG_STATUS_ERROR, 0);
 
@@ -2920,7 +2940,7 @@ fn pass_through_dma_outside_bus_memory_faults_outside_ram() {
     let dst = d.bus.alloc_guarded(8192, PAGE_4K);
     let c = d.run(Q, Desc::copy(src, dst, 8192));
     assert_eq!(
-        (c.status, c.reason, c.access, c.fault_addr),
+        (c.status, c.fault_reason, c.fault_access, c.fault_addr),
         (STATUS_DMA_ERROR, FAULT_OUTSIDE_RAM, 0, RAM_END),
         "{c:x?}"
     );
@@ -2975,7 +2995,10 @@ fn halt_on_fault_also_halts_on_an_invalid_descriptor_and_on_a_lost_completion() 
 fn read_only_registers_ignore_writes() {
     let mut d = setup();
     d.map_new(DOM, DST, 4096, PAGE_4K, RW);
-    assert_eq!(d.run(Q, Desc::crc32c(SRC, 4)).reason, FAULT_NOT_PRESENT);
+    assert_eq!(
+        d.run(Q, Desc::crc32c(SRC, 4)).fault_reason,
+        FAULT_NOT_PRESENT
+    );
     assert_ok(&d.run(Q, Desc::fill(DST, 8, 1)), 8);
     assert_eq!(d.wait_faults(1).len(), 1);
     eventually_eq("Q_COMPLETED", 2, || d.qread(Q, Q_COMPLETED));

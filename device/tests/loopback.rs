@@ -736,21 +736,11 @@ fn device_dma_and_interrupt_through_the_socket() {
     let ring = 0u64;
     let cpl = 0x1000u64;
     let dst = 0x2000u64;
-    let mut desc = [0u8; spec::DESC_SIZE as usize];
-    let put = |d: &mut [u8], off: u64, v: &[u8]| {
-        d[off as usize..off as usize + v.len()].copy_from_slice(v)
-    };
-    put(&mut desc, spec::DESC_OPCODE, &[spec::OP_FILL]);
-    put(&mut desc, spec::DESC_FLAGS, &[spec::DESC_FLAG_INTERRUPT]);
-    put(&mut desc, spec::DESC_LEN, &4096u32.to_le_bytes());
-    put(
-        &mut desc,
-        spec::DESC_SRC,
-        &0x0123_4567_89ab_cdefu64.to_le_bytes(),
-    );
-    put(&mut desc, spec::DESC_DST, &(bus + dst).to_le_bytes());
-    put(&mut desc, spec::DESC_COMPLETION, &(bus + cpl).to_le_bytes());
-    put(&mut desc, spec::DESC_TAG, &0xfeedu64.to_le_bytes());
+    let desc = spec::Descriptor::fill(bus + dst, 0x0123_4567_89ab_cdef, 4096)
+        .with_interrupt()
+        .with_completion(bus + cpl)
+        .with_tag(0xfeed)
+        .encode();
     ram.write_all_at(&desc, ring).unwrap();
 
     let q = |reg| spec::queue_reg(0, reg);
@@ -767,14 +757,19 @@ fn device_dma_and_interrupt_through_the_socket() {
     // follows.
     let mut status = [0u8; 4];
     for _ in 0..1000 {
-        ram.read_exact_at(&mut status, cpl + spec::CPL_STATUS)
-            .unwrap();
-        if status[0] != spec::STATUS_PENDING {
+        ram.read_exact_at(&mut status, cpl).unwrap();
+        if spec::CompletionRecord::status_of_head(u32::from_le_bytes(status))
+            != spec::STATUS_PENDING
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(status[0], spec::STATUS_OK, "completion status");
+    assert_eq!(
+        spec::CompletionRecord::status_of_head(u32::from_le_bytes(status)),
+        spec::STATUS_OK,
+        "completion status"
+    );
     let mut completed = 0;
     for _ in 0..500 {
         completed = c.read_u32(0, q(spec::Q_COMPLETED));

@@ -87,178 +87,7 @@ pub enum QueueError {
     },
 }
 
-/// One 64-byte descriptor. All fields are public so that tests can build malformed ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Descriptor {
-    /// Operation (`spec::OP_*`).
-    pub opcode: u8,
-    /// Flags (`spec::DESC_FLAG_*`).
-    pub flags: u8,
-    /// Reserved, must be zero.
-    pub reserved: u16,
-    /// Transfer length in bytes.
-    pub len: u32,
-    /// COPY, COMPARE, CRC32C: source IOVA; FILL: the 64-bit pattern.
-    pub src: u64,
-    /// COPY, FILL: destination IOVA; COMPARE: the second source.
-    pub dst: u64,
-    /// IOVA of the completion record (32-byte aligned), 0 = none.
-    pub completion: u64,
-    /// Driver tag, echoed in the completion record.
-    pub tag: u64,
-    /// Reserved bytes 0x28..0x40, must be zero.
-    pub reserved_tail: [u8; 24],
-}
-
-impl Descriptor {
-    fn new(opcode: u8, len: u32, src: u64, dst: u64) -> Self {
-        Descriptor {
-            opcode,
-            flags: 0,
-            reserved: 0,
-            len,
-            src,
-            dst,
-            completion: 0,
-            tag: 0,
-            reserved_tail: [0; 24],
-        }
-    }
-
-    /// A no-op.
-    pub fn nop() -> Self {
-        Self::new(spec::OP_NOP, 0, 0, 0)
-    }
-
-    /// Copy `len` bytes from IOVA `src` to `dst`.
-    pub fn copy(src: u64, dst: u64, len: u32) -> Self {
-        Self::new(spec::OP_COPY, len, src, dst)
-    }
-
-    /// Fill `len` bytes at `dst` with the 64-bit little-endian `pattern`.
-    pub fn fill(dst: u64, pattern: u64, len: u32) -> Self {
-        Self::new(spec::OP_FILL, len, pattern, dst)
-    }
-
-    /// Compare `len` bytes at `a` and `b`; the completion's result is 0 when equal, else 1
-    /// plus the offset of the first difference.
-    pub fn compare(a: u64, b: u64, len: u32) -> Self {
-        Self::new(spec::OP_COMPARE, len, a, b)
-    }
-
-    /// CRC32C (Castagnoli) of `len` bytes at `src`; the completion's result is the CRC.
-    pub fn crc32c(src: u64, len: u32) -> Self {
-        Self::new(spec::OP_CRC32C, len, src, 0)
-    }
-
-    /// Run the `count` descriptors (NOP, COPY, FILL; no completion record, no interrupt
-    /// flag) of the list at IOVA `list` (`DESC_SIZE`-aligned) as one descriptor; the
-    /// completion's result is the number of elements completed (device/SPEC.md "BATCH").
-    pub fn batch(list: u64, count: u32) -> Self {
-        Self::new(spec::OP_BATCH, count, list, 0)
-    }
-
-    /// Sets the FENCE flag (start only after every earlier descriptor completed).
-    pub fn with_fence(mut self) -> Self {
-        self.flags |= spec::DESC_FLAG_FENCE;
-        self
-    }
-
-    /// Sets the completion record address (an IOVA of the queue's domain).
-    pub fn with_completion(mut self, iova: u64) -> Self {
-        self.completion = iova;
-        self
-    }
-
-    /// Sets the tag.
-    pub fn with_tag(mut self, tag: u64) -> Self {
-        self.tag = tag;
-        self
-    }
-
-    /// Requests the completion interrupt.
-    pub fn with_interrupt(mut self) -> Self {
-        self.flags |= spec::DESC_FLAG_INTERRUPT;
-        self
-    }
-
-    /// The descriptor's bytes as the device reads them.
-    pub fn to_bytes(&self) -> [u8; spec::DESC_SIZE as usize] {
-        let mut b = [0u8; spec::DESC_SIZE as usize];
-        let put = |b: &mut [u8], off: u64, v: &[u8]| {
-            b[off as usize..off as usize + v.len()].copy_from_slice(v)
-        };
-        put(&mut b, spec::DESC_OPCODE, &[self.opcode]);
-        put(&mut b, spec::DESC_FLAGS, &[self.flags]);
-        put(&mut b, spec::DESC_RESERVED_LO, &self.reserved.to_le_bytes());
-        put(&mut b, spec::DESC_LEN, &self.len.to_le_bytes());
-        put(&mut b, spec::DESC_SRC, &self.src.to_le_bytes());
-        put(&mut b, spec::DESC_DST, &self.dst.to_le_bytes());
-        put(
-            &mut b,
-            spec::DESC_COMPLETION,
-            &self.completion.to_le_bytes(),
-        );
-        put(&mut b, spec::DESC_TAG, &self.tag.to_le_bytes());
-        put(&mut b, spec::DESC_RESERVED, &self.reserved_tail);
-        b
-    }
-}
-
-/// A completion record as read back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
-    /// Status (`spec::STATUS_*`).
-    pub status: u8,
-    /// Fault reason (`spec::FAULT_*`), 0 if none.
-    pub fault_reason: u8,
-    /// Fault access flags (`spec::ACCESS_*`).
-    pub fault_access: u8,
-    /// Bytes completed.
-    pub bytes: u32,
-    /// Faulting IOVA (of the queue's domain), 0 if none.
-    pub fault_addr: u64,
-    /// Operation result.
-    pub result: u64,
-    /// The descriptor's tag.
-    pub tag: u64,
-}
-
-impl Completion {
-    /// Whether the status is `STATUS_OK`.
-    pub fn is_ok(&self) -> bool {
-        self.status == spec::STATUS_OK
-    }
-}
-
-impl std::fmt::Display for Completion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "status {:#x} ({}), fault reason {} access {:#x}, bytes {}, fault_addr {:#x}, result {:#x}, tag {:#x}",
-            self.status,
-            status_name(self.status),
-            self.fault_reason,
-            self.fault_access,
-            self.bytes,
-            self.fault_addr,
-            self.result,
-            self.tag
-        )
-    }
-}
-
-/// A readable name for a completion status.
-pub fn status_name(status: u8) -> &'static str {
-    match status {
-        spec::STATUS_PENDING => "PENDING",
-        spec::STATUS_OK => "OK",
-        spec::STATUS_INVALID_DESCRIPTOR => "INVALID_DESCRIPTOR",
-        spec::STATUS_DMA_ERROR => "DMA_ERROR",
-        spec::STATUS_ABORTED => "ABORTED",
-        _ => "unknown",
-    }
-}
+pub use domdma_device::spec::{status_name, CompletionRecord, Descriptor};
 
 /// An array of completion records in DMA memory.
 ///
@@ -272,7 +101,8 @@ pub struct CompletionRecords {
     device_base: u64,
 }
 
-const CPL: usize = spec::COMPLETION_SIZE as usize;
+const CPL: usize = std::mem::size_of::<CompletionRecord>();
+const DESC_BYTES: usize = std::mem::size_of::<Descriptor>();
 
 impl CompletionRecords {
     /// Allocates `count` zeroed records.
@@ -345,27 +175,23 @@ impl CompletionRecords {
         self.buf.fill(i * CPL, CPL, 0);
     }
 
-    /// The status of record `i` (volatile read).
+    /// The head word of record `i` (status, fault reason and access), which the device
+    /// writes last (volatile read); [`CompletionRecord::status_of_head`] gives the status.
     pub fn status(&self, i: usize) -> u32 {
         assert!(i < self.count, "completion record {i} of {}", self.count);
-        self.buf.read_u32(i * CPL + spec::CPL_STATUS as usize)
+        self.buf.read_u32(i * CPL)
     }
 
-    /// Reads record `i` (status first, then the rest).
-    pub fn read(&self, i: usize) -> Completion {
-        let word = self.status(i);
-        // The device writes the status word last: read it first, then the other fields.
+    /// Reads record `i`: the head word first, then the whole record; the status is the one
+    /// read first (the rest of a completed record is in memory before it).
+    pub fn read(&self, i: usize) -> CompletionRecord {
+        let head = self.status(i);
         fence(Ordering::Acquire);
-        let base = i * CPL;
-        let [status, fault_reason, fault_access, _] = word.to_le_bytes();
-        Completion {
-            status,
-            fault_reason,
-            fault_access,
-            bytes: self.buf.read_u32(base + spec::CPL_BYTES as usize),
-            fault_addr: self.buf.read_u64(base + spec::CPL_FAULT_ADDR as usize),
-            result: self.buf.read_u64(base + spec::CPL_RESULT as usize),
-            tag: self.buf.read_u64(base + spec::CPL_TAG as usize),
+        let mut raw = [0u8; CPL];
+        self.buf.read(i * CPL, &mut raw);
+        CompletionRecord {
+            status: CompletionRecord::status_of_head(head),
+            ..CompletionRecord::decode(&raw)
         }
     }
 }
@@ -445,7 +271,7 @@ impl QueueConfig {
 
     /// Bytes a ring of this size takes.
     pub fn ring_bytes(&self) -> usize {
-        self.size as usize * spec::DESC_SIZE as usize
+        self.size as usize * DESC_BYTES
     }
 }
 
@@ -627,7 +453,7 @@ impl<'b> DmaQueue<'b> {
 
     /// Writes a descriptor's raw bytes into the next ring entry without ringing the
     /// doorbell. Fails with [`QueueError::Full`] when `size - 1` entries are outstanding.
-    pub fn push_raw(&mut self, bytes: &[u8; spec::DESC_SIZE as usize]) -> Result<(), QueueError> {
+    pub fn push_raw(&mut self, bytes: &[u8; DESC_BYTES]) -> Result<(), QueueError> {
         if self.outstanding(self.head_cache) >= self.size - 1 {
             self.head_cache = self.head()?;
             let outstanding = self.outstanding(self.head_cache);
@@ -638,15 +464,14 @@ impl<'b> DmaQueue<'b> {
                 });
             }
         }
-        self.ring
-            .write(self.tail as usize * spec::DESC_SIZE as usize, bytes);
+        self.ring.write(self.tail as usize * DESC_BYTES, bytes);
         self.tail = (self.tail + 1) & (self.size - 1);
         Ok(())
     }
 
     /// Writes a descriptor into the next ring entry without ringing the doorbell.
     pub fn push(&mut self, desc: &Descriptor) -> Result<(), QueueError> {
-        self.push_raw(&desc.to_bytes())
+        self.push_raw(&desc.encode())
     }
 
     /// Publishes the pushed descriptors: writes the tail to `Q_TAIL`.
@@ -682,11 +507,11 @@ impl<'b> DmaQueue<'b> {
         records: &CompletionRecords,
         i: usize,
         timeout: Duration,
-    ) -> Result<Completion, QueueError> {
+    ) -> Result<CompletionRecord, QueueError> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if records.status(i) & 0xff != u32::from(spec::STATUS_PENDING) {
+            if CompletionRecord::status_of_head(records.status(i)) != spec::STATUS_PENDING {
                 return Ok(records.read(i));
             }
             let waited = start.elapsed();
@@ -711,7 +536,7 @@ impl<'b> DmaQueue<'b> {
         records: &CompletionRecords,
         i: usize,
         timeout: Duration,
-    ) -> Result<Completion, QueueError> {
+    ) -> Result<CompletionRecord, QueueError> {
         let start = Instant::now();
         if self.backend.wait_interrupt(self.vector, timeout)? == 0 {
             return Err(self.timeout(format!("MSI-X vector {}", self.vector), start.elapsed()));
@@ -746,40 +571,6 @@ impl<'b> DmaQueue<'b> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn descriptor_layout_matches_spec() {
-        let d = Descriptor::copy(0x1122_3344_5566_7788, 0x99aa_bbcc_ddee_ff00, 0x0010_0000)
-            .with_completion(0x1_0000_0020)
-            .with_tag(0xfeed)
-            .with_interrupt();
-        let b = d.to_bytes();
-        assert_eq!(b[0], spec::OP_COPY);
-        assert_eq!(b[1], spec::DESC_FLAG_INTERRUPT);
-        assert_eq!(&b[2..4], &[0, 0]);
-        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 0x0010_0000);
-        assert_eq!(
-            u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            0x1122_3344_5566_7788
-        );
-        assert_eq!(
-            u64::from_le_bytes(b[16..24].try_into().unwrap()),
-            0x99aa_bbcc_ddee_ff00
-        );
-        assert_eq!(
-            u64::from_le_bytes(b[24..32].try_into().unwrap()),
-            0x1_0000_0020
-        );
-        assert_eq!(u64::from_le_bytes(b[32..40].try_into().unwrap()), 0xfeed);
-        assert!(b[40..].iter().all(|&x| x == 0));
-
-        let mut m = Descriptor::fill(0, 0, 8);
-        m.reserved = 0xabcd;
-        m.reserved_tail[23] = 1;
-        let b = m.to_bytes();
-        assert_eq!(&b[2..4], &[0xcd, 0xab]);
-        assert_eq!(b[63], 1);
-    }
 
     #[test]
     fn status_names() {

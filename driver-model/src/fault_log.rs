@@ -63,115 +63,9 @@ pub enum FaultLogError {
     },
 }
 
-/// One fault record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FaultRecord {
-    /// `spec::FAULT_*`.
-    pub reason: u8,
-    /// `spec::ACCESS_*` bits.
-    pub access: u8,
-    /// The domain.
-    pub domain: u16,
-    /// The queue.
-    pub queue: u16,
-    /// The faulting IOVA.
-    pub iova: u64,
-    /// Detail: the offending entry (malformed), the bus address (outside RAM), else 0.
-    pub info: u64,
-    /// Page-table level of the fault (4..1), 0 if not in a walk.
-    pub level: u32,
-    /// The fault's number (`REG_FLOG_COUNT` before it was counted).
-    pub seq: u32,
-}
+pub use domdma_device::spec::{access_names, fault_reason_name, FaultRecord};
 
-impl FaultRecord {
-    /// Decodes a record's 32 bytes.
-    pub fn parse(b: &[u8; spec::FAULT_RECORD_SIZE as usize]) -> Self {
-        let u16_at = |o: u64| u16::from_le_bytes([b[o as usize], b[o as usize + 1]]);
-        let u32_at =
-            |o: u64| u32::from_le_bytes(b[o as usize..o as usize + 4].try_into().expect("4 bytes"));
-        let u64_at =
-            |o: u64| u64::from_le_bytes(b[o as usize..o as usize + 8].try_into().expect("8 bytes"));
-        FaultRecord {
-            reason: b[spec::FREC_REASON as usize],
-            access: b[spec::FREC_ACCESS as usize],
-            domain: u16_at(spec::FREC_DOMAIN),
-            queue: u16_at(spec::FREC_QUEUE),
-            iova: u64_at(spec::FREC_IOVA),
-            info: u64_at(spec::FREC_INFO),
-            level: u32_at(spec::FREC_LEVEL),
-            seq: u32_at(spec::FREC_SEQ),
-        }
-    }
-
-    /// Whether the faulting access was a write.
-    pub fn is_write(&self) -> bool {
-        self.access & spec::ACCESS_WRITE != 0
-    }
-}
-
-impl fmt::Display for FaultRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "#{} {} ({}) domain {} queue {} IOVA {:#x} access {} info {:#x} level {}",
-            self.seq,
-            fault_reason_name(self.reason),
-            self.reason,
-            self.domain,
-            self.queue,
-            self.iova,
-            access_names(self.access),
-            self.info,
-            self.level
-        )
-    }
-}
-
-/// A readable name for a fault reason.
-pub fn fault_reason_name(reason: u8) -> &'static str {
-    match reason {
-        0 => "none",
-        spec::FAULT_NOT_PRESENT => "NOT_PRESENT",
-        spec::FAULT_PERMISSION => "PERMISSION",
-        spec::FAULT_IOVA_WIDTH => "IOVA_WIDTH",
-        spec::FAULT_MALFORMED_ENTRY => "MALFORMED_ENTRY",
-        spec::FAULT_DESCRIPTOR_INVALID => "DESCRIPTOR_INVALID",
-        spec::FAULT_OUTSIDE_RAM => "OUTSIDE_RAM",
-        spec::FAULT_DOMAIN_DISABLED => "DOMAIN_DISABLED",
-        _ => "unknown",
-    }
-}
-
-/// Readable access flags, e.g. "write|page-walk" ("read" when none is set).
-pub fn access_names(access: u8) -> String {
-    let mut v = vec![if access & spec::ACCESS_WRITE != 0 {
-        "write"
-    } else {
-        "read"
-    }];
-    for (bit, name) in [
-        (spec::ACCESS_DESCRIPTOR, "descriptor"),
-        (spec::ACCESS_COMPLETION, "completion"),
-        (spec::ACCESS_PAGE_WALK, "page-walk"),
-    ] {
-        if access & bit != 0 {
-            v.push(name);
-        }
-    }
-    let unknown = access
-        & !(spec::ACCESS_WRITE
-            | spec::ACCESS_DESCRIPTOR
-            | spec::ACCESS_COMPLETION
-            | spec::ACCESS_PAGE_WALK);
-    let mut s = v.join("|");
-    if unknown != 0 {
-        s.push_str(&format!("|{unknown:#x}"));
-    }
-    s
-}
-
-const REC: usize = spec::FAULT_RECORD_SIZE as usize;
+const REC: usize = std::mem::size_of::<FaultRecord>();
 
 /// An enabled fault log.
 ///
@@ -300,7 +194,7 @@ impl<'b> FaultLog<'b> {
         self.ring.read(self.tail as usize * REC, &mut b);
         self.tail = (self.tail + 1) & (self.size - 1);
         self.dev.write32(spec::REG_FLOG_TAIL, self.tail)?;
-        Ok(Some(FaultRecord::parse(&b)))
+        Ok(Some(FaultRecord::decode(&b)))
     }
 
     /// Reads every waiting record.
@@ -345,45 +239,5 @@ impl Drop for FaultLog<'_> {
         if let Err(e) = self.disable() {
             tracing::warn!("disabling the fault log on drop: {e}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn record_layout_matches_spec() {
-        let mut b = [0u8; REC];
-        b[0] = spec::FAULT_PERMISSION;
-        b[1] = spec::ACCESS_WRITE | spec::ACCESS_PAGE_WALK;
-        b[2..4].copy_from_slice(&7u16.to_le_bytes());
-        b[4..6].copy_from_slice(&3u16.to_le_bytes());
-        b[8..16].copy_from_slice(&0x80_0000_1000u64.to_le_bytes());
-        b[16..24].copy_from_slice(&0xdeadu64.to_le_bytes());
-        b[24..28].copy_from_slice(&2u32.to_le_bytes());
-        b[28..32].copy_from_slice(&41u32.to_le_bytes());
-        let r = FaultRecord::parse(&b);
-        assert_eq!(
-            r,
-            FaultRecord {
-                reason: spec::FAULT_PERMISSION,
-                access: spec::ACCESS_WRITE | spec::ACCESS_PAGE_WALK,
-                domain: 7,
-                queue: 3,
-                iova: 0x80_0000_1000,
-                info: 0xdead,
-                level: 2,
-                seq: 41,
-            }
-        );
-        assert!(r.is_write());
-        let s = r.to_string();
-        assert!(
-            s.contains("PERMISSION") && s.contains("write|page-walk"),
-            "{s}"
-        );
-        assert_eq!(access_names(0), "read");
-        assert_eq!(access_names(0x40), "read|0x40");
     }
 }

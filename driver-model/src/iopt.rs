@@ -22,14 +22,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
-use domdma_device::spec;
+use domdma_device::spec::{self, Pte};
 
 use crate::backend::{BackendError, BackendRef, DmaBuffer, DmaRequest};
 
 /// Entries per table.
-pub const ENTRIES: usize = 512;
+pub const ENTRIES: usize = spec::PTES_PER_TABLE;
+/// Size of one entry in bytes.
+const PTE_BYTES: usize = std::mem::size_of::<Pte>();
 /// Size of one table in bytes.
-pub const TABLE_SIZE: usize = 4096;
+pub const TABLE_SIZE: usize = ENTRIES * PTE_BYTES;
 /// Tables allocated at once (one back-end allocation, one device mapping).
 pub const TABLES_PER_CHUNK: usize = 16;
 /// The IOVA width the format covers.
@@ -231,12 +233,12 @@ pub struct Mapping {
 
 /// Index of `iova` in a table at `level` (4..1).
 pub const fn index(iova: u64, level: u32) -> usize {
-    ((iova >> (12 + 9 * (level - 1))) & 0x1ff) as usize
+    spec::pte_index(iova, level)
 }
 
 /// Bytes one entry at `level` covers.
 const fn span(level: u32) -> u64 {
-    1 << (12 + 9 * (level - 1))
+    spec::level_size(level)
 }
 
 /// The table leaves of one size go into, kept for the leaves of a range that share it:
@@ -378,14 +380,16 @@ impl<'b> IoPageTable<'b> {
         self.tables.get(&table).copied()
     }
 
-    fn read_entry(&self, table: u64, idx: usize) -> Option<u64> {
+    fn read_entry(&self, table: u64, idx: usize) -> Option<Pte> {
         let s = self.slot(table)?;
-        Some(self.chunks[s.chunk].read_u64(s.offset + idx * 8))
+        Some(Pte(
+            self.chunks[s.chunk].read_u64(s.offset + idx * PTE_BYTES)
+        ))
     }
 
-    fn write_entry(&self, table: u64, idx: usize, value: u64) {
+    fn write_entry(&self, table: u64, idx: usize, value: Pte) {
         let s = self.slot(table).expect("a table this builder allocated");
-        self.chunks[s.chunk].write_u64(s.offset + idx * 8, value);
+        self.chunks[s.chunk].write_u64(s.offset + idx * PTE_BYTES, value.raw());
     }
 
     fn check_range(&self, iova: u64, len: u64) -> Result<(), IoptError> {
@@ -404,18 +408,18 @@ impl<'b> IoPageTable<'b> {
     }
 
     /// The table an entry points to, if it is a table pointer this builder wrote.
-    fn child(&self, entry: u64, level: u32, iova: u64) -> Result<Option<u64>, IoptError> {
-        if entry & (spec::PTE_R | spec::PTE_W) == 0 {
+    fn child(&self, entry: Pte, level: u32, iova: u64) -> Result<Option<u64>, IoptError> {
+        if !entry.is_present() {
             return Ok(None);
         }
-        let next = entry & spec::PTE_ADDR_MASK;
-        if entry & spec::PTE_PS != 0 || !self.tables.contains_key(&next) {
+        let next = entry.addr();
+        if entry.is_large() || !self.tables.contains_key(&next) {
             return Err(IoptError::AlreadyMapped {
                 iova,
-                what: if entry & spec::PTE_PS != 0 {
+                what: if entry.is_large() {
                     format!("a level-{level} large page")
                 } else {
-                    format!("level-{level} entry {entry:#x}")
+                    format!("level-{level} entry {:#x}", entry.raw())
                 },
             });
         }
@@ -542,13 +546,15 @@ impl<'b> IoPageTable<'b> {
             return Ok(());
         };
         let level = page.level();
-        let entry = self.read_entry(table, index(iova, level)).unwrap_or(0);
-        if entry & (spec::PTE_R | spec::PTE_W) == 0 {
+        let entry = self
+            .read_entry(table, index(iova, level))
+            .unwrap_or(Pte::NONE);
+        if !entry.is_present() {
             return Ok(());
         }
         Err(IoptError::AlreadyMapped {
             iova,
-            what: if entry & spec::PTE_PS != 0 || level == 1 {
+            what: if entry.is_large() || level == 1 {
                 format!("a {} page", PageSize::at_level(level).expect("1..3"))
             } else {
                 format!("a level-{} table under a {page} slot", level - 1)
@@ -562,7 +568,7 @@ impl<'b> IoPageTable<'b> {
     fn table_for(&self, iova: u64, level: u32) -> Result<Option<u64>, IoptError> {
         let mut table = self.root;
         for l in (level + 1..=4).rev() {
-            let entry = self.read_entry(table, index(iova, l)).unwrap_or(0);
+            let entry = self.read_entry(table, index(iova, l)).unwrap_or(Pte::NONE);
             match self.child(entry, l, iova)? {
                 Some(next) => table = next,
                 None => return Ok(None),
@@ -577,14 +583,14 @@ impl<'b> IoPageTable<'b> {
         let mut table = self.root;
         for l in (level + 1..=4).rev() {
             let idx = index(iova, l);
-            let entry = self.read_entry(table, idx).unwrap_or(0);
+            let entry = self.read_entry(table, idx).unwrap_or(Pte::NONE);
             table = match self.child(entry, l, iova)? {
                 Some(next) => next,
                 None => {
                     let next = self.alloc_table()?;
                     // The new table's zeroes must be visible before the entry that links it.
                     fence(Ordering::SeqCst);
-                    self.write_entry(table, idx, next | spec::PTE_R | spec::PTE_W);
+                    self.write_entry(table, idx, Pte::table(next, spec::PTE_R | spec::PTE_W));
                     next
                 }
             };
@@ -606,12 +612,12 @@ impl<'b> IoPageTable<'b> {
 
     /// Write the leaf for `iova` into `table` (from [`IoPageTable::table_for_mut`]).
     fn set_leaf_in(&self, table: u64, iova: u64, bus: u64, perm: Perm, page: PageSize) {
-        let ps = if page == PageSize::Size4K {
-            0
-        } else {
-            spec::PTE_PS
-        };
-        self.write_entry(table, index(iova, page.level()), bus | perm.bits() | ps);
+        let large = page != PageSize::Size4K;
+        self.write_entry(
+            table,
+            index(iova, page.level()),
+            Pte::leaf(bus, perm.bits(), large),
+        );
     }
 
     /// Removes the mappings of `[iova, iova + len)` (4 KiB aligned). Every leaf in the
@@ -649,7 +655,7 @@ impl<'b> IoPageTable<'b> {
             off = page_iova + size - iova;
         }
         for &(table, idx, _, _) in &leaves {
-            self.write_entry(table, idx, 0);
+            self.write_entry(table, idx, Pte::NONE);
         }
         // Tables the unmap left empty are unlinked (their parent entry cleared) and kept
         // for later maps, lowest level first, so that a larger leaf can be mapped there
@@ -661,14 +667,15 @@ impl<'b> IoPageTable<'b> {
             .map(|&(table, _, level, page_iova)| ((level, table), page_iova))
             .collect();
         while let Some(((level, table), some_iova)) = work.pop_first() {
-            if level >= 4 || (0..ENTRIES).any(|i| self.read_entry(table, i) != Some(0)) {
+            if level >= 4 || (0..ENTRIES).any(|i| self.read_entry(table, i) != Some(Pte::NONE)) {
                 continue;
             }
             let Some(parent_entry) = self.entry_addr(some_iova, level + 1) else {
                 continue;
             };
             let parent = parent_entry & !(TABLE_SIZE as u64 - 1);
-            self.write_entry(parent, ((parent_entry - parent) / 8) as usize, 0);
+            let idx = ((parent_entry - parent) / PTE_BYTES as u64) as usize;
+            self.write_entry(parent, idx, Pte::NONE);
             self.free_tables.push(table);
             if parent != self.root {
                 work.insert((level + 1, parent), some_iova);
@@ -682,16 +689,20 @@ impl<'b> IoPageTable<'b> {
         let mut table = self.root;
         for level in (1..=4).rev() {
             let idx = index(iova, level);
-            let entry = self.read_entry(table, idx).unwrap_or(0);
-            if entry & (spec::PTE_R | spec::PTE_W) == 0 {
+            let entry = self.read_entry(table, idx).unwrap_or(Pte::NONE);
+            if !entry.is_present() {
                 return Err(IoptError::NotMapped { iova });
             }
-            if level == 1 || (entry & spec::PTE_PS != 0 && level <= 3) {
+            if level == 1 || (entry.is_large() && level <= 3) {
                 return Ok((table, idx, level));
             }
-            let next = entry & spec::PTE_ADDR_MASK;
+            let next = entry.addr();
             if !self.tables.contains_key(&next) {
-                return Err(IoptError::Foreign { iova, level, entry });
+                return Err(IoptError::Foreign {
+                    iova,
+                    level,
+                    entry: entry.raw(),
+                });
             }
             table = next;
         }
@@ -709,9 +720,9 @@ impl<'b> IoPageTable<'b> {
         let entry = self.read_entry(table, idx)?;
         let size = span(level);
         Some(Mapping {
-            bus: (entry & spec::PTE_ADDR_MASK & !(size - 1)) + (iova & (size - 1)),
+            bus: (entry.addr() & !(size - 1)) + (iova & (size - 1)),
             // Intermediate entries this builder writes are RW, so the leaf decides.
-            perm: Perm::from_entry(entry),
+            perm: Perm::from_entry(entry.raw()),
             page: PageSize::at_level(level)?,
         })
     }
@@ -725,23 +736,21 @@ impl<'b> IoPageTable<'b> {
         let mut table = self.root;
         for l in (level + 1..=4).rev() {
             let entry = self.read_entry(table, index(iova, l))?;
-            let next = entry & spec::PTE_ADDR_MASK;
-            if entry & (spec::PTE_R | spec::PTE_W) == 0
-                || entry & spec::PTE_PS != 0
-                || !self.tables.contains_key(&next)
-            {
+            let next = entry.addr();
+            if !entry.is_present() || entry.is_large() || !self.tables.contains_key(&next) {
                 return None;
             }
             table = next;
         }
-        Some(table + index(iova, level) as u64 * 8)
+        Some(table + (index(iova, level) * PTE_BYTES) as u64)
     }
 
     /// Reads the entry at `level` on the walk of `iova` (see [`IoPageTable::entry_addr`]).
     pub fn read_raw(&self, iova: u64, level: u32) -> Option<u64> {
         let addr = self.entry_addr(iova, level)?;
         let table = addr & !(TABLE_SIZE as u64 - 1);
-        self.read_entry(table, ((addr - table) / 8) as usize)
+        self.read_entry(table, ((addr - table) / PTE_BYTES as u64) as usize)
+            .map(Pte::raw)
     }
 
     /// Overwrites the entry at `level` on the walk of `iova` with any value, reserved bits
@@ -751,10 +760,10 @@ impl<'b> IoPageTable<'b> {
     pub fn write_raw(&mut self, iova: u64, level: u32, value: u64) -> Option<u64> {
         let addr = self.entry_addr(iova, level)?;
         let table = addr & !(TABLE_SIZE as u64 - 1);
-        let idx = ((addr - table) / 8) as usize;
+        let idx = ((addr - table) / PTE_BYTES as u64) as usize;
         let old = self.read_entry(table, idx)?;
-        self.write_entry(table, idx, value);
-        Some(old)
+        self.write_entry(table, idx, Pte(value));
+        Some(old.raw())
     }
 }
 

@@ -35,7 +35,7 @@ use domdma_driver_model::backend::{
 };
 use domdma_driver_model::caps::{read_stat, Capabilities as DevCaps, Stat};
 use domdma_driver_model::dma_queue::{
-    reset_device, Completion, CompletionRecords, Descriptor, DmaQueue, QueueConfig,
+    reset_device, CompletionRecord, CompletionRecords, Descriptor, DmaQueue, QueueConfig,
 };
 use domdma_driver_model::domain::Domain;
 use domdma_driver_model::fault_log::FaultLog;
@@ -123,7 +123,7 @@ fn run_desc(
     cpl: &CompletionRecords,
     i: usize,
     desc: Descriptor,
-) -> Completion {
+) -> CompletionRecord {
     cpl.clear(i);
     q.submit(&[desc.with_completion(cpl.device_addr(i))])
         .expect("submit");
@@ -131,12 +131,12 @@ fn run_desc(
 }
 
 #[track_caller]
-fn assert_ok(c: &Completion, what: &str) {
+fn assert_ok(c: &CompletionRecord, what: &str) {
     assert_eq!(c.status, spec::STATUS_OK, "{what}: {c}");
 }
 
 #[track_caller]
-fn assert_fault(c: &Completion, reason: u8, addr: u64, write: bool, what: &str) {
+fn assert_fault(c: &CompletionRecord, reason: u8, addr: u64, write: bool, what: &str) {
     assert_eq!(c.status, spec::STATUS_DMA_ERROR, "{what}: {c}");
     assert_eq!(c.fault_reason, reason, "{what}: fault reason: {c}");
     assert_eq!(c.fault_addr, addr, "{what}: fault address: {c}");

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use domdma_driver_model::backend::vfio::{VfioBackend, VfioOptions};
 use domdma_driver_model::backend::{DmaBackend, DmaRequest};
 use domdma_driver_model::dma_queue::{
-    reset_device, status_name, Completion, CompletionRecords, Descriptor, DmaQueue, QueueConfig,
+    reset_device, status_name, CompletionRecord, CompletionRecords, Descriptor, DmaQueue,
+    QueueConfig,
 };
 use domdma_driver_model::domain::Domain;
 use domdma_driver_model::fault_log::fault_reason_name;
@@ -264,14 +265,14 @@ pub fn run_desc(
     cpl: &CompletionRecords,
     i: usize,
     desc: Descriptor,
-) -> Result<Completion, Failure> {
+) -> Result<CompletionRecord, Failure> {
     cpl.clear(i);
     q.submit(&[desc.with_completion(cpl.device_addr(i))])?;
     Ok(q.wait_completion(cpl, i, COMPLETION_TIMEOUT)?)
 }
 
 /// Checks a completion's status, with a readable message.
-pub fn check_status(c: &Completion, want: u8, what: impl Display) -> TestResult {
+pub fn check_status(c: &CompletionRecord, want: u8, what: impl Display) -> TestResult {
     if c.status != want {
         return Err(Failure(format!(
             "{what}: status {:#x} ({}), expected {:#x} ({}); completion: {c}",
@@ -287,7 +288,7 @@ pub fn check_status(c: &Completion, want: u8, what: impl Display) -> TestResult 
 /// Checks that a completion reports a DMA fault of `reason` at `addr` whose access has
 /// (`write`) or lacks the write bit.
 pub fn check_fault(
-    c: &Completion,
+    c: &CompletionRecord,
     reason: u8,
     addr: u64,
     write: bool,

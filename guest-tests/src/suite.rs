@@ -572,7 +572,7 @@ fn malformed_descriptor(ctx: &mut Ctx) -> TestResult {
     let fill = Descriptor::fill(dst.bus_addr(), 0xdead_beef_cafe_f00d, 4096);
     let copy = Descriptor::copy(src.bus_addr(), dst.bus_addr(), 4096);
     let tail = |mut d: Descriptor, i: usize, v: u8| {
-        d.reserved_tail[i] = v;
+        d.reserved[i] = v;
         d
     };
     let mut cases: Vec<(&str, Descriptor)> = vec![
@@ -608,7 +608,7 @@ fn malformed_descriptor(ctx: &mut Ctx) -> TestResult {
         (
             "reserved u16 at 0x02 non-zero",
             Descriptor {
-                reserved: 0x0100,
+                reserved_lo: 0x0100,
                 ..fill
             },
         ),
@@ -2167,7 +2167,7 @@ fn batch_descriptor(ctx: &mut Ctx) -> TestResult {
         Descriptor::copy(s + (48 << 10), t + (48 << 10), 16 << 10),
     ];
     for (i, e) in elems.iter().enumerate() {
-        list.write(i * spec::DESC_SIZE as usize, &e.to_bytes());
+        list.write(i * spec::DESC_SIZE as usize, &e.encode());
     }
     let c = run_desc(&mut q, &cpl, 0, Descriptor::batch(list.bus_addr(), 4))?;
     check_status(&c, spec::STATUS_OK, "BATCH")?;
@@ -2184,7 +2184,7 @@ fn batch_descriptor(ctx: &mut Ctx) -> TestResult {
     // A COMPARE element is not allowed: the batch stops there.
     list.write(
         spec::DESC_SIZE as usize,
-        &Descriptor::compare(s, t, 64).to_bytes(),
+        &Descriptor::compare(s, t, 64).encode(),
     );
     let c = run_desc(&mut q, &cpl, 1, Descriptor::batch(list.bus_addr(), 4))?;
     check_status(&c, spec::STATUS_INVALID_DESCRIPTOR, "BATCH with COMPARE")?;

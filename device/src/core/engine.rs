@@ -96,100 +96,6 @@ impl Shared {
     }
 }
 
-/// A descriptor as fetched from the ring, not yet validated.
-#[derive(Debug, Clone, Copy)]
-struct Descriptor {
-    opcode: u8,
-    flags: u8,
-    len: u32,
-    src: u64,
-    dst: u64,
-    completion: u64,
-    tag: u64,
-    reserved_clear: bool,
-}
-
-impl Descriptor {
-    fn parse(raw: &[u8; DESC_SIZE as usize]) -> Self {
-        let u32_at = |o: u64| {
-            let o = o as usize;
-            u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]])
-        };
-        let u64_at = |o: u64| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
-        let lo = DESC_RESERVED_LO as usize;
-        let reserved_clear = raw[lo] == 0
-            && raw[lo + 1] == 0
-            && raw[DESC_RESERVED as usize..].iter().all(|&b| b == 0);
-        Self {
-            opcode: raw[DESC_OPCODE as usize],
-            flags: raw[DESC_FLAGS as usize],
-            len: u32_at(DESC_LEN),
-            src: u64_at(DESC_SRC),
-            dst: u64_at(DESC_DST),
-            completion: u64_at(DESC_COMPLETION),
-            tag: u64_at(DESC_TAG),
-            reserved_clear,
-        }
-    }
-
-    /// SPEC.md's list of malformed descriptors; the reason for the log when malformed.
-    fn malformed(&self, max_transfer: u32) -> Option<&'static str> {
-        if !matches!(
-            self.opcode,
-            OP_NOP | OP_COPY | OP_FILL | OP_COMPARE | OP_CRC32C | OP_BATCH
-        ) {
-            return Some("unknown opcode");
-        }
-        if self.flags & !DESC_FLAGS_VALID != 0 {
-            return Some("unknown flag");
-        }
-        if !self.reserved_clear {
-            return Some("reserved byte set");
-        }
-        let len_ok = match self.opcode {
-            OP_NOP => self.len == 0,
-            OP_BATCH => (1..=BATCH_MAX).contains(&self.len),
-            _ => self.len != 0 && self.len <= max_transfer,
-        };
-        if !len_ok {
-            return Some("bad length");
-        }
-        if self.completion % COMPLETION_SIZE != 0 {
-            return Some("misaligned completion record");
-        }
-        if self.opcode == OP_BATCH && (self.dst != 0 || self.src % DESC_SIZE != 0) {
-            return Some("BATCH list misaligned or destination set");
-        }
-        if self.opcode == OP_COPY {
-            let len = u64::from(self.len);
-            if self.src < self.dst.saturating_add(len) && self.dst < self.src.saturating_add(len) {
-                return Some("COPY ranges overlap");
-            }
-        }
-        None
-    }
-
-    /// SPEC.md's rules for an element of a BATCH list: a well-formed NOP, COPY or FILL
-    /// without a completion record or an interrupt request.
-    fn malformed_element(&self, max_transfer: u32) -> Option<&'static str> {
-        if let Some(why) = self.malformed(max_transfer) {
-            return Some(why);
-        }
-        if !matches!(self.opcode, OP_NOP | OP_COPY | OP_FILL) {
-            return Some("opcode not allowed in a BATCH list");
-        }
-        if self.completion != 0 || self.flags & DESC_FLAG_INTERRUPT != 0 {
-            return Some("BATCH element with a completion record or an interrupt");
-        }
-        None
-    }
-
-    /// The descriptor asked for an interrupt (only trusted when its flags are valid).
-    fn wants_interrupt(&self) -> bool {
-        self.flags & !DESC_FLAGS_VALID == 0 && self.flags & DESC_FLAG_INTERRUPT != 0
-    }
-}
-
 /// What a descriptor's completion record reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Outcome {
@@ -231,23 +137,18 @@ impl Outcome {
         }
     }
 
-    /// The record's bytes 4..32 (`CPL_BYTES` onwards).
-    fn body(&self, tag: u64) -> [u8; (COMPLETION_SIZE - CPL_BYTES) as usize] {
-        let mut body = [0u8; (COMPLETION_SIZE - CPL_BYTES) as usize];
-        let mut put = |off: u64, bytes: &[u8]| {
-            let o = (off - CPL_BYTES) as usize;
-            body[o..o + bytes.len()].copy_from_slice(bytes);
-        };
-        put(CPL_BYTES, &self.bytes.to_le_bytes());
-        put(CPL_FAULT_ADDR, &self.fault_addr.to_le_bytes());
-        put(CPL_RESULT, &self.result.to_le_bytes());
-        put(CPL_TAG, &tag.to_le_bytes());
-        body
-    }
-
-    /// The record's first 4 bytes as one little-endian u32.
-    fn head(&self) -> u32 {
-        u32::from_le_bytes([self.status, self.reason, self.access, 0])
+    /// The completion record of a descriptor with tag `tag`.
+    fn record(&self, tag: u64) -> CompletionRecord {
+        CompletionRecord {
+            status: self.status,
+            fault_reason: self.reason,
+            fault_access: self.access,
+            reserved: 0,
+            bytes: self.bytes,
+            fault_addr: self.fault_addr,
+            result: self.result,
+            tag,
+        }
     }
 }
 
@@ -615,9 +516,9 @@ impl Exec<'_> {
                 return RunResult::FetchFault(f);
             }
         };
-        let d = Descriptor::parse(&raw);
-        if let Some(why) = d.malformed(self.shared.config.max_transfer) {
-            debug!(q = self.q(), ?d, why, "guest error: malformed descriptor");
+        let d = Descriptor::decode(&raw);
+        if let Err(why) = d.validate(self.shared.config.max_transfer) {
+            debug!(q = self.q(), ?d, %why, "guest error: malformed descriptor");
             let f = self.invalid_descriptor(desc_iova);
             return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
         }
@@ -1070,14 +971,14 @@ impl Exec<'_> {
                     return RunResult::Done(d, Outcome { result: done, ..o });
                 }
             };
-            let e = Descriptor::parse(&raw);
-            if let Some(why) = e.malformed_element(self.shared.config.max_transfer) {
+            let e = BatchElement::decode(&raw).0;
+            if let Err(why) = BatchElement(e).validate(self.shared.config.max_transfer) {
                 let iova = iova.unwrap_or(0);
                 debug!(
                     q = self.q(),
                     ?e,
                     element = i,
-                    why,
+                    %why,
                     "guest error: bad BATCH element"
                 );
                 let f = self.invalid_descriptor(iova);
@@ -1114,11 +1015,12 @@ impl Exec<'_> {
         let mem = self.shared.mem.memory();
         let bus = self.map_small(&mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
         let outside = |_| self.outside_ram(d.completion, bus, flags);
-        mem.write_slice(&o.body(d.tag), GuestAddress(bus + CPL_BYTES))
-            .map_err(outside)?;
+        let record = o.record(d.tag);
+        let body = GuestAddress(bus + CompletionRecord::BODY_OFFSET);
+        mem.write_slice(&record.body(), body).map_err(outside)?;
         // The status must become visible only after the rest of the record.
         fence(Ordering::Release);
-        mem.write_obj(o.head().to_le(), GuestAddress(bus + CPL_STATUS))
+        mem.write_obj(record.head().to_le(), GuestAddress(bus))
             .map_err(outside)?;
         Ok(true)
     }

@@ -35,31 +35,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A completion record as the driver reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Cpl {
-    status: u8,
-    reason: u8,
-    access: u8,
-    bytes: u32,
-    fault: u64,
-    result: u64,
-    tag: u64,
-}
-
-/// A fault record as the driver reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Frec {
-    reason: u8,
-    access: u8,
-    domain: u16,
-    queue: u16,
-    iova: u64,
-    info: u64,
-    level: u32,
-    seq: u32,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Ring {
     size: u32,
@@ -74,15 +49,13 @@ struct TestDriver {
 }
 
 fn desc(op: u8, flags: u8, len: u32, src: u64, dst: u64, cpl: u64, tag: u64) -> [u8; 64] {
-    let mut raw = [0u8; 64];
-    raw[0] = op;
-    raw[1] = flags;
-    raw[4..8].copy_from_slice(&len.to_le_bytes());
-    raw[8..16].copy_from_slice(&src.to_le_bytes());
-    raw[16..24].copy_from_slice(&dst.to_le_bytes());
-    raw[24..32].copy_from_slice(&cpl.to_le_bytes());
-    raw[32..40].copy_from_slice(&tag.to_le_bytes());
-    raw
+    Descriptor {
+        flags,
+        completion: cpl,
+        tag,
+        ..Descriptor::new(op, len, src, dst)
+    }
+    .encode()
 }
 
 impl TestDriver {
@@ -223,39 +196,23 @@ impl TestDriver {
     }
 
     /// Submit one descriptor on queue 0 and return its completion.
-    fn run(&mut self, op: u8, flags: u8, len: u32, src: u64, dst: u64) -> Cpl {
+    fn run(&mut self, op: u8, flags: u8, len: u32, src: u64, dst: u64) -> CompletionRecord {
         self.push(op, flags, len, src, dst, CPL, 0xfeed);
         self.ring_and_wait(0);
         self.completion(CPL)
     }
 
-    fn completion(&self, at: u64) -> Cpl {
-        let m = self.mem();
-        let b = |o: u64| m.read_obj::<u8>(GuestAddress(at + o)).unwrap();
-        Cpl {
-            status: b(CPL_STATUS),
-            reason: b(CPL_FAULT_REASON),
-            access: b(CPL_FAULT_ACCESS),
-            bytes: m.read_obj(GuestAddress(at + CPL_BYTES)).unwrap(),
-            fault: m.read_obj(GuestAddress(at + CPL_FAULT_ADDR)).unwrap(),
-            result: m.read_obj(GuestAddress(at + CPL_RESULT)).unwrap(),
-            tag: m.read_obj(GuestAddress(at + CPL_TAG)).unwrap(),
-        }
+    fn completion(&self, at: u64) -> CompletionRecord {
+        let mut raw = [0u8; COMPLETION_SIZE as usize];
+        self.mem().read_slice(&mut raw, GuestAddress(at)).unwrap();
+        CompletionRecord::decode(&raw)
     }
 
-    fn fault_record(&self, index: u32) -> Frec {
+    fn fault_record(&self, index: u32) -> FaultRecord {
         let at = FLOG + u64::from(index) * FAULT_RECORD_SIZE;
-        let m = self.mem();
-        Frec {
-            reason: m.read_obj(GuestAddress(at + FREC_REASON)).unwrap(),
-            access: m.read_obj(GuestAddress(at + FREC_ACCESS)).unwrap(),
-            domain: m.read_obj(GuestAddress(at + FREC_DOMAIN)).unwrap(),
-            queue: m.read_obj(GuestAddress(at + FREC_QUEUE)).unwrap(),
-            iova: m.read_obj(GuestAddress(at + FREC_IOVA)).unwrap(),
-            info: m.read_obj(GuestAddress(at + FREC_INFO)).unwrap(),
-            level: m.read_obj(GuestAddress(at + FREC_LEVEL)).unwrap(),
-            seq: m.read_obj(GuestAddress(at + FREC_SEQ)).unwrap(),
-        }
+        let mut raw = [0u8; FAULT_RECORD_SIZE as usize];
+        self.mem().read_slice(&mut raw, GuestAddress(at)).unwrap();
+        FaultRecord::decode(&raw)
     }
 
     fn enable_fault_log(&mut self, size: u32) {
@@ -348,7 +305,7 @@ fn strict_mode_and_32_bit_capabilities() {
     // Any IOVA at or above 4 GiB faults, even in pass-through.
     let c = d.run(OP_FILL, 0, 64, 0, 1 << 32);
     assert_eq!(
-        (c.status, c.reason, c.fault),
+        (c.status, c.fault_reason, c.fault_addr),
         (STATUS_DMA_ERROR, FAULT_IOVA_WIDTH, 1 << 32)
     );
 }
@@ -514,14 +471,11 @@ fn copy_1mib() {
     let c = d.run(OP_COPY, 0, 1 << 20, SRC, DST);
     assert_eq!(
         c,
-        Cpl {
+        CompletionRecord {
             status: STATUS_OK,
-            reason: 0,
-            access: 0,
             bytes: 1 << 20,
-            fault: 0,
-            result: 0,
-            tag: 0xfeed
+            tag: 0xfeed,
+            ..Default::default()
         }
     );
     assert_eq!(d.bytes(DST, 1 << 20), data);
@@ -656,7 +610,7 @@ fn malformed_descriptors_error_and_touch_nothing() {
     for (op, flags, len) in cases {
         let c = d.run(op, flags, len, SRC, DST);
         assert_eq!(
-            (c.status, c.reason, c.access, c.bytes),
+            (c.status, c.fault_reason, c.fault_access, c.bytes),
             (
                 STATUS_INVALID_DESCRIPTOR,
                 FAULT_DESCRIPTOR_INVALID,
@@ -714,7 +668,13 @@ fn unmapped_addresses_fault_after_the_mapped_part() {
     let dst = HOLE - 4096;
     let c = d.run(OP_FILL, 0, 8192, 0xffff_ffff_ffff_ffff, dst);
     assert_eq!(
-        (c.status, c.reason, c.access, c.bytes, c.fault),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.bytes,
+            c.fault_addr
+        ),
         (
             STATUS_DMA_ERROR,
             FAULT_OUTSIDE_RAM,
@@ -728,13 +688,19 @@ fn unmapped_addresses_fault_after_the_mapped_part() {
     // Source in the hole.
     let c = d.run(OP_COPY, 0, 64, HOLE + 64, DST);
     assert_eq!(
-        (c.status, c.reason, c.access, c.bytes, c.fault),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.bytes,
+            c.fault_addr
+        ),
         (STATUS_DMA_ERROR, FAULT_OUTSIDE_RAM, 0, 0, HOLE + 64)
     );
     // Address arithmetic that would wrap: beyond the IOVA width.
     let c = d.run(OP_FILL, 0, 64, 0, u64::MAX - 8);
     assert_eq!(
-        (c.status, c.reason, c.fault),
+        (c.status, c.fault_reason, c.fault_addr),
         (STATUS_DMA_ERROR, FAULT_IOVA_WIDTH, u64::MAX - 8)
     );
     assert_eq!(d.qread(0, Q_ERRORS), 3);
@@ -789,7 +755,7 @@ fn read_only_mapping_is_not_written() {
     let mut d = TestDriver::over(DeviceConfig::default(), gm);
     let c = d.run(OP_FILL, 0, 64, 1, RO);
     assert_eq!(
-        (c.status, c.reason, c.fault),
+        (c.status, c.fault_reason, c.fault_addr),
         (STATUS_DMA_ERROR, FAULT_OUTSIDE_RAM, RO)
     );
     // Reading from it is allowed.
@@ -828,15 +794,13 @@ fn fault_log_records_overflow_and_vector() {
         let iova = HOLE + u64::from(i) * 64;
         assert_eq!(
             f,
-            Frec {
+            FaultRecord {
                 reason: FAULT_OUTSIDE_RAM,
                 access: ACCESS_WRITE,
-                domain: 0,
-                queue: 0,
                 iova,
                 info: iova,
-                level: 0,
-                seq: i
+                seq: i,
+                ..Default::default()
             }
         );
     }
@@ -1412,7 +1376,13 @@ fn translated_domain_splits_at_pages_and_stops_at_a_missing_one() {
     // 10 KiB from the middle of the first source page: the destination runs out at 8 KiB.
     let c = d.run(OP_COPY, 0, 10 << 10, IOVA + 0x800, IOVA + 0x10_0000);
     assert_eq!(
-        (c.status, c.reason, c.access, c.bytes, c.fault),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.bytes,
+            c.fault_addr
+        ),
         (
             STATUS_DMA_ERROR,
             FAULT_NOT_PRESENT,
@@ -1438,7 +1408,7 @@ fn translated_domain_splits_at_pages_and_stops_at_a_missing_one() {
     // A write through a read-only page faults before any byte moves.
     let c = d.run(OP_FILL, 0, 64, 0, IOVA);
     assert_eq!(
-        (c.status, c.reason, c.bytes),
+        (c.status, c.fault_reason, c.bytes),
         (STATUS_DMA_ERROR, FAULT_PERMISSION, 0)
     );
     // CRC32C over the three scattered pages equals the software CRC of the IOVA order.
@@ -1493,7 +1463,13 @@ fn contiguous_pages_move_together_and_a_fault_stops_at_the_exact_page() {
     d.put(D, &[0xcc; 64 << 12]);
     let c = d.run(OP_COPY, 0, 64 << 12, SRC_IOVA, DST_IOVA);
     assert_eq!(
-        (c.status, c.reason, c.access, c.bytes, c.fault),
+        (
+            c.status,
+            c.fault_reason,
+            c.fault_access,
+            c.bytes,
+            c.fault_addr
+        ),
         (
             STATUS_DMA_ERROR,
             FAULT_NOT_PRESENT,

@@ -32,13 +32,21 @@
 //! - ERR IRQ count 0 makes QEMU warn "Could not enable error recovery for the device",
 //!   as it does for any conventional-PCI device under kernel VFIO.
 
+#[cfg(feature = "server")]
 pub mod inspect;
+#[cfg(feature = "server")]
 pub mod irq;
+#[cfg(feature = "server")]
 pub mod memory;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "server")]
 pub use inspect::{Inspector, Report};
+#[cfg(feature = "server")]
 pub use irq::EventFdInterrupts;
+#[cfg(feature = "server")]
 pub use memory::DmaMappings;
+#[cfg(feature = "server")]
 pub use server::{Server, ServerError, StopHandle};

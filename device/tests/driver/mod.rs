@@ -300,7 +300,17 @@ impl Bus {
             .expect("bus write");
     }
 
-    /// Read bytes at a bus address.
+    /// Read `N` bytes at a bus address into an array (a wire type's encoded form).
+    pub fn read_array<const N: usize>(&self, addr: u64) -> [u8; N] {
+        let mut v = [0; N];
+        self.mem
+            .memory()
+            .read_slice(&mut v, GuestAddress(addr))
+            .expect("bus read");
+        v
+    }
+
+    /// Read `len` bytes at a bus address.
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
         self.mem
@@ -325,7 +335,17 @@ impl Bus {
         u32::from_le_bytes(self.read(addr, 4).try_into().unwrap())
     }
 
-    /// Read one byte.
+    /// The status of the completion record at bus address `at` (from its head word).
+    pub fn cpl_status(&self, at: u64) -> u8 {
+        let head = self
+            .mem
+            .memory()
+            .read_obj::<u32>(GuestAddress(at))
+            .expect("bus read");
+        Completion::status_of_head(u32::from_le(head))
+    }
+
+    /// Read one byte at a bus address.
     pub fn read_u8(&self, addr: u64) -> u8 {
         self.mem
             .memory()
@@ -365,14 +385,14 @@ impl Default for Bus {
 // I/O page tables
 // ---------------------------------------------------------------------------------------
 
-/// Index of `iova` in a table of `level` (4 = root).
-pub fn pt_index(iova: u64, level: u32) -> u64 {
-    (iova >> (12 + 9 * (level - 1))) & 511
+/// Bus address offset of `iova`'s entry in a table of `level` (4 = root).
+pub fn pt_offset(iova: u64, level: u32) -> u64 {
+    (pte_index(iova, level) * std::mem::size_of::<Pte>()) as u64
 }
 
 /// Size mapped by a leaf at `level`.
 pub fn level_page_size(level: u32) -> u64 {
-    1 << (12 + 9 * (level - 1))
+    level_size(level)
 }
 
 /// Level of a leaf mapping pages of `page` bytes.
@@ -405,19 +425,19 @@ impl PageTable {
     pub fn table(&self, bus: &mut Bus, iova: u64, level: u32) -> u64 {
         let mut table = self.root;
         for l in (level + 1..=4).rev() {
-            let ea = table + pt_index(iova, l) * 8;
-            let e = bus.read_u64(ea);
-            if e & RW == 0 {
+            let ea = table + pt_offset(iova, l);
+            let e = Pte(bus.read_u64(ea));
+            if !e.is_present() {
                 let t = bus.alloc(PAGE_4K, PAGE_4K);
                 bus.fill(t, PAGE_4K, 0);
-                bus.write_u64(ea, t | RW);
+                bus.write_u64(ea, Pte::table(t, RW).raw());
                 table = t;
             } else {
                 assert!(
-                    e & PTE_PS == 0,
+                    !e.is_large(),
                     "builder: {iova:#x} already mapped by a large page at level {l}"
                 );
-                table = e & PTE_ADDR_MASK;
+                table = e.addr();
             }
         }
         table
@@ -425,7 +445,7 @@ impl PageTable {
 
     /// Bus address of the entry for `iova` at `level`, creating the tables above it.
     pub fn entry_addr(&self, bus: &mut Bus, iova: u64, level: u32) -> u64 {
-        self.table(bus, iova, level) + pt_index(iova, level) * 8
+        self.table(bus, iova, level) + pt_offset(iova, level)
     }
 
     /// Map `[iova, iova + len)` to `[pa, pa + len)` with pages of `page` bytes.
@@ -433,11 +453,12 @@ impl PageTable {
         assert_eq!(iova % page, 0, "iova alignment");
         assert_eq!(pa % page, 0, "bus alignment");
         let level = leaf_level(page);
-        let ps = if level > 1 { PTE_PS } else { 0 };
         let mut off = 0;
         while off < len {
             let ea = self.entry_addr(bus, iova + off, level);
-            bus.write_u64(ea, (pa + off) | perms | ps);
+            // Written raw: tests map with any permission bits (0 among them).
+            let leaf = Pte::leaf(pa + off, 0, level > 1).raw() | perms;
+            bus.write_u64(ea, leaf);
             off += page;
         }
     }
@@ -507,7 +528,7 @@ pub fn model_walk(
             f.walk_read = true;
             return Err(f);
         }
-        let e = bus.read_u64(table + pt_index(iova, level) * 8);
+        let e = bus.read_u64(table + pt_offset(iova, level));
         if e & RW == 0 {
             return Err(with(ModelFault::new(FAULT_NOT_PRESENT, level, 0)));
         }
@@ -694,96 +715,28 @@ impl Desc {
         self
     }
 
+    /// The descriptor written to the ring, with the completion IOVA resolved.
+    pub fn descriptor(self, cpl_iova: u64) -> Descriptor {
+        Descriptor {
+            opcode: self.opcode,
+            flags: self.flags,
+            reserved_lo: self.reserved_lo,
+            len: self.len,
+            src: self.src,
+            dst: self.dst,
+            completion: cpl_iova,
+            tag: self.tag,
+            reserved: self.reserved,
+        }
+    }
+
     /// The 64 bytes written to the ring, with the completion IOVA resolved.
-    pub fn to_bytes(self, cpl_iova: u64) -> [u8; 64] {
-        let mut b = [0u8; 64];
-        b[DESC_OPCODE as usize] = self.opcode;
-        b[DESC_FLAGS as usize] = self.flags;
-        b[2..4].copy_from_slice(&self.reserved_lo.to_le_bytes());
-        b[4..8].copy_from_slice(&self.len.to_le_bytes());
-        b[8..16].copy_from_slice(&self.src.to_le_bytes());
-        b[16..24].copy_from_slice(&self.dst.to_le_bytes());
-        b[24..32].copy_from_slice(&cpl_iova.to_le_bytes());
-        b[32..40].copy_from_slice(&self.tag.to_le_bytes());
-        b[40..64].copy_from_slice(&self.reserved);
-        b
+    pub fn to_bytes(self, cpl_iova: u64) -> [u8; DESC_SIZE as usize] {
+        self.descriptor(cpl_iova).encode()
     }
 }
 
-/// A completion record as read back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
-    /// `STATUS_*`.
-    pub status: u8,
-    /// `FAULT_*`, 0 if none.
-    pub reason: u8,
-    /// `ACCESS_*`.
-    pub access: u8,
-    /// Bytes completed.
-    pub bytes: u32,
-    /// Faulting IOVA, 0 if none.
-    pub fault_addr: u64,
-    /// COMPARE / CRC32C result.
-    pub result: u64,
-    /// The descriptor's tag.
-    pub tag: u64,
-}
-
-impl Completion {
-    /// Parse 32 bytes.
-    pub fn parse(b: &[u8]) -> Self {
-        let u64_at = |o: u64| u64::from_le_bytes(b[o as usize..o as usize + 8].try_into().unwrap());
-        Self {
-            status: b[CPL_STATUS as usize],
-            reason: b[CPL_FAULT_REASON as usize],
-            access: b[CPL_FAULT_ACCESS as usize],
-            bytes: u32::from_le_bytes(b[4..8].try_into().unwrap()),
-            fault_addr: u64_at(CPL_FAULT_ADDR),
-            result: u64_at(CPL_RESULT),
-            tag: u64_at(CPL_TAG),
-        }
-    }
-}
-
-/// A fault record as read from the fault log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FaultRecord {
-    /// `FAULT_*`.
-    pub reason: u8,
-    /// `ACCESS_*`.
-    pub access: u8,
-    /// Domain.
-    pub domain: u16,
-    /// Queue.
-    pub queue: u16,
-    /// Faulting IOVA.
-    pub iova: u64,
-    /// Entry or bus address.
-    pub info: u64,
-    /// Page-table level, 0 outside a walk.
-    pub level: u32,
-    /// Sequence number.
-    pub seq: u32,
-}
-
-impl FaultRecord {
-    /// Parse 32 bytes.
-    pub fn parse(b: &[u8]) -> Self {
-        let u16_at = |o: u64| u16::from_le_bytes(b[o as usize..o as usize + 2].try_into().unwrap());
-        let u32_at = |o: u64| u32::from_le_bytes(b[o as usize..o as usize + 4].try_into().unwrap());
-        let u64_at = |o: u64| u64::from_le_bytes(b[o as usize..o as usize + 8].try_into().unwrap());
-        Self {
-            reason: b[FREC_REASON as usize],
-            access: b[FREC_ACCESS as usize],
-            domain: u16_at(FREC_DOMAIN),
-            queue: u16_at(FREC_QUEUE),
-            iova: u64_at(FREC_IOVA),
-            info: u64_at(FREC_INFO),
-            level: u32_at(FREC_LEVEL),
-            seq: u32_at(FREC_SEQ),
-        }
-    }
-}
+pub use domdma_device::spec::{CompletionRecord as Completion, FaultRecord};
 
 /// A submitted descriptor.
 #[derive(Debug, Clone, Copy)]
@@ -1088,9 +1041,7 @@ impl Driver {
         let mut out = Vec::new();
         while f.tail != head {
             let at = f.base + u64::from(f.tail) * FAULT_RECORD_SIZE;
-            out.push(FaultRecord::parse(
-                &self.bus.read(at, FAULT_RECORD_SIZE as usize),
-            ));
+            out.push(FaultRecord::decode(&self.bus.read_array(at)));
             f.tail = (f.tail + 1) % f.size;
         }
         self.write(REG_FLOG_TAIL, f.tail);
@@ -1222,10 +1173,10 @@ impl Driver {
     /// Wait for the completion record at bus address `at`.
     pub fn wait_at(&self, at: u64) -> Completion {
         poll(&format!("completion at {at:#x}"), || {
-            (self.bus.read_u8(at + CPL_STATUS) != STATUS_PENDING).then_some(())
+            (self.bus.cpl_status(at) != STATUS_PENDING).then_some(())
         });
         fence(Ordering::Acquire);
-        Completion::parse(&self.bus.read(at, COMPLETION_SIZE as usize))
+        Completion::decode(&self.bus.read_array(at))
     }
 
     /// Wait for a ticket's completion and check the tag.
@@ -1241,14 +1192,9 @@ impl Driver {
     /// Wait for a ticket's completion by spinning (benchmarks: no sleeps in the loop).
     pub fn wait_spin(&self, t: &Ticket) -> Completion {
         let at = t.cpl_bus.expect("ticket with a record");
-        let mem = self.bus.mem.memory();
         let start = Instant::now();
         let mut spins = 0u32;
-        while mem
-            .read_obj::<u8>(GuestAddress(at + CPL_STATUS))
-            .expect("bus read")
-            == STATUS_PENDING
-        {
+        while self.bus.cpl_status(at) == STATUS_PENDING {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             if spins % 4096 == 0 {
@@ -1256,13 +1202,13 @@ impl Driver {
             }
         }
         fence(Ordering::Acquire);
-        Completion::parse(&self.bus.read(at, COMPLETION_SIZE as usize))
+        Completion::decode(&self.bus.read_array(at))
     }
 
     /// The completion record of a ticket as it is now (status may be pending).
     pub fn peek(&self, t: &Ticket) -> Completion {
         let at = t.cpl_bus.expect("ticket with a record");
-        Completion::parse(&self.bus.read(at, COMPLETION_SIZE as usize))
+        Completion::decode(&self.bus.read_array(at))
     }
 
     /// Wait for a ticket's completion, or for its queue to halt without completing it:
@@ -1270,12 +1216,12 @@ impl Driver {
     pub fn wait_or_halt(&mut self, t: &Ticket) -> Result<Completion, u32> {
         let at = t.cpl_bus.expect("ticket with a record");
         let halted = poll(&format!("completion at {at:#x} or a halt"), || {
-            if self.bus.read_u8(at + CPL_STATUS) != STATUS_PENDING {
+            if self.bus.cpl_status(at) != STATUS_PENDING {
                 return Some(false);
             }
             (self.qread(t.q, Q_STATUS) & Q_STATUS_ERROR != 0).then_some(true)
         });
-        if halted && self.bus.read_u8(at + CPL_STATUS) == STATUS_PENDING {
+        if halted && self.bus.cpl_status(at) == STATUS_PENDING {
             return Err(self.qread(t.q, Q_HALT_REASON));
         }
         Ok(self.wait(t))

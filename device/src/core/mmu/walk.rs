@@ -29,10 +29,6 @@ pub(crate) const SIZE_1G: u64 = 1 << 30;
 
 /// Number of levels; the root is level 4.
 const LEVELS: u32 = 4;
-/// Index bits per level.
-const INDEX_BITS: u32 = 9;
-/// Bits of the offset inside a 4 KiB page.
-const PAGE_SHIFT: u32 = 12;
 
 /// What a successful walk found for an IOVA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +73,7 @@ pub(crate) struct WalkFault {
 
 /// Index of `iova` in a table of `level` (4..1).
 fn index(iova: u64, level: u32) -> u64 {
-    (iova >> (PAGE_SHIFT + INDEX_BITS * (level - 1))) & ((1 << INDEX_BITS) - 1)
+    pte_index(iova, level) as u64
 }
 
 /// Read entry `index` of the table of `level` at bus address `table` (4 KiB aligned). When
@@ -111,7 +107,7 @@ enum Step {
 }
 
 /// Decode `entry`, read from the table of `level` for `iova`, with `perm` the permissions
-/// ANDed over the levels above.
+/// ANDed over the levels above ([`Pte::decode_at`] is SPEC.md's rule).
 #[inline(always)]
 fn decode(entry: u64, level: u32, perm: u64, iova: u64) -> Result<Step, WalkFault> {
     let fault = |reason, info| WalkFault {
@@ -120,31 +116,21 @@ fn decode(entry: u64, level: u32, perm: u64, iova: u64) -> Result<Step, WalkFaul
         level,
         in_walk: false,
     };
-    if entry & (PTE_R | PTE_W) == 0 {
-        return Err(fault(FAULT_NOT_PRESENT, 0));
+    let pte = Pte(entry);
+    match pte.decode_at(level) {
+        Ok(PteKind::NotPresent) => Err(fault(FAULT_NOT_PRESENT, 0)),
+        Err(_) => Err(fault(FAULT_MALFORMED_ENTRY, entry)),
+        Ok(PteKind::Table(addr)) => Ok(Step::Table(addr, perm & pte.perm())),
+        Ok(PteKind::Leaf(addr)) => {
+            let size = level_size(level);
+            Ok(Step::Leaf(Leaf {
+                iova_page: iova & !(size - 1),
+                bus_page: addr,
+                size,
+                perm: perm & pte.perm(),
+            }))
+        }
     }
-    let large = entry & PTE_PS != 0;
-    if entry & PTE_RESERVED_MASK != 0 || (large && (level == 4 || level == 1)) {
-        return Err(fault(FAULT_MALFORMED_ENTRY, entry));
-    }
-    let perm = perm & entry;
-    let addr = entry & PTE_ADDR_MASK;
-    let size = match (level, large) {
-        (1, _) => SIZE_4K,
-        (2, true) => SIZE_2M,
-        (3, true) => SIZE_1G,
-        // A table pointer at level 4, 3 or 2: one level down (level 1 never gets here).
-        _ => return Ok(Step::Table(addr, perm)),
-    };
-    if addr & (size - 1) != 0 {
-        return Err(fault(FAULT_MALFORMED_ENTRY, entry));
-    }
-    Ok(Step::Leaf(Leaf {
-        iova_page: iova & !(size - 1),
-        bus_page: addr,
-        size,
-        perm,
-    }))
 }
 
 /// Walk the table rooted at bus address `root` (bits 11:0 ignored) for `iova`.
@@ -225,13 +211,12 @@ impl<'m> L1Table<'m> {
     /// or an entry outside the readable part). Gives exactly what [`walk`] gives then.
     #[inline(always)]
     pub fn leaf_4k(&self, iova: u64) -> Option<Leaf> {
-        let entry = self.mapped(index(iova, 1))?;
-        let valid = entry & (PTE_R | PTE_W) != 0 && entry & (PTE_RESERVED_MASK | PTE_PS) == 0;
-        valid.then_some(Leaf {
+        let pte = Pte(self.mapped(index(iova, 1))?);
+        pte.is_plain().then_some(Leaf {
             iova_page: iova & !(SIZE_4K - 1),
-            bus_page: entry & PTE_ADDR_MASK,
+            bus_page: pte.addr(),
             size: SIZE_4K,
-            perm: self.perm & entry & (PTE_R | PTE_W),
+            perm: self.perm & pte.perm(),
         })
     }
 
