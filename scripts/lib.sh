@@ -67,9 +67,12 @@ build_all() {
 run_guest_suite() {
   step "provisioning QEMU and the guest image (cached)"
   # --print-env provisions what is missing (progress on stderr), then prints the env file.
+  # Captured first, so that a failed provision stops here (a process substitution would
+  # drop its exit status).
+  local env_file
+  env_file=$("$DOMDMA_ROOT/scripts/provision" --print-env) || die "provisioning failed (see the messages above)"
   set -a
-  # shellcheck disable=SC1090
-  source <("$DOMDMA_ROOT/scripts/provision" --print-env)
+  eval "$env_file"
   set +a
   build_all
   step "launching the device server beside QEMU $DOMDMA_QEMU_VERSION and running the guest suite"

@@ -2,15 +2,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Client, TestServer, MSIX_IRQ};
 use domdma_device::spec;
+use domdma_testkit::launcher::{DeviceServer, Launch};
 use vmm_sys_util::tempdir::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_domdma-device");
@@ -19,11 +18,8 @@ fn tmp() -> TempDir {
     TempDir::new_with_prefix("/tmp/domdma-bin-").unwrap()
 }
 
-/// A running server process and its stderr lines.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+/// A running server process (the test kit's launcher: ready once it accepts) and its log.
+struct Proc(DeviceServer);
 
 impl Proc {
     fn spawn(socket: &Path) -> Self {
@@ -31,62 +27,40 @@ impl Proc {
     }
 
     fn spawn_with(socket: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
+        let server = Launch::new(BIN)
+            .socket(socket)
+            .args(args.iter().copied())
             .env("DOMDMA_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines }
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self(server)
     }
 
-    /// Wait for a stderr line containing `needle`.
+    /// Waits for the `n`-th log line containing `needle` and returns it.
+    fn expect_nth_line(&self, needle: &str, n: usize) -> String {
+        self.0
+            .wait_log(needle, n, Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {n} log line(s) containing {needle:?}; log:\n{}",
+                    self.0.log()
+                )
+            })
+    }
+
+    /// Waits for a log line containing `needle`.
     fn expect_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no log line containing {needle:?}"),
-            }
-        }
+        self.expect_nth_line(needle, 1)
     }
 
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill with the pid of our own child process.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    fn signal(&mut self, sig: i32) {
+        self.0.signal(sig);
     }
 
     fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("server did not exit; log:\n{}", self.0.log()))
     }
 }
 
@@ -106,7 +80,8 @@ fn sigterm_removes_the_socket_and_exits_zero() {
     c.handshake();
     assert_eq!(c.read_u32(0, spec::REG_ID), spec::DEVICE_ID_MAGIC);
     drop(c);
-    p.expect_line("client disconnected");
+    // The launcher's readiness probe was the first client.
+    p.expect_nth_line("client disconnected", 2);
     p.signal(libc::SIGTERM);
     let st = p.wait();
     assert_eq!(st.code(), Some(0), "{st:?}");

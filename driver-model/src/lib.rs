@@ -18,8 +18,10 @@
 //! - [`irql`], [`verifier`], [`status`]: per-thread IRQL, bug checks as values, NTSTATUS.
 //!
 //! **The WDF-shaped facade**, [`wdf`]: the seeds' APIs with their documented names,
-//! parameters, handles and status codes. [`scenarios`] holds driver scenarios every back
-//! end runs (the integration tests and the guest suite share them).
+//! parameters, handles and status codes.
+//!
+//! The conformance suite that runs this library on every back end is the test kit's
+//! (`testkit/`), not part of this API.
 
 pub mod backend;
 pub mod caps;
@@ -31,7 +33,6 @@ pub mod iopt;
 pub mod irql;
 pub mod lookaside;
 pub mod pool;
-pub mod scenarios;
 pub mod status;
 pub mod verifier;
 pub mod wdf;

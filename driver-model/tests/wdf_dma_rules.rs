@@ -46,11 +46,6 @@ fn setup(width: u32) -> (Fixture, PDMA_ADAPTER, HANDLE) {
 }
 
 #[test]
-fn dma_copy_through_domain_common_buffers_in_process() {
-    dma_copy_through_domain_common_buffers(backend());
-}
-
-#[test]
 fn allocate_domain_common_buffer_is_passive_level_only() {
     let (_f, a, d) = setup(48);
     let _g = IrqlGuard::raise(DISPATCH_LEVEL);

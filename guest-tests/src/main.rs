@@ -1,31 +1,50 @@
-//! `domdma-guest-tests`: the guest test suite. Runs inside the QEMU guest (as root, from a
-//! busybox initramfs, hence statically linked) against the domdma device through VFIO.
+//! `domdma-guest-tests`: the guest side of the end-to-end run. Runs inside the QEMU guest
+//! (as root, from a busybox initramfs, hence statically linked) against the domdma device
+//! through VFIO: a few guest-only tests (`guest::*`: sysfs identity, the two BAR0 access
+//! paths), then the whole conformance suite (`domdma_testkit::conformance`) on the VFIO
+//! back end, under the same scenario names `cargo test` uses for the host back ends.
 //!
-//! Human progress goes to stderr. For each test, exactly one line goes to stdout:
+//! Human progress goes to stderr. For each test, exactly one line goes to stdout, skipped
+//! tests included (with the reason as the message):
 //!
 //! ```text
-//! DOMDMA-RESULT {"name":"copy_1mib","passed":true,"duration_ms":12.5,"message":""}
+//! DOMDMA-RESULT {"name":"ops::copy_1mib","passed":true,"skipped":false,"duration_ms":12.5,"message":""}
 //! ```
 //!
-//! The exit status is 0 if and only if every selected test passed.
+//! `--list` prints every test name: the host runner runs it (on the host) to know which
+//! results to expect. The exit status is 0 if and only if no selected test failed.
 
 mod harness;
-mod suite;
+mod platform;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use domdma_driver_model::backend::vfio::VfioOptions;
+use domdma_driver_model::backend::vfio::{
+    hugepages_2m, reserve_hugepages_2m, reserve_hugepages_2m_on_node, VfioOptions,
+};
+use domdma_driver_model::backend::DmaBackend;
+use domdma_driver_model::dma::SharedBackend;
+use domdma_testkit::check::Failure;
+use domdma_testkit::conformance::{self, Env, Outcome};
+use domdma_testkit::progress;
 
-use harness::{Ctx, TestOutcome};
+use harness::Ctx;
+
+/// 2 MiB pages the runner makes free before the suite: enough for every scenario's
+/// huge-page buffers at once, on the device's node as well.
+const HUGE_PAGES: u64 = 24;
+/// Of those, on the device's NUMA node.
+const HUGE_PAGES_ON_DEVICE_NODE: u64 = 12;
 
 /// The domdma guest test suite.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Print the test names, one per line, and exit.
+    /// Print the names of the tests that would run (after --filter), one per line, and exit.
     #[arg(long)]
     list: bool,
     /// Run only the tests whose name contains this string.
@@ -37,6 +56,35 @@ struct Args {
     /// Access BAR0 with pread/pwrite even when VFIO offers mmap.
     #[arg(long)]
     no_mmap: bool,
+    /// The guest profile this run is (named in skip reasons).
+    #[arg(long, default_value = "default")]
+    profile: String,
+    /// Seed of the scenarios' random data (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// A test the binary runs.
+enum Entry {
+    Platform(harness::Test),
+    Scenario(conformance::Scenario),
+}
+
+impl Entry {
+    fn name(&self) -> String {
+        match self {
+            Entry::Platform(t) => t.name.to_string(),
+            Entry::Scenario(s) => s.full_name(),
+        }
+    }
+}
+
+fn all() -> Vec<Entry> {
+    platform::all()
+        .into_iter()
+        .map(Entry::Platform)
+        .chain(conformance::all().into_iter().map(Entry::Scenario))
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -50,17 +98,17 @@ fn main() -> ExitCode {
         )
         .try_init();
 
-    let all = suite::all();
+    let all = all();
+    let selected: Vec<&Entry> = all
+        .iter()
+        .filter(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)))
+        .collect();
     if args.list {
-        for t in &all {
-            println!("{}", t.name);
+        for t in &selected {
+            println!("{}", t.name());
         }
         return ExitCode::SUCCESS;
     }
-    let selected: Vec<_> = all
-        .iter()
-        .filter(|t| args.filter.as_deref().is_none_or(|f| t.name.contains(f)))
-        .collect();
     if selected.is_empty() {
         progress!(
             "no test matches --filter {:?}; use --list",
@@ -68,37 +116,73 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    progress!("seed {seed} (--seed {seed} repeats this run's data)");
 
     let opts = VfioOptions {
-        bdf: args.bdf,
+        bdf: args.bdf.clone(),
         allow_mmap: !args.no_mmap,
         ..VfioOptions::default()
     };
     let mut ctx = Ctx::new(opts);
+    reserve_huge_pages(&mut ctx);
     let suite_start = Instant::now();
-    let mut failed = Vec::new();
+    let (mut failed, mut skipped) = (Vec::new(), 0usize);
     for t in &selected {
-        progress!("[ RUN  ] {}", t.name);
+        let name = t.name();
+        progress!("[ RUN  ] {name}");
         let start = Instant::now();
-        let outcome = harness::run_test(t, &mut ctx);
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
-        let (passed, message) = match outcome {
-            TestOutcome::Passed => (true, String::new()),
-            TestOutcome::Failed(m) => (false, m),
+        let outcome = match t {
+            Entry::Platform(p) => match (p.run)(&mut ctx) {
+                Ok(None) => Outcome::Passed,
+                Ok(Some(why)) => Outcome::Skipped(why),
+                Err(Failure(m)) => Outcome::Failed(m),
+            },
+            Entry::Scenario(s) => match ctx.shared() {
+                Ok(dev) => {
+                    let env = Env {
+                        backend: "vfio",
+                        profile: args.profile.clone(),
+                        platform_iommu: true,
+                        kernel_numa: true,
+                        huge_pages: hugepages_2m().ok().map(|(free, _)| free as u32),
+                        seed,
+                    };
+                    let backend: SharedBackend = dev;
+                    conformance::run(s, &backend, &env).outcome
+                }
+                Err(Failure(m)) => Outcome::Failed(m),
+            },
         };
-        if passed {
-            progress!("[  OK  ] {} ({ms:.1} ms)", t.name);
-        } else {
-            progress!("[ FAIL ] {} ({ms:.1} ms): {message}", t.name);
-            failed.push(t.name);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let (passed, skip, message) = match &outcome {
+            Outcome::Passed => (true, false, String::new()),
+            Outcome::Skipped(why) => (false, true, why.clone()),
+            Outcome::Failed(m) => (false, false, m.clone()),
+        };
+        match &outcome {
+            Outcome::Passed => progress!("[  OK  ] {name} ({ms:.1} ms)"),
+            Outcome::Skipped(why) => {
+                skipped += 1;
+                progress!("[ SKIP ] {name}: {why}")
+            }
+            Outcome::Failed(m) => {
+                progress!("[ FAIL ] {name} ({ms:.1} ms): {m}");
+                failed.push(name.clone());
+            }
         }
-        harness::print_result(t.name, passed, ms, &message);
+        harness::print_result(&name, passed, skip, ms, &message);
     }
     drop(ctx);
     let _ = std::io::stdout().flush();
     progress!(
-        "{} passed, {} failed, {:.1} s{}",
-        selected.len() - failed.len(),
+        "{} passed, {} failed, {skipped} skipped, {:.1} s{}",
+        selected.len() - failed.len() - skipped,
         failed.len(),
         suite_start.elapsed().as_secs_f64(),
         if failed.is_empty() {
@@ -111,5 +195,21 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Makes 2 MiB pages free for the scenarios' huge-page buffers, on the device's node too.
+/// A shortage is not fatal: scenarios that need more pages than are free skip, naming it.
+fn reserve_huge_pages(ctx: &mut Ctx) {
+    if let Err(e) = reserve_hugepages_2m(HUGE_PAGES) {
+        progress!("         reserving {HUGE_PAGES} huge pages: {e}");
+    }
+    let node = ctx
+        .shared()
+        .ok()
+        .and_then(|d: Arc<_>| d.info().numa_node)
+        .unwrap_or(0);
+    if let Err(e) = reserve_hugepages_2m_on_node(node, HUGE_PAGES_ON_DEVICE_NODE) {
+        progress!("         reserving {HUGE_PAGES_ON_DEVICE_NODE} huge pages on node {node}: {e}");
     }
 }

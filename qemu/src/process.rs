@@ -87,6 +87,11 @@ impl Interrupt {
         Ok(Self(flag))
     }
 
+    /// The flag itself, for waits outside this crate (the device server launcher).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+
     /// Whether a termination signal arrived.
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::SeqCst)

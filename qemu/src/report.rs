@@ -46,8 +46,10 @@ pub struct CaseResult {
     pub name: String,
     /// Where it comes from.
     pub origin: Origin,
-    /// Whether it passed.
+    /// Whether it passed (a skipped case counts as not failed, see [`CaseResult::failed`]).
     pub passed: bool,
+    /// Whether it was skipped (the message says why).
+    pub skipped: bool,
     /// How long it took.
     pub duration: Duration,
     /// Failure reason or note.
@@ -57,12 +59,18 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
+    /// Whether the case failed (neither passed nor skipped).
+    pub fn failed(&self) -> bool {
+        !self.passed && !self.skipped
+    }
+
     /// A passed host case.
     pub fn host_pass(name: &str, duration: Duration, message: impl Into<String>) -> Self {
         Self {
             name: name.to_owned(),
             origin: Origin::Host,
             passed: true,
+            skipped: false,
             duration,
             message: message.into(),
             output: None,
@@ -80,6 +88,7 @@ impl CaseResult {
             name: name.to_owned(),
             origin: Origin::Host,
             passed: false,
+            skipped: false,
             duration,
             message: message.into(),
             output,
@@ -92,6 +101,7 @@ impl CaseResult {
             name: result.name.clone(),
             origin: Origin::Guest,
             passed: result.passed,
+            skipped: result.skipped && !result.passed,
             duration: result.duration(),
             message: result.message.clone(),
             output: None,
@@ -106,6 +116,10 @@ pub fn junit_report(cases: &[CaseResult], total: Duration) -> Report {
     for case in cases {
         let status = if case.passed {
             TestCaseStatus::success()
+        } else if case.skipped {
+            let mut status = TestCaseStatus::skipped();
+            status.set_message(case.message.as_str());
+            status
         } else {
             let mut status = TestCaseStatus::non_success(NonSuccessKind::Failure);
             if !case.message.is_empty() {
@@ -160,11 +174,24 @@ pub fn summary(cases: &[CaseResult], total: Duration, files: &[(&str, PathBuf)])
             out,
             "{:<width$}  {:<6}  {:>10}",
             case.name,
-            if case.passed { "ok" } else { "FAIL" },
+            if case.passed {
+                "ok"
+            } else if case.skipped {
+                "skip"
+            } else {
+                "FAIL"
+            },
             format_duration(case.duration)
         );
     }
-    let failed: Vec<&CaseResult> = cases.iter().filter(|c| !c.passed).collect();
+    let failed: Vec<&CaseResult> = cases.iter().filter(|c| c.failed()).collect();
+    let skipped: Vec<&CaseResult> = cases.iter().filter(|c| c.skipped).collect();
+    if !skipped.is_empty() {
+        let _ = writeln!(out, "\nskipped:");
+        for case in &skipped {
+            let _ = writeln!(out, "  {}: {}", case.name, one_line(&case.message));
+        }
+    }
     if !failed.is_empty() {
         let _ = writeln!(out, "\nfailures:");
         for case in &failed {
@@ -173,9 +200,10 @@ pub fn summary(cases: &[CaseResult], total: Duration, files: &[(&str, PathBuf)])
     }
     let _ = writeln!(
         out,
-        "\n{} passed, {} failed ({} guest tests) in {}",
-        cases.len() - failed.len(),
+        "\n{} passed, {} failed, {} skipped ({} guest tests) in {}",
+        cases.len() - failed.len() - skipped.len(),
         failed.len(),
+        skipped.len(),
         cases.iter().filter(|c| c.origin == Origin::Guest).count(),
         format_duration(total)
     );
@@ -227,12 +255,14 @@ mod tests {
             CaseResult::from_guest(&GuestResult {
                 name: "copy_1mib".into(),
                 passed: true,
+                skipped: false,
                 duration_ms: 12.5,
                 message: String::new(),
             }),
             CaseResult::from_guest(&GuestResult {
                 name: "fill".into(),
                 passed: false,
+                skipped: false,
                 duration_ms: 3.0,
                 message: "byte 7 is 0x00, want 0xa5".into(),
             }),
@@ -300,7 +330,7 @@ mod tests {
         );
         assert!(text.contains("  fill: byte 7 is 0x00, want 0xa5"), "{text}");
         assert!(
-            text.contains("2 passed, 2 failed (2 guest tests) in 10.00 s"),
+            text.contains("2 passed, 2 failed, 0 skipped (2 guest tests) in 10.00 s"),
             "{text}"
         );
         assert!(text.contains("junit          /out/junit.xml"), "{text}");

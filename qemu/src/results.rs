@@ -1,7 +1,8 @@
 //! The guest suite's result lines.
 //!
 //! The guest test binary prints, for each test, one stdout line
-//! `DOMDMA-RESULT {"name":"...","passed":true,"duration_ms":1.5,"message":"..."}`.
+//! `DOMDMA-RESULT {"name":"...","passed":true,"skipped":false,"duration_ms":1.5,"message":"..."}`
+//! (a skipped test has `passed` false, `skipped` true and its reason as the message).
 //! Everything else it prints is human output.
 
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub struct GuestResult {
     pub name: String,
     /// Whether it passed.
     pub passed: bool,
+    /// Whether it was skipped (not run: the message says why).
+    #[serde(default)]
+    pub skipped: bool,
     /// How long it took, in milliseconds.
     pub duration_ms: f64,
     /// Why it failed, or a note.

@@ -97,6 +97,41 @@ pub enum RunError {
     /// The runner's own executable could not be found (for the KVM probe).
     #[error("cannot find the runner's own executable")]
     SelfExe(#[source] std::io::Error),
+    /// The guest binary's `--list` (run on the host) failed.
+    #[error("cannot list the guest tests ({0}); is the guest binary built for this machine?")]
+    GuestList(String),
+}
+
+/// The tests the guest binary will run: `GUEST_BIN --list` with the run's guest arguments,
+/// run on the host (the binary is a static x86-64 Linux executable; `--list` touches no
+/// device). Every one of them must report a result, skipped ones included.
+pub fn expected_guest_tests(opts: &RunOptions) -> Result<Vec<String>, RunError> {
+    let out = std::process::Command::new(&opts.guest_bin)
+        .arg("--list")
+        .args(&opts.guest_args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| RunError::GuestList(format!("running {}: {e}", opts.guest_bin.display())))?;
+    if !out.status.success() {
+        return Err(RunError::GuestList(format!(
+            "{} --list: {}: {}",
+            opts.guest_bin.display(),
+            describe_status(out.status),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for name in &opts.expect {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    Ok(names)
 }
 
 /// What `domdma-vm run` was asked to do.
@@ -193,6 +228,8 @@ impl SessionFiles {
 /// Fixed for the whole run.
 struct Ctx<'a> {
     opts: &'a RunOptions,
+    /// Every guest test that must report a result.
+    expected: Vec<String>,
     accel: Accel,
     boot_timeout: Duration,
     socket: Option<PathBuf>,
@@ -274,6 +311,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         }
     }
     SshConfig::check_key(&opts.ssh_key)?;
+    let expected = expected_guest_tests(opts)?;
     let self_exe = std::env::current_exe().map_err(RunError::SelfExe)?;
 
     let tmp = TempDir::new("domdma-vm.")?;
@@ -322,6 +360,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         println!("accelerator: {accel} ({accel_reason})");
         let mut ctx = Ctx {
             opts,
+            expected: expected.clone(),
             accel,
             boot_timeout: opts.boot_timeout.unwrap_or(match accel {
                 Accel::Kvm => BOOT_TIMEOUT_KVM,
@@ -765,8 +804,7 @@ fn run_session(
     }
     if !kill_mode && !suite.interrupted {
         let missing: Vec<&String> = ctx
-            .opts
-            .expect
+            .expected
             .iter()
             .filter(|name| !suite.results.iter().any(|r| &r.name == *name))
             .collect();
@@ -816,7 +854,11 @@ struct SuiteRun {
 
 /// The host case for the guest binary run as a whole.
 fn suite_case(suite: &SuiteRun, timeout: Duration, files: &SessionFiles) -> CaseResult {
-    let failed = suite.results.iter().filter(|r| !r.passed).count();
+    let failed = suite
+        .results
+        .iter()
+        .filter(|r| !r.passed && !r.skipped)
+        .count();
     let problem = if suite.device_died {
         Some("the device server died during the suite; the suite was stopped".to_owned())
     } else if suite.timed_out {
@@ -1025,7 +1067,13 @@ fn handle_line(run: &mut SuiteRun, log: &mut Option<File>, stderr: bool, text: S
             Some(Ok(result)) => {
                 println!(
                     "  {} {} ({}){}",
-                    if result.passed { "ok  " } else { "FAIL" },
+                    if result.passed {
+                        "ok  "
+                    } else if result.skipped {
+                        "skip"
+                    } else {
+                        "FAIL"
+                    },
                     result.name,
                     format_duration(result.duration()),
                     if result.message.is_empty() {
@@ -1059,6 +1107,7 @@ mod tests {
         GuestResult {
             name: name.into(),
             passed,
+            skipped: false,
             duration_ms: 1.0,
             message: String::new(),
         }

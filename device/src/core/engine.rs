@@ -90,8 +90,10 @@ impl Shared {
     /// Raise `vector` for queue `slot` and count it.
     fn raise(&self, slot: &QueueSlot, vector: Option<u16>) {
         if let Some(v) = vector {
-            self.irq.trigger(v);
+            // Counted before it is delivered: a driver that reads QSTAT_INTERRUPTS after
+            // taking the interrupt sees it counted.
             add(&slot.counters.interrupts, 1);
+            self.irq.trigger(v);
         }
     }
 }

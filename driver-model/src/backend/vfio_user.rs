@@ -31,17 +31,15 @@
 //! `DMA_UNMAP` for each node and closes the socket. Buffers still alive keep their memory
 //! (the mappings are this process's own), but the device no longer reaches it.
 //!
-//! [`DeviceServer`] starts the real server binary for tests.
+//! Tests start the real server with the test kit's launcher (`domdma_testkit::launcher`).
 
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use domdma_device::spec;
@@ -53,7 +51,6 @@ use tracing::{debug, info, trace, warn};
 use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vmm_sys_util::tempdir::TempDir;
 
 use super::phys::{PhysConfig, PhysError, PhysMemory};
 use super::{BackendError, BackendInfo, DmaBackend, DmaBuffer, DmaRequest, RegisterAccess, Result};
@@ -62,8 +59,6 @@ use super::{BackendError, BackendInfo, DmaBackend, DmaBuffer, DmaRequest, Regist
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`VfioUserBackend::connect`] retries a socket that is not (yet) accepting.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Environment variable naming the `domdma-device` binary for [`DeviceServer`].
-pub const DEVICE_BIN_ENV: &str = "DOMDMA_DEVICE_BIN";
 
 /// Largest version reply accepted: the version and a capabilities JSON.
 const MAX_VERSION_REPLY: usize = Version::SIZE + 4096;
@@ -75,12 +70,6 @@ const MAX_CONFIG_SIZE: u64 = 4096;
 const MAX_BAR0_SIZE: u64 = 1 << 32;
 /// Most descriptors sent in one message, whatever the server allows.
 const MAX_FDS_PER_MESSAGE: u32 = 16;
-/// How long [`DeviceServer::spawn`] waits for the server's socket.
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long [`DeviceServer`]'s drop waits for the server to exit after SIGTERM.
-const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bytes of the server log [`DeviceServer::log`] returns (the end of it).
-const MAX_LOG: u64 = 64 << 10;
 /// Polling interval of the waits for a socket or a process (not a wait for an event).
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -180,17 +169,6 @@ pub enum VfioUserError {
         /// The cause.
         #[source]
         source: io::Error,
-    },
-    /// The server binary could not be found or built.
-    #[error("domdma-device binary: {0}")]
-    ServerBinary(String),
-    /// The server process did not come up.
-    #[error("device server did not start: {problem}\n--- server log ---\n{log}")]
-    ServerStart {
-        /// What happened.
-        problem: String,
-        /// The end of the server's log.
-        log: String,
     },
 }
 
@@ -1048,235 +1026,5 @@ impl Drop for VfioUserBackend {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         info!(socket = %self.socket.display(), "vfio-user connection closed");
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The server process, for tests
-// ---------------------------------------------------------------------------------------
-
-/// A `domdma-device` server process on a socket in a private temporary directory, for
-/// tests. Killed (SIGTERM, then SIGKILL) when dropped.
-///
-/// The binary is [`device_binary`]'s. The server's stdout and stderr go to a log file
-/// ([`DeviceServer::log`]); its log level follows `DOMDMA_LOG`/`RUST_LOG` as usual.
-pub struct DeviceServer {
-    child: Child,
-    socket: PathBuf,
-    log_path: PathBuf,
-    // Removed (with the socket and the log) after the child is gone.
-    _dir: TempDir,
-}
-
-impl std::fmt::Debug for DeviceServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceServer")
-            .field("pid", &self.child.id())
-            .field("socket", &self.socket)
-            .finish()
-    }
-}
-
-impl DeviceServer {
-    /// Starts `domdma-device --socket <tmp>/dev.sock <args>` and waits until the socket
-    /// exists. Fails with the server's log when it exits first or does not listen within
-    /// 30 seconds.
-    pub fn spawn(args: &[&str]) -> std::result::Result<Self, VfioUserError> {
-        let bin = device_binary()?;
-        let start_err = |problem: String| VfioUserError::ServerStart {
-            problem,
-            log: String::new(),
-        };
-        // Short, fixed prefix: a socket path must stay below 108 bytes.
-        let dir = TempDir::new_with_prefix("/tmp/domdma-dm-")
-            .map_err(|e| start_err(format!("creating a temporary directory: {e}")))?;
-        let socket = dir.as_path().join("dev.sock");
-        let log_path = dir.as_path().join("server.log");
-        let log = File::create(&log_path)
-            .map_err(|e| start_err(format!("creating {}: {e}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| start_err(format!("duplicating the log descriptor: {e}")))?;
-        let child = Command::new(&bin)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| start_err(format!("running {}: {e}", bin.display())))?;
-        let mut server = DeviceServer {
-            child,
-            socket,
-            log_path,
-            _dir: dir,
-        };
-        let start = Instant::now();
-        loop {
-            let listening =
-                fs::symlink_metadata(&server.socket).is_ok_and(|m| m.file_type().is_socket());
-            if listening {
-                debug!(pid = server.child.id(), socket = %server.socket.display(), "device server up");
-                return Ok(server);
-            }
-            let problem = match server.child.try_wait() {
-                Ok(Some(status)) => {
-                    Some(format!("{} {args:?} exited with {status}", bin.display()))
-                }
-                Ok(None) if start.elapsed() >= SERVER_START_TIMEOUT => Some(format!(
-                    "no socket at {} after {SERVER_START_TIMEOUT:?}",
-                    server.socket.display()
-                )),
-                Ok(None) => None,
-                Err(e) => Some(format!("waiting for the server: {e}")),
-            };
-            if let Some(problem) = problem {
-                return Err(VfioUserError::ServerStart {
-                    problem,
-                    log: server.log(),
-                });
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
-
-    /// The socket the server listens on.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// The server's process ID.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether the server process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The end (at most 64 KiB) of what the server wrote to stdout and stderr so far.
-    pub fn log(&self) -> String {
-        let read = || -> io::Result<String> {
-            let mut f = File::open(&self.log_path)?;
-            let len = f.metadata()?.len();
-            let skip = len.saturating_sub(MAX_LOG);
-            io::Seek::seek(&mut f, io::SeekFrom::Start(skip))?;
-            let mut b = Vec::new();
-            f.take(MAX_LOG).read_to_end(&mut b)?;
-            Ok(String::from_utf8_lossy(&b).into_owned())
-        };
-        read().unwrap_or_else(|e| format!("(cannot read the server log: {e})"))
-    }
-}
-
-impl Drop for DeviceServer {
-    fn drop(&mut self) {
-        if !self.is_running() {
-            return;
-        }
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) with our own child's PID (not reaped yet: is_running just
-            // saw it alive, so the PID cannot have been reused); no memory is passed.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let start = Instant::now();
-        while start.elapsed() < SERVER_STOP_TIMEOUT {
-            if !self.is_running() {
-                return;
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        warn!(
-            pid = self.child.id(),
-            "device server ignored SIGTERM; killing it"
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `domdma-device` binary [`DeviceServer`] runs, found once per process:
-///
-/// 1. `$DOMDMA_DEVICE_BIN`, when set;
-/// 2. else `<target>/<profile>/domdma-device`, beside the running executable's profile
-///    directory (a test executable is in `<target>/<profile>/deps/`). Under `cargo test`
-///    (`CARGO` is set) it is always brought up to date first with
-///    `$CARGO build -p domdma-device --bin domdma-device` into the same target directory
-///    and profile: a no-op when it is current, and never a stale server after the device
-///    changed (`cargo test -p domdma-driver-model` alone does not build other packages'
-///    binaries). Outside cargo an existing binary is used as is, and a missing one is built
-///    with `cargo` from `PATH`.
-pub fn device_binary() -> std::result::Result<PathBuf, VfioUserError> {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(find_or_build_device_binary)
-        .clone()
-        .map_err(VfioUserError::ServerBinary)
-}
-
-fn find_or_build_device_binary() -> std::result::Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os(DEVICE_BIN_ENV) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("{DEVICE_BIN_ENV}={} is not a file", p.display()))
-        };
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("locating this executable: {e}"))?;
-    let dir = exe
-        .parent()
-        .ok_or_else(|| format!("{} has no directory", exe.display()))?;
-    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
-    let bin = profile_dir.join("domdma-device");
-    let cargo = match std::env::var_os("CARGO") {
-        Some(cargo) => cargo,
-        None if bin.is_file() => return Ok(bin),
-        None => "cargo".into(),
-    };
-    let target_dir = profile_dir
-        .parent()
-        .ok_or_else(|| format!("{} has no parent", profile_dir.display()))?;
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "domdma-device", "--bin", "domdma-device"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null());
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            cmd.arg("--release");
-        }
-        Some(profile) => {
-            cmd.args(["--profile", profile]);
-        }
-    }
-    info!(?cmd, "building the device server");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running {cmd:?}: {e} (set {DEVICE_BIN_ENV} to a built binary)"))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
-        return Err(format!(
-            "{cmd:?} failed ({}):\n{}\n(set {DEVICE_BIN_ENV} to a built binary)",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ));
-    }
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{cmd:?} succeeded but {} does not exist (a cross-compiling target directory?); \
-             set {DEVICE_BIN_ENV}",
-            bin.display()
-        ))
     }
 }

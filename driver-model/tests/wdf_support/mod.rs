@@ -126,12 +126,3 @@ pub fn try_alloc(
 pub fn free(a: &DMA_ADAPTER, cb: Cb) {
     (a.DmaOperations.FreeCommonBuffer)(a, cb.len, PHYSICAL_ADDRESS::new(cb.logical), cb.va, true);
 }
-
-/// The DMA test every back end runs (the library's scenario, so the guest suite runs the
-/// same code): panics with the failing step.
-pub fn dma_copy_through_domain_common_buffers(backend: SharedBackend) {
-    let report = domdma_driver_model::scenarios::dma_copy_through_domain_common_buffers(backend, 1)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(report.bytes, 3 << 20);
-    assert_eq!(report.src_node, Some(1), "PreferredNode 1 honoured");
-}
