@@ -63,8 +63,30 @@ build_all() {
     cargo build --release --locked --target "$DOMDMA_GUEST_TARGET" -p domdma-guest-tests
 }
 
-# run_guest_suite ARGS...: provision, build, then boot the device + QEMU and run the suite.
+# profile_names: the guest profiles (qemu/profiles/*.toml), the default (numa) first.
+profile_names() {
+  local f names=()
+  for f in "$DOMDMA_ROOT"/qemu/profiles/*.toml; do
+    names+=("$(basename "$f" .toml)")
+  done
+  printf '%s\n' numa
+  printf '%s\n' "${names[@]}" | grep -vx numa | sort
+}
+
+# run_guest_suite PROFILE|all [RUNNER ARGS...]: provision, build, then for each profile boot
+# the device + QEMU and run the guest suite (profiles concurrently, $DOMDMA_JOBS at a time,
+# default 2); one table at the end and a merged target/domdma/guest/junit.xml.
 run_guest_suite() {
+  local spec=$1
+  shift
+  local profiles=()
+  if [[ $spec == all ]]; then
+    mapfile -t profiles < <(profile_names)
+  else
+    [[ -f $DOMDMA_ROOT/qemu/profiles/$spec.toml ]] ||
+      die "unknown profile '$spec': use one of $(profile_names | tr '\n' ' ')or all"
+    profiles=("$spec")
+  fi
   step "provisioning QEMU and the guest image (cached)"
   # --print-env provisions what is missing (progress on stderr), then prints the env file.
   # Captured first, so that a failed provision stops here (a process substitution would
@@ -75,10 +97,39 @@ run_guest_suite() {
   eval "$env_file"
   set +a
   build_all
-  step "launching the device server beside QEMU $DOMDMA_QEMU_VERSION and running the guest suite"
-  "$DOMDMA_TARGET_DIR/release/domdma-vm" run \
-    --device-bin "$DOMDMA_TARGET_DIR/release/domdma-device" \
-    --guest-bin "$DOMDMA_GUEST_BIN" \
-    --out "$DOMDMA_ROOT/target/domdma/guest" \
-    "$@"
+  local out=$DOMDMA_ROOT/target/domdma/guest jobs=${DOMDMA_JOBS:-2} start=$SECONDS p
+  mkdir -p "$out"
+  run_one() {
+    "$DOMDMA_TARGET_DIR/release/domdma-vm" run \
+      --device-bin "$DOMDMA_TARGET_DIR/release/domdma-device" \
+      --guest-bin "$DOMDMA_GUEST_BIN" \
+      --profile "$DOMDMA_ROOT/qemu/profiles/$1.toml" \
+      --out "$out/$1" \
+      "${@:2}"
+  }
+  if [[ ${#profiles[@]} -eq 1 ]]; then
+    step "running profile ${profiles[0]} with QEMU $DOMDMA_QEMU_VERSION (device server beside it, suite over SSH)"
+    run_one "${profiles[0]}" "$@" || true
+  else
+    step "running profiles ${profiles[*]} with QEMU $DOMDMA_QEMU_VERSION, $jobs at a time (logs: $out/PROFILE/runner.log)"
+    local running=0
+    for p in "${profiles[@]}"; do
+      mkdir -p "$out/$p"
+      (
+        if run_one "$p" "$@" >"$out/$p/runner.log" 2>&1; then
+          echo "    profile $p: passed"
+        else
+          echo "    profile $p: FAILED (see $out/$p/runner.log)"
+        fi
+      ) &
+      running=$((running + 1))
+      if [[ $running -ge $jobs ]]; then
+        wait -n || true
+        running=$((running - 1))
+      fi
+    done
+    wait
+  fi
+  step "guest profiles"
+  "$DOMDMA_TARGET_DIR/release/domdma-vm" summary --out "$out" --wall "$((SECONDS - start))" "${profiles[@]}"
 }

@@ -10,7 +10,9 @@
 
 mod device;
 mod kvm;
+mod merge;
 mod process;
+mod profile;
 mod qemu;
 mod report;
 mod results;
@@ -29,6 +31,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::kvm::AccelChoice;
 use crate::process::Interrupt;
+use crate::profile::Profile;
 use crate::qemu::{DEFAULT_KERNEL_APPEND, DEFAULT_MEMORY_MIB, DEFAULT_SMP};
 use crate::runner::RunOptions;
 
@@ -56,6 +59,22 @@ enum Command {
     Run(Box<RunArgs>),
     /// Exit 0 if /dev/kvm runs a guest, non-zero with the reason otherwise.
     KvmProbe,
+    /// Merge the runs of several guest profiles (OUT/PROFILE/junit.xml) into OUT/junit.xml
+    /// and print one row per profile; exit 1 if a profile failed or has no report.
+    Summary(SummaryArgs),
+}
+
+#[derive(Debug, Args)]
+struct SummaryArgs {
+    /// The directory holding one directory per profile.
+    #[arg(long, value_name = "DIR", default_value = "target/domdma/guest")]
+    out: PathBuf,
+    /// Wall-clock seconds the profiles took together (printed).
+    #[arg(long, value_name = "SECS")]
+    wall: Option<f64>,
+    /// The profiles, in order.
+    #[arg(required = true)]
+    profiles: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -143,11 +162,38 @@ struct RunArgs {
     /// The guest test that proves QEMU #2's guest found the device [default: the first result].
     #[arg(long, value_name = "NAME")]
     device_test: Option<String>,
+    /// A guest profile (qemu/profiles/NAME.toml): NUMA nodes, IOMMU, device and guest
+    /// options. Its options come before --device-arg / --guest-arg ones; its NUMA layout
+    /// replaces --numa-nodes.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn into_options(self) -> RunOptions {
-        RunOptions {
+    fn into_options(mut self) -> Result<RunOptions, profile::ProfileError> {
+        let mut iommu = true;
+        let mut profile_name = None;
+        if let Some(path) = &self.profile {
+            let p = Profile::load(path)?;
+            self.numa_nodes = p.numa_nodes;
+            iommu = p.iommu;
+            self.device_args = p.device_args.into_iter().chain(self.device_args).collect();
+            self.guest_args = ["--profile".to_string(), p.name.clone()]
+                .into_iter()
+                .chain(p.guest_args)
+                .chain(self.guest_args)
+                .collect();
+            if !iommu {
+                self.append = self
+                    .append
+                    .split_whitespace()
+                    .filter(|w| !w.starts_with("intel_iommu="))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+            }
+            profile_name = Some(p.name);
+        }
+        Ok(RunOptions {
             device_bin: if self.no_device {
                 None
             } else {
@@ -173,7 +219,9 @@ impl RunArgs {
             qemu_args: self.qemu_args,
             expect: self.expect,
             device_test: self.device_test,
-        }
+            iommu,
+            profile: profile_name,
+        })
     }
 }
 
@@ -188,7 +236,33 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::KvmProbe => kvm_probe(),
-        Command::Run(args) => run(args.into_options()),
+        Command::Summary(args) => summary(&args),
+        Command::Run(args) => match args.into_options() {
+            Ok(opts) => run(opts),
+            Err(err) => {
+                eprintln!("domdma-vm: {err}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        },
+    }
+}
+
+fn summary(args: &SummaryArgs) -> ExitCode {
+    match merge::merge(&args.out, &args.profiles) {
+        Ok(rows) => {
+            let wall = args.wall.and_then(|s| Duration::try_from_secs_f64(s).ok());
+            print!("{}", merge::table(&rows, wall));
+            println!("  junit          {}", args.out.join("junit.xml").display());
+            if rows.iter().all(merge::Row::ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Err(err) => {
+            eprintln!("domdma-vm: {}", error_chain(&err));
+            ExitCode::from(EXIT_SETUP)
+        }
     }
 }
 
@@ -295,7 +369,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run");
         };
-        let opts = args.into_options();
+        let opts = args.into_options().unwrap();
         assert!(opts.device_bin.is_none());
         assert_eq!(opts.out, PathBuf::from("target/domdma/guest"));
         assert_eq!(opts.accel, AccelChoice::Auto);
@@ -334,7 +408,7 @@ mod tests {
         else {
             panic!("--numa-nodes 1 rejected");
         };
-        assert!(!args.into_options().numa);
+        assert!(!args.into_options().unwrap().numa);
         assert!(parse("3").is_err());
         assert!(parse("0").is_err());
     }

@@ -80,6 +80,8 @@ pub struct QemuConfig {
     pub memory_mib: u64,
     /// Two NUMA nodes, the device behind a PCIe expander bridge on node 1.
     pub numa: bool,
+    /// The emulated IOMMU (intel-iommu with caching mode, for VFIO type1 in the guest).
+    pub iommu: bool,
     /// File the guest's serial console is written to.
     pub serial_log: PathBuf,
     /// The vfio-user socket of the device server; `None` boots without the device.
@@ -149,7 +151,9 @@ impl QemuConfig {
         );
         args.flag("-serial", "chardev:serial0");
         // The IOMMU must come before any device it translates for.
-        args.flag("-device", "intel-iommu,caching-mode=on");
+        if self.iommu {
+            args.flag("-device", "intel-iommu,caching-mode=on");
+        }
         if let Some(socket) = &self.device_socket {
             let socket = socket.to_str().ok_or_else(|| QemuError::NonUtf8Path {
                 path: socket.clone(),
@@ -263,6 +267,7 @@ mod tests {
             smp: DEFAULT_SMP,
             memory_mib: DEFAULT_MEMORY_MIB,
             numa: false,
+            iommu: true,
             serial_log: "/out/serial.log".into(),
             device_socket: Some("/tmp/domdma-vm.x/device.sock".into()),
             ssh_port: 40022,

@@ -180,6 +180,10 @@ pub struct RunOptions {
     /// The guest test proving the device was found (for the reconnect check); `None` means
     /// the first result line.
     pub device_test: Option<String>,
+    /// An emulated IOMMU in the guest.
+    pub iommu: bool,
+    /// The guest profile's name, when the run is one.
+    pub profile: Option<String>,
 }
 
 /// What a run produced.
@@ -312,6 +316,9 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     }
     SshConfig::check_key(&opts.ssh_key)?;
     let expected = expected_guest_tests(opts)?;
+    if let Some(profile) = &opts.profile {
+        println!("profile {profile}: {} guest tests expected", expected.len());
+    }
     let self_exe = std::env::current_exe().map_err(RunError::SelfExe)?;
 
     let tmp = TempDir::new("domdma-vm.")?;
@@ -546,6 +553,7 @@ fn start_qemu(ctx: &Ctx<'_>, files: &SessionFiles) -> Result<(ChildGuard, u16, I
             smp: ctx.opts.smp,
             memory_mib: ctx.opts.memory_mib,
             numa: ctx.opts.numa,
+            iommu: ctx.opts.iommu,
             serial_log: files.serial_log.clone(),
             device_socket: ctx.socket.clone(),
             ssh_port: port,
