@@ -53,6 +53,24 @@ ensure_rust_components() {
   done
 }
 
+# check_workflows: validate .github/workflows/*.yml against GitHub's workflow schema with
+# check-jsonschema (from PyPI, pinned, installed once into the cache; the schema ships with it).
+CHECK_JSONSCHEMA_VERSION=0.33.0
+check_workflows() {
+  local cache=${DOMDMA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domdma}
+  local dir=$cache/pytools/check-jsonschema-$CHECK_JSONSCHEMA_VERSION
+  if [[ ! -x $dir/bin/check-jsonschema ]]; then
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3 python3-pip
+    step "installing check-jsonschema $CHECK_JSONSCHEMA_VERSION from PyPI into $dir"
+    rm -rf "$dir"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$dir" \
+      "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" ||
+      die "cannot install check-jsonschema with pip: install python3-pip and retry"
+  fi
+  PYTHONPATH=$dir "$dir/bin/check-jsonschema" --builtin-schema vendor.github-workflows \
+    "$DOMDMA_ROOT"/.github/workflows/*.yml
+}
+
 # build_all: release builds of the device server and runner, and the static guest suite.
 build_all() {
   step "building the device server and the host runner (release)"

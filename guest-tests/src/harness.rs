@@ -4,8 +4,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use domdma_driver_model::backend::vfio::{VfioBackend, VfioOptions};
+use domdma_driver_model::backend::noiommu::{NoIommuBackend, NoIommuOptions};
+use domdma_driver_model::backend::vfio::{hugepages_2m, VfioBackend, VfioOptions};
 use domdma_driver_model::backend::DmaBackend;
+use domdma_driver_model::dma::SharedBackend;
 use domdma_testkit::check::Failure;
 use serde::Serialize;
 
@@ -66,58 +68,122 @@ pub fn print_result(name: &str, passed: bool, skipped: bool, duration_ms: f64, m
     let _ = out.flush();
 }
 
+/// Which back end the guest binary drives the device with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// VFIO type1 behind the guest's emulated IOMMU.
+    Vfio,
+    /// No IOMMU: BAR0 through sysfs, DMA memory at physical addresses, no interrupts.
+    Noiommu,
+}
+
+/// The open device, by back end.
+enum Opened {
+    Vfio(Arc<VfioBackend>),
+    NoIommu(Arc<NoIommuBackend>),
+}
+
 /// The device, opened on first use.
 pub struct Ctx {
-    /// How to open the device.
+    /// The back end.
+    pub backend: Backend,
+    /// How to open the device with VFIO.
     pub opts: VfioOptions,
-    backend: Option<Arc<VfioBackend>>,
+    opened: Option<Opened>,
     open_error: Option<String>,
 }
 
 impl Ctx {
-    /// A context that opens the device with `opts` when a test first needs it.
-    pub fn new(opts: VfioOptions) -> Self {
+    /// A context that opens the device with `backend` (and `opts` for VFIO) when a test
+    /// first needs it.
+    pub fn new(backend: Backend, opts: VfioOptions) -> Self {
         Ctx {
+            backend,
             opts,
-            backend: None,
+            opened: None,
             open_error: None,
         }
     }
 
-    /// The open device, shared. A failure to open is remembered, so every later test fails
-    /// fast with the same message.
-    pub fn shared(&mut self) -> Result<Arc<VfioBackend>, Failure> {
+    /// The open device as the conformance suite takes it. A failure to open is remembered,
+    /// so every later test fails fast with the same message.
+    pub fn shared(&mut self) -> Result<SharedBackend, Failure> {
+        self.open()?;
+        Ok(match self.opened.as_ref().expect("opened above") {
+            Opened::Vfio(b) => b.clone(),
+            Opened::NoIommu(b) => b.clone(),
+        })
+    }
+
+    /// The open device through VFIO (for the VFIO-specific tests).
+    pub fn vfio(&mut self) -> Result<Arc<VfioBackend>, Failure> {
+        self.open()?;
+        match self.opened.as_ref().expect("opened above") {
+            Opened::Vfio(b) => Ok(b.clone()),
+            Opened::NoIommu(_) => Err(Failure("the device is not open through VFIO".into())),
+        }
+    }
+
+    /// Free 2 MiB pages for DMA memory: the kernel's pool with VFIO, the back end's own
+    /// pool without an IOMMU.
+    pub fn huge_pages_free(&mut self) -> Option<u32> {
+        match self.backend {
+            Backend::Vfio => hugepages_2m().ok().map(|(free, _)| free as u32),
+            Backend::Noiommu => match &self.opened {
+                Some(Opened::NoIommu(b)) => Some(b.free_huge_pages()),
+                _ => None,
+            },
+        }
+    }
+
+    fn open(&mut self) -> Result<(), Failure> {
         if let Some(e) = &self.open_error {
             return Err(Failure(format!("device unavailable: {e}")));
         }
-        if self.backend.is_none() {
-            match VfioBackend::open(&self.opts) {
+        if self.opened.is_some() {
+            return Ok(());
+        }
+        let opened = match self.backend {
+            Backend::Vfio => match VfioBackend::open(&self.opts) {
                 Ok(b) if self.adapt_to_iova_width(&b) => {
                     // Reopen with bus addresses the device can reach.
                     drop(b);
-                    return self.shared();
+                    return self.open();
                 }
-                Ok(b) => {
-                    let info = b.info();
-                    domdma_testkit::progress!(
-                        "         device {} via {}: BAR0 by {}, {} MSI-X vectors, NUMA node {}",
-                        info.location,
-                        info.backend,
-                        info.register_access,
-                        info.msix_vectors,
-                        info.numa_node
-                            .map_or("unknown".to_string(), |n| n.to_string())
-                    );
-                    self.backend = Some(Arc::new(b));
-                }
-                Err(e) => {
-                    let msg = Failure::from(e).0;
-                    self.open_error = Some(msg.clone());
-                    return Err(Failure(msg));
-                }
+                Ok(b) => Ok(Opened::Vfio(Arc::new(b))),
+                Err(e) => Err(Failure::from(e).0),
+            },
+            Backend::Noiommu => match NoIommuBackend::open(&NoIommuOptions {
+                bdf: self.opts.bdf.clone(),
+                ..NoIommuOptions::default()
+            }) {
+                Ok(b) => Ok(Opened::NoIommu(Arc::new(b))),
+                Err(e) => Err(Failure::from(e).0),
+            },
+        };
+        match opened {
+            Ok(o) => {
+                let info = match &o {
+                    Opened::Vfio(b) => b.info(),
+                    Opened::NoIommu(b) => b.info(),
+                };
+                domdma_testkit::progress!(
+                    "         device {} via {}: BAR0 by {}, {} MSI-X vectors, NUMA node {}",
+                    info.location,
+                    info.backend,
+                    info.register_access,
+                    info.msix_vectors,
+                    info.numa_node
+                        .map_or("unknown".to_string(), |n| n.to_string())
+                );
+                self.opened = Some(o);
+                Ok(())
+            }
+            Err(msg) => {
+                self.open_error = Some(msg.clone());
+                Err(Failure(msg))
             }
         }
-        Ok(Arc::clone(self.backend.as_ref().expect("opened above")))
     }
 
     /// A device in the 32-bit IOVA mode (`--iova-width 32`) cannot reach bus addresses at
@@ -142,9 +208,9 @@ impl Ctx {
         true
     }
 
-    /// Closes the device (the next [`Ctx::shared`] reopens it with the current options).
+    /// Closes the device (the next use reopens it with the current options).
     pub fn close(&mut self) {
-        self.backend = None;
+        self.opened = None;
         self.open_error = None;
     }
 }

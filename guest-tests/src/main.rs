@@ -19,15 +19,13 @@ mod platform;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use domdma_driver_model::backend::vfio::{
-    hugepages_2m, reserve_hugepages_2m, reserve_hugepages_2m_on_node, VfioOptions,
+    reserve_hugepages_2m, reserve_hugepages_2m_on_node, VfioOptions,
 };
-use domdma_driver_model::backend::DmaBackend;
-use domdma_driver_model::dma::SharedBackend;
+use domdma_driver_model::wdf;
 use domdma_testkit::check::Failure;
 use domdma_testkit::conformance::{self, Env, Outcome};
 use domdma_testkit::progress;
@@ -62,19 +60,29 @@ struct Args {
     /// Seed of the scenarios' random data (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// How to reach the device: VFIO behind the emulated IOMMU, or without an IOMMU
+    /// (sysfs resource0, physical addresses from /proc/self/pagemap, polling).
+    #[arg(long, value_enum, default_value = "vfio")]
+    backend: harness::Backend,
 }
 
 /// A test the binary runs.
 enum Entry {
     Platform(harness::Test),
     Scenario(conformance::Scenario),
+    /// Last: every public function of the WDF facade was called by the tests before it.
+    FacadeCoverage,
 }
+
+/// Name of the facade coverage check.
+const FACADE_COVERAGE: &str = "guest::wdf_facade_coverage";
 
 impl Entry {
     fn name(&self) -> String {
         match self {
             Entry::Platform(t) => t.name.to_string(),
             Entry::Scenario(s) => s.full_name(),
+            Entry::FacadeCoverage => FACADE_COVERAGE.to_string(),
         }
     }
 }
@@ -84,7 +92,27 @@ fn all() -> Vec<Entry> {
         .into_iter()
         .map(Entry::Platform)
         .chain(conformance::all().into_iter().map(Entry::Scenario))
+        .chain([Entry::FacadeCoverage])
         .collect()
+}
+
+/// Whether the run called every public function of the WDF facade (only meaningful when
+/// every scenario ran).
+fn facade_coverage(whole_suite: bool) -> Outcome {
+    if !whole_suite {
+        return Outcome::Skipped("only checked when the whole suite runs (no --filter)".into());
+    }
+    let missing = wdf::coverage::not_called();
+    if missing.is_empty() {
+        Outcome::Passed
+    } else {
+        Outcome::Failed(format!(
+            "{} of {} public WDF facade functions were never called by the suite: {}",
+            missing.len(),
+            wdf::coverage::FUNCTIONS.len(),
+            missing.join(", ")
+        ))
+    }
 }
 
 fn main() -> ExitCode {
@@ -129,7 +157,7 @@ fn main() -> ExitCode {
         allow_mmap: !args.no_mmap,
         ..VfioOptions::default()
     };
-    let mut ctx = Ctx::new(opts);
+    let mut ctx = Ctx::new(args.backend, opts);
     reserve_huge_pages(&mut ctx);
     let suite_start = Instant::now();
     let (mut failed, mut skipped) = (Vec::new(), 0usize);
@@ -143,17 +171,17 @@ fn main() -> ExitCode {
                 Ok(Some(why)) => Outcome::Skipped(why),
                 Err(Failure(m)) => Outcome::Failed(m),
             },
+            Entry::FacadeCoverage => facade_coverage(selected.len() == all.len()),
             Entry::Scenario(s) => match ctx.shared() {
-                Ok(dev) => {
+                Ok(backend) => {
                     let env = Env {
-                        backend: "vfio",
+                        backend: backend.info().backend,
                         profile: args.profile.clone(),
-                        platform_iommu: true,
+                        platform_iommu: args.backend == harness::Backend::Vfio,
                         kernel_numa: true,
-                        huge_pages: hugepages_2m().ok().map(|(free, _)| free as u32),
+                        huge_pages: ctx.huge_pages_free(),
                         seed,
                     };
-                    let backend: SharedBackend = dev;
                     conformance::run(s, &backend, &env).outcome
                 }
                 Err(Failure(m)) => Outcome::Failed(m),
@@ -204,10 +232,13 @@ fn reserve_huge_pages(ctx: &mut Ctx) {
     if let Err(e) = reserve_hugepages_2m(HUGE_PAGES) {
         progress!("         reserving {HUGE_PAGES} huge pages: {e}");
     }
+    if ctx.backend != harness::Backend::Vfio {
+        return;
+    }
     let node = ctx
         .shared()
         .ok()
-        .and_then(|d: Arc<_>| d.info().numa_node)
+        .and_then(|d| d.info().numa_node)
         .unwrap_or(0);
     if let Err(e) = reserve_hugepages_2m_on_node(node, HUGE_PAGES_ON_DEVICE_NODE) {
         progress!("         reserving {HUGE_PAGES_ON_DEVICE_NODE} huge pages on node {node}: {e}");

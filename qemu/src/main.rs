@@ -72,6 +72,10 @@ struct SummaryArgs {
     /// Wall-clock seconds the profiles took together (printed).
     #[arg(long, value_name = "SECS")]
     wall: Option<f64>,
+    /// Also append the table and the failed tests, as Markdown, to this file (for example
+    /// $GITHUB_STEP_SUMMARY).
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
     /// The profiles, in order.
     #[arg(required = true)]
     profiles: Vec<String>,
@@ -253,6 +257,18 @@ fn summary(args: &SummaryArgs) -> ExitCode {
             let wall = args.wall.and_then(|s| Duration::try_from_secs_f64(s).ok());
             print!("{}", merge::table(&rows, wall));
             println!("  junit          {}", args.out.join("junit.xml").display());
+            if let Some(path) = &args.markdown {
+                use std::io::Write as _;
+                let written = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(merge::markdown(&rows).as_bytes()));
+                if let Err(e) = written {
+                    eprintln!("domdma-vm: writing {}: {e}", path.display());
+                    return ExitCode::from(EXIT_SETUP);
+                }
+            }
             if rows.iter().all(merge::Row::ok) {
                 ExitCode::SUCCESS
             } else {

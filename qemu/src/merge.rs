@@ -28,6 +28,8 @@ pub struct Row {
     pub time: Duration,
     /// Why there are no totals (no or unreadable report).
     pub problem: Option<String>,
+    /// The failed cases: name and message.
+    pub failures: Vec<(String, String)>,
 }
 
 impl Row {
@@ -58,6 +60,7 @@ pub fn merge(out: &Path, profiles: &[String]) -> Result<Vec<Row>, ReportError> {
             skipped: 0,
             time: Duration::ZERO,
             problem: None,
+            failures: Vec::new(),
         };
         match report {
             Ok(report) => {
@@ -68,7 +71,13 @@ pub fn merge(out: &Path, profiles: &[String]) -> Result<Vec<Row>, ReportError> {
                         match &case.status {
                             TestCaseStatus::Success { .. } => row.passed += 1,
                             TestCaseStatus::Skipped { .. } => row.skipped += 1,
-                            TestCaseStatus::NonSuccess { .. } => row.failed += 1,
+                            TestCaseStatus::NonSuccess { message, .. } => {
+                                row.failed += 1;
+                                row.failures.push((
+                                    case.name.to_string(),
+                                    message.as_ref().map(|m| m.to_string()).unwrap_or_default(),
+                                ));
+                            }
                         }
                     }
                     suite.name = profile.as_str().into();
@@ -141,6 +150,49 @@ pub fn table(rows: &[Row], wall: Option<Duration>) -> String {
     out
 }
 
+/// The same as Markdown (a GitHub job summary): the table, then each failed test with its
+/// message.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| profile | passed | failed | skipped | seconds |\n|---|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        match &r.problem {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.1} |",
+                    r.profile,
+                    r.passed,
+                    r.failed,
+                    r.skipped,
+                    r.time.as_secs_f64()
+                );
+            }
+            Some(p) => {
+                let _ = writeln!(out, "| {} | | | | | **no report**: {} |", r.profile, md(p));
+            }
+        }
+    }
+    let failures: Vec<_> = rows
+        .iter()
+        .flat_map(|r| r.failures.iter().map(move |f| (&r.profile, f)))
+        .collect();
+    if !failures.is_empty() {
+        out.push_str("\n**Failed tests**\n\n");
+        for (profile, (name, message)) in failures {
+            let first = message.lines().next().unwrap_or("");
+            let _ = writeln!(out, "- `{profile}` `{name}`: {}", md(first));
+        }
+    }
+    out
+}
+
+/// Text safe in a Markdown table cell or list item.
+fn md(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +241,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("failed: flat, dma32"), "{text}");
+        let md = markdown(&rows);
+        assert!(md.contains("| numa | 1 | 0 | 1 | 3.0 |"), "{md}");
+        assert!(md.contains("- `flat` `a`"), "{md}");
+        assert!(md.contains("**no report**"), "{md}");
         let merged = Report::deserialize_from_str(
             &fs::read_to_string(dir.path().join("junit.xml")).unwrap(),
         )

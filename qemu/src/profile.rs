@@ -145,7 +145,7 @@ mod tests {
             }
         }
         names.sort();
-        for want in ["dma32", "flat", "numa", "strict"] {
+        for want in ["dma32", "flat", "noiommu", "numa", "strict"] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
     }

@@ -21,7 +21,7 @@ pub const COMPLETION_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an expected interrupt may take.
 pub const IRQ_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to watch for an interrupt (or a completion) that must not come.
-pub const NO_IRQ_WINDOW: Duration = Duration::from_millis(200);
+pub const NO_IRQ_WINDOW: Duration = Duration::from_millis(100);
 /// How long a device reset may take.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(2);
 /// One MiB.

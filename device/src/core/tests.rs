@@ -142,10 +142,6 @@ impl TestDriver {
         self.mem().write_slice(&raw, GuestAddress(at)).unwrap();
     }
 
-    fn push_raw(&mut self, raw: [u8; 64]) {
-        self.push_raw_q(0, raw)
-    }
-
     /// Write a descriptor (zeroing its completion record) at queue `q`'s tail.
     #[allow(clippy::too_many_arguments)]
     fn push_q(
@@ -402,29 +398,6 @@ fn sub_dword_and_qword_register_access() {
 }
 
 #[test]
-fn domain_registers() {
-    let mut d = TestDriver::new();
-    d.write(domain_reg(5, D_ROOT_LO), 0x0020_1234);
-    d.write(domain_reg(5, D_ROOT_HI), 0x1);
-    d.write(domain_reg(5, D_CTRL), 0xffff_fffe);
-    assert_eq!(
-        d.read(domain_reg(5, D_ROOT_LO)),
-        0x0020_1234,
-        "bits 11:0 kept as written"
-    );
-    assert_eq!(d.read(domain_reg(5, D_ROOT_HI)), 1);
-    assert_eq!(
-        d.read(domain_reg(5, D_CTRL)),
-        DOMAIN_MODE_TRANSLATED,
-        "mode is bits 1:0"
-    );
-    // Writes beyond the last domain go nowhere.
-    d.write(domain_reg(DEFAULT_DOMAINS, D_CTRL), 1);
-    d.write(domain_reg(63, D_ROOT_LO), 1);
-    assert_eq!(d.read(domain_reg(DEFAULT_DOMAINS, D_CTRL)), 0);
-}
-
-#[test]
 fn invalidation_registers() {
     let mut d = TestDriver::new();
     assert_eq!(d.read(REG_INV_SEQ), 0);
@@ -484,180 +457,7 @@ fn copy_1mib() {
     assert_eq!(d.qread(0, Q_ERRORS), 0);
 }
 
-#[test]
-fn copy_longer_than_a_chunk_at_odd_offsets() {
-    let mut d = TestDriver::new();
-    let len = 3 * engine::CHUNK_MAX as usize + 12345;
-    let data = pattern(len, 9);
-    let dst = MEM_B.0 + 9;
-    d.put(SRC + 3, &data);
-    d.put(dst - 8, &[0x77; 8]);
-    d.put(dst + len as u64, &[0x77; 8]);
-    let c = d.run(OP_COPY, 0, len as u32, SRC + 3, dst);
-    assert_eq!((c.status, c.bytes), (STATUS_OK, len as u32));
-    assert_eq!(d.bytes(dst, len), data);
-    assert_eq!(d.bytes(dst - 8, 8), [0x77; 8]);
-    assert_eq!(d.bytes(dst + len as u64, 8), [0x77; 8]);
-}
-
-#[test]
-fn fill_pattern_and_neighbours_untouched() {
-    let mut d = TestDriver::new();
-    let len = 200_001usize;
-    d.put(DST - 16, &vec![0xaa; 16 + len + 16]);
-    let c = d.run(OP_FILL, 0, len as u32, 0x0807_0605_0403_0201, DST);
-    assert_eq!((c.status, c.bytes, c.result), (STATUS_OK, len as u32, 0));
-    let got = d.bytes(DST - 16, 16 + len + 16);
-    assert!(got[..16].iter().all(|&b| b == 0xaa));
-    assert!(got[16 + len..].iter().all(|&b| b == 0xaa));
-    for (i, &b) in got[16..16 + len].iter().enumerate() {
-        assert_eq!(b, (i % 8) as u8 + 1, "byte {i}");
-    }
-}
-
-#[test]
-fn compare_equal_and_first_difference() {
-    let mut d = TestDriver::new();
-    let len = 300_000usize;
-    let data = pattern(len, 1);
-    d.put(SRC, &data);
-    d.put(DST, &data);
-    let c = d.run(OP_COMPARE, 0, len as u32, SRC, DST);
-    assert_eq!((c.status, c.bytes, c.result), (STATUS_OK, len as u32, 0));
-    for at in [0usize, 1, 65_535, 65_536, 131_071, len - 1] {
-        d.put(DST, &data);
-        d.put(DST + at as u64, &[!data[at]]);
-        let c = d.run(OP_COMPARE, 0, len as u32, SRC, DST);
-        assert_eq!(
-            (c.status, c.result),
-            (STATUS_OK, 1 + at as u64),
-            "difference at {at}"
-        );
-    }
-    // Both sides are only read.
-    assert_eq!(d.bytes(SRC, len), data);
-}
-
-#[test]
-fn crc32c_known_vectors() {
-    let mut d = TestDriver::new();
-    d.put(SRC, b"123456789");
-    let c = d.run(OP_CRC32C, 0, 9, SRC, 0);
-    assert_eq!((c.status, c.bytes, c.result), (STATUS_OK, 9, 0xe306_9283));
-    // 32 bytes of zeros (RFC 3720 B.4).
-    d.put(SRC, &[0; 32]);
-    assert_eq!(d.run(OP_CRC32C, 0, 32, SRC, 0).result, 0x8a91_36aa);
-    // A long buffer across chunks and the region boundary of MEM_B.
-    let len = 2 * engine::CHUNK_MAX as usize + 777;
-    let data = pattern(len, 5);
-    let at = MEM_B.0 + 1;
-    d.put(at, &data);
-    let c = d.run(OP_CRC32C, 0, len as u32, at, 0);
-    assert_eq!(
-        (c.status, c.result),
-        (STATUS_OK, u64::from(crc32c::crc32c(&data)))
-    );
-}
-
-#[test]
-fn nop_and_fence() {
-    let mut d = TestDriver::new();
-    let c = d.run(OP_NOP, 0, 0, 0, 0);
-    assert_eq!((c.status, c.bytes), (STATUS_OK, 0));
-    // A fenced FILL after a COPY sees the copy done: queues run in order.
-    d.put(SRC, &[1; 4096]);
-    d.push(OP_COPY, 0, 4096, SRC, DST, CPL, 1);
-    d.push(OP_NOP, DESC_FLAG_FENCE, 0, 0, 0, CPL + 32, 2);
-    d.push(OP_COMPARE, DESC_FLAG_FENCE, 4096, SRC, DST, CPL + 64, 3);
-    d.ring_and_wait(0);
-    for (i, tag) in [(0u64, 1u64), (1, 2), (2, 3)] {
-        let c = d.completion(CPL + i * 32);
-        assert_eq!((c.status, c.tag, c.result), (STATUS_OK, tag, 0));
-    }
-}
-
-#[test]
-fn interrupt_only_when_requested() {
-    let mut d = TestDriver::new();
-    d.run(OP_FILL, 0, 64, 0, DST);
-    assert!(d.irq.take().is_empty());
-    d.run(OP_FILL, DESC_FLAG_INTERRUPT, 64, 0, DST);
-    assert_eq!(d.irq.take(), vec![1]);
-    // An error completion still interrupts; an unknown flag makes the flags untrusted.
-    d.run(OP_FILL, DESC_FLAG_INTERRUPT, 64, 0, HOLE);
-    assert_eq!(d.irq.take(), vec![1]);
-    d.run(OP_FILL, DESC_FLAG_INTERRUPT | 0x80, 64, 0, DST);
-    assert!(d.irq.take().is_empty());
-    assert_eq!(d.stat(STAT_KIND_QUEUE, QSTAT_INTERRUPTS, 0), 2);
-}
-
 // ---- Malformed descriptors and faults ----
-
-#[test]
-fn malformed_descriptors_error_and_touch_nothing() {
-    let mut d = TestDriver::new();
-    d.enable_fault_log(16);
-    d.put(DST, &[0x5a; 4096]);
-    // Unknown opcode, unknown flag, zero length, too long, NOP with a length.
-    let cases = [
-        (9, 0, 64),
-        (OP_FILL, 0x80, 64),
-        (OP_FILL, 0, 0),
-        (OP_CRC32C, 0, 0),
-        (OP_COPY, 0, MAX_XFER + 1),
-        (OP_NOP, 0, 4),
-    ];
-    for (op, flags, len) in cases {
-        let c = d.run(op, flags, len, SRC, DST);
-        assert_eq!(
-            (c.status, c.fault_reason, c.fault_access, c.bytes),
-            (
-                STATUS_INVALID_DESCRIPTOR,
-                FAULT_DESCRIPTOR_INVALID,
-                ACCESS_DESCRIPTOR,
-                0
-            ),
-            "op {op} flags {flags} len {len}"
-        );
-    }
-    // Reserved bytes set: the u16 after the flags, and the tail of the descriptor.
-    for byte in [2usize, 3, 0x28, 63] {
-        let mut raw = desc(OP_FILL, 0, 64, 0, DST, CPL, 0);
-        raw[byte] = 1;
-        d.put(CPL, &[0; 32]);
-        d.push_raw(raw);
-        d.ring_and_wait(0);
-        assert_eq!(
-            d.completion(CPL).status,
-            STATUS_INVALID_DESCRIPTOR,
-            "byte {byte}"
-        );
-    }
-    // Overlapping copy.
-    assert_eq!(
-        d.run(OP_COPY, 0, 256, DST, DST + 128).status,
-        STATUS_INVALID_DESCRIPTOR
-    );
-    // A misaligned completion address: no record at all.
-    d.put(CPL, &[0x33; 64]);
-    d.push_raw(desc(OP_FILL, 0, 64, 0, DST, CPL + 8, 0));
-    d.ring_and_wait(0);
-    assert_eq!(d.bytes(CPL, 64), [0x33; 64]);
-    assert!(d.bytes(DST, 4096).iter().all(|&b| b == 0x5a));
-    let n = cases.len() as u32 + 4 + 1 + 1;
-    assert_eq!(d.qread(0, Q_ERRORS), n);
-    assert_eq!(d.dev.queue_state(0), Some(QueueState::Running));
-    // Each is a FAULT_DESCRIPTOR_INVALID record with the descriptor's IOVA.
-    assert_eq!(d.read(REG_FLOG_HEAD), n);
-    for i in 0..n {
-        let f = d.fault_record(i);
-        assert_eq!(
-            (f.reason, f.access, f.queue, f.seq),
-            (FAULT_DESCRIPTOR_INVALID, ACCESS_DESCRIPTOR, 0, i)
-        );
-        assert_eq!(f.iova, RING + u64::from(i % 8) * DESC_SIZE);
-    }
-}
 
 #[test]
 fn unmapped_addresses_fault_after_the_mapped_part() {
@@ -718,26 +518,6 @@ fn copy_across_regions_is_split() {
     let c = d.run(OP_COPY, 0, 8192, MEM_B.0, DST);
     assert_eq!(c.status, STATUS_OK);
     assert_eq!(d.bytes(DST, 8192), data);
-}
-
-#[test]
-fn completion_record_unwritable_counts_error() {
-    let mut d = TestDriver::new();
-    d.enable_fault_log(4);
-    d.push(OP_FILL, 0, 64, 0, DST, HOLE, 1);
-    d.ring_and_wait(0);
-    assert_eq!(d.qread(0, Q_ERRORS), 1);
-    assert_eq!(d.qread(0, Q_HEAD), 1);
-    let f = d.fault_record(0);
-    assert_eq!(
-        (f.reason, f.access, f.iova, f.info),
-        (
-            FAULT_OUTSIDE_RAM,
-            ACCESS_COMPLETION | ACCESS_WRITE,
-            HOLE,
-            HOLE
-        )
-    );
 }
 
 #[test]
@@ -831,101 +611,6 @@ fn fault_log_records_overflow_and_vector() {
 }
 
 #[test]
-fn fault_log_in_unmapped_memory_sets_error() {
-    let mut d = TestDriver::new();
-    d.write(REG_FLOG_BASE_LO, HOLE as u32);
-    d.write(REG_FLOG_SIZE, 8);
-    d.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
-    d.irq.take();
-    d.run(OP_FILL, 0, 64, 0, HOLE);
-    assert_eq!(d.read(REG_FLOG_STATUS), FLOG_STATUS_ERROR);
-    assert_eq!((d.read(REG_FLOG_HEAD), d.read(REG_FLOG_DROPPED)), (0, 1));
-    assert!(d.irq.take().is_empty(), "no record, no vector");
-    d.write(REG_FLOG_STATUS, FLOG_STATUS_ERROR);
-    assert_eq!(d.read(REG_FLOG_STATUS), 0);
-}
-
-#[test]
-fn halt_on_fault_and_resume() {
-    let mut d = TestDriver::new();
-    d.setup(0, 8, 0, Q_CTRL_HALT_ON_FAULT);
-    assert_eq!(d.qread(0, Q_CTRL), Q_CTRL_ENABLE | Q_CTRL_HALT_ON_FAULT);
-    d.push(OP_FILL, 0, 64, 0, HOLE, CPL, 1);
-    d.push(OP_FILL, 0, 64, 0x4242, DST, CPL + 32, 2);
-    d.doorbell();
-    wait_until("halt", || d.qread(0, Q_STATUS) & Q_STATUS_ERROR != 0);
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_FAULT);
-    assert_eq!(
-        d.dev.queue_state(0),
-        Some(QueueState::Halted(HaltReason::Fault))
-    );
-    assert_eq!(d.qread(0, Q_HEAD), 1, "head past the faulted descriptor");
-    assert_eq!(d.qread(0, Q_STATUS), Q_STATUS_ENABLED | Q_STATUS_ERROR);
-    assert_eq!(d.completion(CPL).status, STATUS_DMA_ERROR);
-    assert_eq!(d.completion(CPL + 32).status, STATUS_PENDING);
-    // A halted queue accepts doorbells but runs nothing.
-    d.push(OP_FILL, 0, 64, 0x4343, DST + 64, CPL + 64, 3);
-    d.doorbell();
-    assert_eq!(d.qread(0, Q_TAIL), 3);
-    assert_eq!(d.completion(CPL + 32).status, STATUS_PENDING);
-    // Resume goes on with the next descriptor.
-    d.qwrite(
-        0,
-        Q_CTRL,
-        Q_CTRL_ENABLE | Q_CTRL_HALT_ON_FAULT | Q_CTRL_RESUME,
-    );
-    d.wait_completed(0, 3);
-    assert_eq!(d.completion(CPL + 32).status, STATUS_OK);
-    assert_eq!(d.completion(CPL + 64).status, STATUS_OK);
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_NONE);
-    assert_eq!(
-        d.qread(0, Q_CTRL),
-        Q_CTRL_ENABLE | Q_CTRL_HALT_ON_FAULT,
-        "resume reads 0"
-    );
-    // Without HALT_ON_FAULT the queue goes on.
-    d.qwrite(0, Q_CTRL, Q_CTRL_ENABLE);
-    d.push(OP_FILL, 0, 64, 0, HOLE, CPL, 4);
-    d.push(OP_FILL, 0, 64, 0, DST, CPL + 32, 5);
-    d.ring_and_wait(0);
-    assert_eq!(d.completion(CPL).status, STATUS_DMA_ERROR);
-    assert_eq!(d.completion(CPL + 32).status, STATUS_OK);
-    assert_eq!(d.dev.queue_state(0), Some(QueueState::Running));
-}
-
-#[test]
-fn descriptor_fetch_fault_halts_and_resume_retries() {
-    let mut d = TestDriver::new();
-    d.enable_fault_log(8);
-    // Queue 1 in domain 2, which is disabled: the fetch faults.
-    d.setup(1, 8, 2, 0);
-    d.push_q(1, OP_FILL, 0, 64, 0x6161, DST, CPL, 7);
-    d.doorbell_q(1);
-    wait_until("halt", || d.qread(1, Q_STATUS) & Q_STATUS_ERROR != 0);
-    assert_eq!(d.qread(1, Q_HALT_REASON), HALT_DESC_FETCH);
-    let ring = TestDriver::ring_base(1);
-    assert_eq!(
-        d.dev.queue_state(1),
-        Some(QueueState::Halted(HaltReason::DescriptorFetch(ring)))
-    );
-    assert_eq!(d.qread(1, Q_HEAD), 0, "head at the descriptor");
-    assert_eq!(d.completion(CPL).status, STATUS_PENDING);
-    let f = d.fault_record(0);
-    assert_eq!(
-        (f.reason, f.access, f.domain, f.queue, f.iova),
-        (FAULT_DOMAIN_DISABLED, ACCESS_DESCRIPTOR, 2, 1, ring)
-    );
-    assert_eq!(d.stat(STAT_KIND_DOMAIN, DSTAT_FAULTS, 2), 1);
-    // Fix the mapping (domain 2 to pass-through) and resume: the same descriptor runs.
-    d.write(domain_reg(2, D_CTRL), DOMAIN_MODE_PASSTHROUGH);
-    d.qwrite(1, Q_CTRL, Q_CTRL_ENABLE | Q_CTRL_RESUME);
-    d.wait_completed(1, 1);
-    let c = d.completion(CPL);
-    assert_eq!((c.status, c.tag), (STATUS_OK, 7));
-    assert_eq!(d.bytes(DST, 2), [0x61, 0x61]);
-}
-
-#[test]
 fn ring_at_the_top_of_the_address_space_halts_without_overflow() {
     let mut d = TestDriver::new();
     d.qwrite(0, Q_CTRL, 0);
@@ -941,55 +626,6 @@ fn ring_at_the_top_of_the_address_space_halts_without_overflow() {
     wait_until("halt", || d.qread(0, Q_STATUS) & Q_STATUS_ERROR != 0);
     assert_eq!(d.dev.stats().faults.count, 2);
     assert_eq!(d.qread(0, Q_HEAD), 0);
-}
-
-#[test]
-fn bad_queue_configuration_and_doorbell() {
-    let mut d = TestDriver::new();
-    d.setup_queue(3);
-    assert_eq!(
-        d.dev.queue_state(0),
-        Some(QueueState::Halted(HaltReason::BadConfig))
-    );
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_BAD_CONFIG);
-    d.qwrite(0, Q_TAIL, 1);
-    assert_eq!(d.qread(0, Q_TAIL), 1, "a halted queue accepts doorbells");
-    assert_eq!(d.qread(0, Q_HEAD), 0);
-    d.qwrite(0, Q_TAIL, 3);
-    assert_eq!(d.qread(0, Q_TAIL), 1, "beyond the ring: ignored");
-    d.qwrite(0, Q_CTRL, Q_CTRL_ENABLE | Q_CTRL_RESUME);
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_BAD_CONFIG, "cannot resume");
-    for size in [0, 1, Q_SIZE_MAX * 2] {
-        d.setup_queue(size);
-        assert_eq!(d.qread(0, Q_HALT_REASON), HALT_BAD_CONFIG, "size {size}");
-    }
-    d.setup(0, 8, DEFAULT_DOMAINS, 0);
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_BAD_CONFIG, "no such domain");
-    d.qwrite(0, Q_CTRL, 0);
-    d.qwrite(0, Q_DOMAIN, 0);
-    d.qwrite(0, Q_BASE_LO, RING as u32 + 32);
-    d.qwrite(0, Q_CTRL, Q_CTRL_ENABLE);
-    assert_eq!(
-        d.qread(0, Q_HALT_REASON),
-        HALT_BAD_CONFIG,
-        "misaligned base"
-    );
-    d.qwrite(0, Q_CTRL, 0);
-    assert_eq!(
-        (d.qread(0, Q_STATUS), d.qread(0, Q_HALT_REASON)),
-        (0, HALT_NONE)
-    );
-    d.setup_queue(8);
-    d.qwrite(0, Q_DOMAIN, 3);
-    assert_eq!(d.qread(0, Q_DOMAIN), 0, "domain fixed while enabled");
-    d.qwrite(0, Q_TAIL, 8);
-    assert_eq!(
-        d.dev.queue_state(0),
-        Some(QueueState::Halted(HaltReason::BadTail(8)))
-    );
-    assert_eq!(d.qread(0, Q_HALT_REASON), HALT_BAD_TAIL);
-    d.setup_queue(8);
-    assert_eq!(d.qread(0, Q_STATUS), Q_STATUS_ENABLED);
 }
 
 #[test]
@@ -1082,37 +718,6 @@ fn statistics_window_and_inspector() {
 // ---- Coalescing ----
 
 #[test]
-fn coalescing_by_count() {
-    let mut d = TestDriver::new();
-    d.qwrite(0, Q_COAL_COUNT, 3);
-    assert_eq!(d.qread(0, Q_COAL_COUNT), 3);
-    d.irq.take();
-    for i in 0..7u64 {
-        d.push(OP_NOP, DESC_FLAG_INTERRUPT, 0, 0, 0, CPL + (i % 4) * 32, i);
-    }
-    d.ring_and_wait(0);
-    // At the 3rd and the 6th; the 7th stays pending (no timer).
-    assert_eq!(d.irq.take(), vec![1, 1]);
-    // Completions without the flag do not count.
-    d.push(OP_NOP, 0, 0, 0, 0, 0, 0);
-    d.ring_and_wait(0);
-    assert!(d.irq.take().is_empty());
-    d.push(OP_NOP, DESC_FLAG_INTERRUPT, 0, 0, 0, 0, 0);
-    d.push(OP_NOP, DESC_FLAG_INTERRUPT, 0, 0, 0, 0, 0);
-    d.ring_and_wait(0);
-    assert_eq!(d.irq.take(), vec![1]);
-    assert_eq!(d.stat(STAT_KIND_QUEUE, QSTAT_INTERRUPTS, 0), 3);
-    // Count 0 and 1: every completion.
-    for count in [0, 1] {
-        d.qwrite(0, Q_COAL_COUNT, count);
-        d.push(OP_NOP, DESC_FLAG_INTERRUPT, 0, 0, 0, 0, 0);
-        d.push(OP_NOP, DESC_FLAG_INTERRUPT, 0, 0, 0, 0, 0);
-        d.ring_and_wait(0);
-        assert_eq!(d.irq.take(), vec![1, 1]);
-    }
-}
-
-#[test]
 fn coalescing_by_time() {
     let mut d = TestDriver::new();
     d.qwrite(0, Q_COAL_COUNT, 100);
@@ -1164,60 +769,6 @@ fn coalescing_timer_fires_during_a_long_transfer() {
 }
 
 // ---- Threads: concurrency, long transfers, disable, reset ----
-
-#[test]
-fn queues_in_different_domains_run_concurrently() {
-    let mut d = TestDriver::new();
-    d.enable_fault_log(64);
-    // Queue 1 in domain 1 (pass-through), queue 2 in domain 2 (disabled), queue 0 in 0.
-    d.write(domain_reg(1, D_CTRL), DOMAIN_MODE_PASSTHROUGH);
-    d.setup(1, 64, 1, 0);
-    d.setup(2, 8, 2, 0);
-    d.setup(0, 64, 0, 0);
-    let data = pattern(2 << 20, 11);
-    d.put(SRC, &data);
-    for i in 0..32u64 {
-        d.push_q(
-            0,
-            OP_COPY,
-            0,
-            64 << 10,
-            SRC + i * (64 << 10),
-            DST + i * (64 << 10),
-            CPL + i * 32,
-            i,
-        );
-        d.push_q(
-            1,
-            OP_FILL,
-            0,
-            4096,
-            i,
-            MEM_B.0 + i * 4096,
-            CPL + 0x1000 + i * 32,
-            i,
-        );
-    }
-    d.push_q(2, OP_NOP, 0, 0, 0, 0, 0, 0);
-    d.doorbell_q(0);
-    d.doorbell_q(1);
-    d.doorbell_q(2);
-    d.wait_completed(0, 32);
-    d.wait_completed(1, 32);
-    wait_until("queue 2 halts", || {
-        d.qread(2, Q_STATUS) & Q_STATUS_ERROR != 0
-    });
-    assert_eq!(d.bytes(DST, 2 << 20), data);
-    for i in 0..32u64 {
-        assert_eq!(d.completion(CPL + i * 32).status, STATUS_OK);
-        assert_eq!(d.completion(CPL + 0x1000 + i * 32).status, STATUS_OK);
-        assert_eq!(d.bytes(MEM_B.0 + i * 4096 + 4088, 8), i.to_le_bytes());
-    }
-    assert_eq!(d.qread(2, Q_HALT_REASON), HALT_DESC_FETCH);
-    let f = d.fault_record(0);
-    assert_eq!((f.reason, f.domain, f.queue), (FAULT_DOMAIN_DISABLED, 2, 2));
-    assert_eq!(d.stat(STAT_KIND_QUEUE, QSTAT_BYTES, 1), 32 * 4096);
-}
 
 /// A device over 160 MiB with a 64 MiB COPY from 16 MiB to 96 MiB pushed on queue 0.
 fn long_copy() -> TestDriver {
@@ -1572,37 +1123,4 @@ fn a_stale_page_inside_a_run_is_used_until_invalidated() {
         );
         assert_eq!(stale(&mut d), u64::from(strict));
     }
-}
-
-#[test]
-fn compare_stops_at_the_first_difference_without_translating_further() {
-    // Pages 0..4 mapped on both sides, page 4 of the second missing: a difference in page 1
-    // ends the COMPARE before page 4 is translated, so no fault.
-    const S: u64 = 0x20_0000;
-    const D: u64 = 0x30_0000;
-    let mut d = TestDriver::new();
-    translated_copy_setup(
-        &mut d,
-        5,
-        |p| S + p * 0x1000,
-        |p| (p != 4).then_some(D + p * 0x1000),
-    );
-    // The destination pages must be readable for COMPARE: map them read-write.
-    let mut next = TABLE_ROOT + 0x8000;
-    for p in 0..4u64 {
-        map_4k(
-            &d,
-            &mut next,
-            DST_IOVA + p * 0x1000,
-            D + p * 0x1000,
-            PTE_R | PTE_W,
-        );
-    }
-    let data = pattern(5 << 12, 7);
-    d.put(S, &data);
-    d.put(D, &data[..4 << 12]);
-    d.put(D + 0x1234, &[!data[0x1234]]);
-    let c = d.run(OP_COMPARE, 0, 5 << 12, SRC_IOVA, DST_IOVA);
-    assert_eq!((c.status, c.result), (STATUS_OK, 1 + 0x1234));
-    assert_eq!(d.stat(STAT_KIND_DOMAIN, DSTAT_FAULTS, 1), 0);
 }

@@ -12,6 +12,8 @@
 //!
 //! Implementations:
 //! - [`vfio`]: Linux, inside the QEMU guest, through VFIO type1;
+//! - [`noiommu`]: Linux, inside a guest without an IOMMU: BAR0 through sysfs, DMA memory at
+//!   physical addresses from `/proc/self/pagemap`, completions by polling;
 //! - [`inprocess`]: the device core linked into the process, over `vm-memory` guest RAM;
 //! - [`vfio_user`]: this process as the VMM, talking to the real device server over its
 //!   vfio-user socket (and [`vfio_user::DeviceServer`] to start one in tests).
@@ -26,6 +28,8 @@ use std::time::Duration;
 
 #[cfg(target_os = "linux")]
 pub mod inprocess;
+#[cfg(target_os = "linux")]
+pub mod noiommu;
 #[cfg(target_os = "linux")]
 pub mod phys;
 #[cfg(target_os = "linux")]

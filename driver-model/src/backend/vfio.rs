@@ -238,18 +238,21 @@ fn node_of(addr: *mut libc::c_void) -> Option<u32> {
     (r == 0 && node >= 0).then_some(node as u32)
 }
 
-fn sysfs_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> VfioBackendError {
+pub(crate) fn sysfs_err(
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> VfioBackendError {
     let path = path.to_path_buf();
     move |source| VfioBackendError::Sysfs { what, path, source }
 }
 
-fn read_trimmed(path: &Path) -> std::result::Result<String, VfioBackendError> {
+pub(crate) fn read_trimmed(path: &Path) -> std::result::Result<String, VfioBackendError> {
     fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .map_err(sysfs_err("reading", path))
 }
 
-fn write_sysfs(path: &Path, value: &str) -> std::result::Result<(), VfioBackendError> {
+pub(crate) fn write_sysfs(path: &Path, value: &str) -> std::result::Result<(), VfioBackendError> {
     fs::write(path, value).map_err(sysfs_err("writing", path))
 }
 
@@ -859,7 +862,7 @@ impl VfioBackend {
     }
 }
 
-fn open_hugetlbfs_file(len: usize) -> std::result::Result<File, VfioBackendError> {
+pub(crate) fn open_hugetlbfs_file(len: usize) -> std::result::Result<File, VfioBackendError> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let mount = Path::new(HUGETLBFS_MOUNT);
     let c = CString::new(HUGETLBFS_MOUNT).expect("no NUL");

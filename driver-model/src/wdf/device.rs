@@ -64,6 +64,7 @@ pub fn WdfDeviceCreate(
     DeviceAttributes: Option<&WDF_OBJECT_ATTRIBUTES>,
     Device: Option<&mut WDFDEVICE>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfDeviceCreate);
     const API: &str = "WdfDeviceCreate";
     let Some(out) = Device else {
         null_parameter(API, "Device");
@@ -112,6 +113,7 @@ pub fn WdfRequestCreate(
     IoTarget: WDFOBJECT,
     Request: Option<&mut WDFREQUEST>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfRequestCreate);
     const API: &str = "WdfRequestCreate";
     let Some(out) = Request else {
         null_parameter(API, "Request");

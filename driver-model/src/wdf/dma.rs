@@ -285,6 +285,7 @@ pub type PDEVICE_OBJECT = Arc<DEVICE_OBJECT>;
 /// `WdfDeviceWdmGetPhysicalDevice`: the device's PDO. `None` for a device without
 /// hardware, or when the hardware could not be set up for DMA (logged).
 pub fn WdfDeviceWdmGetPhysicalDevice(Device: WDFDEVICE) -> Option<PDEVICE_OBJECT> {
+    super::coverage::record(super::coverage::Api::WdfDeviceWdmGetPhysicalDevice);
     device_dma(Device, "WdfDeviceWdmGetPhysicalDevice").map(|dma| Arc::new(DEVICE_OBJECT { dma }))
 }
 
@@ -299,6 +300,7 @@ pub fn IoGetDmaAdapter(
     DeviceDescription: &DEVICE_DESCRIPTION,
     NumberOfMapRegisters: &mut u32,
 ) -> Option<PDMA_ADAPTER> {
+    super::coverage::record(super::coverage::Api::IoGetDmaAdapter);
     if KeGetCurrentIrql() > PASSIVE_LEVEL {
         tracing::error!("IoGetDmaAdapter above PASSIVE_LEVEL");
         return None;
@@ -355,6 +357,7 @@ fn v3(a: &DMA_ADAPTER) -> bool {
 /// `GetDmaAdapterInfo`: `Version` must be [`DMA_ADAPTER_INFO_VERSION1`]
 /// (`STATUS_NOT_SUPPORTED` otherwise, and for a non-v3 adapter).
 pub fn GetDmaAdapterInfo(DmaAdapter: &DMA_ADAPTER, AdapterInfo: &mut DMA_ADAPTER_INFO) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::GetDmaAdapterInfo);
     if !v3(DmaAdapter) || AdapterInfo.Version != DMA_ADAPTER_INFO_VERSION1 {
         return STATUS_NOT_SUPPORTED;
     }
@@ -384,6 +387,7 @@ pub fn GetDmaAdapterInfo(DmaAdapter: &DMA_ADAPTER, AdapterInfo: &mut DMA_ADAPTER
 /// `GetDmaDomain`: the adapter's DMA domain (made on a free device domain the first time).
 /// NULL when no device domain is free, or for a non-v3 adapter. PASSIVE_LEVEL.
 pub fn GetDmaDomain(DmaAdapter: &DMA_ADAPTER) -> HANDLE {
+    super::coverage::record(super::coverage::Api::GetDmaDomain);
     if !dma_irql_passive("GetDmaDomain") || !v3(DmaAdapter) {
         return HANDLE::NULL;
     }
@@ -435,6 +439,7 @@ fn status_of(api: &str, a: &DMA_ADAPTER, e: DmaError) -> NTSTATUS {
 /// it is Driver Verifier 0xE6 / 0x07 (`STATUS_INVALID_DEVICE_STATE` in record mode).
 /// PASSIVE_LEVEL.
 pub fn JoinDmaDomain(DmaAdapter: &DMA_ADAPTER, DomainHandle: HANDLE) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::JoinDmaDomain);
     const API: &str = "JoinDmaDomain";
     if !dma_irql_passive(API) {
         return STATUS_INVALID_DEVICE_REQUEST;
@@ -453,6 +458,7 @@ pub fn JoinDmaDomain(DmaAdapter: &DMA_ADAPTER, DomainHandle: HANDLE) -> NTSTATUS
 /// Driver Verifier 0xE6 / 0x07 (Windows documents nothing here; leaving would orphan the
 /// buffers' mappings), `STATUS_INVALID_DEVICE_STATE` in record mode. PASSIVE_LEVEL.
 pub fn LeaveDmaDomain(DmaAdapter: &DMA_ADAPTER) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::LeaveDmaDomain);
     const API: &str = "LeaveDmaDomain";
     if !dma_irql_passive(API) {
         return STATUS_INVALID_DEVICE_REQUEST;
@@ -492,6 +498,7 @@ pub fn AllocateDomainCommonBuffer(
     LogicalAddress: &mut PHYSICAL_ADDRESS,
     VirtualAddress: &mut *mut c_void,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::AllocateDomainCommonBuffer);
     const API: &str = "AllocateDomainCommonBuffer";
     if !dma_irql_passive(API) {
         return STATUS_INVALID_DEVICE_REQUEST;
@@ -551,6 +558,7 @@ pub fn FreeCommonBuffer(
     VirtualAddress: *mut c_void,
     CacheEnabled: bool,
 ) {
+    super::coverage::record(super::coverage::Api::FreeCommonBuffer);
     const API: &str = "FreeCommonBuffer";
     if !dma_irql_passive(API) {
         return;
@@ -580,6 +588,7 @@ pub fn FreeCommonBuffer(
 /// `PutDmaAdapter`: releases the adapter. With common buffers outstanding it is Driver
 /// Verifier 0xE6 / 0x07 (as documented). The adapter leaves its domain.
 pub fn PutDmaAdapter(DmaAdapter: PDMA_ADAPTER) {
+    super::coverage::record(super::coverage::Api::PutDmaAdapter);
     let n = DmaAdapter.adapter.buffer_count();
     if n > 0 {
         buffers_outstanding("PutDmaAdapter", &DmaAdapter, n);

@@ -50,6 +50,7 @@ pub const WDF_DRIVER_CONFIG_SIZE: u32 = std::mem::size_of::<WDF_DRIVER_CONFIG>()
 /// `WDF_DRIVER_CONFIG_INIT` (there is no `EvtDriverDeviceAdd`: devices are created with
 /// [`WdfDeviceCreate`](super::WdfDeviceCreate) directly).
 pub fn WDF_DRIVER_CONFIG_INIT(Config: &mut WDF_DRIVER_CONFIG) {
+    super::coverage::record(super::coverage::Api::WDF_DRIVER_CONFIG_INIT);
     *Config = WDF_DRIVER_CONFIG {
         Size: WDF_DRIVER_CONFIG_SIZE,
         EvtDriverUnload: None,
@@ -265,6 +266,7 @@ pub fn WdfDriverCreate(
     DriverConfig: &WDF_DRIVER_CONFIG,
     Driver: Option<&mut WDFDRIVER>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfDriverCreate);
     if KeGetCurrentIrql() > PASSIVE_LEVEL {
         return STATUS_INVALID_DEVICE_REQUEST;
     }
@@ -316,5 +318,6 @@ pub fn WdfDriverCreate(
 
 /// `WdfGetDriver`: the driver bound to the calling thread.
 pub fn WdfGetDriver() -> WDFDRIVER {
+    super::coverage::record(super::coverage::Api::WdfGetDriver);
     current_driver().map(|g| g.handle()).unwrap_or_default()
 }

@@ -139,6 +139,7 @@ pub fn WdfMemoryCreate(
     Memory: Option<&mut WDFMEMORY>,
     Buffer: Option<&mut *mut c_void>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryCreate);
     const API: &str = "WdfMemoryCreate";
     let g = driver_for(Attributes);
     let Some(memory) = Memory else {
@@ -214,6 +215,7 @@ pub unsafe fn WdfMemoryCreatePreallocated(
     BufferSize: usize,
     Memory: Option<&mut WDFMEMORY>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryCreatePreallocated);
     const API: &str = "WdfMemoryCreatePreallocated";
     let g = driver_for(Attributes);
     if Buffer.is_null() {
@@ -265,6 +267,7 @@ pub unsafe fn WdfMemoryAssignBuffer(
     Buffer: *mut c_void,
     BufferSize: usize,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryAssignBuffer);
     const API: &str = "WdfMemoryAssignBuffer";
     let Some(o) = object::resolve(Memory.into(), fx_type::FX_TYPE_MEMORY_PREALLOCATED, API) else {
         return STATUS_INVALID_HANDLE;
@@ -295,6 +298,7 @@ fn memory_body(Memory: WDFMEMORY, api: &str) -> Option<(Arc<Object>, (usize, usi
 /// `WdfMemoryGetBuffer`: the buffer's address, and its size in `BufferSize` (the size
 /// requested at creation).
 pub fn WdfMemoryGetBuffer(Memory: WDFMEMORY, BufferSize: Option<&mut usize>) -> *mut c_void {
+    super::coverage::record(super::coverage::Api::WdfMemoryGetBuffer);
     let Some((_, (addr, size))) = memory_body(Memory, "WdfMemoryGetBuffer") else {
         return std::ptr::null_mut();
     };
@@ -318,6 +322,7 @@ pub unsafe fn WdfMemoryCopyToBuffer(
     Buffer: *mut c_void,
     NumBytesToCopyTo: usize,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryCopyToBuffer);
     const API: &str = "WdfMemoryCopyToBuffer";
     let Some((_o, (addr, size))) = memory_body(SourceMemory, API) else {
         return STATUS_INVALID_HANDLE;
@@ -360,6 +365,7 @@ pub unsafe fn WdfMemoryCopyFromBuffer(
     Buffer: *const c_void,
     NumBytesToCopyFrom: usize,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryCopyFromBuffer);
     const API: &str = "WdfMemoryCopyFromBuffer";
     let Some((_o, (addr, size))) = memory_body(DestinationMemory, API) else {
         return STATUS_INVALID_HANDLE;
@@ -405,6 +411,7 @@ pub fn WdfLookasideListCreate(
     PoolTag: u32,
     Lookaside: Option<&mut WDFLOOKASIDE>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfLookasideListCreate);
     const API: &str = "WdfLookasideListCreate";
     let g = driver_for(LookasideAttributes.or(MemoryAttributes));
     let Some(out) = Lookaside else {
@@ -489,6 +496,7 @@ pub fn WdfMemoryCreateFromLookaside(
     Lookaside: WDFLOOKASIDE,
     Memory: Option<&mut WDFMEMORY>,
 ) -> NTSTATUS {
+    super::coverage::record(super::coverage::Api::WdfMemoryCreateFromLookaside);
     const API: &str = "WdfMemoryCreateFromLookaside";
     let Some(list) = object::resolve(Lookaside.into(), fx_type::FX_TYPE_LOOKASIDE, API) else {
         return STATUS_INVALID_HANDLE;

@@ -33,6 +33,7 @@
 //! Every rule this facade implements, with the source it comes from, is listed in
 //! docs/wdf-behaviour-sources.md; driver-model/tests/wdf_rules.rs has one test per rule.
 
+pub mod coverage;
 mod device;
 mod dma;
 mod driver;

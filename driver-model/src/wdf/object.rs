@@ -291,6 +291,7 @@ impl Default for WDF_OBJECT_ATTRIBUTES {
 
 /// `WDF_OBJECT_ATTRIBUTES_INIT`.
 pub fn WDF_OBJECT_ATTRIBUTES_INIT(Attributes: &mut WDF_OBJECT_ATTRIBUTES) {
+    super::coverage::record(super::coverage::Api::WDF_OBJECT_ATTRIBUTES_INIT);
     *Attributes = WDF_OBJECT_ATTRIBUTES::init();
 }
 
@@ -298,6 +299,7 @@ pub fn WDF_OBJECT_ATTRIBUTES_INIT(Attributes: &mut WDF_OBJECT_ATTRIBUTES) {
 pub fn WDF_OBJECT_ATTRIBUTES_SET_CONTEXT_TYPE<T: WdfContextType>(
     Attributes: &mut WDF_OBJECT_ATTRIBUTES,
 ) {
+    super::coverage::record(super::coverage::Api::WDF_OBJECT_ATTRIBUTES_SET_CONTEXT_TYPE);
     Attributes.ContextTypeInfo = Some(T::INFO);
 }
 
@@ -305,6 +307,7 @@ pub fn WDF_OBJECT_ATTRIBUTES_SET_CONTEXT_TYPE<T: WdfContextType>(
 pub fn WDF_OBJECT_ATTRIBUTES_INIT_CONTEXT_TYPE<T: WdfContextType>(
     Attributes: &mut WDF_OBJECT_ATTRIBUTES,
 ) {
+    super::coverage::record(super::coverage::Api::WDF_OBJECT_ATTRIBUTES_INIT_CONTEXT_TYPE);
     *Attributes = WDF_OBJECT_ATTRIBUTES::init_context_type::<T>();
 }
 
@@ -679,6 +682,7 @@ pub fn WdfObjectGetTypedContextWorker(
     Handle: WDFOBJECT,
     TypeInfo: &WDF_OBJECT_CONTEXT_TYPE_INFO,
 ) -> *mut std::ffi::c_void {
+    super::coverage::record(super::coverage::Api::WdfObjectGetTypedContextWorker);
     let Some(o) = resolve(Handle, fx_type::FX_TYPE_OBJECT, "WdfObjectGetTypedContext") else {
         return std::ptr::null_mut();
     };
@@ -695,6 +699,7 @@ pub fn WdfObjectGetTypedContextWorker(
 
 /// `WdfObjectDelete`.
 pub fn WdfObjectDelete(Object: impl Into<WDFOBJECT>) {
+    super::coverage::record(super::coverage::Api::WdfObjectDelete);
     let h = Object.into();
     if let Some(o) = resolve(h, fx_type::FX_TYPE_OBJECT, "WdfObjectDelete") {
         delete(&o);
@@ -703,6 +708,7 @@ pub fn WdfObjectDelete(Object: impl Into<WDFOBJECT>) {
 
 /// `WdfObjectReference`.
 pub fn WdfObjectReference(Handle: impl Into<WDFOBJECT>) {
+    super::coverage::record(super::coverage::Api::WdfObjectReference);
     if let Some(o) = resolve(Handle.into(), fx_type::FX_TYPE_OBJECT, "WdfObjectReference") {
         reference(&o);
     }
@@ -710,6 +716,7 @@ pub fn WdfObjectReference(Handle: impl Into<WDFOBJECT>) {
 
 /// `WdfObjectDereference`.
 pub fn WdfObjectDereference(Handle: impl Into<WDFOBJECT>) {
+    super::coverage::record(super::coverage::Api::WdfObjectDereference);
     if let Some(o) = resolve(
         Handle.into(),
         fx_type::FX_TYPE_OBJECT,

@@ -69,6 +69,7 @@ fn max_irql(kind: PoolKind) -> u8 {
 /// above DISPATCH_LEVEL (0x02), zero bytes (0x00). An undefined pool type returns NULL.
 /// The memory is not zeroed.
 pub fn ExAllocatePoolWithTag(PoolType: POOL_TYPE, NumberOfBytes: usize, Tag: u32) -> *mut c_void {
+    super::coverage::record(super::coverage::Api::ExAllocatePoolWithTag);
     let Some(kind) = PoolType.kind() else {
         tracing::error!(
             "ExAllocatePoolWithTag: pool type {} is not supported",
@@ -118,11 +119,13 @@ pub fn ExAllocatePoolWithTag(PoolType: POOL_TYPE, NumberOfBytes: usize, Tag: u32
 /// address). Driver Verifier's IRQL checks: 0xC4 / 0x11 (paged above APC_LEVEL), 0x12
 /// (non-paged above DISPATCH_LEVEL).
 pub fn ExFreePoolWithTag(P: *mut c_void, Tag: u32) {
+    super::coverage::record(super::coverage::Api::ExFreePoolWithTag);
     free(P, Some(PoolTag(Tag)));
 }
 
 /// `ExFreePool`: as [`ExFreePoolWithTag`] without the tag check.
 pub fn ExFreePool(P: *mut c_void) {
+    super::coverage::record(super::coverage::Api::ExFreePool);
     free(P, None);
 }
 

@@ -40,6 +40,102 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         needs: &[Need::HugePages(2)],
         run: copy_hugepages,
     },
+    Scenario {
+        area: Area::Ops,
+        name: "copy_sizes_and_alignments",
+        needs: &[],
+        run: copy_sizes_and_alignments,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "copy_of_one_byte_touches_one_byte",
+        needs: &[],
+        run: copy_of_one_byte_touches_one_byte,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "copy_longer_than_a_chunk_at_odd_offsets",
+        needs: &[],
+        run: copy_longer_than_a_chunk_at_odd_offsets,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "fill_pattern_phase_from_an_unaligned_start",
+        needs: &[],
+        run: fill_pattern_phase_from_an_unaligned_start,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "compare_of_equal_buffers_is_zero",
+        needs: &[],
+        run: compare_of_equal_buffers_is_zero,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "compare_reports_one_plus_the_first_difference",
+        needs: &[],
+        run: compare_reports_one_plus_the_first_difference,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "compare_stops_at_the_first_difference",
+        needs: &[Need::Domains(2)],
+        run: compare_stops_at_the_first_difference,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "crc32c_known_vectors",
+        needs: &[],
+        run: crc32c_known_vectors,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "crc32c_of_long_buffers_matches_software",
+        needs: &[],
+        run: crc32c_of_long_buffers_matches_software,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "nop_and_fence_run_in_order",
+        needs: &[Need::Interrupts],
+        run: nop_and_fence_run_in_order,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "batch_elements_run_in_order",
+        needs: &[],
+        run: batch_elements_run_in_order,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "batch_stops_at_a_faulting_element",
+        needs: &[Need::Domains(2)],
+        run: batch_stops_at_a_faulting_element,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "batch_stops_at_a_malformed_element",
+        needs: &[],
+        run: batch_stops_at_a_malformed_element,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "batch_max_elements_and_one_more",
+        needs: &[],
+        run: batch_max_elements_and_one_more,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "malformed_batch_descriptors_run_nothing",
+        needs: &[],
+        run: malformed_batch_descriptors_run_nothing,
+    },
+    Scenario {
+        area: Area::Ops,
+        name: "batch_list_fetch_fault",
+        needs: &[Need::Domains(2)],
+        run: batch_list_fetch_fault,
+    },
 ];
 
 /// COPY of 1 MiB of random data, verified byte for byte.
@@ -395,4 +491,946 @@ fn huge_page_buffers_on_each_node(ctx: &mut Ctx) -> TestResult {
     check_eq!(b.node(), Some(1), "node of base pages asked for on node 1");
     check_eq!(b.page_size(), PAGE_SIZE_4K, "base page size");
     Ok(())
+}
+
+/// COPY of sizes from 1 byte to 64 KiB, from and to offsets 0..63 of a page and near the
+/// end of one (so that the ranges cross page boundaries): the destination range holds the
+/// source bytes, nothing around it changes, the source is untouched.
+fn copy_sizes_and_alignments(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut rng = ctx.rng();
+    let mut cases = Vec::new();
+    for len in [1usize, 7, 63, 4095, 4096, 4097, 65535, 65536 + 13] {
+        cases.push((len, 0, 0));
+        cases.push((len, PAGE - 3, PAGE - 5));
+        for _ in 0..2 {
+            cases.push((len, rng.below(64) as usize, rng.below(64) as usize));
+        }
+    }
+    for (len, so, doff) in cases {
+        let what = format!("COPY of {len} bytes from page offset {so} to page offset {doff}");
+        let src = Guarded::new(dev, len, PAGE + so)?;
+        let dst = Guarded::new(dev, len, PAGE + doff)?;
+        let data = rng.unique(len);
+        src.write(0, &data);
+        let tag = rng.next_u64();
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::copy(src.bus(), dst.bus(), len as u32).with_tag(tag),
+        )?;
+        check_status(&c, spec::STATUS_OK, &what)?;
+        check_eq!(
+            (c.bytes, c.tag, c.result, c.fault_addr),
+            (len as u32, tag, 0, 0),
+            "{what}: completion (bytes, tag, result, fault_addr)"
+        );
+        check_bytes(&dst.read(), &data, format!("{what}: destination"))?;
+        dst.check_guards(&format!("{what}: destination"))?;
+        check_bytes(&src.read(), &data, format!("{what}: source afterwards"))?;
+        src.check_guards(&format!("{what}: source"))?;
+    }
+    Ok(())
+}
+
+/// A 1-byte COPY from the last byte of a page to an odd offset changes exactly one byte.
+fn copy_of_one_byte_touches_one_byte(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let src = Guarded::new(dev, 1, 2 * PAGE - 1)?;
+    let dst = Guarded::new(dev, 1, PAGE + 17)?;
+    check_eq!(
+        src.bus() % PAGE as u64,
+        PAGE as u64 - 1,
+        "the source byte is the last of its page"
+    );
+    let mut rng = ctx.rng();
+    let byte = rng
+        .unique(64)
+        .into_iter()
+        .find(|&b| b != CANARY)
+        .unwrap_or(0);
+    src.write(0, &[byte]);
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::copy(src.bus(), dst.bus(), 1).with_tag(1),
+    )?;
+    check_status(&c, spec::STATUS_OK, "1-byte COPY")?;
+    check_eq!(c.bytes, 1, "1-byte COPY bytes");
+    check_eq!(dst.read(), vec![byte], "the copied byte");
+    dst.check_guards("1-byte COPY destination")?;
+    check_eq!(src.read(), vec![byte], "the source byte afterwards");
+    src.check_guards("1-byte COPY source")
+}
+
+/// COPY of 3 MiB + 12345 bytes (longer than a transfer chunk) between odd offsets: every
+/// byte lands, nothing around the range changes.
+fn copy_longer_than_a_chunk_at_odd_offsets(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut rng = ctx.rng();
+    let len = 3 * MIB + 12345;
+    let so = 1 + 2 * rng.below(32) as usize;
+    let doff = (so + 1 + rng.below(62) as usize) % 64;
+    for (so, doff) in [(so, doff), (63, 0)] {
+        let what = format!("COPY of {len} bytes from page offset {so} to page offset {doff}");
+        let src = Guarded::new(dev, len, PAGE + so)?;
+        let dst = Guarded::new(dev, len, PAGE + doff)?;
+        let data = rng.unique(len);
+        src.write(0, &data);
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::copy(src.bus(), dst.bus(), len as u32).with_tag(0x3c),
+        )?;
+        check_status(&c, spec::STATUS_OK, &what)?;
+        check_eq!((c.bytes, c.tag), (len as u32, 0x3c), "{what}: bytes, tag");
+        check_bytes(&dst.read(), &data, format!("{what}: destination"))?;
+        dst.check_guards(&what)?;
+        check_bytes(&src.read(), &data, format!("{what}: source afterwards"))?;
+    }
+    Ok(())
+}
+
+/// FILL repeats its 64-bit little-endian pattern from the first byte of the range, whatever
+/// the range's alignment (byte i is byte i mod 8 of the pattern), across page boundaries;
+/// the bytes around the range are untouched; result 0.
+fn fill_pattern_phase_from_an_unaligned_start(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut rng = ctx.rng();
+    for (lead, len) in [
+        (PAGE - 3, 5000usize),
+        (PAGE + 1, 7),
+        (PAGE + 5, 200_001),
+        (2 * PAGE - 1, 3 * PAGE + 5),
+    ] {
+        let what = format!("FILL of {len} bytes at page offset {}", lead % PAGE);
+        let dst = Guarded::new(dev, len, lead)?;
+        let pattern = rng.next_u64();
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::fill(dst.bus(), pattern, len as u32).with_tag(pattern),
+        )?;
+        check_status(&c, spec::STATUS_OK, &what)?;
+        check_eq!(
+            (c.bytes, c.result, c.tag),
+            (len as u32, 0, pattern),
+            "{what}: bytes, result, tag"
+        );
+        check_bytes(&dst.read(), &pattern_bytes(pattern, len), &what)?;
+        dst.check_guards(&what)?;
+    }
+    Ok(())
+}
+
+/// COMPARE of two equal ranges (at an offset, over page boundaries) completes with result 0
+/// and bytes = length; neither side is written.
+fn compare_of_equal_buffers_is_zero(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let len = 3 * PAGE - 10;
+    let a = Guarded::new(dev, len, PAGE + 5)?;
+    let b = Guarded::new(dev, len, PAGE + 5)?;
+    let data = ctx.rng().unique(len);
+    a.write(0, &data);
+    b.write(0, &data);
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::compare(a.bus(), b.bus(), len as u32).with_tag(0xc0),
+    )?;
+    check_status(&c, spec::STATUS_OK, "COMPARE of equal ranges")?;
+    check_eq!(
+        (c.result, c.bytes, c.tag),
+        (0, len as u32, 0xc0),
+        "COMPARE of equal ranges: result, bytes, tag"
+    );
+    check_bytes(&a.read(), &data, "first source afterwards")?;
+    check_bytes(&b.read(), &data, "second source afterwards")?;
+    a.check_guards("first source")?;
+    b.check_guards("second source")
+}
+
+/// COMPARE reports 1 + the offset of the first difference (relative to the start of the
+/// compared range): at the first byte, the second, either side of page and 64 KiB
+/// boundaries and the last byte; of two differences the first counts; bytes is the length
+/// whatever the result; the sources are only read.
+fn compare_reports_one_plus_the_first_difference(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let len = 300_000usize;
+    let a = Guarded::new(dev, len, PAGE + 3)?;
+    let b = Guarded::new(dev, len, PAGE + 3)?;
+    let data = ctx.rng().unique(len);
+    a.write(0, &data);
+    b.write(0, &data);
+    let mut cmp = |off: usize, n: usize, what: &str| -> Result<u64, Failure> {
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::compare(a.bus() + off as u64, b.bus() + off as u64, n as u32),
+        )?;
+        check_status(&c, spec::STATUS_OK, what)?;
+        check_eq!(c.bytes, n as u32, "{what}: bytes");
+        Ok(c.result)
+    };
+    for at in [0usize, 1, 4095, 4096, 65535, 65536, 131_071, len - 1] {
+        b.write(at, &[!data[at]]);
+        let what = format!("COMPARE with a difference at {at:#x}");
+        check_eq!(cmp(0, len, &what)?, at as u64 + 1, "{what}: result");
+        b.write(at, &[data[at]]);
+    }
+    // Two differences: the first counts.
+    b.write(5000, &[!data[5000]]);
+    b.write(9000, &[!data[9000]]);
+    check_eq!(
+        cmp(0, len, "COMPARE with differences at 5000 and 9000")?,
+        5001,
+        "COMPARE with differences at 5000 and 9000: result"
+    );
+    // From an offset: relative to the start of the range.
+    check_eq!(
+        cmp(4000, 2000, "COMPARE of 2000 bytes at 4000")?,
+        1001,
+        "COMPARE of 2000 bytes from 4000 with a difference at 5000: result"
+    );
+    check_eq!(
+        cmp(5001, 3000, "COMPARE of 3000 bytes at 5001")?,
+        0,
+        "COMPARE of the equal bytes between the differences"
+    );
+    b.write(5000, &[data[5000]]);
+    b.write(9000, &[data[9000]]);
+    check_bytes(&a.read(), &data, "first source afterwards")?;
+    check_bytes(&b.read(), &data, "second source afterwards")?;
+    a.check_guards("first source")?;
+    b.check_guards("second source")
+}
+
+/// In a translated domain, a COMPARE whose first difference is in its second page ends
+/// there: the fifth page of the second range, which is not mapped, is never translated
+/// (result 1 + offset, no fault). Without the difference the same COMPARE faults at that
+/// page, so it really is missing.
+fn compare_stops_at_the_first_difference(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let io = Iovas::for_device(&caps);
+    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
+    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
+    let (mut q, cpl) = queue_in_domain(
+        dev,
+        &mut dom,
+        QueueConfig::new(0, 16, 0),
+        io.ring,
+        io.cpl,
+        2,
+    )?;
+    let len = 5 * PAGE;
+    let a = dev.alloc_dma(DmaRequest::new(len))?;
+    let b = dev.alloc_dma(DmaRequest::new(len))?;
+    let data = ctx.rng().unique(len);
+    a.write(0, &data);
+    b.write(0, &data);
+    dom.map(io.src, a.bus_addr(), len as u64, Perm::R, PageSize::Size4K)?;
+    dom.map(
+        io.dst,
+        b.bus_addr(),
+        4 * PAGE as u64,
+        Perm::R,
+        PageSize::Size4K,
+    )?;
+    b.write(0x1234, &[!data[0x1234]]);
+    let count0 = log.count()?;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::compare(io.src, io.dst, len as u32).with_tag(1),
+    )?;
+    check_status(&c, spec::STATUS_OK, "COMPARE with a difference in page 1")?;
+    check_eq!(c.result, 0x1235, "COMPARE result");
+    check_eq!(log.count()?, count0, "REG_FLOG_COUNT (no fault)");
+    check_eq!(
+        dstat(dev, 1, spec::DSTAT_FAULTS)?,
+        0,
+        "DSTAT_FAULTS of domain 1"
+    );
+
+    b.write(0x1234, &[data[0x1234]]);
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        1,
+        Descriptor::compare(io.src, io.dst, len as u32).with_tag(2),
+    )?;
+    check_fault(
+        &c,
+        spec::FAULT_NOT_PRESENT,
+        io.dst + 4 * PAGE as u64,
+        false,
+        "COMPARE of equal pages up to the unmapped one",
+    )?;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.iova),
+        (spec::FAULT_NOT_PRESENT, io.dst + 4 * PAGE as u64),
+        "fault record ({r})"
+    );
+    check_bytes(&a.to_vec(0, len), &data, "first source afterwards")?;
+    check_bytes(&b.to_vec(0, len), &data, "second source afterwards")
+}
+
+/// CRC32C check values: "123456789" (here across a page boundary) is 0xe3069283, 32 zero
+/// bytes are 0x8a9136aa (RFC 3720 B.4), as the software CRC says too.
+fn crc32c_known_vectors(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    check_eq!(crc32c(b"123456789"), 0xe306_9283, "software CRC32C");
+    check_eq!(crc32c(&[0; 32]), 0x8a91_36aa, "software CRC32C of 32 zeros");
+    let buf = dev.alloc_dma(DmaRequest::new(2 * PAGE))?;
+    buf.write(PAGE - 4, b"123456789");
+    buf.fill(PAGE + 64, 32, 0);
+    for (off, len, want, what) in [
+        (
+            PAGE - 4,
+            9usize,
+            0xe306_9283u64,
+            "\"123456789\" across a page boundary",
+        ),
+        (PAGE + 64, 32, 0x8a91_36aa, "32 zero bytes"),
+    ] {
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32).with_tag(len as u64),
+        )?;
+        check_status(&c, spec::STATUS_OK, format!("CRC32C of {what}"))?;
+        check_eq!(
+            (c.result, c.bytes, c.tag),
+            (want, len as u32, len as u64),
+            "CRC32C of {what}: result, bytes, tag"
+        );
+    }
+    check_eq!(
+        buf.to_vec(PAGE - 4, 9),
+        b"123456789".to_vec(),
+        "CRC32C source afterwards"
+    );
+    Ok(())
+}
+
+/// CRC32C of long and odd ranges (over several transfer chunks, at odd offsets, one
+/// byte) equals the software CRC32C; the source is only read.
+fn crc32c_of_long_buffers_matches_software(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let size = 3 * MIB;
+    let buf = dev.alloc_dma(DmaRequest::new(size))?;
+    let data = ctx.rng().unique(size);
+    buf.write(0, &data);
+    for (off, len) in [
+        (1usize, 2 * MIB + 777),
+        (33, 4 * PAGE + 1),
+        (PAGE - 1, 1),
+        (3 * PAGE + 7, 65535),
+        (0, size),
+    ] {
+        let what = format!("CRC32C of {len} bytes at {off:#x}");
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32),
+        )?;
+        check_status(&c, spec::STATUS_OK, &what)?;
+        check_eq!(
+            (c.result, c.bytes),
+            (u64::from(crc32c(&data[off..off + len])), len as u32),
+            "{what}: result, bytes"
+        );
+    }
+    check_bytes(&buf.to_vec(0, size), &data, "CRC32C source afterwards")
+}
+
+/// NOP and FENCE: one doorbell submits COPY, a fenced NOP, a fenced CRC32C and a fenced
+/// COMPARE of the copy's destination, and a fenced NOP asking for an interrupt; all
+/// complete in order with their tags, NOPs move nothing (bytes 0, result 0), the CRC and
+/// the COMPARE see the copied data, and one interrupt arrives.
+fn nop_and_fence_run_in_order(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 5)?;
+    let len = 2 * PAGE;
+    let src = dev.alloc_dma(DmaRequest::new(len))?;
+    let dst = Guarded::new(dev, len, PAGE)?;
+    let data = ctx.rng().unique(len);
+    src.write(0, &data);
+    let completed0 = q.read_reg(spec::Q_COMPLETED)?;
+    let descs = [
+        Descriptor::copy(src.bus_addr(), dst.bus(), len as u32),
+        Descriptor::nop().with_fence(),
+        Descriptor::crc32c(dst.bus(), len as u32).with_fence(),
+        Descriptor::compare(src.bus_addr(), dst.bus(), len as u32).with_fence(),
+        Descriptor::nop().with_fence().with_interrupt(),
+    ];
+    let descs: Vec<Descriptor> = descs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            cpl.clear(i);
+            d.with_tag(0x100 + i as u64)
+                .with_completion(cpl.device_addr(i))
+        })
+        .collect();
+    drain_interrupts(dev)?;
+    q.submit(&descs)?;
+    let want = [
+        (len as u32, 0u64),
+        (0, 0),
+        (len as u32, u64::from(crc32c(&data))),
+        (len as u32, 0),
+        (0, 0),
+    ];
+    for (i, (bytes, result)) in want.into_iter().enumerate() {
+        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
+        check_status(&c, spec::STATUS_OK, format!("descriptor {i}"))?;
+        check_eq!(
+            (c.tag, c.bytes, c.result),
+            (0x100 + i as u64, bytes, result),
+            "descriptor {i}: tag, bytes, result"
+        );
+    }
+    check_bytes(&dst.read(), &data, "COPY destination")?;
+    dst.check_guards("COPY destination")?;
+    q.wait_idle(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
+        5,
+        "Q_COMPLETED delta"
+    );
+    check!(
+        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
+        "no interrupt for the last NOP within {IRQ_TIMEOUT:?}"
+    );
+    check_eq!(
+        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
+        0,
+        "interrupts beyond the one the last NOP asked for"
+    );
+    Ok(())
+}
+
+/// A BATCH runs its elements in order as one descriptor: COPY, fenced NOP, a FILL over
+/// part of what the COPY wrote (so the order shows), a second COPY. One completion with
+/// bytes = the sum, result = 4 elements, the tag; counted as one descriptor.
+fn batch_elements_run_in_order(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let len = 3 * PAGE;
+    let src = dev.alloc_dma(DmaRequest::new(len))?;
+    let dst = Guarded::new(dev, len, PAGE)?;
+    let mut rng = ctx.rng();
+    let data = rng.unique(len);
+    src.write(0, &data);
+    let pattern = rng.next_u64();
+    let (s, d) = (src.bus_addr(), dst.bus());
+    let list = write_list(
+        dev,
+        &[
+            Descriptor::copy(s, d, 2 * PAGE as u32),
+            Descriptor::nop().with_fence(),
+            Descriptor::fill(d + PAGE as u64, pattern, 100),
+            Descriptor::copy(s + 2 * PAGE as u64, d + 2 * PAGE as u64, PAGE as u32),
+        ],
+    )?;
+    let completed0 = q.read_reg(spec::Q_COMPLETED)?;
+    let descriptors0 = qstat(dev, 0, spec::QSTAT_DESCRIPTORS)?;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::batch(list.bus_addr(), 4).with_tag(0xba7c),
+    )?;
+    check_status(&c, spec::STATUS_OK, "BATCH")?;
+    check_eq!(
+        (c.bytes, c.result, c.tag),
+        ((3 * PAGE + 100) as u32, 4, 0xba7c),
+        "BATCH bytes, result, tag"
+    );
+    let mut want = data.clone();
+    want[PAGE..PAGE + 100].copy_from_slice(&pattern_bytes(pattern, 100));
+    check_bytes(&dst.read(), &want, "destination after the BATCH")?;
+    dst.check_guards("BATCH destination")?;
+    check_bytes(&src.to_vec(0, len), &data, "source afterwards")?;
+    q.wait_idle(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
+        1,
+        "Q_COMPLETED delta: a BATCH is one descriptor"
+    );
+    check_eq!(
+        qstat(dev, 0, spec::QSTAT_DESCRIPTORS)? - descriptors0,
+        1,
+        "QSTAT_DESCRIPTORS delta: a BATCH is one descriptor"
+    );
+    Ok(())
+}
+
+/// A BATCH whose second element faults (its destination runs off a one-page mapping)
+/// stops there: DMA_ERROR with the fault, bytes = the first element's plus what the second
+/// moved before its fault, result 1; the third element, which would write a guarded
+/// buffer, does not run; the fault is logged.
+fn batch_stops_at_a_faulting_element(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let io = Iovas::for_device(&caps);
+    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
+    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
+    let (mut q, cpl) = queue_in_domain(
+        dev,
+        &mut dom,
+        QueueConfig::new(0, 16, 0),
+        io.ring,
+        io.cpl,
+        1,
+    )?;
+    let src = dev.alloc_dma(DmaRequest::new(2 * PAGE))?;
+    let data = ctx.rng().unique(2 * PAGE);
+    src.write(0, &data);
+    dom.map_buffer(io.src, &src, Perm::R)?;
+    // One destination page mapped; the guards around it are not.
+    let dst = Guarded::new(dev, PAGE, PAGE)?;
+    dom.map(io.dst, dst.bus(), PAGE as u64, Perm::RW, PageSize::Size4K)?;
+    let later = Guarded::new(dev, PAGE, PAGE)?;
+    dom.map(
+        io.data,
+        later.bus(),
+        PAGE as u64,
+        Perm::RW,
+        PageSize::Size4K,
+    )?;
+    let list_iova = io.data + 0x10_0000;
+    let list = write_list(
+        dev,
+        &[
+            Descriptor::copy(io.src, io.dst, 1000),
+            Descriptor::copy(io.src + PAGE as u64, io.dst + 2000, PAGE as u32),
+            Descriptor::fill(io.data, 0xffff_ffff_ffff_ffff, 64),
+        ],
+    )?;
+    dom.map(
+        list_iova,
+        list.bus_addr(),
+        PAGE as u64,
+        Perm::R,
+        PageSize::Size4K,
+    )?;
+    let seq = log.count()?;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::batch(list_iova, 3).with_tag(0xba7d),
+    )?;
+    check_fault(
+        &c,
+        spec::FAULT_NOT_PRESENT,
+        io.dst + PAGE as u64,
+        true,
+        "BATCH whose second element runs off its mapping",
+    )?;
+    check_eq!(
+        (c.bytes, c.result, c.tag),
+        (1000 + (PAGE as u32 - 2000), 1, 0xba7d),
+        "BATCH bytes, elements completed, tag"
+    );
+    let mut want = vec![CANARY; PAGE];
+    want[..1000].copy_from_slice(&data[..1000]);
+    want[2000..].copy_from_slice(&data[PAGE..2 * PAGE - 2000]);
+    check_bytes(&dst.read(), &want, "destination of the first two elements")?;
+    dst.check_guards("destination")?;
+    check_all(
+        &later.read(),
+        CANARY,
+        "the third element's destination (it must not run)",
+    )?;
+    later.check_guards("the third element's destination")?;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
+        (
+            spec::FAULT_NOT_PRESENT,
+            spec::ACCESS_WRITE,
+            1,
+            0,
+            io.dst + PAGE as u64,
+            1,
+            seq
+        ),
+        "fault record ({r})"
+    );
+    Ok(())
+}
+
+/// A BATCH with a malformed second element (an opcode not allowed in a list, a nested
+/// BATCH, an element with a completion record or an interrupt, length 0, an unknown
+/// opcode) completes with INVALID_DESCRIPTOR at that element's address after the first
+/// element ran (result 1, bytes 64), and logs a DESCRIPTOR_INVALID record for that
+/// element; the third element and the element's completion record are never written.
+fn batch_stops_at_a_malformed_element(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let mut log = FaultLog::enable(dev, 16, caps.fault_vector())?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let src = dev.alloc_dma(DmaRequest::new(PAGE))?;
+    let data = ctx.rng().unique(PAGE);
+    src.write(0, &data);
+    let dst = Guarded::new(dev, 64, PAGE)?;
+    let later = Guarded::new(dev, 64, PAGE)?;
+    let spare = Guarded::new(dev, 32, PAGE)?;
+    let s = src.bus_addr();
+    let good = Descriptor::copy(s, dst.bus(), 64);
+    let other = dev.alloc_dma(DmaRequest::new(PAGE))?;
+    let bad: [(&str, Descriptor); 7] = [
+        ("COMPARE", Descriptor::compare(s, other.bus_addr(), 64)),
+        ("CRC32C", Descriptor::crc32c(s, 64)),
+        ("nested BATCH", Descriptor::batch(other.bus_addr(), 1)),
+        (
+            "element with a completion record",
+            Descriptor::copy(s, other.bus_addr(), 64).with_completion(spare.bus()),
+        ),
+        (
+            "element asking for an interrupt",
+            Descriptor::copy(s, other.bus_addr(), 64).with_interrupt(),
+        ),
+        (
+            "element of length 0",
+            Descriptor::copy(s, other.bus_addr(), 0),
+        ),
+        (
+            "unknown opcode",
+            Descriptor {
+                opcode: 0x7f,
+                ..good
+            },
+        ),
+    ];
+    for (seq, (what, b)) in (log.count()?..).zip(bad) {
+        dst.write(0, &[CANARY; 64]);
+        let list = write_list(
+            dev,
+            &[
+                good,
+                b,
+                Descriptor::fill(later.bus(), 0xffff_ffff_ffff_ffff, 64),
+            ],
+        )?;
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            0,
+            Descriptor::batch(list.bus_addr(), 3).with_tag(7),
+        )?;
+        check_status(
+            &c,
+            spec::STATUS_INVALID_DESCRIPTOR,
+            format!("BATCH with {what}"),
+        )?;
+        check_eq!(
+            (
+                c.fault_reason,
+                c.fault_access,
+                c.fault_addr,
+                c.result,
+                c.bytes,
+                c.tag
+            ),
+            (
+                spec::FAULT_DESCRIPTOR_INVALID,
+                spec::ACCESS_DESCRIPTOR,
+                list.bus_addr() + spec::DESC_SIZE,
+                1,
+                64,
+                7
+            ),
+            "BATCH with {what}: (reason, access, fault_addr, result, bytes, tag)"
+        );
+        let r = log.wait(COMPLETION_TIMEOUT)?;
+        check_eq!(
+            (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
+            (
+                spec::FAULT_DESCRIPTOR_INVALID,
+                spec::ACCESS_DESCRIPTOR,
+                0,
+                0,
+                list.bus_addr() + spec::DESC_SIZE,
+                0,
+                seq
+            ),
+            "BATCH with {what}: fault record ({r})"
+        );
+        check_bytes(
+            &dst.read(),
+            &data[..64],
+            format!("BATCH with {what}: first element"),
+        )?;
+        check_all(
+            &later.read(),
+            CANARY,
+            format!("BATCH with {what}: the element after the bad one"),
+        )?;
+        check_all(
+            &spare.read(),
+            CANARY,
+            format!("BATCH with {what}: the element's completion record"),
+        )?;
+        for (g, name) in [(&dst, "first"), (&later, "third"), (&spare, "record")] {
+            g.check_guards(&format!("BATCH with {what}: {name}"))?;
+        }
+        check_all(
+            &other.to_vec(0, PAGE),
+            0,
+            format!("BATCH with {what}: the bad element's destination"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A BATCH of BATCH_MAX (64) FILL elements runs them all (result 64, every slot its own
+/// pattern); a BATCH of 65 is malformed: INVALID_DESCRIPTOR at the BATCH descriptor's own
+/// address, result 0, bytes 0, and none of its elements runs.
+fn batch_max_elements_and_one_more(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    check!(
+        caps.supports_op(spec::OP_BATCH),
+        "CAP_OPS {:#x} lacks BATCH",
+        caps.ops
+    );
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let n = spec::BATCH_MAX as usize;
+    let slot = 64usize;
+    let mut rng = ctx.rng();
+    let dst = Guarded::new(dev, n * slot, PAGE)?;
+    let patterns: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+    let elems: Vec<Descriptor> = patterns
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Descriptor::fill(dst.bus() + (i * slot) as u64, p, slot as u32))
+        .collect();
+    let list = write_list(dev, &elems)?;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::batch(list.bus_addr(), n as u32).with_tag(64),
+    )?;
+    check_status(&c, spec::STATUS_OK, "BATCH of BATCH_MAX elements")?;
+    check_eq!(
+        (c.result, c.bytes, c.tag),
+        (n as u64, (n * slot) as u32, 64),
+        "BATCH of BATCH_MAX elements: result, bytes, tag"
+    );
+    let want: Vec<u8> = patterns
+        .iter()
+        .flat_map(|&p| pattern_bytes(p, slot))
+        .collect();
+    check_bytes(&dst.read(), &want, "the 64 filled slots")?;
+    dst.check_guards("BATCH of BATCH_MAX elements")?;
+
+    let other = Guarded::new(dev, (n + 1) * slot, PAGE)?;
+    let elems: Vec<Descriptor> = (0..=n)
+        .map(|i| Descriptor::fill(other.bus() + (i * slot) as u64, !0, slot as u32))
+        .collect();
+    let list = write_list(dev, &elems)?;
+    let at = q.ring_iova() + u64::from(q.tail()) * spec::DESC_SIZE;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::batch(list.bus_addr(), n as u32 + 1).with_tag(65),
+    )?;
+    check_status(
+        &c,
+        spec::STATUS_INVALID_DESCRIPTOR,
+        "BATCH of BATCH_MAX + 1 elements",
+    )?;
+    check_eq!(
+        (c.fault_reason, c.fault_addr, c.result, c.bytes, c.tag),
+        (spec::FAULT_DESCRIPTOR_INVALID, at, 0, 0, 65),
+        "BATCH of BATCH_MAX + 1: (reason, fault_addr = the descriptor, result, bytes, tag)"
+    );
+    check_all(&other.read(), CANARY, "elements of the refused BATCH")?;
+    other.check_guards("elements of the refused BATCH")
+}
+
+/// Malformed BATCH descriptors (no elements, a list not aligned to a descriptor, a
+/// destination set) complete with INVALID_DESCRIPTOR, result 0, bytes 0, and run none of
+/// the list's (valid) elements.
+fn malformed_batch_descriptors_run_nothing(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let dst = Guarded::new(dev, 2 * 64, PAGE)?;
+    let list = write_list(
+        dev,
+        &[
+            Descriptor::fill(dst.bus(), !0, 64),
+            Descriptor::fill(dst.bus() + 64, !0, 64),
+        ],
+    )?;
+    let l = list.bus_addr();
+    for (what, d) in [
+        ("BATCH of 0 elements", Descriptor::batch(l, 0)),
+        ("BATCH with a misaligned list", Descriptor::batch(l + 8, 1)),
+        (
+            "BATCH with a destination",
+            Descriptor {
+                dst: dst.bus(),
+                ..Descriptor::batch(l, 1)
+            },
+        ),
+    ] {
+        let at = q.ring_iova() + u64::from(q.tail()) * spec::DESC_SIZE;
+        let c = run_desc(&mut q, &cpl, 0, d.with_tag(0xbad))?;
+        check_status(&c, spec::STATUS_INVALID_DESCRIPTOR, what)?;
+        check_eq!(
+            (
+                c.fault_reason,
+                c.fault_access,
+                c.fault_addr,
+                c.result,
+                c.bytes,
+                c.tag
+            ),
+            (
+                spec::FAULT_DESCRIPTOR_INVALID,
+                spec::ACCESS_DESCRIPTOR,
+                at,
+                0,
+                0,
+                0xbad
+            ),
+            "{what}: (reason, access, fault_addr, result, bytes, tag)"
+        );
+        check_all(&dst.read(), CANARY, format!("{what}: the list's elements"))?;
+        dst.check_guards(what)?;
+    }
+    // The list itself is fine.
+    let c = run_desc(&mut q, &cpl, 0, Descriptor::batch(l, 2))?;
+    check_status(&c, spec::STATUS_OK, "the same list in a well-formed BATCH")?;
+    check_all(
+        &dst.read(),
+        0xff,
+        "the list's elements in a well-formed BATCH",
+    )
+}
+
+/// A BATCH list that runs into an unmapped page of the queue's domain: the first element
+/// (the last descriptor of the mapped page) runs, the fetch of the second faults
+/// (NOT_PRESENT, a descriptor read at the page boundary): DMA_ERROR, result 1, bytes 64.
+fn batch_list_fetch_fault(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let io = Iovas::for_device(&caps);
+    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
+    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
+    let (mut q, cpl) = queue_in_domain(
+        dev,
+        &mut dom,
+        QueueConfig::new(0, 16, 0),
+        io.ring,
+        io.cpl,
+        1,
+    )?;
+    let dst = Guarded::new(dev, PAGE, PAGE)?;
+    dom.map(io.dst, dst.bus(), PAGE as u64, Perm::RW, PageSize::Size4K)?;
+    let list = dev.alloc_dma(DmaRequest::new(PAGE))?;
+    dom.map(
+        io.data,
+        list.bus_addr(),
+        PAGE as u64,
+        Perm::R,
+        PageSize::Size4K,
+    )?;
+    let pattern = ctx.rng().next_u64();
+    list.write(
+        PAGE - spec::DESC_SIZE as usize,
+        &BatchElement(Descriptor::fill(io.dst, pattern, 64)).encode(),
+    );
+    let end = io.data + PAGE as u64;
+    let c = run_desc(
+        &mut q,
+        &cpl,
+        0,
+        Descriptor::batch(end - spec::DESC_SIZE, 2).with_tag(2),
+    )?;
+    check_fault(
+        &c,
+        spec::FAULT_NOT_PRESENT,
+        end,
+        false,
+        "BATCH list running into an unmapped page",
+    )?;
+    check_eq!(
+        (c.fault_access & spec::ACCESS_DESCRIPTOR, c.result, c.bytes),
+        (spec::ACCESS_DESCRIPTOR, 1, 64),
+        "BATCH list fetch fault: (descriptor access, result, bytes)"
+    );
+    let mut want = pattern_bytes(pattern, 64);
+    want.resize(PAGE, CANARY);
+    check_bytes(&dst.read(), &want, "the first element's destination")?;
+    dst.check_guards("the first element's destination")?;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access, r.domain, r.iova, r.level),
+        (spec::FAULT_NOT_PRESENT, spec::ACCESS_DESCRIPTOR, 1, end, 1),
+        "fault record ({r})"
+    );
+    Ok(())
+}
+
+/// `len` bytes of FILL's output: byte i is byte i mod 8 of the little-endian pattern.
+fn pattern_bytes(pattern: u64, len: usize) -> Vec<u8> {
+    pattern
+        .to_le_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// A BATCH list of `elems` in fresh DMA memory (at its bus address: for a pass-through
+/// domain, or to map into a translated one).
+fn write_list(dev: &dyn DmaBackend, elems: &[Descriptor]) -> Result<DmaBuffer, Failure> {
+    let size = spec::DESC_SIZE as usize;
+    let list = dev.alloc_dma(DmaRequest::new((elems.len() * size).max(PAGE)))?;
+    for (i, e) in elems.iter().enumerate() {
+        list.write(i * size, &BatchElement(*e).encode());
+    }
+    Ok(list)
 }

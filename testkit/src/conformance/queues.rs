@@ -1,5 +1,9 @@
 //! Conformance: queues: rings, MSI-X per queue, coalescing, halt and resume, several at once.
 
+use std::time::Instant;
+
+use domdma_driver_model::domain::set_passthrough;
+
 use super::prelude::*;
 
 /// The scenarios of this area.
@@ -19,7 +23,7 @@ pub(super) const SCENARIOS: &[Scenario] = &[
     Scenario {
         area: Area::Queues,
         name: "multi_queue",
-        needs: &[Need::Queues(4), Need::Domains(4)],
+        needs: &[Need::Interrupts, Need::Queues(4), Need::Domains(4)],
         run: multi_queue,
     },
     Scenario {
@@ -33,6 +37,90 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         name: "interrupt_coalescing",
         needs: &[Need::Interrupts],
         run: interrupt_coalescing,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "bad_configuration_halts_until_disabled",
+        needs: &[],
+        run: bad_configuration_halts_until_disabled,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "configuration_is_frozen_while_enabled",
+        needs: &[Need::Domains(2)],
+        run: configuration_is_frozen_while_enabled,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "bad_tail_halts_until_disabled",
+        needs: &[],
+        run: bad_tail_halts_until_disabled,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "halted_queue_takes_doorbells_and_resume_runs_them",
+        needs: &[],
+        run: halted_queue_takes_doorbells_and_resume_runs_them,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "without_halt_on_fault_the_queue_goes_on",
+        needs: &[],
+        run: without_halt_on_fault_the_queue_goes_on,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "halt_on_fault_also_for_invalid_descriptors_and_lost_completions",
+        needs: &[],
+        run: halt_on_fault_also_for_invalid_descriptors_and_lost_completions,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "fetch_fault_mid_ring_halts_at_that_descriptor",
+        needs: &[Need::Domains(2)],
+        run: fetch_fault_mid_ring_halts_at_that_descriptor,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "interrupt_only_when_asked_on_the_queue_vector",
+        needs: &[Need::Interrupts, Need::Queues(3)],
+        run: interrupt_only_when_asked_on_the_queue_vector,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "msix_vector_per_queue",
+        needs: &[Need::Interrupts, Need::Queues(4)],
+        run: msix_vector_per_queue,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "four_queues_in_four_domains_stay_isolated",
+        needs: &[Need::Queues(4), Need::Domains(5), Need::HugePages(4)],
+        run: four_queues_in_four_domains_stay_isolated,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "a_halted_queue_does_not_stop_the_others",
+        needs: &[Need::Queues(3), Need::Domains(3)],
+        run: a_halted_queue_does_not_stop_the_others,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "coalescing_count_zero_and_one_is_every_completion",
+        needs: &[Need::Interrupts],
+        run: coalescing_count_zero_and_one_is_every_completion,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "coalescing_counts_only_completions_that_ask",
+        needs: &[Need::Interrupts],
+        run: coalescing_counts_only_completions_that_ask,
+    },
+    Scenario {
+        area: Area::Queues,
+        name: "disable_aborts_the_descriptor_in_flight",
+        needs: &[Need::HugePages(LONG_JOB_HUGE_PAGES), Need::Interrupts],
+        run: disable_aborts_the_descriptor_in_flight,
     },
 ];
 
@@ -430,5 +518,1146 @@ fn interrupt_coalescing(ctx: &mut Ctx) -> TestResult {
         "a second interrupt for the same batch"
     );
     q.disable()?;
+    Ok(())
+}
+
+/// Enabling a queue with a bad size (3, 0, 1, above Q_SIZE_MAX), a base not aligned to a
+/// descriptor or a domain that does not exist halts it with HALT_BAD_CONFIG; it still
+/// takes doorbells (the tail moves, nothing runs; one at or past the size is ignored);
+/// RESUME does not clear it, disabling does; a good configuration then enables it.
+fn bad_configuration_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let ring = dev.alloc_dma(DmaRequest::new(PAGE))?;
+    let base = ring.bus_addr();
+    let reg = |r| spec::queue_reg(0, r);
+    let halted = (
+        spec::Q_STATUS_ENABLED | spec::Q_STATUS_ERROR,
+        spec::HALT_BAD_CONFIG,
+    );
+    for (what, b, size, domain) in [
+        ("size 3 (not a power of two)", base, 3, 0),
+        ("size 0", base, 0, 0),
+        ("size 1 (below Q_SIZE_MIN)", base, 1, 0),
+        ("twice Q_SIZE_MAX", base, 2 * spec::Q_SIZE_MAX, 0),
+        ("a base not aligned to a descriptor", base + 32, 8, 0),
+        ("a domain that does not exist", base, 8, caps.domains),
+    ] {
+        check_eq!(
+            program(dev, 0, b, size, domain)?,
+            halted,
+            "queue enabled with {what}: (Q_STATUS, Q_HALT_REASON)"
+        );
+        if size > 1 {
+            dev.write32(reg(spec::Q_TAIL), 1)?;
+            check_eq!(
+                (
+                    dev.read32(reg(spec::Q_TAIL))?,
+                    dev.read32(reg(spec::Q_HEAD))?
+                ),
+                (1, 0),
+                "{what}: (Q_TAIL, Q_HEAD) after a doorbell on the halted queue"
+            );
+        }
+        if size == 3 {
+            dev.write32(reg(spec::Q_TAIL), 3)?;
+            check_eq!(
+                (
+                    dev.read32(reg(spec::Q_TAIL))?,
+                    dev.read32(reg(spec::Q_HALT_REASON))?
+                ),
+                (1, spec::HALT_BAD_CONFIG),
+                "{what}: (Q_TAIL, Q_HALT_REASON) after a doorbell at the ring size (ignored)"
+            );
+        }
+        dev.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE | spec::Q_CTRL_RESUME)?;
+        check_eq!(
+            (
+                dev.read32(reg(spec::Q_STATUS))?,
+                dev.read32(reg(spec::Q_HALT_REASON))?
+            ),
+            halted,
+            "{what}: (Q_STATUS, Q_HALT_REASON) after RESUME"
+        );
+        dev.write32(reg(spec::Q_CTRL), 0)?;
+        check_eq!(
+            (
+                dev.read32(reg(spec::Q_STATUS))?,
+                dev.read32(reg(spec::Q_HALT_REASON))?
+            ),
+            (0, spec::HALT_NONE),
+            "{what}: (Q_STATUS, Q_HALT_REASON) after disabling"
+        );
+    }
+    check_eq!(
+        program(dev, 0, base, 8, 0)?,
+        (spec::Q_STATUS_ENABLED, spec::HALT_NONE),
+        "queue enabled with a good configuration: (Q_STATUS, Q_HALT_REASON)"
+    );
+    dev.write32(reg(spec::Q_CTRL), 0)?;
+    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(8))?;
+    check_status(&c, spec::STATUS_OK, "a NOP on the well-configured queue")
+}
+
+/// While a queue is enabled its base, size and domain ignore writes: they read as
+/// programmed and the queue keeps running from its ring.
+fn configuration_is_frozen_while_enabled(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
+    let cpl = CompletionRecords::new(dev, 2)?;
+    let reg = |r| spec::queue_reg(0, r);
+    let regs = [
+        spec::Q_BASE_LO,
+        spec::Q_BASE_HI,
+        spec::Q_SIZE,
+        spec::Q_DOMAIN,
+    ];
+    let before = regs
+        .iter()
+        .map(|&r| dev.read32(reg(r)))
+        .collect::<Result<Vec<u32>, _>>()?;
+    check_eq!(
+        (before[0], before[1], before[2], before[3]),
+        (q.ring_iova() as u32, (q.ring_iova() >> 32) as u32, 8, 0),
+        "(Q_BASE_LO, Q_BASE_HI, Q_SIZE, Q_DOMAIN) as programmed"
+    );
+    for (r, v) in [
+        (spec::Q_BASE_LO, before[0] ^ 0x1000),
+        (spec::Q_BASE_HI, before[1] ^ 1),
+        (spec::Q_SIZE, 16),
+        (spec::Q_DOMAIN, 1),
+    ] {
+        dev.write32(reg(r), v)?;
+    }
+    let after = regs
+        .iter()
+        .map(|&r| dev.read32(reg(r)))
+        .collect::<Result<Vec<u32>, _>>()?;
+    check_eq!(
+        after,
+        before,
+        "(Q_BASE_LO, Q_BASE_HI, Q_SIZE, Q_DOMAIN) after writes while enabled"
+    );
+    let buf = Guarded::new(dev, 64, PAGE)?;
+    for i in 0..2 {
+        let c = run_desc(
+            &mut q,
+            &cpl,
+            i,
+            Descriptor::fill(buf.bus(), 0x4242_4242_4242_4242, 64).with_tag(i as u64),
+        )?;
+        check_status(&c, spec::STATUS_OK, format!("FILL {i} after the writes"))?;
+    }
+    check_all(&buf.read(), 0x42, "FILL after the writes")?;
+    buf.check_guards("FILL after the writes")
+}
+
+/// A doorbell at or beyond the ring size halts the queue with HALT_BAD_TAIL; RESUME does
+/// not clear it, disabling does, and the queue works again once re-enabled.
+fn bad_tail_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let reg = |r| spec::queue_reg(0, r);
+    for tail in [8u32, 9, 0xffff_ffff] {
+        let q = DmaQueue::new(dev, 0, 8, 0)?;
+        dev.write32(reg(spec::Q_TAIL), tail)?;
+        check_eq!(
+            (q.status()? & spec::Q_STATUS_ERROR, q.halt_reason()?),
+            (spec::Q_STATUS_ERROR, spec::HALT_BAD_TAIL),
+            "doorbell {tail:#x} on a ring of 8: (Q_STATUS error bit, Q_HALT_REASON)"
+        );
+        q.resume()?;
+        check_eq!(
+            q.halt_reason()?,
+            spec::HALT_BAD_TAIL,
+            "Q_HALT_REASON after RESUME (doorbell {tail:#x})"
+        );
+        q.disable()?;
+        check_eq!(
+            (q.status()?, q.halt_reason()?),
+            (0, spec::HALT_NONE),
+            "(Q_STATUS, Q_HALT_REASON) after disabling (doorbell {tail:#x})"
+        );
+    }
+    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(1))?;
+    check_status(&c, spec::STATUS_OK, "a NOP after re-enabling")
+}
+
+/// A queue halted by a fault (HALT_ON_FAULT) is enabled, in error and not busy, with its
+/// head after the faulting descriptor; a doorbell then moves the tail only; RESUME (which
+/// reads back 0) runs the pending descriptors in order; every descriptor is counted.
+fn halted_queue_takes_doorbells_and_resume_runs_them(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::create(dev, QueueConfig::new(0, 16, 0).halting_on_fault())?;
+    let cpl = CompletionRecords::new(dev, 4)?;
+    let dst = Guarded::new(dev, 32, PAGE)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+    let mut rng = ctx.rng();
+    let p: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
+    let completed0 = q.read_reg(spec::Q_COMPLETED)?;
+    let errors0 = q.read_reg(spec::Q_ERRORS)?;
+    let descs: Vec<Descriptor> = [
+        Descriptor::fill(dst.bus(), p[0], 8),
+        Descriptor::fill(hole, p[1], 8),
+        Descriptor::fill(dst.bus() + 8, p[2], 8),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, d)| {
+        cpl.clear(i);
+        d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
+    })
+    .collect();
+    q.submit(&descs)?;
+    check_status(
+        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
+        spec::STATUS_OK,
+        "FILL before the fault",
+    )?;
+    let c = q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?;
+    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, "FILL into a hole")?;
+    check_eq!(wait_halted(&q)?, spec::HALT_FAULT, "Q_HALT_REASON");
+    check_eq!(
+        q.status()? & (spec::Q_STATUS_ENABLED | spec::Q_STATUS_ERROR | spec::Q_STATUS_BUSY),
+        spec::Q_STATUS_ENABLED | spec::Q_STATUS_ERROR,
+        "Q_STATUS of a halted queue (not busy)"
+    );
+    check_eq!(q.head()?, 2, "Q_HEAD: after the faulting descriptor");
+    cpl.clear(3);
+    q.submit(&[Descriptor::fill(dst.bus() + 16, p[3], 8)
+        .with_tag(3)
+        .with_completion(cpl.bus_addr(3))])?;
+    check_eq!(
+        (q.read_reg(spec::Q_TAIL)?, q.head()?),
+        (4, 2),
+        "(Q_TAIL, Q_HEAD) after a doorbell on the halted queue"
+    );
+    check_pending(&q, &cpl, 2, "the descriptor after the fault")?;
+    check_pending(&q, &cpl, 3, "the descriptor rung in while halted")?;
+    check_all(&dst.read()[8..], CANARY, "destination while halted")?;
+
+    q.resume()?;
+    for i in 2..4 {
+        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
+        check_status(&c, spec::STATUS_OK, format!("FILL {i} after RESUME"))?;
+        check_eq!(c.tag, i as u64, "tag of FILL {i}");
+    }
+    let mut want = Vec::new();
+    for v in [p[0], p[2], p[3]] {
+        want.extend_from_slice(&v.to_le_bytes());
+    }
+    want.extend_from_slice(&[CANARY; 8]);
+    check_bytes(&dst.read(), &want, "destination after RESUME")?;
+    dst.check_guards("destination")?;
+    q.wait_idle(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (q.halt_reason()?, q.read_reg(spec::Q_CTRL)?),
+        (
+            spec::HALT_NONE,
+            spec::Q_CTRL_ENABLE | spec::Q_CTRL_HALT_ON_FAULT
+        ),
+        "(Q_HALT_REASON, Q_CTRL) after RESUME (RESUME reads 0)"
+    );
+    poll_until("Q_STATUS to read enabled only", || {
+        Ok(q.status()? == spec::Q_STATUS_ENABLED)
+    })?;
+    check_eq!(
+        (
+            q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
+            q.read_reg(spec::Q_ERRORS)?.wrapping_sub(errors0)
+        ),
+        (4, 1),
+        "(Q_COMPLETED, Q_ERRORS) deltas"
+    );
+    Ok(())
+}
+
+/// Without HALT_ON_FAULT a faulting descriptor completes with its error and the queue goes
+/// on with the next one, never halting.
+fn without_halt_on_fault_the_queue_goes_on(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+    let cpl = CompletionRecords::new(dev, 3)?;
+    let dst = Guarded::new(dev, 16, PAGE)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+    let descs: Vec<Descriptor> = [
+        Descriptor::fill(dst.bus(), 0x1111_1111_1111_1111, 8),
+        Descriptor::fill(hole, 0x2222_2222_2222_2222, 8),
+        Descriptor::fill(dst.bus() + 8, 0x3333_3333_3333_3333, 8),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, d)| {
+        cpl.clear(i);
+        d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
+    })
+    .collect();
+    q.submit(&descs)?;
+    check_status(
+        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
+        spec::STATUS_OK,
+        "FILL before the fault",
+    )?;
+    let c = q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?;
+    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, "FILL into a hole")?;
+    check_status(
+        &q.wait_completion(&cpl, 2, COMPLETION_TIMEOUT)?,
+        spec::STATUS_OK,
+        "FILL after the fault",
+    )?;
+    let mut want = vec![0x11; 8];
+    want.extend_from_slice(&[0x33; 8]);
+    check_bytes(&dst.read(), &want, "destination")?;
+    dst.check_guards("destination")?;
+    q.wait_idle(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (q.status()? & spec::Q_STATUS_ERROR, q.halt_reason()?),
+        (0, spec::HALT_NONE),
+        "(Q_STATUS error bit, Q_HALT_REASON)"
+    );
+    Ok(())
+}
+
+/// With HALT_ON_FAULT, a malformed descriptor (a DESCRIPTOR_INVALID fault) and a
+/// completion record that cannot be written halt the queue too (HALT_FAULT), with the next
+/// descriptor pending until RESUME; both faults are logged.
+fn halt_on_fault_also_for_invalid_descriptors_and_lost_completions(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
+    let mut q = DmaQueue::create(dev, QueueConfig::new(0, 16, 0).halting_on_fault())?;
+    let cpl = CompletionRecords::new(dev, 3)?;
+    let dst = Guarded::new(dev, 16, PAGE)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+
+    // 1. A malformed descriptor.
+    cpl.clear(0);
+    cpl.clear(1);
+    q.submit(&[
+        Descriptor::copy(dst.bus(), dst.bus() + 8, 0)
+            .with_tag(1)
+            .with_completion(cpl.bus_addr(0)),
+        Descriptor::fill(dst.bus(), 0x1111_1111_1111_1111, 8)
+            .with_tag(2)
+            .with_completion(cpl.bus_addr(1)),
+    ])?;
+    check_status(
+        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
+        spec::STATUS_INVALID_DESCRIPTOR,
+        "COPY of length 0",
+    )?;
+    check_eq!(
+        wait_halted(&q)?,
+        spec::HALT_FAULT,
+        "Q_HALT_REASON after a malformed descriptor"
+    );
+    check_pending(&q, &cpl, 1, "the descriptor after the malformed one")?;
+    q.resume()?;
+    check_status(
+        &q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?,
+        spec::STATUS_OK,
+        "FILL after RESUME",
+    )?;
+    q.wait_idle(COMPLETION_TIMEOUT)?;
+
+    // 2. A completion record that cannot be written.
+    cpl.clear(2);
+    q.submit(&[
+        Descriptor::fill(dst.bus() + 8, 0x2222_2222_2222_2222, 8)
+            .with_tag(3)
+            .with_completion(hole),
+        Descriptor::fill(dst.bus(), 0x3333_3333_3333_3333, 8)
+            .with_tag(4)
+            .with_completion(cpl.bus_addr(2)),
+    ])?;
+    check_eq!(
+        wait_halted(&q)?,
+        spec::HALT_FAULT,
+        "Q_HALT_REASON after a lost completion"
+    );
+    check_pending(&q, &cpl, 2, "the descriptor after the lost completion")?;
+    check_bytes(
+        &dst.read(),
+        &[[0x11u8; 8], [0x22; 8]].concat(),
+        "destination while halted (the FILL whose record was lost ran)",
+    )?;
+    q.resume()?;
+    check_status(
+        &q.wait_completion(&cpl, 2, COMPLETION_TIMEOUT)?,
+        spec::STATUS_OK,
+        "FILL after the second RESUME",
+    )?;
+    check_bytes(
+        &dst.read(),
+        &[[0x33u8; 8], [0x22; 8]].concat(),
+        "destination",
+    )?;
+    dst.check_guards("destination")?;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access),
+        (spec::FAULT_DESCRIPTOR_INVALID, spec::ACCESS_DESCRIPTOR),
+        "first fault record ({r})"
+    );
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access, r.iova),
+        (
+            spec::FAULT_OUTSIDE_RAM,
+            spec::ACCESS_WRITE | spec::ACCESS_COMPLETION,
+            hole
+        ),
+        "second fault record ({r})"
+    );
+    Ok(())
+}
+
+/// A 128-descriptor ring whose second page is not mapped in the queue's domain: the 64
+/// descriptors of the first page run, the fetch of the 65th faults (NOT_PRESENT, a
+/// descriptor read at its IOVA) and the queue halts with its head at it; once that page
+/// is mapped, RESUME runs it and the rest.
+fn fetch_fault_mid_ring_halts_at_that_descriptor(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let io = Iovas::for_device(&caps);
+    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
+    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
+    let cfg = QueueConfig::new(0, 128, 0).in_domain(1);
+    let ring = dev.alloc_dma(DmaRequest::new(cfg.ring_bytes()))?;
+    dom.map(
+        io.ring,
+        ring.bus_addr(),
+        PAGE as u64,
+        Perm::R,
+        PageSize::Size4K,
+    )?;
+    let n = 66usize;
+    let mut cpl = CompletionRecords::new(dev, n)?;
+    dom.map_buffer(io.cpl, cpl.buffer(), Perm::RW)?;
+    cpl.set_device_base(io.cpl);
+    let mut q = DmaQueue::with_ring(dev, cfg, ring, io.ring)?;
+    let seq = log.count()?;
+    let descs: Vec<Descriptor> = (0..n)
+        .map(|i| {
+            cpl.clear(i);
+            Descriptor::nop()
+                .with_tag(0x500 + i as u64)
+                .with_completion(cpl.device_addr(i))
+        })
+        .collect();
+    q.submit(&descs)?;
+    for i in 0..64 {
+        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
+        check_status(&c, spec::STATUS_OK, format!("NOP {i}"))?;
+        check_eq!(c.tag, 0x500 + i as u64, "tag of NOP {i}");
+    }
+    check_eq!(wait_halted(&q)?, spec::HALT_DESC_FETCH, "Q_HALT_REASON");
+    check_eq!(q.head()?, 64, "Q_HEAD at the unfetchable descriptor");
+    let at = io.ring + 64 * spec::DESC_SIZE;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
+        (
+            spec::FAULT_NOT_PRESENT,
+            spec::ACCESS_DESCRIPTOR,
+            1,
+            0,
+            at,
+            1,
+            seq
+        ),
+        "fault record ({r})"
+    );
+    check_pending(&q, &cpl, 64, "the unfetched descriptor")?;
+    // A new mapping: no invalidation needed.
+    dom.map(
+        io.ring + PAGE as u64,
+        q.ring_bus_addr() + PAGE as u64,
+        PAGE as u64,
+        Perm::R,
+        PageSize::Size4K,
+    )?;
+    q.resume()?;
+    for i in 64..n {
+        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
+        check_status(&c, spec::STATUS_OK, format!("NOP {i} after RESUME"))?;
+        check_eq!(c.tag, 0x500 + i as u64, "tag of NOP {i}");
+    }
+    check_eq!(
+        q.halt_reason()?,
+        spec::HALT_NONE,
+        "Q_HALT_REASON after RESUME"
+    );
+    q.disable()?;
+    Ok(())
+}
+
+/// A queue's completion interrupt goes to its Q_MSIX_VECTOR (here 3, not its default)
+/// and only for descriptors that ask: not for a NOP without the flag; for one with it;
+/// for an error completion that asked; not for a descriptor with an unknown flag (its
+/// flags are not trusted). No other vector fires.
+fn interrupt_only_when_asked_on_the_queue_vector(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let v = 3u16;
+    let mut q = DmaQueue::new(dev, 1, 16, v)?;
+    check_eq!(
+        q.read_reg(spec::Q_MSIX_VECTOR)?,
+        u32::from(v),
+        "Q_MSIX_VECTOR of queue 1"
+    );
+    let cpl = CompletionRecords::new(dev, 1)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+    let interrupts0 = qstat(dev, 1, spec::QSTAT_INTERRUPTS)?;
+    drain_interrupts(dev)?;
+    let cases = [
+        (
+            "a NOP without INTERRUPT",
+            Descriptor::nop(),
+            spec::STATUS_OK,
+            false,
+        ),
+        (
+            "a NOP with INTERRUPT",
+            Descriptor::nop().with_interrupt(),
+            spec::STATUS_OK,
+            true,
+        ),
+        (
+            "a faulting FILL with INTERRUPT",
+            Descriptor::fill(hole, 0, 8).with_interrupt(),
+            spec::STATUS_DMA_ERROR,
+            true,
+        ),
+        (
+            "a NOP with INTERRUPT and the unknown flag 0x80",
+            Descriptor {
+                flags: 0x80 | spec::DESC_FLAG_INTERRUPT,
+                ..Descriptor::nop()
+            },
+            spec::STATUS_INVALID_DESCRIPTOR,
+            false,
+        ),
+    ];
+    for (what, d, status, irq) in cases {
+        let c = run_desc(&mut q, &cpl, 0, d)?;
+        check_status(&c, status, what)?;
+        if irq {
+            check!(
+                dev.wait_interrupt(v, IRQ_TIMEOUT)? > 0,
+                "{what}: no interrupt on vector {v} within {IRQ_TIMEOUT:?}"
+            );
+        } else {
+            check_eq!(
+                dev.wait_interrupt(v, NO_IRQ_WINDOW)?,
+                0,
+                "{what}: interrupts on vector {v}"
+            );
+        }
+        silent_elsewhere(dev, v, what)?;
+    }
+    check_eq!(
+        qstat(dev, 1, spec::QSTAT_INTERRUPTS)? - interrupts0,
+        2,
+        "QSTAT_INTERRUPTS of queue 1"
+    );
+    Ok(())
+}
+
+/// Four queues, each with its own MSI-X vector (queue q on vector 3 - q): each queue's
+/// completion interrupt arrives on its vector and on no other.
+fn msix_vector_per_queue(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let mut queues = Vec::new();
+    for qi in 0..4u32 {
+        let v = (3 - qi) as u16;
+        let q = DmaQueue::new(dev, qi, 8, v)?;
+        check_eq!(
+            q.read_reg(spec::Q_MSIX_VECTOR)?,
+            u32::from(v),
+            "Q_MSIX_VECTOR of queue {qi}"
+        );
+        queues.push((q, CompletionRecords::new(dev, 1)?, v));
+    }
+    drain_interrupts(dev)?;
+    for (qi, (q, cpl, v)) in queues.iter_mut().enumerate() {
+        let c = run_desc(
+            q,
+            cpl,
+            0,
+            Descriptor::nop().with_interrupt().with_tag(qi as u64),
+        )?;
+        check_status(&c, spec::STATUS_OK, format!("NOP on queue {qi}"))?;
+        check!(
+            dev.wait_interrupt(*v, IRQ_TIMEOUT)? > 0,
+            "queue {qi}: no interrupt on its vector {v} within {IRQ_TIMEOUT:?}"
+        );
+        silent_elsewhere(dev, *v, &format!("NOP on queue {qi}"))?;
+    }
+    check_eq!(
+        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
+        0,
+        "a late interrupt on vector 0"
+    );
+    silent_elsewhere(dev, 0, "after the four NOPs")
+}
+
+/// Four queues in four translated domains that map the same IOVAs (ring, completions,
+/// source, destination) to different memory (4 KiB leaves in two domains, 2 MiB leaves in
+/// the other two) run random COPY, FILL and CRC32C at once: every destination holds
+/// exactly its own queue's image and nothing around it changes, every CRC is its own
+/// source's.
+fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
+    struct Lane<'b> {
+        _dom: Domain<'b>,
+        q: DmaQueue<'b>,
+        cpl: CompletionRecords,
+        src: DmaBuffer,
+        data: Vec<u8>,
+        dst: DmaBuffer,
+        image: Vec<u8>,
+        want: Vec<(u32, u64)>,
+    }
+    const SIZE: usize = 256 << 10;
+    const OPS: usize = 30;
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let io = Iovas::for_device(&caps);
+    let mut rng = ctx.rng();
+    let mut lanes = Vec::new();
+    for qi in 0..4u32 {
+        let mut dom = Domain::translated(dev, qi + 1, caps.iova_width)?;
+        let (mut q, cpl) = queue_in_domain(
+            dev,
+            &mut dom,
+            QueueConfig::new(qi, 64, qi as u16),
+            io.ring,
+            io.cpl,
+            OPS,
+        )?;
+        // Odd queues: 2 MiB pages, mapped with 2 MiB leaves (the IOVAs are 2 MiB aligned).
+        let large = qi % 2 == 1;
+        let src = match large {
+            true => dev.alloc_dma(DmaRequest::huge(SIZE))?,
+            false => dev.alloc_dma(DmaRequest::new(SIZE))?,
+        };
+        let data = rng.unique(SIZE);
+        src.write(0, &data);
+        dom.map_buffer(io.src, &src, Perm::R)?;
+        // The destination range at `off` in `dst`, the rest of it canary.
+        let (dst, off) = match large {
+            true => (dev.alloc_dma(DmaRequest::huge(SIZE))?, 0),
+            false => (dev.alloc_dma(DmaRequest::new(SIZE + 2 * PAGE))?, PAGE),
+        };
+        dst.fill(0, dst.len(), CANARY);
+        if large {
+            dom.map_buffer(io.dst, &dst, Perm::RW)?;
+        } else {
+            dom.map(
+                io.dst,
+                dst.bus_addr() + off as u64,
+                SIZE as u64,
+                Perm::RW,
+                PageSize::Size4K,
+            )?;
+        }
+        let mut image = vec![CANARY; dst.len()];
+        let range = &mut image[off..off + SIZE];
+        let mut want = Vec::new();
+        for i in 0..OPS {
+            let len = 1 + rng.below(16 << 10) as usize;
+            let a = rng.below((SIZE - len) as u64) as usize;
+            let b = rng.below((SIZE - len) as u64) as usize;
+            let d = match rng.below(3) {
+                0 => {
+                    range[b..b + len].copy_from_slice(&data[a..a + len]);
+                    want.push((len as u32, 0));
+                    Descriptor::copy(io.src + a as u64, io.dst + b as u64, len as u32)
+                }
+                1 => {
+                    let p = rng.next_u64();
+                    range[b..b + len].copy_from_slice(&fill_bytes(p, len));
+                    want.push((len as u32, 0));
+                    Descriptor::fill(io.dst + b as u64, p, len as u32)
+                }
+                _ => {
+                    want.push((len as u32, u64::from(crc32c(&data[a..a + len]))));
+                    Descriptor::crc32c(io.src + a as u64, len as u32)
+                }
+            };
+            cpl.clear(i);
+            q.push(
+                &d.with_tag(u64::from(qi) << 32 | i as u64)
+                    .with_completion(cpl.device_addr(i)),
+            )?;
+        }
+        lanes.push(Lane {
+            _dom: dom,
+            q,
+            cpl,
+            src,
+            data,
+            dst,
+            image,
+            want,
+        });
+    }
+    for l in lanes.iter_mut() {
+        l.q.doorbell()?;
+    }
+    for (qi, l) in lanes.iter().enumerate() {
+        for (i, &(bytes, result)) in l.want.iter().enumerate() {
+            let c = l.q.wait_completion(&l.cpl, i, COMPLETION_TIMEOUT)?;
+            check_status(&c, spec::STATUS_OK, format!("queue {qi}, descriptor {i}"))?;
+            check_eq!(
+                (c.tag, c.bytes, c.result),
+                ((qi as u64) << 32 | i as u64, bytes, result),
+                "queue {qi}, descriptor {i}: tag, bytes, result"
+            );
+        }
+    }
+    for (qi, l) in lanes.iter().enumerate() {
+        let got = l.dst.to_vec(0, l.dst.len());
+        if got != l.image {
+            check_bytes(&got, &l.image, format!("queue {qi}'s destination buffer"))?;
+        }
+        check_bytes(
+            &l.src.to_vec(0, SIZE),
+            &l.data,
+            format!("queue {qi}'s source"),
+        )?;
+        check_eq!(
+            qstat(dev, qi as u32, spec::QSTAT_DESCRIPTORS)?,
+            OPS as u64,
+            "QSTAT_DESCRIPTORS of queue {qi}"
+        );
+        check_eq!(
+            dstat(dev, qi as u32 + 1, spec::DSTAT_FAULTS)?,
+            0,
+            "DSTAT_FAULTS of domain {}",
+            qi + 1
+        );
+    }
+    for l in &lanes {
+        l.q.disable()?;
+    }
+    Ok(())
+}
+
+/// Three queues at once: queue 0 in pass-through domain 0 copies 2 MiB in 32 pieces,
+/// queue 1 in domain 1 (made pass-through) fills 32 pages, queue 2 in disabled domain 2
+/// halts at its first fetch; the halted queue stops neither of the others.
+fn a_halted_queue_does_not_stop_the_others(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let caps = Capabilities::read(dev)?;
+    let mut log = FaultLog::enable(dev, 16, caps.fault_vector())?;
+    set_passthrough(dev, 1, COMPLETION_TIMEOUT)?;
+    let n = 32usize;
+    let piece = 64 << 10;
+    let mut q0 = DmaQueue::new(dev, 0, 64, 0)?;
+    let mut q1 = DmaQueue::create(dev, QueueConfig::new(1, 64, 1).in_domain(1))?;
+    let mut q2 = DmaQueue::create(dev, QueueConfig::new(2, 8, 2).in_domain(2))?;
+    let (cpl0, cpl1, cpl2) = (
+        CompletionRecords::new(dev, n)?,
+        CompletionRecords::new(dev, n)?,
+        CompletionRecords::new(dev, 1)?,
+    );
+    let src = dev.alloc_dma(DmaRequest::new(n * piece))?;
+    let data = ctx.rng().unique(n * piece);
+    src.write(0, &data);
+    let dst = Guarded::new(dev, n * piece, PAGE)?;
+    let fills = Guarded::new(dev, n * PAGE, PAGE)?;
+    let pattern = |i: usize| 0x0101_0101_0101_0101u64.wrapping_mul(i as u64 + 1);
+    for i in 0..n {
+        let off = (i * piece) as u64;
+        cpl0.clear(i);
+        q0.push(
+            &Descriptor::copy(src.bus_addr() + off, dst.bus() + off, piece as u32)
+                .with_tag(i as u64)
+                .with_completion(cpl0.bus_addr(i)),
+        )?;
+        cpl1.clear(i);
+        q1.push(
+            &Descriptor::fill(fills.bus() + (i * PAGE) as u64, pattern(i), PAGE as u32)
+                .with_tag(i as u64)
+                .with_completion(cpl1.bus_addr(i)),
+        )?;
+    }
+    cpl2.clear(0);
+    q2.push(&Descriptor::nop().with_completion(cpl2.bus_addr(0)))?;
+    let seq = log.count()?;
+    q2.doorbell()?;
+    q0.doorbell()?;
+    q1.doorbell()?;
+    for i in 0..n {
+        for (qi, q, cpl) in [(0, &q0, &cpl0), (1, &q1, &cpl1)] {
+            let c = q.wait_completion(cpl, i, COMPLETION_TIMEOUT)?;
+            check_status(&c, spec::STATUS_OK, format!("queue {qi}, descriptor {i}"))?;
+        }
+    }
+    check_eq!(
+        wait_halted(&q2)?,
+        spec::HALT_DESC_FETCH,
+        "queue 2's Q_HALT_REASON"
+    );
+    check_pending(&q2, &cpl2, 0, "queue 2's NOP")?;
+    let r = log.wait(COMPLETION_TIMEOUT)?;
+    check_eq!(
+        (r.reason, r.access, r.domain, r.queue, r.iova, r.seq),
+        (
+            spec::FAULT_DOMAIN_DISABLED,
+            spec::ACCESS_DESCRIPTOR,
+            2,
+            2,
+            q2.ring_iova(),
+            seq
+        ),
+        "queue 2's fault record ({r})"
+    );
+    check_bytes(&dst.read(), &data, "queue 0's destination")?;
+    dst.check_guards("queue 0's destination")?;
+    let want: Vec<u8> = (0..n).flat_map(|i| fill_bytes(pattern(i), PAGE)).collect();
+    check_bytes(&fills.read(), &want, "queue 1's pages")?;
+    fills.check_guards("queue 1's pages")?;
+    check_eq!(
+        (
+            qstat(dev, 0, spec::QSTAT_BYTES)?,
+            qstat(dev, 1, spec::QSTAT_BYTES)?
+        ),
+        ((n * piece) as u64, (n * PAGE) as u64),
+        "QSTAT_BYTES of queues 0 and 1"
+    );
+    q2.disable()?;
+    Ok(())
+}
+
+/// Q_COAL_COUNT 0 and 1 both mean no coalescing: every completion that asks raises the
+/// vector.
+fn coalescing_count_zero_and_one_is_every_completion(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    for count in [0u32, 1] {
+        let mut cfg = QueueConfig::new(0, 16, 0);
+        cfg.coalesce_count = count;
+        let mut q = DmaQueue::create(dev, cfg)?;
+        check_eq!(q.read_reg(spec::Q_COAL_COUNT)?, count, "Q_COAL_COUNT");
+        let interrupts0 = qstat(dev, 0, spec::QSTAT_INTERRUPTS)?;
+        drain_interrupts(dev)?;
+        for i in 0..3 {
+            let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_interrupt())?;
+            check_status(&c, spec::STATUS_OK, format!("NOP {i}"))?;
+            check!(
+                dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
+                "Q_COAL_COUNT {count}: no interrupt for completion {i} within {IRQ_TIMEOUT:?}"
+            );
+        }
+        check_eq!(
+            qstat(dev, 0, spec::QSTAT_INTERRUPTS)? - interrupts0,
+            3,
+            "QSTAT_INTERRUPTS with Q_COAL_COUNT {count}"
+        );
+        q.disable()?;
+    }
+    Ok(())
+}
+
+/// With Q_COAL_COUNT 3 and no timer only completions that ask for an interrupt count:
+/// two asking among three that do not raise nothing, the third asking raises one; a
+/// partial batch stays pending until the count is reached.
+fn coalescing_counts_only_completions_that_ask(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let mut cfg = QueueConfig::new(0, 16, 0);
+    cfg.coalesce_count = 3;
+    let mut q = DmaQueue::create(dev, cfg)?;
+    let cpl = CompletionRecords::new(dev, 8)?;
+    let interrupts0 = qstat(dev, 0, spec::QSTAT_INTERRUPTS)?;
+    drain_interrupts(dev)?;
+    let (ask, quiet) = (Descriptor::nop().with_interrupt(), Descriptor::nop());
+    let mut run = |descs: &[Descriptor]| -> TestResult {
+        let descs: Vec<Descriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                cpl.clear(i);
+                d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
+            })
+            .collect();
+        q.submit(&descs)?;
+        for i in 0..descs.len() {
+            check_status(
+                &q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?,
+                spec::STATUS_OK,
+                format!("NOP {i}"),
+            )?;
+        }
+        Ok(())
+    };
+    run(&[ask, quiet, quiet, ask, quiet])?;
+    check_eq!(
+        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
+        0,
+        "interrupts after 2 asking and 3 quiet completions (count 3)"
+    );
+    run(&[ask])?;
+    check!(
+        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
+        "no interrupt at the third asking completion"
+    );
+    run(&[quiet, quiet, quiet, ask, ask])?;
+    check_eq!(
+        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
+        0,
+        "interrupts for a partial batch of 2"
+    );
+    run(&[ask])?;
+    check!(
+        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
+        "no interrupt when the second batch is complete"
+    );
+    check_eq!(
+        qstat(dev, 0, spec::QSTAT_INTERRUPTS)? - interrupts0,
+        2,
+        "QSTAT_INTERRUPTS"
+    );
+    Ok(())
+}
+
+/// Disabling a queue aborts the descriptor in flight: a BATCH of 64 COPY elements of up
+/// to 16 MiB each (1 GiB in all, so that it cannot finish first), alternating between two
+/// sources into one destination, is disabled once its first bytes have landed. Its
+/// completion is ABORTED with the tag and the bytes moved so far; the destination holds
+/// exactly what those bytes say (the element in flight over the one before it) and
+/// nothing changes afterwards; the queue is disabled with head = tail = 0; the descriptor
+/// counts as completed with an error and raises no interrupt although it asked. (Should
+/// it finish before the disable all the same, it is tried again, up to 3 times.)
+fn disable_aborts_the_descriptor_in_flight(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    dev.rearm_interrupts()?;
+    let caps = Capabilities::read(dev)?;
+    let job = LongJob::new(dev, &caps, &mut ctx.rng())?;
+    let cpl = CompletionRecords::new(dev, 1)?;
+    for attempt in 1..=3 {
+        job.reset_destination();
+        let mut q = DmaQueue::new(dev, 0, 8, 0)?;
+        let completed0 = q.read_reg(spec::Q_COMPLETED)?;
+        let errors0 = q.read_reg(spec::Q_ERRORS)?;
+        drain_interrupts(dev)?;
+        cpl.clear(0);
+        q.submit(&[job
+            .descriptor()
+            .with_interrupt()
+            .with_tag(0xab07)
+            .with_completion(cpl.bus_addr(0))])?;
+        job.wait_started()?;
+        q.disable()?;
+        let c = q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?;
+        if c.status == spec::STATUS_OK {
+            progress!("         attempt {attempt}: the BATCH finished before the disable");
+            continue;
+        }
+        check_status(&c, spec::STATUS_ABORTED, "BATCH disabled in flight")?;
+        check_eq!(
+            (c.tag, c.fault_reason, c.fault_access, c.fault_addr),
+            (0xab07, 0, 0, 0),
+            "aborted completion (tag, reason, access, fault_addr)"
+        );
+        check!(
+            u64::from(c.bytes) < job.total(),
+            "an aborted BATCH reports {} bytes of {}",
+            c.bytes,
+            job.total()
+        );
+        let image = job.image_after(c.bytes);
+        job.check_destination(&image, "the destination when the completion was read")?;
+        check_eq!(
+            dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
+            0,
+            "interrupts for the aborted BATCH (it asked for one)"
+        );
+        job.check_destination(&image, "the destination a while later")?;
+        check_eq!(
+            (q.status()?, q.head()?, q.read_reg(spec::Q_TAIL)?),
+            (0, 0, 0),
+            "(Q_STATUS, Q_HEAD, Q_TAIL) after the disable"
+        );
+        check_eq!(
+            (
+                q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
+                q.read_reg(spec::Q_ERRORS)?.wrapping_sub(errors0)
+            ),
+            (1, 1),
+            "(Q_COMPLETED, Q_ERRORS) deltas"
+        );
+        let mut q = DmaQueue::new(dev, 0, 8, 0)?;
+        let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(1))?;
+        return check_status(&c, spec::STATUS_OK, "a NOP on the queue enabled again");
+    }
+    Err(Failure(format!(
+        "a BATCH of {} bytes finished before the disable in 3 attempts: never caught in \
+         flight",
+        job.total()
+    )))
+}
+
+/// Length of each of a [`LongJob`]'s buffers (three, of 2 MiB pages).
+const LONG_JOB_LEN: usize = 8 << 20;
+/// The 2 MiB pages a [`LongJob`] takes.
+pub(super) const LONG_JOB_HUGE_PAGES: u32 = (3 * LONG_JOB_LEN / PAGE_SIZE_2M) as u32;
+
+/// A transfer that takes long: a BATCH of [`spec::BATCH_MAX`] COPY elements of up to 8
+/// MiB, alternating between two sources into one destination, all in pass-through memory.
+pub(super) struct LongJob {
+    _srcs: [DmaBuffer; 2],
+    data: [Vec<u8>; 2],
+    dst: DmaBuffer,
+    list: DmaBuffer,
+    len: usize,
+}
+
+impl LongJob {
+    pub(super) fn new(
+        dev: &dyn DmaBackend,
+        caps: &Capabilities,
+        rng: &mut Rng,
+    ) -> Result<Self, Failure> {
+        let len = caps.max_xfer.min(LONG_JOB_LEN as u32) as usize;
+        // 2 MiB pages: behind a platform IOMMU every 4 KiB page would be its own mapping
+        // for the VMM to forward (thousands for these buffers).
+        let mk = |rng: &mut Rng| -> Result<(DmaBuffer, Vec<u8>), Failure> {
+            let b = dev.alloc_dma(DmaRequest::huge(len))?;
+            let d = rng.unique(len);
+            b.write(0, &d);
+            Ok((b, d))
+        };
+        let (a, da) = mk(rng)?;
+        let (b, db) = mk(rng)?;
+        let dst = dev.alloc_dma(DmaRequest::huge(len))?;
+        let n = spec::BATCH_MAX as usize;
+        let size = spec::DESC_SIZE as usize;
+        let list = dev.alloc_dma(DmaRequest::new(n * size))?;
+        for i in 0..n {
+            let s = if i % 2 == 0 { &a } else { &b };
+            let e = Descriptor::copy(s.bus_addr(), dst.bus_addr(), len as u32);
+            list.write(i * size, &BatchElement(e).encode());
+        }
+        Ok(LongJob {
+            _srcs: [a, b],
+            data: [da, db],
+            dst,
+            list,
+            len,
+        })
+    }
+
+    /// The BATCH descriptor.
+    pub(super) fn descriptor(&self) -> Descriptor {
+        Descriptor::batch(self.list.bus_addr(), spec::BATCH_MAX)
+    }
+
+    /// Bytes the whole BATCH moves.
+    pub(super) fn total(&self) -> u64 {
+        u64::from(spec::BATCH_MAX) * self.len as u64
+    }
+
+    /// Fills the destination with the canary.
+    pub(super) fn reset_destination(&self) {
+        self.dst.fill(0, self.len, CANARY);
+    }
+
+    /// Waits until the first bytes have landed in the destination.
+    pub(super) fn wait_started(&self) -> TestResult {
+        poll_until("the BATCH to start", || {
+            Ok(self.dst.to_vec(0, 8) != [CANARY; 8])
+        })
+    }
+
+    /// The destination after `bytes` of the BATCH moved: the element in flight over the
+    /// one before it (or the canary).
+    pub(super) fn image_after(&self, bytes: u32) -> Vec<u8> {
+        let (e, p) = (bytes as usize / self.len, bytes as usize % self.len);
+        let mut image = match e {
+            0 => vec![CANARY; self.len],
+            _ => self.data[(e - 1) % 2].clone(),
+        };
+        image[..p].copy_from_slice(&self.data[e % 2][..p]);
+        image
+    }
+
+    /// The destination's bytes now.
+    pub(super) fn image_now(&self) -> Vec<u8> {
+        self.dst.to_vec(0, self.len)
+    }
+
+    /// Checks the destination against `image`.
+    pub(super) fn check_destination(&self, image: &[u8], what: &str) -> TestResult {
+        let got = self.dst.to_vec(0, self.len);
+        // A slice comparison first: it is fast; check_bytes then names the difference.
+        if got != image {
+            check_bytes(&got, image, what)?;
+        }
+        Ok(())
+    }
+}
+
+/// Programs queue `q` with raw register writes (disabling it first), enables it, and
+/// returns `(Q_STATUS, Q_HALT_REASON)`.
+fn program(
+    dev: &dyn DmaBackend,
+    q: u32,
+    base: u64,
+    size: u32,
+    domain: u32,
+) -> Result<(u32, u32), Failure> {
+    let reg = |r| spec::queue_reg(q, r);
+    dev.write32(reg(spec::Q_CTRL), 0)?;
+    dev.write32(reg(spec::Q_BASE_LO), base as u32)?;
+    dev.write32(reg(spec::Q_BASE_HI), (base >> 32) as u32)?;
+    dev.write32(reg(spec::Q_SIZE), size)?;
+    dev.write32(reg(spec::Q_DOMAIN), domain)?;
+    dev.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE)?;
+    Ok((
+        dev.read32(reg(spec::Q_STATUS))?,
+        dev.read32(reg(spec::Q_HALT_REASON))?,
+    ))
+}
+
+/// Checks that no vector but `except` has an interrupt pending.
+fn silent_elsewhere(dev: &dyn DmaBackend, except: u16, what: &str) -> TestResult {
+    for v in (0..dev.msix_vectors()).filter(|&v| v != except) {
+        check_eq!(
+            dev.wait_interrupt(v, Duration::ZERO)?,
+            0,
+            "{what}: interrupts on vector {v}"
+        );
+    }
+    Ok(())
+}
+
+/// `len` bytes of FILL's output: byte i is byte i mod 8 of the little-endian pattern.
+fn fill_bytes(pattern: u64, len: usize) -> Vec<u8> {
+    pattern
+        .to_le_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// Polls `cond` until it holds, for at most [`COMPLETION_TIMEOUT`].
+fn poll_until(what: &str, mut cond: impl FnMut() -> Result<bool, Failure>) -> TestResult {
+    let start = Instant::now();
+    while !cond()? {
+        if start.elapsed() >= COMPLETION_TIMEOUT {
+            return Err(Failure(format!("waited {COMPLETION_TIMEOUT:?} for {what}")));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
     Ok(())
 }
