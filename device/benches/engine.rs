@@ -24,16 +24,13 @@
 //!
 //! Run: `cargo bench -p domdma-device --bench engine -- --warm-up-time 1 --measurement-time 3`.
 
-#[path = "../tests/driver/mod.rs"]
-mod driver;
-
 mod common;
 
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
-use driver::*;
+use domdma_testkit::core_driver::*;
 
 /// Descriptors in flight in the `copy_stream` group.
 const STREAM: usize = 16;

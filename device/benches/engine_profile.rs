@@ -23,9 +23,6 @@
 //! Run: `cargo bench -p domdma-device --bench engine_profile -- --warm-up-time 1
 //! --measurement-time 3` (a filter such as `iotlb64` or `volatile` selects a part).
 
-#[path = "../tests/driver/mod.rs"]
-mod driver;
-
 mod common;
 
 use std::hint::black_box;
@@ -36,7 +33,7 @@ use domdma_device::core::bus::Access;
 use domdma_device::core::mmu::{DomainRegs, Mmu};
 use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
-use driver::*;
+use domdma_testkit::core_driver::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 /// Domain (and queue) with 4 KiB mappings whose pages are scattered in bus memory.

@@ -23,6 +23,7 @@ use crate::spec::*;
 pub mod bus;
 pub mod engine;
 pub mod faults;
+pub mod inject;
 pub mod mmu;
 mod queue;
 pub mod stats;
@@ -181,6 +182,7 @@ impl Device {
             faults: FaultLog::new(queues, vectors),
             queues: (0..queues).map(QueueSlot::new).collect(),
             bus_master: AtomicBool::new(false),
+            inject: inject::Rules::default(),
             config: config.clone(),
             mem,
             irq,
@@ -288,6 +290,12 @@ impl Device {
     /// the device never touches memory the VMM has taken back.
     pub fn dma_barrier(&self) {
         self.shared.mmu.barrier();
+    }
+
+    /// Sets the error-injection rules ([`inject`]); [`inject::Injection::default`] clears
+    /// them.
+    pub fn set_injection(&self, injection: inject::Injection) {
+        self.shared.inject.set(injection);
     }
 
     /// A snapshot of every counter (served by the inspector).

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use domdma_device::core::inject::{CorruptCopy, Injection};
 use domdma_device::core::DeviceConfig;
 use domdma_driver_model::backend::inprocess::{InProcessBackend, InProcessConfig};
 use domdma_driver_model::backend::phys::PhysConfig;
@@ -133,6 +134,51 @@ fn trial(backend: &'static str, p: Profile, s: Scenario, ran: Ran) -> Trial {
     })
 }
 
+/// The suite can fail: on an in-process device that corrupts one byte of every COPY (at
+/// offset 0x1234 of the copy), scenarios that copy data fail, and the failure names the
+/// offset of the corrupted byte.
+fn suite_catches_a_corrupted_copy() -> Result<(), Failed> {
+    let b = InProcessBackend::new(InProcessConfig::default()).map_err(|e| e.to_string())?;
+    b.set_injection(Injection {
+        corrupt_copy: Some(CorruptCopy {
+            offset: 0x1234,
+            xor: 0x40,
+        }),
+    });
+    let dev: SharedBackend = Arc::new(b);
+    let env = Env {
+        backend: "in-process",
+        profile: "corrupting".into(),
+        platform_iommu: false,
+        kernel_numa: false,
+        huge_pages: None,
+        seed: 1,
+    };
+    let all = conformance::all();
+    for name in [
+        "ops::copy_1mib",
+        "ops::copy_sizes_and_alignments",
+        "domains::translated_domain_2m",
+        "wdf_dma::domain_common_buffer_copy_large_pages",
+    ] {
+        let s = all
+            .iter()
+            .find(|s| s.full_name() == name)
+            .ok_or_else(|| format!("no scenario {name}"))?;
+        match conformance::run(s, &dev, &env).outcome {
+            Outcome::Failed(m) if m.contains("offset 0x1234") => {}
+            other => {
+                return Err(format!(
+                    "{name} on a device corrupting byte 0x1234 of each COPY: {other:?}, \
+                     expected a failure naming offset 0x1234"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let ran: Ran = Arc::default();
@@ -145,6 +191,10 @@ fn main() {
             }
         }
     }
+    trials.push(Trial::test(
+        "suite_catches_a_corrupted_copy",
+        suite_catches_a_corrupted_copy,
+    ));
     let whole_suite = args.filter.is_none() && args.skip.is_empty() && !args.list;
     let conclusion = libtest_mimic::run(&args, trials);
     if whole_suite {

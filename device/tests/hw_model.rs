@@ -5,11 +5,9 @@
 //! Every buffer the device may touch is surrounded by canaries; every fault test checks
 //! that nothing outside the mapping changed.
 
-mod driver;
-
 use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
-use driver::*;
+use domdma_testkit::core_driver::*;
 
 /// The translated domain most tests use.
 const DOM: u32 = 1;

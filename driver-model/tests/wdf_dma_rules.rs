@@ -6,8 +6,6 @@
 
 #![allow(non_snake_case)]
 
-mod wdf_support;
-
 use std::sync::Arc;
 
 use domdma_device::core::DeviceConfig;
@@ -19,9 +17,14 @@ use domdma_driver_model::irql::{IrqlGuard, DISPATCH_LEVEL};
 use domdma_driver_model::status::*;
 use domdma_driver_model::verifier::*;
 use domdma_driver_model::wdf::*;
-use wdf_support::*;
+use domdma_testkit::wdf::{free, try_alloc, Cb, Driver};
 
 const MIB: u32 = 1 << 20;
+
+/// `AllocateDomainCommonBuffer` on any node, which must succeed.
+fn alloc(a: &DMA_ADAPTER, d: HANDLE, len: u32, flags: u32) -> Cb {
+    domdma_testkit::wdf::alloc(a, d, len, flags, MM_ANY_NODE_OK).unwrap_or_else(|e| panic!("{e}"))
+}
 
 fn backend_with(device: DeviceConfig, huge_pages_per_node: u32) -> SharedBackend {
     let cfg = InProcessConfig {
@@ -39,9 +42,9 @@ fn backend() -> SharedBackend {
 }
 
 /// A fixture, an adapter of `width` bits and its domain.
-fn setup(width: u32) -> (Fixture, PDMA_ADAPTER, HANDLE) {
-    let f = Fixture::new(backend());
-    let a = f.adapter(width);
+fn setup(width: u32) -> (Driver, PDMA_ADAPTER, HANDLE) {
+    let f = Driver::load(backend()).expect("driver");
+    let a = f.adapter(width).expect("adapter");
     let d = (a.DmaOperations.GetDmaDomain)(&a);
     assert!(!d.is_null());
     (f, a, d)
@@ -115,7 +118,7 @@ fn free_common_buffer_must_match_the_allocation_exactly() {
 #[test]
 fn leaving_a_domain_with_live_buffers_is_a_verifier_error() {
     let (f, a, d) = setup(48);
-    let b = f.adapter(48);
+    let b = f.adapter(48).expect("adapter");
     assert_eq!((b.DmaOperations.JoinDmaDomain)(&b, d), STATUS_SUCCESS);
     let y = alloc(&b, d, 4096, 0);
     let bc = expect_bug_check(|| (b.DmaOperations.LeaveDmaDomain)(&b));

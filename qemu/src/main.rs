@@ -360,12 +360,11 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    #[test]
-    fn run_args_parse_with_defaults() {
-        let cli = Cli::try_parse_from([
+    /// `domdma-vm run` with the required inputs (no device) and `extra`.
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec![
             "domdma-vm",
             "run",
-            "--no-device",
             "--guest-bin",
             "g",
             "--qemu",
@@ -376,82 +375,83 @@ mod tests {
             "i",
             "--ssh-key",
             "s",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(*args),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_args_parse_with_defaults() {
+        let args = run_args(&[
+            "--no-device",
             "--qemu-arg",
             "-d",
             "--qemu-arg",
             "guest_errors",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run");
-        };
-        let opts = args.into_options().unwrap();
+        ]);
+        let opts = args.unwrap().into_options().unwrap();
         assert!(opts.device_bin.is_none());
         assert_eq!(opts.out, PathBuf::from("target/domdma/guest"));
         assert_eq!(opts.accel, AccelChoice::Auto);
         assert_eq!(opts.timeout, Duration::from_secs(300));
         assert_eq!(opts.qemu_args, ["-d", "guest_errors"]);
         assert_eq!(opts.append, DEFAULT_KERNEL_APPEND);
-        assert!(opts.numa);
+        assert!(opts.numa && opts.iommu);
+        assert_eq!(opts.profile, None);
     }
 
     #[test]
     fn numa_nodes_are_one_or_two() {
-        let base = [
-            "domdma-vm",
-            "run",
-            "--no-device",
-            "--guest-bin",
-            "g",
-            "--qemu",
-            "q",
-            "--kernel",
-            "k",
-            "--initrd",
-            "i",
-            "--ssh-key",
-            "s",
-            "--numa-nodes",
-        ];
-        let parse = |n: &'static str| {
-            let mut args = base.to_vec();
-            args.push(n);
-            Cli::try_parse_from(args)
-        };
-        let Ok(Cli {
-            command: Command::Run(args),
-        }) = parse("1")
-        else {
-            panic!("--numa-nodes 1 rejected");
-        };
-        assert!(!args.into_options().unwrap().numa);
-        assert!(parse("3").is_err());
-        assert!(parse("0").is_err());
+        let one = run_args(&["--no-device", "--numa-nodes", "1"]).expect("--numa-nodes 1");
+        assert!(!one.into_options().unwrap().numa);
+        assert!(run_args(&["--no-device", "--numa-nodes", "3"]).is_err());
+        assert!(run_args(&["--no-device", "--numa-nodes", "0"]).is_err());
     }
 
     #[test]
     fn device_bin_is_required_unless_no_device() {
-        let base = [
-            "domdma-vm",
-            "run",
-            "--guest-bin",
-            "g",
-            "--qemu",
-            "q",
-            "--kernel",
-            "k",
-            "--initrd",
-            "i",
-            "--ssh-key",
-            "s",
-        ];
         // The environment may provide it; only check when it does not.
         if std::env::var_os("DOMDMA_DEVICE_BIN").is_none() {
-            assert!(Cli::try_parse_from(base).is_err());
+            assert!(run_args(&[]).is_err());
         }
-        let mut with = base.to_vec();
-        with.extend(["--device-bin", "d"]);
-        assert!(Cli::try_parse_from(with).is_ok());
+        assert!(run_args(&["--device-bin", "d"]).is_ok());
+    }
+
+    /// A profile sets the NUMA layout and the IOMMU, and its options come before the
+    /// command line's; without an IOMMU the kernel is not told to use one.
+    #[test]
+    fn a_profile_sets_layout_iommu_and_options() {
+        let dir = crate::tempdir::TempDir::new("domdma-profile.").unwrap();
+        let path = dir.path().join("bare.toml");
+        std::fs::write(
+            &path,
+            "description = \"x\"\nnuma_nodes = 1\niommu = false\n\
+             device_args = [\"--queues\", \"2\"]\nguest_args = [\"--backend\", \"noiommu\"]\n",
+        )
+        .unwrap();
+        let args = run_args(&[
+            "--no-device",
+            "--profile",
+            path.to_str().unwrap(),
+            "--device-arg=--strict-iotlb",
+            "--guest-arg=--seed",
+            "--guest-arg=7",
+        ]);
+        let opts = args.unwrap().into_options().unwrap();
+        assert!(!opts.numa && !opts.iommu);
+        assert_eq!(opts.profile.as_deref(), Some("bare"));
+        assert_eq!(opts.device_args, ["--queues", "2", "--strict-iotlb"]);
+        assert_eq!(
+            opts.guest_args,
+            ["--profile", "bare", "--backend", "noiommu", "--seed", "7"]
+        );
+        assert!(!opts.append.contains("intel_iommu"), "{}", opts.append);
+        let missing = run_args(&["--no-device", "--profile", "/nonexistent/x.toml"]);
+        let e = missing.unwrap().into_options().unwrap_err().to_string();
+        assert!(e.contains("qemu/profiles/NAME.toml"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   (completion status, fault, bytes).
 //! - [`fixtures`]: seeded random data unique per page, canary-guarded buffers, queues in
 //!   translated domains, a software CRC32C.
+//! - [`core_driver`]: a driver of the device core itself (no back end), for the device's
+//!   internal tests and benchmarks;
 //! - [`launcher`]: the one launcher of the `domdma-device` server binary (readiness by
 //!   connecting to its socket, log captured, killed on drop). The binary is found by the
 //!   test harness (Cargo's `CARGO_BIN_EXE_domdma-device`, or `DOMDMA_DEVICE_BIN`), never
@@ -18,6 +20,7 @@
 
 pub mod check;
 pub mod conformance;
+pub mod core_driver;
 pub mod fixtures;
 pub mod launcher;
 pub mod wdf;

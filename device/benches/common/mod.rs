@@ -7,7 +7,7 @@ use criterion::Bencher;
 
 use domdma_device::spec::*;
 
-use crate::driver::{Desc, Driver};
+use domdma_testkit::core_driver::{Desc, Driver};
 
 /// Transfer sizes.
 pub const SIZES: [u64; 4] = [64 << 10, 256 << 10, 1 << 20, 16 << 20];

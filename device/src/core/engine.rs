@@ -59,6 +59,7 @@ pub(crate) struct Shared {
     pub mem: BusMemory,
     pub irq: Arc<dyn InterruptSink>,
     pub bus_master: AtomicBool,
+    pub inject: super::inject::Rules,
     pub mmu: Mmu,
     pub faults: FaultLog,
     pub queues: Vec<QueueSlot>,
@@ -868,7 +869,24 @@ impl Exec<'_> {
                 ControlFlow::Continue(())
             },
         )?;
+        if let Some(c) = self.shared.inject.corrupt_copy() {
+            if c.offset < d.len {
+                self.corrupt(d.dst.wrapping_add(c.offset.into()), c.xor);
+            }
+        }
         Ok(0)
+    }
+
+    /// Injected corruption: XOR the byte at `iova` (of the queue's domain) with `xor`.
+    fn corrupt(&self, iova: u64, xor: u8) {
+        let _gate = self.shared.mmu.chunk_gate();
+        let mem = self.shared.mem.memory();
+        if let Ok(bus) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
+            if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
+                let _ = mem.write_obj(b ^ xor, GuestAddress(bus));
+                debug!(q = self.q(), iova, "injected: COPY byte corrupted");
+            }
+        }
     }
 
     fn fill(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {

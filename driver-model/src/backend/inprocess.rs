@@ -198,6 +198,12 @@ impl InProcessBackend {
         self.lock().stats()
     }
 
+    /// Sets the device's error-injection rules (a device that misbehaves on request;
+    /// `domdma_device::core::inject`).
+    pub fn set_injection(&self, injection: domdma_device::core::inject::Injection) {
+        self.lock().set_injection(injection);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Device> {
         self.device.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -1,5 +1,7 @@
-//! A test driver for the domdma device, written as a real driver drives the hardware
-//! (device/SPEC.md, register interface 0.2): bus memory built with `vm-memory`, a bump
+//! A test driver for the device core itself (`domdma_device::core::Device`, no back end),
+//! written as a real driver drives the hardware (device/SPEC.md, register interface 0.2),
+//! for the device's internal tests (`device/tests/hw_model.rs`: hostile tables, strict-mode
+//! and IOTLB internals, races) and its benchmarks: bus memory built with `vm-memory`, a bump
 //! allocator for it, a 4-level I/O page-table builder, and helpers for domains,
 //! invalidation, the fault log, queues, descriptors and completions.
 //!
@@ -8,8 +10,6 @@
 //!
 //! It also holds a reference page walker ([`model_walk`]) written from SPEC.md "I/O page
 //! tables", used by the fuzz tests to predict the device's answer for read-only operations.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, Ordering};
