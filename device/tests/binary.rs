@@ -104,10 +104,13 @@ fn sigint_with_a_client_connected_exits_zero() {
     assert!(c.closed_by_server());
 }
 
-fn run_err(socket: &Path) -> (Option<i32>, String) {
+/// Runs the binary with `args` after `--socket`, expecting it to refuse the socket or the
+/// arguments: its exit code and standard error.
+fn refused(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(BIN)
         .arg("--socket")
         .arg(socket)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -122,7 +125,7 @@ fn clear_start_up_errors() {
     let dir = tmp();
     let d = dir.as_path();
 
-    let (code, err) = run_err(&d.join("missing/dev.sock"));
+    let (code, err) = refused(&d.join("missing/dev.sock"), &[]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("does not exist") && err.contains("missing"),
@@ -131,17 +134,17 @@ fn clear_start_up_errors() {
 
     let file = d.join("file");
     std::fs::write(&file, "x").unwrap();
-    let (code, err) = run_err(&file);
+    let (code, err) = refused(&file, &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("is a regular file, not a socket"), "{err}");
 
-    let (code, err) = run_err(d);
+    let (code, err) = refused(d, &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("is a directory, not a socket"), "{err}");
 
     // A live server on the path.
     let srv = TestServer::start();
-    let (code, err) = run_err(&srv.path);
+    let (code, err) = refused(&srv.path, &[]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("is in use") && err.contains("stop that server"),
@@ -176,21 +179,6 @@ fn help() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--socket <PATH>"), "{text}");
     assert!(text.contains("vfio-user-pci"), "{text}");
-}
-
-/// Runs the binary with `args` after `--socket`, expecting it to refuse them.
-fn refused(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

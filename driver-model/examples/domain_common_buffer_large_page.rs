@@ -10,6 +10,8 @@
 
 #![allow(non_snake_case)]
 
+mod common;
+
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,15 +55,7 @@ fn allocate(
 fn main() {
     let backend: SharedBackend =
         Arc::new(InProcessBackend::new(InProcessConfig::default()).expect("in-process device"));
-    let mut driver_object = DRIVER_OBJECT::new();
-    let status = WdfDriverCreate(
-        &mut driver_object,
-        r"\Registry\Machine\System\CurrentControlSet\Services\domdma_sample",
-        WDF_NO_OBJECT_ATTRIBUTES,
-        &WDF_DRIVER_CONFIG::default(),
-        None,
-    );
-    assert!(NT_SUCCESS(status));
+    let mut driver_object = common::driver_entry();
     let mut device_init = Some(WDFDEVICE_INIT::new(Arc::clone(&backend)));
     let mut device = WDFDEVICE::NULL;
     assert!(NT_SUCCESS(WdfDeviceCreate(

@@ -5,6 +5,8 @@
 
 #![allow(non_snake_case, non_camel_case_types)]
 
+mod common;
+
 use domdma_driver_model::status::*;
 use domdma_driver_model::wdf::*;
 use domdma_driver_model::WDF_DECLARE_CONTEXT_TYPE_WITH_NAME;
@@ -28,16 +30,7 @@ WDF_DECLARE_CONTEXT_TYPE_WITH_NAME!(DEVICE_CONTEXT, GetDeviceContext);
 
 fn main() {
     // DriverEntry.
-    let mut driver_object = DRIVER_OBJECT::new();
-    let config = WDF_DRIVER_CONFIG::default();
-    let status = WdfDriverCreate(
-        &mut driver_object,
-        r"\Registry\Machine\System\CurrentControlSet\Services\domdma_sample",
-        WDF_NO_OBJECT_ATTRIBUTES,
-        &config,
-        None,
-    );
-    assert!(NT_SUCCESS(status), "WdfDriverCreate: {status}");
+    let mut driver_object = common::driver_entry();
 
     // EvtDriverDeviceAdd: a device with a DEVICE_CONTEXT.
     let mut attributes = WDF_OBJECT_ATTRIBUTES::init();

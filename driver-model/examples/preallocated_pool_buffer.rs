@@ -6,6 +6,8 @@
 
 #![allow(non_snake_case)]
 
+mod common;
+
 use std::ffi::c_void;
 
 use domdma_driver_model::pool::{PoolKind, PoolTag};
@@ -17,15 +19,7 @@ const MY_DRIVER_TAG: u32 = u32::from_le_bytes(*b"Drv1");
 const MY_BUFFER_SIZE: usize = 1024;
 
 fn main() {
-    let mut driver_object = DRIVER_OBJECT::new();
-    let status = WdfDriverCreate(
-        &mut driver_object,
-        r"\Registry\Machine\System\CurrentControlSet\Services\domdma_sample",
-        WDF_NO_OBJECT_ATTRIBUTES,
-        &WDF_DRIVER_CONFIG::default(),
-        None,
-    );
-    assert!(NT_SUCCESS(status));
+    let mut driver_object = common::driver_entry();
 
     // A driver-created request stands for the request the driver is processing.
     let mut requestHandle = WDFREQUEST::NULL;

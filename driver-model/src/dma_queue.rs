@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use domdma_device::spec;
 
 use crate::backend::{BackendError, DmaBackend, DmaBuffer, DmaRequest};
+use crate::poll::poll_until;
 
 /// Errors of the queue driver.
 #[derive(Debug, thiserror::Error)]
@@ -201,17 +202,12 @@ impl CompletionRecords {
 /// that does otherwise).
 pub fn reset_device(backend: &dyn DmaBackend, timeout: Duration) -> Result<(), QueueError> {
     backend.write32(spec::REG_DEV_CTRL, spec::DEV_CTRL_RESET)?;
-    let start = Instant::now();
-    loop {
-        let v = backend.read32(spec::REG_DEV_CTRL)?;
-        if v & spec::DEV_CTRL_RESET == 0 {
-            return Ok(());
-        }
-        if start.elapsed() >= timeout {
-            return Err(QueueError::ResetTimeout(timeout, v));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let mut v = 0;
+    poll_until(timeout, Duration::from_millis(1), || {
+        v = backend.read32(spec::REG_DEV_CTRL)?;
+        Ok::<_, QueueError>((v & spec::DEV_CTRL_RESET == 0).then_some(()))
+    })?
+    .map_err(|_| QueueError::ResetTimeout(timeout, v))
 }
 
 /// How to program a queue.
@@ -546,18 +542,15 @@ impl<'b> DmaQueue<'b> {
 
     /// Waits until the device has consumed everything up to the tail (`Q_HEAD == tail`).
     pub fn wait_idle(&mut self, timeout: Duration) -> Result<(), QueueError> {
-        let start = Instant::now();
-        loop {
-            let head = self.head()?;
-            if head == self.tail {
+        let drained = poll_until(timeout, Duration::from_micros(200), || {
+            self.head().map(|head| (head == self.tail).then_some(head))
+        })?;
+        match drained {
+            Ok(head) => {
                 self.head_cache = head;
-                return Ok(());
+                Ok(())
             }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(self.timeout("the queue to drain".into(), waited));
-            }
-            std::thread::sleep(Duration::from_micros(200));
+            Err(waited) => Err(self.timeout("the queue to drain".into(), waited)),
         }
     }
 

@@ -173,28 +173,22 @@ pub fn invalidate(
 
 /// Sets domain `d` to pass-through (IOVA = bus address) and invalidates it.
 pub fn set_passthrough(dev: &dyn DmaBackend, d: u32, timeout: Duration) -> Result<(), DomainError> {
-    write_domain(
-        dev,
-        d,
-        DomainRegs {
-            root: 0,
-            mode: spec::DOMAIN_MODE_PASSTHROUGH,
-        },
-    )?;
-    invalidate(dev, Invalidation::Domain(d), timeout)?;
-    Ok(())
+    set_untranslated(dev, d, spec::DOMAIN_MODE_PASSTHROUGH, timeout)
 }
 
 /// Disables domain `d` (every DMA through it faults) and invalidates it.
 pub fn disable_domain(dev: &dyn DmaBackend, d: u32, timeout: Duration) -> Result<(), DomainError> {
-    write_domain(
-        dev,
-        d,
-        DomainRegs {
-            root: 0,
-            mode: spec::DOMAIN_MODE_DISABLED,
-        },
-    )?;
+    set_untranslated(dev, d, spec::DOMAIN_MODE_DISABLED, timeout)
+}
+
+/// Sets domain `d` to `mode`, one without page tables (its root 0), and invalidates it.
+fn set_untranslated(
+    dev: &dyn DmaBackend,
+    d: u32,
+    mode: u32,
+    timeout: Duration,
+) -> Result<(), DomainError> {
+    write_domain(dev, d, DomainRegs { root: 0, mode })?;
     invalidate(dev, Invalidation::Domain(d), timeout)?;
     Ok(())
 }

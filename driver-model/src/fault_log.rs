@@ -8,11 +8,12 @@
 
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use domdma_device::spec;
 
 use crate::backend::{BackendError, DmaBackend, DmaBuffer, DmaRequest};
+use crate::poll::poll_until;
 
 /// Errors of the fault log driver.
 #[derive(Debug, thiserror::Error)]
@@ -208,23 +209,15 @@ impl<'b> FaultLog<'b> {
 
     /// Polls for the next record for at most `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Result<FaultRecord, FaultLogError> {
-        let start = Instant::now();
-        loop {
-            if let Some(r) = self.pop()? {
-                return Ok(r);
+        poll_until(timeout, Duration::from_micros(200), || self.pop())?.map_err(|waited| {
+            FaultLogError::Timeout {
+                waited,
+                head: self.head().unwrap_or(u32::MAX),
+                tail: self.tail,
+                status: self.status().unwrap_or(u32::MAX),
+                count: self.count().unwrap_or(u32::MAX),
             }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(FaultLogError::Timeout {
-                    waited,
-                    head: self.head().unwrap_or(u32::MAX),
-                    tail: self.tail,
-                    status: self.status().unwrap_or(u32::MAX),
-                    count: self.count().unwrap_or(u32::MAX),
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        })
     }
 
     /// Disables the log (`REG_FLOG_CTRL` = 0).

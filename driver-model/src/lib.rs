@@ -32,6 +32,7 @@ pub mod fault_log;
 pub mod iopt;
 pub mod irql;
 pub mod lookaside;
+mod poll;
 pub mod pool;
 pub mod status;
 pub mod verifier;

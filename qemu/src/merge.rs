@@ -37,6 +37,20 @@ impl Row {
     pub fn ok(&self) -> bool {
         self.problem.is_none() && self.failed == 0
     }
+
+    /// The cells after the profile's name: passed, failed, skipped and seconds (to a
+    /// tenth); or, for a profile without totals, why.
+    fn cells(&self) -> Result<[String; 4], &str> {
+        match &self.problem {
+            None => Ok([
+                self.passed.to_string(),
+                self.failed.to_string(),
+                self.skipped.to_string(),
+                format!("{:.1}", self.time.as_secs_f64()),
+            ]),
+            Some(p) => Err(p),
+        }
+    }
 }
 
 /// Reads the profiles' reports under `out`, writes the merged `out/junit.xml`, and returns
@@ -111,22 +125,14 @@ pub fn table(rows: &[Row], wall: Option<Duration>) -> String {
     );
     let _ = writeln!(out, "{}", "-".repeat(width + 37));
     for r in rows {
-        match &r.problem {
-            None => {
-                let _ = writeln!(
-                    out,
-                    "{:<width$}  {:>6}  {:>6}  {:>7}  {:>8.1}",
-                    r.profile,
-                    r.passed,
-                    r.failed,
-                    r.skipped,
-                    r.time.as_secs_f64()
-                );
-            }
-            Some(p) => {
-                let _ = writeln!(out, "{:<width$}  FAILED: {p}", r.profile);
-            }
-        }
+        let _ = match r.cells() {
+            Ok([passed, failed, skipped, seconds]) => writeln!(
+                out,
+                "{:<width$}  {passed:>6}  {failed:>6}  {skipped:>7}  {seconds:>8}",
+                r.profile
+            ),
+            Err(p) => writeln!(out, "{:<width$}  FAILED: {p}", r.profile),
+        };
     }
     let bad: Vec<&str> = rows
         .iter()
@@ -157,22 +163,10 @@ pub fn markdown(rows: &[Row]) -> String {
         "| profile | passed | failed | skipped | seconds |\n|---|---:|---:|---:|---:|\n",
     );
     for r in rows {
-        match &r.problem {
-            None => {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {:.1} |",
-                    r.profile,
-                    r.passed,
-                    r.failed,
-                    r.skipped,
-                    r.time.as_secs_f64()
-                );
-            }
-            Some(p) => {
-                let _ = writeln!(out, "| {} | | | | | **no report**: {} |", r.profile, md(p));
-            }
-        }
+        let _ = match r.cells() {
+            Ok(cells) => writeln!(out, "| {} | {} |", r.profile, cells.join(" | ")),
+            Err(p) => writeln!(out, "| {} | | | | | **no report**: {} |", r.profile, md(p)),
+        };
     }
     let failures: Vec<_> = rows
         .iter()

@@ -629,20 +629,20 @@ pub enum Cpl {
 pub struct Desc {
     /// `OP_*` (any byte).
     pub opcode: u8,
-    /// `DESC_FLAG_*` (any byte).
-    pub flags: u8,
-    /// The reserved u16 at 0x02.
-    pub reserved_lo: u16,
-    /// Length in bytes.
-    pub len: u32,
     /// Source IOVA, or the FILL pattern.
     pub src: u64,
     /// Destination IOVA, or COMPARE's second source.
     pub dst: u64,
-    /// Completion record.
-    pub cpl: Cpl,
+    /// Length in bytes.
+    pub len: u32,
     /// Tag echoed in the completion.
     pub tag: u64,
+    /// Completion record.
+    pub cpl: Cpl,
+    /// `DESC_FLAG_*` (any byte).
+    pub flags: u8,
+    /// The reserved u16 at 0x02.
+    pub reserved_lo: u16,
     /// Reserved bytes 0x28..0x40.
     pub reserved: [u8; 24],
 }

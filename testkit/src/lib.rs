@@ -9,8 +9,8 @@
 //!   reason where the back end or guest profile lacks it.
 //! - [`check`]: failures, the `check!` / `check_eq!` macros and the checks scenarios share
 //!   (completion status, fault, bytes).
-//! - [`fixtures`]: seeded random data unique per page, canary-guarded buffers, queues in
-//!   translated domains, a software CRC32C.
+//! - [`fixtures`]: seeded random data unique per page, canary-guarded buffers, queues (in
+//!   translated domains too), fault-record and counter checks, a software CRC32C.
 //! - [`core_driver`]: a driver of the device core itself (no back end), for the device's
 //!   internal tests and benchmarks;
 //! - [`launcher`]: the one launcher of the `domdma-device` server binary (readiness by

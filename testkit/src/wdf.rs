@@ -18,7 +18,7 @@ use domdma_driver_model::verifier::{self, VerifierMode};
 use domdma_driver_model::wdf::*;
 
 use crate::check::{check_status, Failure, TestResult};
-use crate::fixtures::COMPLETION_TIMEOUT;
+use crate::fixtures::{RunOne, COMPLETION_TIMEOUT};
 
 /// A loaded driver with one device on a back end.
 pub struct Driver {
@@ -58,18 +58,11 @@ impl Driver {
         })
     }
 
-    /// A version-3 bus-master scatter/gather adapter with `width` address bits.
+    /// A version-3 bus-master scatter/gather adapter with `width` address bits
+    /// ([`v3_description`]).
     pub fn adapter(&self, width: u32) -> Result<PDMA_ADAPTER, Failure> {
-        let desc = DEVICE_DESCRIPTION {
-            Version: DEVICE_DESCRIPTION_VERSION3,
-            Master: true,
-            ScatterGather: true,
-            DmaAddressWidth: width,
-            MaximumLength: 1 << 20,
-            ..Default::default()
-        };
         let mut map_registers = 0;
-        IoGetDmaAdapter(Some(&self.pdo), &desc, &mut map_registers)
+        IoGetDmaAdapter(Some(&self.pdo), &v3_description(width), &mut map_registers)
             .ok_or_else(|| Failure(format!("IoGetDmaAdapter({width}-bit) returned NULL")))
     }
 
@@ -123,6 +116,19 @@ impl Driver {
     }
 }
 
+/// A version-3 bus-master scatter/gather description of `width` address bits and 1 MiB
+/// transfers.
+pub fn v3_description(width: u32) -> DEVICE_DESCRIPTION {
+    DEVICE_DESCRIPTION {
+        Version: DEVICE_DESCRIPTION_VERSION3,
+        Master: true,
+        ScatterGather: true,
+        DmaAddressWidth: width,
+        MaximumLength: 1 << 20,
+        ..Default::default()
+    }
+}
+
 /// Loads a driver on `backend`, runs `f` with it and unloads it whatever `f` returned:
 /// `f`'s failure comes first, a leak found at unload after it.
 pub fn with_driver(backend: SharedBackend, f: impl FnOnce(&Driver) -> TestResult) -> TestResult {
@@ -172,7 +178,59 @@ impl Cb {
     }
 }
 
-/// `AllocateDomainCommonBuffer`, returning the status and what it gave.
+/// The parameters of an `AllocateDomainCommonBuffer` besides the adapter and the domain.
+#[derive(Debug, Clone, Copy)]
+pub struct Req {
+    /// `MaximumAddress` (`None`: NULL).
+    pub max: Option<u64>,
+    /// `Length`.
+    pub len: u32,
+    /// `Flags`.
+    pub flags: u32,
+    /// `CacheType` (`None`: NULL).
+    pub cache: Option<MEMORY_CACHING_TYPE>,
+    /// `PreferredNode`.
+    pub node: NODE_REQUIREMENT,
+}
+
+impl Req {
+    /// `len` bytes: no MaximumAddress, flags or CacheType, any node.
+    pub fn of(len: u32) -> Self {
+        Req {
+            max: None,
+            len,
+            flags: 0,
+            cache: None,
+            node: MM_ANY_NODE_OK,
+        }
+    }
+
+    /// With `MaximumAddress` `max`.
+    pub fn max(self, max: u64) -> Self {
+        Req {
+            max: Some(max),
+            ..self
+        }
+    }
+
+    /// With `Flags` `flags`.
+    pub fn flags(self, flags: u32) -> Self {
+        Req { flags, ..self }
+    }
+
+    /// With `CacheType` `cache`.
+    pub fn cache(self, cache: Option<MEMORY_CACHING_TYPE>) -> Self {
+        Req { cache, ..self }
+    }
+
+    /// With `PreferredNode` `node`.
+    pub fn node(self, node: NODE_REQUIREMENT) -> Self {
+        Req { node, ..self }
+    }
+}
+
+/// `AllocateDomainCommonBuffer`, returning the status and what it gave ([`try_alloc_req`]
+/// with each parameter given).
 #[allow(clippy::too_many_arguments)]
 pub fn try_alloc(
     a: &DMA_ADAPTER,
@@ -183,28 +241,36 @@ pub fn try_alloc(
     cache: Option<MEMORY_CACHING_TYPE>,
     node: NODE_REQUIREMENT,
 ) -> (NTSTATUS, Cb) {
+    let req = Req {
+        max,
+        len,
+        flags,
+        cache,
+        node,
+    };
+    try_alloc_req(a, domain, req)
+}
+
+/// `AllocateDomainCommonBuffer` of `req` in `domain`, returning the status and what it
+/// gave.
+pub fn try_alloc_req(a: &DMA_ADAPTER, domain: HANDLE, req: Req) -> (NTSTATUS, Cb) {
     let mut logical = PHYSICAL_ADDRESS::default();
     let mut va: *mut c_void = std::ptr::null_mut();
-    let max = max.map(PHYSICAL_ADDRESS::new);
+    let max = req.max.map(PHYSICAL_ADDRESS::new);
     let s = (a.DmaOperations.AllocateDomainCommonBuffer)(
         a,
         domain,
         max.as_ref(),
-        len,
-        flags,
-        cache.as_ref(),
-        node,
+        req.len,
+        req.flags,
+        req.cache.as_ref(),
+        req.node,
         &mut logical,
         &mut va,
     );
-    (
-        s,
-        Cb {
-            logical: logical.QuadPart as u64,
-            va,
-            len,
-        },
-    )
+    let len = req.len;
+    let logical = logical.QuadPart as u64;
+    (s, Cb { logical, va, len })
 }
 
 /// `AllocateDomainCommonBuffer` of `len` bytes with `flags` on `node`, which must succeed.
@@ -215,7 +281,7 @@ pub fn alloc(
     flags: u32,
     node: NODE_REQUIREMENT,
 ) -> Result<Cb, Failure> {
-    let (s, cb) = try_alloc(a, domain, None, len, flags, None, node);
+    let (s, cb) = try_alloc_req(a, domain, Req::of(len).flags(flags).node(node));
     crate::check!(
         NT_SUCCESS(s),
         "AllocateDomainCommonBuffer({len:#x} bytes, flags {flags}, node {node}): {s}"
@@ -400,6 +466,12 @@ impl<'b> DomainQueue<'b> {
     }
 }
 
+impl RunOne for DomainQueue<'_> {
+    fn run(&mut self, desc: Descriptor) -> Result<CompletionRecord, Failure> {
+        DomainQueue::run(self, desc)
+    }
+}
+
 impl Drop for DomainQueue<'_> {
     fn drop(&mut self) {
         if let Some((q, _)) = &self.live {
@@ -505,6 +577,28 @@ impl<'b> Mover<'b> {
     }
 }
 
+/// Loads a driver on `backend`, sets up a [`Mover`] of `len`-byte buffers on the device
+/// `dev` and runs `f` with it, its adapter, the adapter's DMA domain (handle) and the
+/// model's view of that domain; then closes the mover (buffers freed, adapter put) and
+/// unloads the driver, checking for leaks ([`with_driver`]).
+pub fn with_mover(
+    backend: SharedBackend,
+    dev: &dyn DmaBackend,
+    len: u32,
+    f: impl FnOnce(&mut Mover<'_>, &DMA_ADAPTER, HANDLE, &DmaDomain) -> TestResult,
+) -> TestResult {
+    with_driver(backend, |drv| {
+        let mut mv = Mover::new(drv, dev, len)?;
+        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
+        let dom = current_domain(&a)?;
+        f(&mut mv, &a, d, &dom)?;
+        // The adapter is put by the mover, with no other reference to it left.
+        drop(dom);
+        drop(a);
+        mv.close()
+    })
+}
+
 /// The bytes of memory object `m`: its whole buffer, as `WdfMemoryGetBuffer` describes it.
 pub fn memory_bytes(m: WDFMEMORY) -> Vec<u8> {
     let mut size = 0;
@@ -532,46 +626,35 @@ pub fn copy_to_vec(m: WDFMEMORY, offset: usize, n: usize) -> (NTSTATUS, Vec<u8>)
     (s, v)
 }
 
-/// `WdfMemoryCopyToBuffer` of `n` bytes at `offset` of `m` into common buffer `cb` at
-/// `cb_offset` (which must hold them). `cb` must not have been freed.
-pub fn memory_to_common(
-    m: WDFMEMORY,
-    offset: usize,
-    cb: &Cb,
-    cb_offset: usize,
-    n: usize,
-) -> NTSTATUS {
+/// The address of byte `cb_offset` of common buffer `cb`, checking that `n` bytes from
+/// there are inside it.
+fn cb_range(cb: &Cb, cb_offset: usize, n: usize) -> *mut u8 {
     assert!(
         cb_offset + n <= cb.len as usize,
         "{n} bytes at {cb_offset:#x} are outside the {}-byte common buffer",
         cb.len
     );
-    let dst = cb.va.cast::<u8>().wrapping_add(cb_offset);
+    cb.va.cast::<u8>().wrapping_add(cb_offset)
+}
+
+/// `WdfMemoryCopyToBuffer` of `n` bytes at `off` of `m` into common buffer `cb` at `cb_off`
+/// (which must hold them). `cb` must not have been freed.
+pub fn memory_to_common(m: WDFMEMORY, off: usize, cb: &Cb, cb_off: usize, n: usize) -> NTSTATUS {
+    let dst = cb_range(cb, cb_off, n);
     // SAFETY: `cb` is a live common buffer (the caller's promise) and the range is inside
     // it (checked); the device does not access it during the copy; it is not the memory
     // object's buffer unless a scenario made a preallocated object over it, which it does
     // not pass here.
-    unsafe { WdfMemoryCopyToBuffer(m, offset, dst.cast(), n) }
+    unsafe { WdfMemoryCopyToBuffer(m, off, dst.cast(), n) }
 }
 
-/// `WdfMemoryCopyFromBuffer` of `n` bytes of common buffer `cb` at `cb_offset` (which must
-/// hold them) to `offset` of `m`. `cb` must not have been freed.
-pub fn common_to_memory(
-    m: WDFMEMORY,
-    offset: usize,
-    cb: &Cb,
-    cb_offset: usize,
-    n: usize,
-) -> NTSTATUS {
-    assert!(
-        cb_offset + n <= cb.len as usize,
-        "{n} bytes at {cb_offset:#x} are outside the {}-byte common buffer",
-        cb.len
-    );
-    let src = cb.va.cast::<u8>().wrapping_add(cb_offset).cast_const();
+/// `WdfMemoryCopyFromBuffer` of `n` bytes of common buffer `cb` at `cb_off` (which must hold
+/// them) to `off` of `m`. `cb` must not have been freed.
+pub fn common_to_memory(m: WDFMEMORY, off: usize, cb: &Cb, cb_off: usize, n: usize) -> NTSTATUS {
+    let src = cb_range(cb, cb_off, n).cast_const();
     // SAFETY: as in `memory_to_common`, in the other direction (the DMA that wrote the
     // buffer has completed).
-    unsafe { WdfMemoryCopyFromBuffer(m, offset, src.cast(), n) }
+    unsafe { WdfMemoryCopyFromBuffer(m, off, src.cast(), n) }
 }
 
 /// A driver-created request (`WdfRequestCreate`, no I/O target): the parent scenarios hang
@@ -583,23 +666,22 @@ pub fn request(attributes: Option<&WDF_OBJECT_ATTRIBUTES>) -> Result<WDFREQUEST,
     Ok(r)
 }
 
-/// `WdfLookasideListCreate`, which must succeed.
+/// Object attributes of a lookaside list and of its memory objects.
+pub type ListAttributes<'a> = (
+    Option<&'a WDF_OBJECT_ATTRIBUTES>,
+    Option<&'a WDF_OBJECT_ATTRIBUTES>,
+);
+
+/// `WdfLookasideListCreate` of `size`-byte buffers from `pool` tagged `tag`, with the list's
+/// and its memory objects' attributes `(list, memory)`, which must succeed.
 pub fn lookaside(
-    list_attributes: Option<&WDF_OBJECT_ATTRIBUTES>,
     size: usize,
     pool: POOL_TYPE,
-    memory_attributes: Option<&WDF_OBJECT_ATTRIBUTES>,
     tag: u32,
+    (list, memory): ListAttributes<'_>,
 ) -> Result<WDFLOOKASIDE, Failure> {
     let mut l = WDFLOOKASIDE::NULL;
-    let s = WdfLookasideListCreate(
-        list_attributes,
-        size,
-        pool,
-        memory_attributes,
-        tag,
-        Some(&mut l),
-    );
+    let s = WdfLookasideListCreate(list, size, pool, memory, tag, Some(&mut l));
     crate::check_eq!(
         s,
         STATUS_SUCCESS,

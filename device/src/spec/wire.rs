@@ -389,6 +389,18 @@ impl CompletionRecord {
     pub fn is_ok(&self) -> bool {
         self.status == STATUS_OK
     }
+
+    /// What the descriptor came to, without its result and tag: (status, fault reason,
+    /// fault access, bytes completed, fault address).
+    pub fn outcome(&self) -> (u8, u8, u8, u32, u64) {
+        (
+            self.status,
+            self.fault_reason,
+            self.fault_access,
+            self.bytes,
+            self.fault_addr,
+        )
+    }
 }
 
 impl fmt::Display for CompletionRecord {

@@ -43,7 +43,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::server::{lock, prepare_socket_path, wait, ServerError, Wait};
+use super::server::{accept_should_retry, lock, prepare_socket_path, wait, ServerError, Wait};
 use crate::core::{Device, DeviceConfig, DeviceStats};
 use crate::spec::DEVICE_VERSION;
 
@@ -218,13 +218,7 @@ fn serve(listener: &UnixListener, device: &Mutex<Device>, config: &DeviceConfig,
                     debug!(error = %e, "inspector: report not delivered");
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
-                ) => {}
+            Err(e) if accept_should_retry(&e) => {}
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 warn!(error = %e, "inspector: cannot accept a connection");

@@ -316,16 +316,7 @@ impl Server {
             }
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if accept_should_retry(&e) => continue,
                 // Out of descriptors: the client stays queued; try again later rather
                 // than exit.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -407,6 +398,15 @@ impl Drop for Server {
 
 pub(crate) fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
     device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether a failed `accept` on a non-blocking listener is to be retried at once: nothing
+/// was queued after all, a signal came, or the client gave up before it was accepted.
+pub(crate) fn accept_should_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
 }
 
 /// Outcome of waiting for a descriptor.

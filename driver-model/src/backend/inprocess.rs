@@ -34,7 +34,7 @@ use tracing::{debug, info, trace};
 use vm_memory::GuestMemoryAtomic;
 
 use super::phys::{PhysConfig, PhysError, PhysMemory};
-use super::{BackendError, BackendInfo, DmaBackend, DmaBuffer, DmaRequest, RegisterAccess, Result};
+use super::{BackendError, BackendInfo, DmaBackend, RegisterAccess, Result};
 
 /// Errors of the in-process back end.
 #[derive(Debug, thiserror::Error)]
@@ -261,20 +261,10 @@ impl DmaBackend for InProcessBackend {
         Ok(())
     }
 
-    fn alloc_dma(&self, req: DmaRequest) -> Result<DmaBuffer> {
-        Ok(self.phys.alloc(req)?)
-    }
-
-    fn reserve_unmapped(&self, len: u64) -> Result<u64> {
-        Ok(self.phys.reserve_unmapped(len)?)
-    }
+    super::phys::dma_memory_from_phys!();
 
     fn msix_vectors(&self) -> u16 {
         self.vectors
-    }
-
-    fn numa_nodes(&self) -> u32 {
-        self.phys.nodes()
     }
 
     fn rearm_interrupts(&self) -> Result<()> {

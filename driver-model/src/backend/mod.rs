@@ -135,6 +135,47 @@ pub(crate) fn wait_eventfd(
     }
 }
 
+/// The eventfd of MSI-X `vector` among `fds` (one per vector the back end set up), or
+/// [`BackendError::NoSuchVector`].
+#[cfg(target_os = "linux")]
+pub(crate) fn msix_eventfd(
+    fds: &[vmm_sys_util::eventfd::EventFd],
+    vector: u16,
+) -> Result<&vmm_sys_util::eventfd::EventFd> {
+    fds.get(usize::from(vector))
+        .ok_or(BackendError::NoSuchVector {
+            vector,
+            available: fds.len() as u16,
+        })
+}
+
+/// Maps `len` bytes of a device's register BAR for reads and writes, shared, from `offset`
+/// of `file` (a VFIO device fd at the region's offset, a sysfs `resource0` file at 0). The
+/// caller owns the mapping and unmaps it (`munmap` of the pointer and `len`).
+#[cfg(target_os = "linux")]
+pub(crate) fn mmap_bar(
+    file: &impl std::os::fd::AsRawFd,
+    len: usize,
+    offset: libc::off_t,
+) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: a new shared mapping at an address the kernel picks, so nothing is replaced;
+    // the kernel checks the range against the file.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(NonNull::new(p.cast()).expect("mmap returned non-null"))
+}
+
 /// Checks a 32-bit register access at `offset` of a BAR0 of `size` bytes (4-byte aligned,
 /// inside the BAR): what every back end does before touching the device.
 pub fn check_reg_access(offset: u64, size: u64) -> Result<()> {

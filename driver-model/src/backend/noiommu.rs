@@ -382,27 +382,11 @@ impl NoIommuBackend {
             });
         }
         let len = spec::REGS_BAR_SIZE as usize;
-        // SAFETY: a new shared mapping of the device's BAR0 through its sysfs resource
-        // file (the kernel checks the range); owned by the back end, unmapped in Drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                bar_file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(sys(format!("mapping {}", res0.display()))(
-                io::Error::last_os_error(),
-            ));
-        }
-        let bar0 = Mapping {
-            ptr: NonNull::new(p.cast()).expect("mmap returned non-null"),
-            len,
-        };
+        // The device's BAR0 through its sysfs resource file; owned by the back end,
+        // unmapped in Drop.
+        let ptr = super::mmap_bar(&bar_file, len, 0)
+            .map_err(sys(format!("mapping {}", res0.display())))?;
+        let bar0 = Mapping { ptr, len };
         let cfg_path = pci.path.join("config");
         let config = OpenOptions::new()
             .read(true)

@@ -319,6 +319,29 @@ impl fmt::Debug for PhysMemory {
     }
 }
 
+/// The [`DmaBackend`](super::DmaBackend) methods of a back end whose DMA memory is the
+/// guest RAM of its `phys` field, a [`PhysMemory`]: allocations, unmapped reservations and
+/// NUMA nodes all come from there. Used inside the back end's `impl DmaBackend`.
+macro_rules! dma_memory_from_phys {
+    () => {
+        fn alloc_dma(
+            &self,
+            req: $crate::backend::DmaRequest,
+        ) -> $crate::backend::Result<$crate::backend::DmaBuffer> {
+            Ok(self.phys.alloc(req)?)
+        }
+
+        fn reserve_unmapped(&self, len: u64) -> $crate::backend::Result<u64> {
+            Ok(self.phys.reserve_unmapped(len)?)
+        }
+
+        fn numa_nodes(&self) -> u32 {
+            self.phys.nodes()
+        }
+    };
+}
+pub(crate) use dma_memory_from_phys;
+
 impl PhysMemory {
     /// Guest RAM over the host mappings given, one per node in node order, each exactly
     /// `node_size` bytes.

@@ -666,29 +666,14 @@ impl VfioBackend {
                 name: "BAR0",
                 problem: format!("offset {bar0_offset:#x} out of range"),
             })?;
-            // SAFETY: a fresh shared mapping of the device fd at the region's offset; the
-            // kernel checks the range. The mapping is owned by the back end and unmapped in
-            // Drop.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    device.as_raw_fd(),
-                    off,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                let e = io::Error::last_os_error();
-                warn!("mmap of BAR0 failed ({e}); using pread/pwrite");
-                Bar0::ReadWrite {
-                    offset: bar0_offset,
-                }
-            } else {
-                Bar0::Mmap {
-                    ptr: NonNull::new(p.cast()).expect("mmap returned non-null"),
-                    len,
+            // The mapping is owned by the back end and unmapped in Drop.
+            match super::mmap_bar(&device, len, off) {
+                Ok(ptr) => Bar0::Mmap { ptr, len },
+                Err(e) => {
+                    warn!("mmap of BAR0 failed ({e}); using pread/pwrite");
+                    Bar0::ReadWrite {
+                        offset: bar0_offset,
+                    }
                 }
             }
         } else {
@@ -1105,13 +1090,7 @@ impl DmaBackend for VfioBackend {
     }
 
     fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<u64> {
-        let fd = self
-            .msix
-            .get(usize::from(vector))
-            .ok_or(BackendError::NoSuchVector {
-                vector,
-                available: self.msix_vectors(),
-            })?;
+        let fd = super::msix_eventfd(&self.msix, vector)?;
         super::wait_eventfd(fd, timeout)
             .map_err(|(what, source)| VfioBackendError::Sys { what, source }.into())
     }

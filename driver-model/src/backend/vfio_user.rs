@@ -53,7 +53,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::phys::{PhysConfig, PhysError, PhysMemory};
-use super::{BackendError, BackendInfo, DmaBackend, DmaBuffer, DmaRequest, RegisterAccess, Result};
+use super::{BackendError, BackendInfo, DmaBackend, RegisterAccess, Result};
 
 /// How long a reply may take by default (one socket read or write).
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -939,21 +939,11 @@ impl DmaBackend for VfioUserBackend {
         Ok(())
     }
 
-    fn alloc_dma(&self, req: DmaRequest) -> Result<DmaBuffer> {
-        Ok(self.phys.alloc(req)?)
-    }
-
-    fn reserve_unmapped(&self, len: u64) -> Result<u64> {
-        Ok(self.phys.reserve_unmapped(len)?)
-    }
+    super::phys::dma_memory_from_phys!();
 
     fn msix_vectors(&self) -> u16 {
         // At most MAX_MSIX_VECTORS.
         self.msix.len() as u16
-    }
-
-    fn numa_nodes(&self) -> u32 {
-        self.phys.nodes()
     }
 
     fn rearm_interrupts(&self) -> Result<()> {
@@ -966,13 +956,7 @@ impl DmaBackend for VfioUserBackend {
     }
 
     fn wait_interrupt(&self, vector: u16, timeout: Duration) -> Result<u64> {
-        let fd = self
-            .msix
-            .get(usize::from(vector))
-            .ok_or(BackendError::NoSuchVector {
-                vector,
-                available: self.msix_vectors(),
-            })?;
+        let fd = super::msix_eventfd(&self.msix, vector)?;
         super::wait_eventfd(fd, timeout).map_err(|(what, source)| {
             VfioUserError::Interrupt {
                 what,

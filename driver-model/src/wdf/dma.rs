@@ -354,6 +354,17 @@ fn v3(a: &DMA_ADAPTER) -> bool {
     a.description_version == DEVICE_DESCRIPTION_VERSION3
 }
 
+/// The first checks of a DDI for version 3 adapters at PASSIVE_LEVEL: the status to return
+/// at another IRQL (`STATUS_INVALID_DEVICE_REQUEST`, after Driver Verifier's bug check) or
+/// for an adapter not made from a version 3 description (`STATUS_NOT_SUPPORTED`); `None`
+/// to go on.
+fn v3_passive_refusal(api: &str, a: &DMA_ADAPTER) -> Option<NTSTATUS> {
+    if !dma_irql_passive(api) {
+        return Some(STATUS_INVALID_DEVICE_REQUEST);
+    }
+    (!v3(a)).then_some(STATUS_NOT_SUPPORTED)
+}
+
 /// `GetDmaAdapterInfo`: `Version` must be [`DMA_ADAPTER_INFO_VERSION1`]
 /// (`STATUS_NOT_SUPPORTED` otherwise, and for a non-v3 adapter).
 pub fn GetDmaAdapterInfo(DmaAdapter: &DMA_ADAPTER, AdapterInfo: &mut DMA_ADAPTER_INFO) -> NTSTATUS {
@@ -441,11 +452,8 @@ fn status_of(api: &str, a: &DMA_ADAPTER, e: DmaError) -> NTSTATUS {
 pub fn JoinDmaDomain(DmaAdapter: &DMA_ADAPTER, DomainHandle: HANDLE) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::JoinDmaDomain);
     const API: &str = "JoinDmaDomain";
-    if !dma_irql_passive(API) {
-        return STATUS_INVALID_DEVICE_REQUEST;
-    }
-    if !v3(DmaAdapter) {
-        return STATUS_NOT_SUPPORTED;
+    if let Some(status) = v3_passive_refusal(API, DmaAdapter) {
+        return status;
     }
     match DmaAdapter.adapter.join(DomainHandle.0) {
         Ok(()) => STATUS_SUCCESS,
@@ -460,11 +468,8 @@ pub fn JoinDmaDomain(DmaAdapter: &DMA_ADAPTER, DomainHandle: HANDLE) -> NTSTATUS
 pub fn LeaveDmaDomain(DmaAdapter: &DMA_ADAPTER) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::LeaveDmaDomain);
     const API: &str = "LeaveDmaDomain";
-    if !dma_irql_passive(API) {
-        return STATUS_INVALID_DEVICE_REQUEST;
-    }
-    if !v3(DmaAdapter) {
-        return STATUS_NOT_SUPPORTED;
+    if let Some(status) = v3_passive_refusal(API, DmaAdapter) {
+        return status;
     }
     match DmaAdapter.adapter.leave() {
         Ok(()) => STATUS_SUCCESS,
@@ -500,11 +505,8 @@ pub fn AllocateDomainCommonBuffer(
 ) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::AllocateDomainCommonBuffer);
     const API: &str = "AllocateDomainCommonBuffer";
-    if !dma_irql_passive(API) {
-        return STATUS_INVALID_DEVICE_REQUEST;
-    }
-    if !v3(DmaAdapter) {
-        return STATUS_NOT_SUPPORTED;
+    if let Some(status) = v3_passive_refusal(API, DmaAdapter) {
+        return status;
     }
     if Flags & !DOMAIN_COMMON_BUFFER_LARGE_PAGE != 0 || Length == 0 {
         return STATUS_INVALID_PARAMETER;

@@ -182,7 +182,7 @@ fn lookaside_requests_through_domain(ctx: &mut Ctx) -> TestResult {
         let len = (BATCH * SLOT) as u32;
         let src = alloc(&a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
         let dst = alloc(&a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
-        let requests = lookaside(None, SLOT, NonPagedPool, None, REQ_TAG)?;
+        let requests = lookaside(SLOT, NonPagedPool, REQ_TAG, (None, None))?;
         let mut rsp_total = 0u64;
         for round in 0..ROUNDS {
             let round_req = request(None)?;
@@ -190,7 +190,7 @@ fn lookaside_requests_through_domain(ctx: &mut Ctx) -> TestResult {
                 ParentObject: round_req.into(),
                 ..WDF_OBJECT_ATTRIBUTES::init()
             };
-            let responses = lookaside(None, SLOT, PagedPool, Some(&attrs), RSP_TAG)?;
+            let responses = lookaside(SLOT, PagedPool, RSP_TAG, (None, Some(&attrs)))?;
             dst.write(0, &vec![POISON; len as usize]);
             let reqs = stage(ctx, requests, &src, round)?;
             let descs: Vec<Descriptor> = reqs
@@ -283,8 +283,8 @@ fn two_channels_in_one_domain(ctx: &mut Ctx) -> TestResult {
         let src = alloc(&a, d, len, 0, MM_ANY_NODE_OK)?;
         let back = alloc(&a, d, len, 0, MM_ANY_NODE_OK)?;
         let dst = alloc(&b, d, len, 0, MM_ANY_NODE_OK)?;
-        let requests = lookaside(None, SLOT, NonPagedPool, None, REQ_TAG)?;
-        let responses = lookaside(None, SLOT, NonPagedPool, None, RSP_TAG)?;
+        let requests = lookaside(SLOT, NonPagedPool, REQ_TAG, (None, None))?;
+        let responses = lookaside(SLOT, NonPagedPool, RSP_TAG, (None, None))?;
         for round in 0..2 {
             dst.write(0, &vec![POISON; len as usize]);
             back.write(0, &vec![POISON; len as usize]);

@@ -120,6 +120,8 @@ pub enum Need {
     NonStrictIotlb,
     /// An IOTLB of at most this many entries (`--iotlb-entries`).
     IotlbAtMost(u32),
+    /// An IOTLB of at least this many entries (room for the entries a scenario keeps).
+    IotlbAtLeast(u32),
     /// At least this many queues.
     Queues(u32),
     /// At least this many DMA domains.

@@ -142,8 +142,7 @@ pub(super) const SCENARIOS: &[Scenario] = &[
 fn copy_1mib(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     fresh(dev)?;
-    let mut q = DmaQueue::new(dev, 0, 64, 0)?;
-    let cpl = CompletionRecords::new(dev, 4)?;
+    let mut q = RunQueue::passthrough(dev, (0, 64, 0), 4)?;
     let src = dev.alloc_dma(DmaRequest::new(MIB))?;
     let dst = dev.alloc_dma(DmaRequest::new(MIB))?;
     let mut rng = ctx.rng();
@@ -153,16 +152,13 @@ fn copy_1mib(ctx: &mut Ctx) -> TestResult {
     let tag = rng.next_u64();
     let completed0 = q.read_reg(spec::Q_COMPLETED)?;
 
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::copy(src.bus_addr(), dst.bus_addr(), MIB as u32).with_tag(tag),
-    )?;
-    check_status(&c, spec::STATUS_OK, "COPY 1 MiB")?;
-    check_eq!(c.bytes, MIB as u32, "completion bytes");
-    check_eq!(c.tag, tag, "completion tag");
-    check_eq!(c.fault_addr, 0, "completion fault_addr");
+    let copy = Descriptor::copy(src.bus_addr(), dst.bus_addr(), MIB as u32);
+    let c = q.run_ok(copy.with_tag(tag), "COPY 1 MiB")?;
+    check_eq!(
+        (c.bytes, c.tag, c.fault_addr),
+        (MIB as u32, tag, 0),
+        "completion (bytes, tag, fault_addr)"
+    );
     check_bytes(&dst.to_vec(0, MIB), &data, "destination")?;
     check_bytes(&src.to_vec(0, MIB), &data, "source after the copy")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
@@ -179,8 +175,7 @@ fn copy_1mib(ctx: &mut Ctx) -> TestResult {
 fn fill(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     fresh(dev)?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 2)?;
+    let mut q = RunQueue::passthrough(dev, (0, 16, 0), 2)?;
     let size = 64 << 10;
     let buf = dev.alloc_dma(DmaRequest::new(size))?;
     const SENTINEL: u8 = 0x5a;
@@ -189,40 +184,30 @@ fn fill(ctx: &mut Ctx) -> TestResult {
     let (off, len) = (0x1040usize, 3 * 4096 + 5);
     let tag = 0xf111_0000_0000_0001;
 
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::fill(buf.bus_addr() + off as u64, pattern, len as u32).with_tag(tag),
+    let at = buf.bus_addr() + off as u64;
+    let c = q.run_ok(
+        Descriptor::fill(at, pattern, len as u32).with_tag(tag),
+        "FILL",
     )?;
-    check_status(&c, spec::STATUS_OK, "FILL")?;
-    check_eq!(c.bytes, len as u32, "completion bytes");
-    check_eq!(c.tag, tag, "completion tag");
-    let want: Vec<u8> = (0..len).map(|i| pattern.to_le_bytes()[i % 8]).collect();
+    check_eq!(
+        (c.bytes, c.tag),
+        (len as u32, tag),
+        "completion (bytes, tag)"
+    );
+    let want = pattern_bytes(pattern, len);
     check_bytes(&buf.to_vec(off, len), &want, "filled range")?;
     check_all(&buf.to_vec(0, off), SENTINEL, "bytes before the fill")?;
-    check_all(
-        &buf.to_vec(off + len, size - off - len),
-        SENTINEL,
-        "bytes after the fill",
-    )?;
+    let after = buf.to_vec(off + len, size - off - len);
+    check_all(&after, SENTINEL, "bytes after the fill")?;
 
     // A second fill with another pattern over part of the first.
     let pattern2 = 0xffee_ddcc_bbaa_9988u64;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        1,
-        Descriptor::fill(buf.bus_addr() + 0x2000, pattern2, 64),
-    )?;
-    check_status(&c, spec::STATUS_OK, "second FILL")?;
-    let want2: Vec<u8> = (0..64).map(|i| pattern2.to_le_bytes()[i % 8]).collect();
+    let at = buf.bus_addr() + 0x2000;
+    q.run_ok(Descriptor::fill(at, pattern2, 64), "second FILL")?;
+    let want2 = pattern_bytes(pattern2, 64);
     check_bytes(&buf.to_vec(0x2000, 64), &want2, "second filled range")?;
-    check_bytes(
-        &buf.to_vec(0x2040, 8),
-        &want[0x2040 - off..0x2048 - off],
-        "after second fill",
-    )?;
+    let first = &want[0x2040 - off..0x2048 - off];
+    check_bytes(&buf.to_vec(0x2040, 8), first, "after second fill")?;
     Ok(())
 }
 
@@ -240,8 +225,7 @@ fn crc32c_and_compare(ctx: &mut Ctx) -> TestResult {
             caps.ops
         );
     }
-    let mut q = DmaQueue::new(dev, 0, 32, 0)?;
-    let cpl = CompletionRecords::new(dev, 16)?;
+    let mut q = RunQueue::passthrough(dev, (0, 32, 0), 16)?;
     let size = 1 << 20;
     let a = dev.alloc_dma(DmaRequest::new(size))?;
     let b = dev.alloc_dma(DmaRequest::new(size))?;
@@ -252,7 +236,6 @@ fn crc32c_and_compare(ctx: &mut Ctx) -> TestResult {
 
     // CRC32C.
     a.write(size - 9, b"123456789");
-    let mut i = 0;
     let crc_cases: [(usize, usize, Option<u32>); 6] = [
         (size - 9, 9, Some(0xe306_9283)),
         (0, 1, None),
@@ -261,81 +244,51 @@ fn crc32c_and_compare(ctx: &mut Ctx) -> TestResult {
         (0x1_0000, 0x2_0000 + 7, None),
         (0, size, None),
     ];
-    for (off, len, known) in crc_cases {
+    for (i, (off, len, known)) in crc_cases.into_iter().enumerate() {
         let want = crc32c(&a.to_vec(off, len));
         if let Some(k) = known {
             check_eq!(want, k, "software CRC32C of \"123456789\"");
         }
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            i,
-            Descriptor::crc32c(a.bus_addr() + off as u64, len as u32).with_tag(0xc0 + i as u64),
-        )?;
-        check_status(
-            &c,
-            spec::STATUS_OK,
-            format!("CRC32C of {len} bytes at {off:#x}"),
-        )?;
+        let what = format!("CRC32C of {len} bytes at {off:#x}");
+        let tag = 0xc0 + i as u64;
+        let d = Descriptor::crc32c(a.bus_addr() + off as u64, len as u32);
+        let c = q.run_ok(d.with_tag(tag), &what)?;
         check_eq!(
-            c.result,
-            u64::from(want),
-            "CRC32C of {len} bytes at {off:#x}"
+            (c.result, c.bytes, c.tag),
+            (u64::from(want), len as u32, tag),
+            "{what}: (result, bytes, tag)"
         );
-        check_eq!(c.bytes, len as u32, "CRC32C bytes");
-        check_eq!(c.tag, 0xc0 + i as u64, "CRC32C tag");
-        i += 1;
     }
     a.write(size - 9, &data[size - 9..]);
     check_bytes(&a.to_vec(0, size), &data, "CRC32C source afterwards")?;
 
-    // COMPARE.
-    let cmp = |q: &mut DmaQueue<'_>, i: usize, len: usize| {
-        run_desc(
-            q,
-            &cpl,
-            i,
-            Descriptor::compare(a.bus_addr(), b.bus_addr(), len as u32).with_tag(0xd0 + i as u64),
-        )
+    // COMPARE: equal buffers, then a difference at each of a few offsets (a shorter
+    // compare that ends before the difference sees equal bytes).
+    let mut cmp = |len: usize, want: u64, what: &str| -> TestResult {
+        let d = Descriptor::compare(a.bus_addr(), b.bus_addr(), len as u32);
+        let c = q.run_ok(d.with_tag(0xd0 + len as u64), what)?;
+        check_eq!(
+            (c.result, c.bytes),
+            (want, len as u32),
+            "{what}: (result, bytes)"
+        );
+        Ok(())
     };
-    let c = cmp(&mut q, i, size)?;
-    check_status(&c, spec::STATUS_OK, "COMPARE of equal buffers")?;
-    check_eq!(c.result, 0, "COMPARE result of equal buffers");
-    check_eq!(c.bytes, size as u32, "COMPARE bytes");
-    i += 1;
+    cmp(size, 0, "COMPARE of equal buffers")?;
     for at in [0usize, 0x1234, 0x8_1000 - 1, size - 1] {
         let orig = data[at];
         b.write(at, &[orig ^ 0x40]);
-        let c = cmp(&mut q, i, size)?;
-        check_status(
-            &c,
-            spec::STATUS_OK,
-            format!("COMPARE with a difference at {at:#x}"),
-        )?;
-        check_eq!(
-            c.result,
-            at as u64 + 1,
-            "COMPARE result with a difference at {at:#x}"
-        );
-        // A shorter compare that ends before the difference sees equal bytes.
+        let what = format!("COMPARE with a difference at {at:#x}");
+        cmp(size, at as u64 + 1, &what)?;
         if at > 0 {
-            i += 1;
-            let c = cmp(&mut q, i, at)?;
-            check_status(&c, spec::STATUS_OK, format!("COMPARE of {at:#x} bytes"))?;
-            check_eq!(c.result, 0, "COMPARE of the {at:#x} equal bytes before it");
+            let what = format!("COMPARE of the {at:#x} equal bytes before it");
+            cmp(at, 0, &what)?;
         }
         b.write(at, &[orig]);
-        i += 1;
-        if i + 2 >= cpl.len() {
-            i = 0;
-        }
     }
     check_bytes(&a.to_vec(0, size), &data, "COMPARE first source afterwards")?;
-    check_bytes(
-        &b.to_vec(0, size),
-        &data,
-        "COMPARE second source afterwards",
-    )?;
+    let what = "COMPARE second source afterwards";
+    check_bytes(&b.to_vec(0, size), &data, what)?;
     Ok(())
 }
 
@@ -351,25 +304,22 @@ fn batch_descriptor(ctx: &mut Ctx) -> TestResult {
         "CAP_OPS {:#x} lacks BATCH",
         caps.ops
     );
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 4)?;
+    let mut q = RunQueue::passthrough(dev, (0, 16, 0), 4)?;
     let src = dev.alloc_dma(DmaRequest::new(64 << 10))?;
     let dst = dev.alloc_dma(DmaRequest::new(64 << 10))?;
-    let list = dev.alloc_dma(DmaRequest::new(4096))?;
     let data = ctx.rng().bytes(64 << 10);
     src.write(0, &data);
     let (s, t) = (src.bus_addr(), dst.bus_addr());
-    let elems = [
-        Descriptor::copy(s, t, 32 << 10),
-        Descriptor::nop().with_fence(),
-        Descriptor::fill(t + (32 << 10), 0x5a5a_5a5a_5a5a_5a5a, 16 << 10),
-        Descriptor::copy(s + (48 << 10), t + (48 << 10), 16 << 10),
-    ];
-    for (i, e) in elems.iter().enumerate() {
-        list.write(i * spec::DESC_SIZE as usize, &e.encode());
-    }
-    let c = run_desc(&mut q, &cpl, 0, Descriptor::batch(list.bus_addr(), 4))?;
-    check_status(&c, spec::STATUS_OK, "BATCH")?;
+    let list = write_list(
+        dev,
+        &[
+            Descriptor::copy(s, t, 32 << 10),
+            Descriptor::nop().with_fence(),
+            Descriptor::fill(t + (32 << 10), 0x5a5a_5a5a_5a5a_5a5a, 16 << 10),
+            Descriptor::copy(s + (48 << 10), t + (48 << 10), 16 << 10),
+        ],
+    )?;
+    let c = q.run_ok(Descriptor::batch(list.bus_addr(), 4), "BATCH")?;
     check_eq!(c.bytes, 64 << 10, "BATCH bytes");
     check_eq!(c.result, 4, "BATCH elements completed");
     let got = dst.to_vec(0, 64 << 10);
@@ -381,11 +331,9 @@ fn batch_descriptor(ctx: &mut Ctx) -> TestResult {
     check!(got[48 << 10..] == data[48 << 10..], "last COPY element");
 
     // A COMPARE element is not allowed: the batch stops there.
-    list.write(
-        spec::DESC_SIZE as usize,
-        &Descriptor::compare(s, t, 64).encode(),
-    );
-    let c = run_desc(&mut q, &cpl, 1, Descriptor::batch(list.bus_addr(), 4))?;
+    let bad = BatchElement(Descriptor::compare(s, t, 64));
+    list.write(spec::DESC_SIZE as usize, &bad.encode());
+    let c = q.run(Descriptor::batch(list.bus_addr(), 4))?;
     check_status(&c, spec::STATUS_INVALID_DESCRIPTOR, "BATCH with COMPARE")?;
     check_eq!(c.result, 1, "elements completed before the bad one");
     check_eq!(
@@ -421,32 +369,24 @@ fn copy_hugepages(ctx: &mut Ctx) -> TestResult {
         }
     }
 
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let src = dev.alloc_dma(DmaRequest::huge(PAGE_SIZE_2M))?;
     let dst = dev.alloc_dma(DmaRequest::huge(PAGE_SIZE_2M))?;
     for b in [&src, &dst] {
         check_eq!(b.page_size(), PAGE_SIZE_2M, "page size");
         check_eq!(
-            b.bus_addr() % PAGE_SIZE_2M as u64,
-            0,
-            "bus address alignment"
-        );
-        check_eq!(
-            b.as_ptr() as usize % PAGE_SIZE_2M,
-            0,
-            "virtual address alignment"
+            (
+                b.bus_addr() % PAGE_SIZE_2M as u64,
+                b.as_ptr() as usize % PAGE_SIZE_2M
+            ),
+            (0, 0),
+            "(bus, virtual) address alignment"
         );
     }
     let data = ctx.rng().bytes(PAGE_SIZE_2M);
     src.write(0, &data);
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::copy(src.bus_addr(), dst.bus_addr(), PAGE_SIZE_2M as u32).with_tag(0x2d),
-    )?;
-    check_status(&c, spec::STATUS_OK, "COPY 2 MiB between huge pages")?;
+    let copy = Descriptor::copy(src.bus_addr(), dst.bus_addr(), PAGE_SIZE_2M as u32);
+    let c = q.run_ok(copy.with_tag(0x2d), "COPY 2 MiB between huge pages")?;
     check_eq!(c.bytes, PAGE_SIZE_2M as u32, "bytes");
     check_bytes(&dst.to_vec(0, PAGE_SIZE_2M), &data, "destination")?;
     Ok(())
@@ -457,16 +397,13 @@ fn copy_hugepages(ctx: &mut Ctx) -> TestResult {
 /// exactly its 16 bytes; base pages on a node too.
 fn huge_page_buffers_on_each_node(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 2)?;
+    let mut q = RunQueue::passthrough(dev, (0, 16, 0), 2)?;
     for node in [1, 0] {
         let h = dev.alloc_dma(DmaRequest::huge(PAGE_SIZE_2M + 1).on_node(node))?;
-        check_eq!(h.len(), 2 * PAGE_SIZE_2M, "length rounded to 2 MiB pages");
-        check_eq!(h.page_size(), PAGE_SIZE_2M, "page size");
         check_eq!(
-            h.bus_addr() % PAGE_SIZE_2M as u64,
-            0,
-            "bus address alignment"
+            (h.len(), h.page_size(), h.bus_addr() % PAGE_SIZE_2M as u64),
+            (2 * PAGE_SIZE_2M, PAGE_SIZE_2M, 0),
+            "(length rounded to 2 MiB pages, page size, bus address alignment)"
         );
         check_eq!(
             h.node(),
@@ -474,13 +411,9 @@ fn huge_page_buffers_on_each_node(ctx: &mut Ctx) -> TestResult {
             "node of huge pages asked for on node {node}"
         );
         check_all(&h.to_vec(0, h.len()), 0, "fresh huge pages")?;
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::fill(h.bus_addr() + PAGE_SIZE_2M as u64 - 8, 0x77, 16),
-        )?;
-        check_status(&c, spec::STATUS_OK, "FILL across the two huge pages")?;
+        let at = h.bus_addr() + PAGE_SIZE_2M as u64 - 8;
+        let fill = Descriptor::fill(at, 0x77, 16);
+        q.run_ok(fill, "FILL across the two huge pages")?;
         check_eq!(
             h.to_vec(PAGE_SIZE_2M - 9, 18),
             [0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -498,8 +431,7 @@ fn huge_page_buffers_on_each_node(ctx: &mut Ctx) -> TestResult {
 /// source bytes, nothing around it changes, the source is untouched.
 fn copy_sizes_and_alignments(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let mut rng = ctx.rng();
     let mut cases = Vec::new();
     for len in [1usize, 7, 63, 4095, 4096, 4097, 65535, 65536 + 13] {
@@ -510,28 +442,14 @@ fn copy_sizes_and_alignments(ctx: &mut Ctx) -> TestResult {
         }
     }
     for (len, so, doff) in cases {
-        let what = format!("COPY of {len} bytes from page offset {so} to page offset {doff}");
-        let src = Guarded::new(dev, len, PAGE + so)?;
-        let dst = Guarded::new(dev, len, PAGE + doff)?;
-        let data = rng.unique(len);
-        src.write(0, &data);
         let tag = rng.next_u64();
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::copy(src.bus(), dst.bus(), len as u32).with_tag(tag),
-        )?;
-        check_status(&c, spec::STATUS_OK, &what)?;
+        let c = copy_between_offsets(dev, &mut q, &mut rng, (len, so, doff), tag)?;
         check_eq!(
-            (c.bytes, c.tag, c.result, c.fault_addr),
-            (len as u32, tag, 0, 0),
-            "{what}: completion (bytes, tag, result, fault_addr)"
+            (c.result, c.fault_addr),
+            (0, 0),
+            "COPY of {len} bytes from page offset {so} to page offset {doff}: (result, \
+             fault_addr)"
         );
-        check_bytes(&dst.read(), &data, format!("{what}: destination"))?;
-        dst.check_guards(&format!("{what}: destination"))?;
-        check_bytes(&src.read(), &data, format!("{what}: source afterwards"))?;
-        src.check_guards(&format!("{what}: source"))?;
     }
     Ok(())
 }
@@ -539,8 +457,7 @@ fn copy_sizes_and_alignments(ctx: &mut Ctx) -> TestResult {
 /// A 1-byte COPY from the last byte of a page to an odd offset changes exactly one byte.
 fn copy_of_one_byte_touches_one_byte(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let src = Guarded::new(dev, 1, 2 * PAGE - 1)?;
     let dst = Guarded::new(dev, 1, PAGE + 17)?;
     check_eq!(
@@ -555,47 +472,24 @@ fn copy_of_one_byte_touches_one_byte(ctx: &mut Ctx) -> TestResult {
         .find(|&b| b != CANARY)
         .unwrap_or(0);
     src.write(0, &[byte]);
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::copy(src.bus(), dst.bus(), 1).with_tag(1),
-    )?;
-    check_status(&c, spec::STATUS_OK, "1-byte COPY")?;
+    let copy = Descriptor::copy(src.bus(), dst.bus(), 1).with_tag(1);
+    let c = q.run_ok(copy, "1-byte COPY")?;
     check_eq!(c.bytes, 1, "1-byte COPY bytes");
-    check_eq!(dst.read(), vec![byte], "the copied byte");
-    dst.check_guards("1-byte COPY destination")?;
-    check_eq!(src.read(), vec![byte], "the source byte afterwards");
-    src.check_guards("1-byte COPY source")
+    dst.check(&[byte], "1-byte COPY destination")?;
+    src.check(&[byte], "1-byte COPY source")
 }
 
 /// COPY of 3 MiB + 12345 bytes (longer than a transfer chunk) between odd offsets: every
 /// byte lands, nothing around the range changes.
 fn copy_longer_than_a_chunk_at_odd_offsets(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let mut rng = ctx.rng();
     let len = 3 * MIB + 12345;
     let so = 1 + 2 * rng.below(32) as usize;
     let doff = (so + 1 + rng.below(62) as usize) % 64;
     for (so, doff) in [(so, doff), (63, 0)] {
-        let what = format!("COPY of {len} bytes from page offset {so} to page offset {doff}");
-        let src = Guarded::new(dev, len, PAGE + so)?;
-        let dst = Guarded::new(dev, len, PAGE + doff)?;
-        let data = rng.unique(len);
-        src.write(0, &data);
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::copy(src.bus(), dst.bus(), len as u32).with_tag(0x3c),
-        )?;
-        check_status(&c, spec::STATUS_OK, &what)?;
-        check_eq!((c.bytes, c.tag), (len as u32, 0x3c), "{what}: bytes, tag");
-        check_bytes(&dst.read(), &data, format!("{what}: destination"))?;
-        dst.check_guards(&what)?;
-        check_bytes(&src.read(), &data, format!("{what}: source afterwards"))?;
+        copy_between_offsets(dev, &mut q, &mut rng, (len, so, doff), 0x3c)?;
     }
     Ok(())
 }
@@ -605,8 +499,7 @@ fn copy_longer_than_a_chunk_at_odd_offsets(ctx: &mut Ctx) -> TestResult {
 /// the bytes around the range are untouched; result 0.
 fn fill_pattern_phase_from_an_unaligned_start(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let mut rng = ctx.rng();
     for (lead, len) in [
         (PAGE - 3, 5000usize),
@@ -617,20 +510,14 @@ fn fill_pattern_phase_from_an_unaligned_start(ctx: &mut Ctx) -> TestResult {
         let what = format!("FILL of {len} bytes at page offset {}", lead % PAGE);
         let dst = Guarded::new(dev, len, lead)?;
         let pattern = rng.next_u64();
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::fill(dst.bus(), pattern, len as u32).with_tag(pattern),
-        )?;
-        check_status(&c, spec::STATUS_OK, &what)?;
+        let fill = Descriptor::fill(dst.bus(), pattern, len as u32);
+        let c = q.run_ok(fill.with_tag(pattern), &what)?;
         check_eq!(
             (c.bytes, c.result, c.tag),
             (len as u32, 0, pattern),
             "{what}: bytes, result, tag"
         );
-        check_bytes(&dst.read(), &pattern_bytes(pattern, len), &what)?;
-        dst.check_guards(&what)?;
+        dst.check(&pattern_bytes(pattern, len), &what)?;
     }
     Ok(())
 }
@@ -639,30 +526,19 @@ fn fill_pattern_phase_from_an_unaligned_start(ctx: &mut Ctx) -> TestResult {
 /// and bytes = length; neither side is written.
 fn compare_of_equal_buffers_is_zero(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let len = 3 * PAGE - 10;
-    let a = Guarded::new(dev, len, PAGE + 5)?;
-    let b = Guarded::new(dev, len, PAGE + 5)?;
-    let data = ctx.rng().unique(len);
-    a.write(0, &data);
-    b.write(0, &data);
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::compare(a.bus(), b.bus(), len as u32).with_tag(0xc0),
-    )?;
-    check_status(&c, spec::STATUS_OK, "COMPARE of equal ranges")?;
+    let (a, b, data) = equal_pair(dev, len, PAGE + 5, &mut ctx.rng())?;
+    let what = "COMPARE of equal ranges";
+    let cmp = Descriptor::compare(a.bus(), b.bus(), len as u32);
+    let c = q.run_ok(cmp.with_tag(0xc0), what)?;
     check_eq!(
         (c.result, c.bytes, c.tag),
         (0, len as u32, 0xc0),
-        "COMPARE of equal ranges: result, bytes, tag"
+        "{what}: result, bytes, tag"
     );
-    check_bytes(&a.read(), &data, "first source afterwards")?;
-    check_bytes(&b.read(), &data, "second source afterwards")?;
-    a.check_guards("first source")?;
-    b.check_guards("second source")
+    a.check(&data, "first source afterwards")?;
+    b.check(&data, "second source afterwards")
 }
 
 /// COMPARE reports 1 + the offset of the first difference (relative to the start of the
@@ -671,22 +547,12 @@ fn compare_of_equal_buffers_is_zero(ctx: &mut Ctx) -> TestResult {
 /// whatever the result; the sources are only read.
 fn compare_reports_one_plus_the_first_difference(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let len = 300_000usize;
-    let a = Guarded::new(dev, len, PAGE + 3)?;
-    let b = Guarded::new(dev, len, PAGE + 3)?;
-    let data = ctx.rng().unique(len);
-    a.write(0, &data);
-    b.write(0, &data);
+    let (a, b, data) = equal_pair(dev, len, PAGE + 3, &mut ctx.rng())?;
     let mut cmp = |off: usize, n: usize, what: &str| -> Result<u64, Failure> {
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::compare(a.bus() + off as u64, b.bus() + off as u64, n as u32),
-        )?;
-        check_status(&c, spec::STATUS_OK, what)?;
+        let (x, y) = (a.bus() + off as u64, b.bus() + off as u64);
+        let c = q.run_ok(Descriptor::compare(x, y, n as u32), what)?;
         check_eq!(c.bytes, n as u32, "{what}: bytes");
         Ok(c.result)
     };
@@ -717,10 +583,8 @@ fn compare_reports_one_plus_the_first_difference(ctx: &mut Ctx) -> TestResult {
     );
     b.write(5000, &[data[5000]]);
     b.write(9000, &[data[9000]]);
-    check_bytes(&a.read(), &data, "first source afterwards")?;
-    check_bytes(&b.read(), &data, "second source afterwards")?;
-    a.check_guards("first source")?;
-    b.check_guards("second source")
+    a.check(&data, "first source afterwards")?;
+    b.check(&data, "second source afterwards")
 }
 
 /// In a translated domain, a COMPARE whose first difference is in its second page ends
@@ -729,79 +593,46 @@ fn compare_reports_one_plus_the_first_difference(ctx: &mut Ctx) -> TestResult {
 /// page, so it really is missing.
 fn compare_stops_at_the_first_difference(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let caps = Capabilities::read(dev)?;
-    let io = Iovas::for_device(&caps);
-    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
-    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
-    let (mut q, cpl) = queue_in_domain(
-        dev,
-        &mut dom,
-        QueueConfig::new(0, 16, 0),
-        io.ring,
-        io.cpl,
-        2,
-    )?;
+    let mut t = Translated::new(dev, 1, 0)?;
+    let mut log = t.fault_log(8)?;
+    let io = t.io;
     let len = 5 * PAGE;
-    let a = dev.alloc_dma(DmaRequest::new(len))?;
-    let b = dev.alloc_dma(DmaRequest::new(len))?;
-    let data = ctx.rng().unique(len);
-    a.write(0, &data);
+    let (a, data) = t.map_new(io.src, len, Perm::R, &mut ctx.rng())?;
+    let b = Guarded::new(dev, len, PAGE)?;
     b.write(0, &data);
-    dom.map(io.src, a.bus_addr(), len as u64, Perm::R, PageSize::Size4K)?;
-    dom.map(
-        io.dst,
-        b.bus_addr(),
-        4 * PAGE as u64,
-        Perm::R,
-        PageSize::Size4K,
-    )?;
+    let four = 4 * PAGE as u64;
+    t.dom
+        .map(io.dst, b.bus(), four, Perm::R, PageSize::Size4K)?;
     b.write(0x1234, &[!data[0x1234]]);
     let count0 = log.count()?;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::compare(io.src, io.dst, len as u32).with_tag(1),
-    )?;
-    check_status(&c, spec::STATUS_OK, "COMPARE with a difference in page 1")?;
+    let cmp = Descriptor::compare(io.src, io.dst, len as u32);
+    let what = "COMPARE with a difference in page 1";
+    let c = t.q.run_ok(cmp.with_tag(1), what)?;
     check_eq!(c.result, 0x1235, "COMPARE result");
     check_eq!(log.count()?, count0, "REG_FLOG_COUNT (no fault)");
-    check_eq!(
-        dstat(dev, 1, spec::DSTAT_FAULTS)?,
-        0,
-        "DSTAT_FAULTS of domain 1"
-    );
+    let faults = dstat(dev, 1, spec::DSTAT_FAULTS)?;
+    check_eq!(faults, 0, "DSTAT_FAULTS of domain 1");
 
     b.write(0x1234, &[data[0x1234]]);
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        1,
-        Descriptor::compare(io.src, io.dst, len as u32).with_tag(2),
+    let what = "COMPARE of equal pages up to the unmapped one";
+    let hole = io.dst + four;
+    t.q.run_fault(
+        cmp.with_tag(2),
+        (spec::FAULT_NOT_PRESENT, hole, false),
+        what,
     )?;
-    check_fault(
-        &c,
-        spec::FAULT_NOT_PRESENT,
-        io.dst + 4 * PAGE as u64,
-        false,
-        "COMPARE of equal pages up to the unmapped one",
-    )?;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.iova),
-        (spec::FAULT_NOT_PRESENT, io.dst + 4 * PAGE as u64),
-        "fault record ({r})"
-    );
-    check_bytes(&a.to_vec(0, len), &data, "first source afterwards")?;
-    check_bytes(&b.to_vec(0, len), &data, "second source afterwards")
+    let read = (spec::FAULT_NOT_PRESENT, 0);
+    let want = record(read, (1, 0), hole, (0, 1), count0);
+    expect_record(&mut log, want, what)?;
+    a.check(&data, "first source afterwards")?;
+    b.check(&data, "second source afterwards")
 }
 
 /// CRC32C check values: "123456789" (here across a page boundary) is 0xe3069283, 32 zero
 /// bytes are 0x8a9136aa (RFC 3720 B.4), as the software CRC says too.
 fn crc32c_known_vectors(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     check_eq!(crc32c(b"123456789"), 0xe306_9283, "software CRC32C");
     check_eq!(crc32c(&[0; 32]), 0x8a91_36aa, "software CRC32C of 32 zeros");
     let buf = dev.alloc_dma(DmaRequest::new(2 * PAGE))?;
@@ -816,17 +647,13 @@ fn crc32c_known_vectors(ctx: &mut Ctx) -> TestResult {
         ),
         (PAGE + 64, 32, 0x8a91_36aa, "32 zero bytes"),
     ] {
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32).with_tag(len as u64),
-        )?;
-        check_status(&c, spec::STATUS_OK, format!("CRC32C of {what}"))?;
+        let what = format!("CRC32C of {what}");
+        let d = Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32);
+        let c = q.run_ok(d.with_tag(len as u64), &what)?;
         check_eq!(
             (c.result, c.bytes, c.tag),
             (want, len as u32, len as u64),
-            "CRC32C of {what}: result, bytes, tag"
+            "{what}: result, bytes, tag"
         );
     }
     check_eq!(
@@ -841,8 +668,7 @@ fn crc32c_known_vectors(ctx: &mut Ctx) -> TestResult {
 /// byte) equals the software CRC32C; the source is only read.
 fn crc32c_of_long_buffers_matches_software(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let size = 3 * MIB;
     let buf = dev.alloc_dma(DmaRequest::new(size))?;
     let data = ctx.rng().unique(size);
@@ -855,13 +681,8 @@ fn crc32c_of_long_buffers_matches_software(ctx: &mut Ctx) -> TestResult {
         (0, size),
     ] {
         let what = format!("CRC32C of {len} bytes at {off:#x}");
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32),
-        )?;
-        check_status(&c, spec::STATUS_OK, &what)?;
+        let d = Descriptor::crc32c(buf.bus_addr() + off as u64, len as u32);
+        let c = q.run_ok(d, &what)?;
         check_eq!(
             (c.result, c.bytes),
             (u64::from(crc32c(&data[off..off + len])), len as u32),
@@ -893,17 +714,8 @@ fn nop_and_fence_run_in_order(ctx: &mut Ctx) -> TestResult {
         Descriptor::compare(src.bus_addr(), dst.bus(), len as u32).with_fence(),
         Descriptor::nop().with_fence().with_interrupt(),
     ];
-    let descs: Vec<Descriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            cpl.clear(i);
-            d.with_tag(0x100 + i as u64)
-                .with_completion(cpl.device_addr(i))
-        })
-        .collect();
     drain_interrupts(dev)?;
-    q.submit(&descs)?;
+    submit_tagged(&mut q, &cpl, (0, 0x100), &descs)?;
     let want = [
         (len as u32, 0u64),
         (0, 0),
@@ -920,18 +732,14 @@ fn nop_and_fence_run_in_order(ctx: &mut Ctx) -> TestResult {
             "descriptor {i}: tag, bytes, result"
         );
     }
-    check_bytes(&dst.read(), &data, "COPY destination")?;
-    dst.check_guards("COPY destination")?;
+    dst.check(&data, "COPY destination")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
     check_eq!(
         q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
         5,
         "Q_COMPLETED delta"
     );
-    check!(
-        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
-        "no interrupt for the last NOP within {IRQ_TIMEOUT:?}"
-    );
+    expect_irq(dev, 0, true, "the last NOP")?;
     check_eq!(
         dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
         0,
@@ -945,8 +753,7 @@ fn nop_and_fence_run_in_order(ctx: &mut Ctx) -> TestResult {
 /// bytes = the sum, result = 4 elements, the tag; counted as one descriptor.
 fn batch_elements_run_in_order(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let len = 3 * PAGE;
     let src = dev.alloc_dma(DmaRequest::new(len))?;
     let dst = Guarded::new(dev, len, PAGE)?;
@@ -954,25 +761,20 @@ fn batch_elements_run_in_order(ctx: &mut Ctx) -> TestResult {
     let data = rng.unique(len);
     src.write(0, &data);
     let pattern = rng.next_u64();
-    let (s, d) = (src.bus_addr(), dst.bus());
+    let (s, d, p) = (src.bus_addr(), dst.bus(), PAGE as u64);
     let list = write_list(
         dev,
         &[
             Descriptor::copy(s, d, 2 * PAGE as u32),
             Descriptor::nop().with_fence(),
-            Descriptor::fill(d + PAGE as u64, pattern, 100),
-            Descriptor::copy(s + 2 * PAGE as u64, d + 2 * PAGE as u64, PAGE as u32),
+            Descriptor::fill(d + p, pattern, 100),
+            Descriptor::copy(s + 2 * p, d + 2 * p, PAGE as u32),
         ],
     )?;
     let completed0 = q.read_reg(spec::Q_COMPLETED)?;
     let descriptors0 = qstat(dev, 0, spec::QSTAT_DESCRIPTORS)?;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::batch(list.bus_addr(), 4).with_tag(0xba7c),
-    )?;
-    check_status(&c, spec::STATUS_OK, "BATCH")?;
+    let batch = Descriptor::batch(list.bus_addr(), 4).with_tag(0xba7c);
+    let c = q.run_ok(batch, "BATCH")?;
     check_eq!(
         (c.bytes, c.result, c.tag),
         ((3 * PAGE + 100) as u32, 4, 0xba7c),
@@ -980,8 +782,7 @@ fn batch_elements_run_in_order(ctx: &mut Ctx) -> TestResult {
     );
     let mut want = data.clone();
     want[PAGE..PAGE + 100].copy_from_slice(&pattern_bytes(pattern, 100));
-    check_bytes(&dst.read(), &want, "destination after the BATCH")?;
-    dst.check_guards("BATCH destination")?;
+    dst.check(&want, "BATCH destination")?;
     check_bytes(&src.to_vec(0, len), &data, "source afterwards")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
     check_eq!(
@@ -1003,33 +804,13 @@ fn batch_elements_run_in_order(ctx: &mut Ctx) -> TestResult {
 /// buffer, does not run; the fault is logged.
 fn batch_stops_at_a_faulting_element(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let caps = Capabilities::read(dev)?;
-    let io = Iovas::for_device(&caps);
-    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
-    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
-    let (mut q, cpl) = queue_in_domain(
-        dev,
-        &mut dom,
-        QueueConfig::new(0, 16, 0),
-        io.ring,
-        io.cpl,
-        1,
-    )?;
-    let src = dev.alloc_dma(DmaRequest::new(2 * PAGE))?;
-    let data = ctx.rng().unique(2 * PAGE);
-    src.write(0, &data);
-    dom.map_buffer(io.src, &src, Perm::R)?;
+    let mut t = Translated::new(dev, 1, 0)?;
+    let mut log = t.fault_log(8)?;
+    let io = t.io;
+    let (_src, data) = t.map_new(io.src, 2 * PAGE, Perm::R, &mut ctx.rng())?;
     // One destination page mapped; the guards around it are not.
-    let dst = Guarded::new(dev, PAGE, PAGE)?;
-    dom.map(io.dst, dst.bus(), PAGE as u64, Perm::RW, PageSize::Size4K)?;
-    let later = Guarded::new(dev, PAGE, PAGE)?;
-    dom.map(
-        io.data,
-        later.bus(),
-        PAGE as u64,
-        Perm::RW,
-        PageSize::Size4K,
-    )?;
+    let dst = t.map_guarded(io.dst, PAGE, Perm::RW)?;
+    let later = t.map_guarded(io.data, PAGE, Perm::RW)?;
     let list_iova = io.data + 0x10_0000;
     let list = write_list(
         dev,
@@ -1039,25 +820,14 @@ fn batch_stops_at_a_faulting_element(ctx: &mut Ctx) -> TestResult {
             Descriptor::fill(io.data, 0xffff_ffff_ffff_ffff, 64),
         ],
     )?;
-    dom.map(
-        list_iova,
-        list.bus_addr(),
-        PAGE as u64,
-        Perm::R,
-        PageSize::Size4K,
-    )?;
+    let (list_bus, p) = (list.bus_addr(), PAGE as u64);
+    t.dom
+        .map(list_iova, list_bus, p, Perm::R, PageSize::Size4K)?;
     let seq = log.count()?;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
+    let hole = io.dst + p;
+    let c = t.q.run_fault(
         Descriptor::batch(list_iova, 3).with_tag(0xba7d),
-    )?;
-    check_fault(
-        &c,
-        spec::FAULT_NOT_PRESENT,
-        io.dst + PAGE as u64,
-        true,
+        (spec::FAULT_NOT_PRESENT, hole, true),
         "BATCH whose second element runs off its mapping",
     )?;
     check_eq!(
@@ -1068,29 +838,12 @@ fn batch_stops_at_a_faulting_element(ctx: &mut Ctx) -> TestResult {
     let mut want = vec![CANARY; PAGE];
     want[..1000].copy_from_slice(&data[..1000]);
     want[2000..].copy_from_slice(&data[PAGE..2 * PAGE - 2000]);
-    check_bytes(&dst.read(), &want, "destination of the first two elements")?;
-    dst.check_guards("destination")?;
-    check_all(
-        &later.read(),
-        CANARY,
-        "the third element's destination (it must not run)",
-    )?;
-    later.check_guards("the third element's destination")?;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
-        (
-            spec::FAULT_NOT_PRESENT,
-            spec::ACCESS_WRITE,
-            1,
-            0,
-            io.dst + PAGE as u64,
-            1,
-            seq
-        ),
-        "fault record ({r})"
-    );
-    Ok(())
+    dst.check(&want, "destination of the first two elements")?;
+    let what = "the third element's destination (it must not run)";
+    later.check(&[CANARY; PAGE], what)?;
+    let write = (spec::FAULT_NOT_PRESENT, spec::ACCESS_WRITE);
+    let want = record(write, (1, 0), hole, (0, 1), seq);
+    expect_record(&mut log, want, "the second element's fault")
 }
 
 /// A BATCH with a malformed second element (an opcode not allowed in a list, a nested
@@ -1102,118 +855,47 @@ fn batch_stops_at_a_malformed_element(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     let caps = Capabilities::read(dev)?;
     let mut log = FaultLog::enable(dev, 16, caps.fault_vector())?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let src = dev.alloc_dma(DmaRequest::new(PAGE))?;
     let data = ctx.rng().unique(PAGE);
     src.write(0, &data);
     let dst = Guarded::new(dev, 64, PAGE)?;
     let later = Guarded::new(dev, 64, PAGE)?;
     let spare = Guarded::new(dev, 32, PAGE)?;
-    let s = src.bus_addr();
+    let (s, o) = (src.bus_addr(), dev.alloc_dma(DmaRequest::new(PAGE))?);
     let good = Descriptor::copy(s, dst.bus(), 64);
-    let other = dev.alloc_dma(DmaRequest::new(PAGE))?;
     let bad: [(&str, Descriptor); 7] = [
-        ("COMPARE", Descriptor::compare(s, other.bus_addr(), 64)),
+        ("COMPARE", Descriptor::compare(s, o.bus_addr(), 64)),
         ("CRC32C", Descriptor::crc32c(s, 64)),
-        ("nested BATCH", Descriptor::batch(other.bus_addr(), 1)),
+        ("nested BATCH", Descriptor::batch(o.bus_addr(), 1)),
         (
             "element with a completion record",
-            Descriptor::copy(s, other.bus_addr(), 64).with_completion(spare.bus()),
+            Descriptor::copy(s, o.bus_addr(), 64).with_completion(spare.bus()),
         ),
         (
             "element asking for an interrupt",
-            Descriptor::copy(s, other.bus_addr(), 64).with_interrupt(),
+            Descriptor::copy(s, o.bus_addr(), 64).with_interrupt(),
         ),
-        (
-            "element of length 0",
-            Descriptor::copy(s, other.bus_addr(), 0),
-        ),
-        (
-            "unknown opcode",
-            Descriptor {
-                opcode: 0x7f,
-                ..good
-            },
-        ),
+        ("element of length 0", Descriptor::copy(s, o.bus_addr(), 0)),
+        ("unknown opcode", altered(good, |x| x.opcode = 0x7f)),
     ];
     for (seq, (what, b)) in (log.count()?..).zip(bad) {
+        let what = format!("BATCH with {what}");
         dst.write(0, &[CANARY; 64]);
-        let list = write_list(
-            dev,
-            &[
-                good,
-                b,
-                Descriptor::fill(later.bus(), 0xffff_ffff_ffff_ffff, 64),
-            ],
-        )?;
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            0,
-            Descriptor::batch(list.bus_addr(), 3).with_tag(7),
-        )?;
-        check_status(
-            &c,
-            spec::STATUS_INVALID_DESCRIPTOR,
-            format!("BATCH with {what}"),
-        )?;
-        check_eq!(
-            (
-                c.fault_reason,
-                c.fault_access,
-                c.fault_addr,
-                c.result,
-                c.bytes,
-                c.tag
-            ),
-            (
-                spec::FAULT_DESCRIPTOR_INVALID,
-                spec::ACCESS_DESCRIPTOR,
-                list.bus_addr() + spec::DESC_SIZE,
-                1,
-                64,
-                7
-            ),
-            "BATCH with {what}: (reason, access, fault_addr, result, bytes, tag)"
-        );
-        let r = log.wait(COMPLETION_TIMEOUT)?;
-        check_eq!(
-            (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
-            (
-                spec::FAULT_DESCRIPTOR_INVALID,
-                spec::ACCESS_DESCRIPTOR,
-                0,
-                0,
-                list.bus_addr() + spec::DESC_SIZE,
-                0,
-                seq
-            ),
-            "BATCH with {what}: fault record ({r})"
-        );
-        check_bytes(
-            &dst.read(),
-            &data[..64],
-            format!("BATCH with {what}: first element"),
-        )?;
-        check_all(
-            &later.read(),
-            CANARY,
-            format!("BATCH with {what}: the element after the bad one"),
-        )?;
-        check_all(
-            &spare.read(),
-            CANARY,
-            format!("BATCH with {what}: the element's completion record"),
-        )?;
-        for (g, name) in [(&dst, "first"), (&later, "third"), (&spare, "record")] {
-            g.check_guards(&format!("BATCH with {what}: {name}"))?;
-        }
-        check_all(
-            &other.to_vec(0, PAGE),
-            0,
-            format!("BATCH with {what}: the bad element's destination"),
-        )?;
+        let third = Descriptor::fill(later.bus(), 0xffff_ffff_ffff_ffff, 64);
+        let list = write_list(dev, &[good, b, third])?;
+        let c = q.run(Descriptor::batch(list.bus_addr(), 3).with_tag(7))?;
+        let at = list.bus_addr() + spec::DESC_SIZE;
+        check_invalid(&c, at, (1, 64), 7, &what)?;
+        let invalid = (spec::FAULT_DESCRIPTOR_INVALID, spec::ACCESS_DESCRIPTOR);
+        expect_record(&mut log, record(invalid, (0, 0), at, (0, 0), seq), &what)?;
+        dst.check(&data[..64], &format!("{what}: first element"))?;
+        let third = format!("{what}: the element after the bad one");
+        later.check(&[CANARY; 64], &third)?;
+        let record = format!("{what}: the element's completion record");
+        spare.check(&[CANARY; 32], &record)?;
+        let bad_dst = format!("{what}: the bad element's destination");
+        check_all(&o.to_vec(0, PAGE), 0, bad_dst)?;
     }
     Ok(())
 }
@@ -1229,62 +911,41 @@ fn batch_max_elements_and_one_more(ctx: &mut Ctx) -> TestResult {
         "CAP_OPS {:#x} lacks BATCH",
         caps.ops
     );
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let n = spec::BATCH_MAX as usize;
     let slot = 64usize;
     let mut rng = ctx.rng();
     let dst = Guarded::new(dev, n * slot, PAGE)?;
     let patterns: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
-    let elems: Vec<Descriptor> = patterns
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| Descriptor::fill(dst.bus() + (i * slot) as u64, p, slot as u32))
-        .collect();
+    let fill = |g: &Guarded, i: usize, p: u64| {
+        Descriptor::fill(g.bus() + (i * slot) as u64, p, slot as u32)
+    };
+    let elems: Vec<Descriptor> = (0..n).map(|i| fill(&dst, i, patterns[i])).collect();
     let list = write_list(dev, &elems)?;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
+    let what = "BATCH of BATCH_MAX elements";
+    let c = q.run_ok(
         Descriptor::batch(list.bus_addr(), n as u32).with_tag(64),
+        what,
     )?;
-    check_status(&c, spec::STATUS_OK, "BATCH of BATCH_MAX elements")?;
     check_eq!(
         (c.result, c.bytes, c.tag),
         (n as u64, (n * slot) as u32, 64),
-        "BATCH of BATCH_MAX elements: result, bytes, tag"
+        "{what}: result, bytes, tag"
     );
     let want: Vec<u8> = patterns
         .iter()
         .flat_map(|&p| pattern_bytes(p, slot))
         .collect();
-    check_bytes(&dst.read(), &want, "the 64 filled slots")?;
-    dst.check_guards("BATCH of BATCH_MAX elements")?;
+    dst.check(&want, "the 64 filled slots")?;
 
     let other = Guarded::new(dev, (n + 1) * slot, PAGE)?;
-    let elems: Vec<Descriptor> = (0..=n)
-        .map(|i| Descriptor::fill(other.bus() + (i * slot) as u64, !0, slot as u32))
-        .collect();
+    let elems: Vec<Descriptor> = (0..=n).map(|i| fill(&other, i, !0)).collect();
     let list = write_list(dev, &elems)?;
-    let at = q.ring_iova() + u64::from(q.tail()) * spec::DESC_SIZE;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::batch(list.bus_addr(), n as u32 + 1).with_tag(65),
-    )?;
-    check_status(
-        &c,
-        spec::STATUS_INVALID_DESCRIPTOR,
-        "BATCH of BATCH_MAX + 1 elements",
-    )?;
-    check_eq!(
-        (c.fault_reason, c.fault_addr, c.result, c.bytes, c.tag),
-        (spec::FAULT_DESCRIPTOR_INVALID, at, 0, 0, 65),
-        "BATCH of BATCH_MAX + 1: (reason, fault_addr = the descriptor, result, bytes, tag)"
-    );
-    check_all(&other.read(), CANARY, "elements of the refused BATCH")?;
-    other.check_guards("elements of the refused BATCH")
+    let at = next_slot_iova(&q);
+    let c = q.run(Descriptor::batch(list.bus_addr(), n as u32 + 1).with_tag(65))?;
+    check_invalid(&c, at, (0, 0), 65, "BATCH of BATCH_MAX + 1 elements")?;
+    let what = "elements of the refused BATCH";
+    other.check(&vec![CANARY; (n + 1) * slot], what)
 }
 
 /// Malformed BATCH descriptors (no elements, a list not aligned to a descriptor, a
@@ -1292,8 +953,7 @@ fn batch_max_elements_and_one_more(ctx: &mut Ctx) -> TestResult {
 /// the list's (valid) elements.
 fn malformed_batch_descriptors_run_nothing(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 16, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
+    let mut q = RunQueue::first(dev)?;
     let dst = Guarded::new(dev, 2 * 64, PAGE)?;
     let list = write_list(
         dev,
@@ -1308,45 +968,18 @@ fn malformed_batch_descriptors_run_nothing(ctx: &mut Ctx) -> TestResult {
         ("BATCH with a misaligned list", Descriptor::batch(l + 8, 1)),
         (
             "BATCH with a destination",
-            Descriptor {
-                dst: dst.bus(),
-                ..Descriptor::batch(l, 1)
-            },
+            altered(Descriptor::batch(l, 1), |x| x.dst = dst.bus()),
         ),
     ] {
-        let at = q.ring_iova() + u64::from(q.tail()) * spec::DESC_SIZE;
-        let c = run_desc(&mut q, &cpl, 0, d.with_tag(0xbad))?;
-        check_status(&c, spec::STATUS_INVALID_DESCRIPTOR, what)?;
-        check_eq!(
-            (
-                c.fault_reason,
-                c.fault_access,
-                c.fault_addr,
-                c.result,
-                c.bytes,
-                c.tag
-            ),
-            (
-                spec::FAULT_DESCRIPTOR_INVALID,
-                spec::ACCESS_DESCRIPTOR,
-                at,
-                0,
-                0,
-                0xbad
-            ),
-            "{what}: (reason, access, fault_addr, result, bytes, tag)"
-        );
-        check_all(&dst.read(), CANARY, format!("{what}: the list's elements"))?;
-        dst.check_guards(what)?;
+        let at = next_slot_iova(&q);
+        let c = q.run(d.with_tag(0xbad))?;
+        check_invalid(&c, at, (0, 0), 0xbad, what)?;
+        dst.check(&[CANARY; 128], &format!("{what}: the list's elements"))?;
     }
     // The list itself is fine.
-    let c = run_desc(&mut q, &cpl, 0, Descriptor::batch(l, 2))?;
-    check_status(&c, spec::STATUS_OK, "the same list in a well-formed BATCH")?;
-    check_all(
-        &dst.read(),
-        0xff,
-        "the list's elements in a well-formed BATCH",
-    )
+    let what = "the same list in a well-formed BATCH";
+    q.run_ok(Descriptor::batch(l, 2), what)?;
+    dst.check(&[0xff; 128], what)
 }
 
 /// A BATCH list that runs into an unmapped page of the queue's domain: the first element
@@ -1354,83 +987,72 @@ fn malformed_batch_descriptors_run_nothing(ctx: &mut Ctx) -> TestResult {
 /// (NOT_PRESENT, a descriptor read at the page boundary): DMA_ERROR, result 1, bytes 64.
 fn batch_list_fetch_fault(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let caps = Capabilities::read(dev)?;
-    let io = Iovas::for_device(&caps);
-    let mut log = FaultLog::enable(dev, 8, caps.fault_vector())?;
-    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
-    let (mut q, cpl) = queue_in_domain(
-        dev,
-        &mut dom,
-        QueueConfig::new(0, 16, 0),
-        io.ring,
-        io.cpl,
-        1,
-    )?;
-    let dst = Guarded::new(dev, PAGE, PAGE)?;
-    dom.map(io.dst, dst.bus(), PAGE as u64, Perm::RW, PageSize::Size4K)?;
-    let list = dev.alloc_dma(DmaRequest::new(PAGE))?;
-    dom.map(
-        io.data,
-        list.bus_addr(),
-        PAGE as u64,
-        Perm::R,
-        PageSize::Size4K,
-    )?;
+    let mut t = Translated::new(dev, 1, 0)?;
+    let mut log = t.fault_log(8)?;
+    let io = t.io;
+    let dst = t.map_guarded(io.dst, PAGE, Perm::RW)?;
     let pattern = ctx.rng().next_u64();
-    list.write(
-        PAGE - spec::DESC_SIZE as usize,
-        &BatchElement(Descriptor::fill(io.dst, pattern, 64)).encode(),
-    );
-    let end = io.data + PAGE as u64;
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        0,
-        Descriptor::batch(end - spec::DESC_SIZE, 2).with_tag(2),
-    )?;
-    check_fault(
-        &c,
-        spec::FAULT_NOT_PRESENT,
-        end,
-        false,
-        "BATCH list running into an unmapped page",
-    )?;
+    let list = dev.alloc_dma(DmaRequest::new(PAGE))?;
+    let last = BatchElement(Descriptor::fill(io.dst, pattern, 64));
+    list.write(PAGE - spec::DESC_SIZE as usize, &last.encode());
+    let p = PAGE as u64;
+    t.dom
+        .map(io.data, list.bus_addr(), p, Perm::R, PageSize::Size4K)?;
+    let end = io.data + p;
+    let seq = log.count()?;
+    let batch = Descriptor::batch(end - spec::DESC_SIZE, 2).with_tag(2);
+    let what = "BATCH list running into an unmapped page";
+    let c =
+        t.q.run_fault(batch, (spec::FAULT_NOT_PRESENT, end, false), what)?;
     check_eq!(
-        (c.fault_access & spec::ACCESS_DESCRIPTOR, c.result, c.bytes),
+        (c.fault_access, c.result, c.bytes),
         (spec::ACCESS_DESCRIPTOR, 1, 64),
-        "BATCH list fetch fault: (descriptor access, result, bytes)"
+        "BATCH list fetch fault: (access, result, bytes)"
     );
     let mut want = pattern_bytes(pattern, 64);
     want.resize(PAGE, CANARY);
-    check_bytes(&dst.read(), &want, "the first element's destination")?;
-    dst.check_guards("the first element's destination")?;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access, r.domain, r.iova, r.level),
-        (spec::FAULT_NOT_PRESENT, spec::ACCESS_DESCRIPTOR, 1, end, 1),
-        "fault record ({r})"
-    );
-    Ok(())
+    dst.check(&want, "the first element's destination")?;
+    let fetch = (spec::FAULT_NOT_PRESENT, spec::ACCESS_DESCRIPTOR);
+    expect_record(&mut log, record(fetch, (1, 0), end, (0, 1), seq), what)
 }
 
-/// `len` bytes of FILL's output: byte i is byte i mod 8 of the little-endian pattern.
-fn pattern_bytes(pattern: u64, len: usize) -> Vec<u8> {
-    pattern
-        .to_le_bytes()
-        .iter()
-        .copied()
-        .cycle()
-        .take(len)
-        .collect()
+// ---- Helpers ----
+
+/// A COPY of `len` bytes from page offset `so` to page offset `doff` (each range in its own
+/// guarded buffer) with `tag`: it completes with `len` bytes and the tag, the destination
+/// holds the source's data, the source is unchanged and no canary moved.
+fn copy_between_offsets(
+    dev: &dyn DmaBackend,
+    q: &mut RunQueue<'_>,
+    rng: &mut Rng,
+    (len, so, doff): (usize, usize, usize),
+    tag: u64,
+) -> Result<CompletionRecord, Failure> {
+    let what = format!("COPY of {len} bytes from page offset {so} to page offset {doff}");
+    let src = Guarded::new(dev, len, PAGE + so)?;
+    let dst = Guarded::new(dev, len, PAGE + doff)?;
+    let data = rng.unique(len);
+    src.write(0, &data);
+    let copy = Descriptor::copy(src.bus(), dst.bus(), len as u32);
+    let c = q.run_ok(copy.with_tag(tag), &what)?;
+    check_eq!((c.bytes, c.tag), (len as u32, tag), "{what}: bytes, tag");
+    dst.check(&data, &format!("{what}: destination"))?;
+    src.check(&data, &format!("{what}: source afterwards"))?;
+    Ok(c)
 }
 
-/// A BATCH list of `elems` in fresh DMA memory (at its bus address: for a pass-through
-/// domain, or to map into a translated one).
-fn write_list(dev: &dyn DmaBackend, elems: &[Descriptor]) -> Result<DmaBuffer, Failure> {
-    let size = spec::DESC_SIZE as usize;
-    let list = dev.alloc_dma(DmaRequest::new((elems.len() * size).max(PAGE)))?;
-    for (i, e) in elems.iter().enumerate() {
-        list.write(i * size, &BatchElement(*e).encode());
-    }
-    Ok(list)
+/// Two guarded ranges of `len` bytes (`guard` bytes of canary before and after each)
+/// holding the same fresh data; the ranges and the data.
+fn equal_pair(
+    dev: &dyn DmaBackend,
+    len: usize,
+    guard: usize,
+    rng: &mut Rng,
+) -> Result<(Guarded, Guarded, Vec<u8>), Failure> {
+    let a = Guarded::new(dev, len, guard)?;
+    let b = Guarded::new(dev, len, guard)?;
+    let data = rng.unique(len);
+    a.write(0, &data);
+    b.write(0, &data);
+    Ok((a, b, data))
 }

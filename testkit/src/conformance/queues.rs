@@ -1,7 +1,5 @@
 //! Conformance: queues: rings, MSI-X per queue, coalescing, halt and resume, several at once.
 
-use std::time::Instant;
-
 use domdma_driver_model::domain::set_passthrough;
 
 use super::prelude::*;
@@ -133,21 +131,14 @@ fn completion_interrupt(ctx: &mut Ctx) -> TestResult {
     let vectors = dev.msix_vectors();
     check!(vectors >= 1, "no MSI-X vectors");
     let vector = if vectors >= 2 { 1 } else { 0 };
-    for v in 0..vectors {
-        dev.wait_interrupt(v, Duration::ZERO)?;
-    }
+    drain_interrupts(dev)?;
     let mut q = DmaQueue::new(dev, 0, 16, vector)?;
     let cpl = CompletionRecords::new(dev, 4)?;
     let buf = dev.alloc_dma(DmaRequest::new(4096))?;
 
     // 1. FILL with INTERRUPT: the vector fires, and the completion is already written.
-    cpl.clear(0);
-    q.submit(&[
-        Descriptor::fill(buf.bus_addr(), 0x1111_2222_3333_4444, 4096)
-            .with_interrupt()
-            .with_tag(1)
-            .with_completion(cpl.bus_addr(0)),
-    ])?;
+    let fill = Descriptor::fill(buf.bus_addr(), 0x1111_2222_3333_4444, 4096);
+    submit_tagged(&mut q, &cpl, (0, 1), &[fill.with_interrupt()])?;
     let n = dev.wait_interrupt(vector, IRQ_TIMEOUT)?;
     if n == 0 {
         let polled = match q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT) {
@@ -162,35 +153,21 @@ fn completion_interrupt(ctx: &mut Ctx) -> TestResult {
     let c = cpl.read(0);
     check_status(&c, spec::STATUS_OK, "completion when the interrupt arrived")?;
     check_eq!(c.tag, 1, "tag");
-    for v in (0..vectors).filter(|&v| v != vector) {
-        check_eq!(
-            dev.wait_interrupt(v, Duration::ZERO)?,
-            0,
-            "interrupts on vector {v}"
-        );
-    }
+    silent_elsewhere(dev, vector, "a FILL with INTERRUPT")?;
 
     // 2. Without the flag: completes, but no interrupt.
-    let c = run_desc(
-        &mut q,
-        &cpl,
-        1,
-        Descriptor::fill(buf.bus_addr(), 0x5555, 4096).with_tag(2),
-    )?;
+    let fill = Descriptor::fill(buf.bus_addr(), 0x5555, 4096).with_tag(2);
+    let c = run_desc(&mut q, &cpl, 1, fill)?;
     check_status(&c, spec::STATUS_OK, "FILL without INTERRUPT")?;
-    let n = dev.wait_interrupt(vector, NO_IRQ_WINDOW)?;
-    check_eq!(
-        n,
-        0,
-        "interrupts for a descriptor without the INTERRUPT flag"
-    );
+    expect_irq(
+        dev,
+        vector,
+        false,
+        "a descriptor without the INTERRUPT flag",
+    )?;
 
     // 3. A NOP with the flag, waited for by interrupt alone.
-    cpl.clear(2);
-    q.submit(&[Descriptor::nop()
-        .with_interrupt()
-        .with_tag(3)
-        .with_completion(cpl.bus_addr(2))])?;
+    submit_tagged(&mut q, &cpl, (2, 3), &[Descriptor::nop().with_interrupt()])?;
     let c = q.wait_completion_irq(&cpl, 2, IRQ_TIMEOUT)?;
     check_status(&c, spec::STATUS_OK, "NOP with INTERRUPT")?;
     check_eq!(c.tag, 3, "NOP tag");
@@ -218,28 +195,19 @@ fn ring_wraparound(ctx: &mut Ctx) -> TestResult {
     for (r, &count) in rounds.iter().enumerate() {
         let descs: Vec<Descriptor> = (n..n + count)
             .map(|i| {
-                cpl.clear(i);
-                Descriptor::fill(
-                    buf.bus_addr() + (i * chunk) as u64,
-                    pattern(i),
-                    chunk as u32,
-                )
-                .with_tag(0x1000 + i as u64)
-                .with_completion(cpl.bus_addr(i))
+                let at = buf.bus_addr() + (i * chunk) as u64;
+                Descriptor::fill(at, pattern(i), chunk as u32)
             })
             .collect();
-        q.submit(&descs)
-            .map_err(|e| Failure(format!("round {r}: {e}")))?;
-        for i in n..n + count {
-            let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
-            check_status(&c, spec::STATUS_OK, format!("round {r}, descriptor {i}"))?;
-            check_eq!(c.tag, 0x1000 + i as u64, "tag of descriptor {i}");
-        }
+        let first = (n, 0x1000 + n as u64);
+        submit_tagged(&mut q, &cpl, first, &descs)
+            .map_err(|Failure(e)| Failure(format!("round {r}: {e}")))?;
+        expect_completions(&q, &cpl, first, count, &format!("round {r}"))?;
         q.wait_idle(COMPLETION_TIMEOUT)?;
         n += count;
     }
     for i in 0..total {
-        let want = pattern(i).to_le_bytes().repeat(chunk / 8);
+        let want = pattern_bytes(pattern(i), chunk);
         check_bytes(&buf.to_vec(i * chunk, chunk), &want, format!("chunk {i}"))?;
     }
     let expect_head = (head0 + total as u32) % ring;
@@ -259,12 +227,11 @@ fn ring_wraparound(ctx: &mut Ctx) -> TestResult {
         q.push(&Descriptor::nop().with_tag(i as u64))?;
     }
     match q.push(&Descriptor::nop()) {
-        Err(domdma_driver_model::dma_queue::QueueError::Full { .. }) => {}
+        Err(QueueError::Full { .. }) => {}
         other => return Err(Failure(format!("pushing into a full ring: {other:?}"))),
     }
     q.doorbell()?;
-    q.wait_idle(COMPLETION_TIMEOUT)?;
-    Ok(())
+    Ok(q.wait_idle(COMPLETION_TIMEOUT)?)
 }
 
 /// Two queues in two translated domains that map the same IOVAs (ring, completions,
@@ -274,86 +241,60 @@ fn multi_queue(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     fresh(dev)?;
     dev.rearm_interrupts()?;
-    let caps = Capabilities::read(dev)?;
-    check!(
-        caps.queues >= 2,
-        "need 2 queues, the device has {}",
-        caps.queues
-    );
-    check!(
-        caps.domains >= 3,
-        "need 3 domains, the device has {}",
-        caps.domains
-    );
-    let io = Iovas::for_device(&caps);
     let size = 1 << 20;
     let pieces = 8usize;
     let piece = size / pieces;
 
-    let mut doms = Vec::new();
-    let mut queues = Vec::new();
-    let mut bufs = Vec::new();
+    let mut lanes = Vec::new();
     let mut rng = ctx.rng();
     for (qi, d) in [(0u32, 1u32), (1, 2)] {
-        let mut dom = Domain::translated(dev, d, caps.iova_width)?;
-        let (q, cpl) = queue_in_domain(
-            dev,
-            &mut dom,
-            QueueConfig::new(qi, 32, qi as u16),
-            io.ring,
-            io.cpl,
-            pieces,
-        )?;
+        let cfg = QueueConfig::new(qi, 32, qi as u16);
+        let mut t = Translated::with(dev, d, cfg, pieces, None)?;
+        let io = t.io;
         let src = dev.alloc_dma(DmaRequest::new(size))?;
         let dst = dev.alloc_dma(DmaRequest::new(size))?;
         let data = rng.bytes(size);
         src.write(0, &data);
         dst.fill(0, size, 0);
-        dom.map_buffer(io.src, &src, Perm::R)?;
-        dom.map_buffer(io.dst, &dst, Perm::W)?;
-        doms.push(dom);
-        queues.push((q, cpl));
-        bufs.push((src, dst, data));
+        t.dom.map_buffer(io.src, &src, Perm::R)?;
+        t.dom.map_buffer(io.dst, &dst, Perm::W)?;
+        lanes.push((t, src, dst, data));
     }
     drain_interrupts(dev)?;
     // Fill both rings, then ring both doorbells back to back.
-    for (qi, (q, cpl)) in queues.iter_mut().enumerate() {
+    for (qi, (t, ..)) in lanes.iter_mut().enumerate() {
+        let io = t.io;
         for i in 0..pieces {
-            cpl.clear(i);
             let off = (i * piece) as u64;
+            let cpl = t.q.records();
+            cpl.clear(i);
             let mut d = Descriptor::copy(io.src + off, io.dst + off, piece as u32)
                 .with_tag((qi as u64) << 32 | i as u64)
                 .with_completion(cpl.device_addr(i));
             if i == pieces - 1 {
                 d = d.with_interrupt();
             }
-            q.push(&d)?;
+            t.q.push(&d)?;
         }
     }
-    for (q, _) in queues.iter_mut() {
-        q.doorbell()?;
+    for (t, ..) in lanes.iter_mut() {
+        t.q.doorbell()?;
     }
-    for (qi, (q, cpl)) in queues.iter().enumerate() {
+    for (qi, (t, src, dst, data)) in lanes.iter().enumerate() {
         let n = dev.wait_interrupt(qi as u16, IRQ_TIMEOUT)?;
         check!(n > 0, "queue {qi}: no interrupt on vector {qi}");
         for i in 0..pieces {
-            let c = q.wait_completion(cpl, i, COMPLETION_TIMEOUT)?;
+            let c = t.q.wait_completion(t.q.records(), i, COMPLETION_TIMEOUT)?;
             check_status(&c, spec::STATUS_OK, format!("queue {qi}, COPY {i}"))?;
             check_eq!(c.tag, (qi as u64) << 32 | i as u64, "queue {qi}, tag {i}");
             check_eq!(c.bytes, piece as u32, "queue {qi}, bytes {i}");
         }
-    }
-    for (qi, (src, dst, data)) in bufs.iter().enumerate() {
-        check_bytes(
-            &dst.to_vec(0, size),
-            data,
-            format!("queue {qi}'s destination"),
-        )?;
+        let what = format!("queue {qi}'s destination");
+        check_bytes(&dst.to_vec(0, size), data, what)?;
         check_bytes(&src.to_vec(0, size), data, format!("queue {qi}'s source"))?;
-    }
-    for (qi, d) in [(0u32, 1u32), (1, 2)] {
+        let d = t.dom.index();
         check_eq!(
-            qstat(dev, qi, spec::QSTAT_DESCRIPTORS)?,
+            qstat(dev, qi as u32, spec::QSTAT_DESCRIPTORS)?,
             pieces as u64,
             "QSTAT_DESCRIPTORS of queue {qi}"
         );
@@ -362,8 +303,8 @@ fn multi_queue(ctx: &mut Ctx) -> TestResult {
             "domain {d} counted no translations"
         );
     }
-    for (q, _) in &queues {
-        q.disable()?;
+    for (t, ..) in &lanes {
+        t.q.disable()?;
     }
     Ok(())
 }
@@ -378,24 +319,14 @@ fn halt_on_fault_and_resume(ctx: &mut Ctx) -> TestResult {
     let buf = dev.alloc_dma(DmaRequest::new(4096))?;
     buf.fill(0, 4096, 0x77);
     let hole = dev.reserve_unmapped(4096)?;
-    cpl.clear(0);
-    cpl.clear(1);
-    q.submit(&[
-        Descriptor::fill(hole, 0x1, 4096)
-            .with_tag(1)
-            .with_completion(cpl.device_addr(0)),
-        Descriptor::fill(buf.bus_addr(), 0x3333_3333_3333_3333, 4096)
-            .with_tag(2)
-            .with_completion(cpl.device_addr(1)),
-    ])?;
+    let descs = [
+        Descriptor::fill(hole, 0x1, 4096),
+        Descriptor::fill(buf.bus_addr(), 0x3333_3333_3333_3333, 4096),
+    ];
+    submit_tagged(&mut q, &cpl, (0, 1), &descs)?;
     let c = q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?;
-    check_fault(
-        &c,
-        spec::FAULT_OUTSIDE_RAM,
-        hole,
-        true,
-        "FILL at an unmapped bus address",
-    )?;
+    let what = "FILL at an unmapped bus address";
+    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, what)?;
     check_eq!(wait_halted(&q)?, spec::HALT_FAULT, "Q_HALT_REASON");
     check_eq!(
         q.head()?,
@@ -403,30 +334,12 @@ fn halt_on_fault_and_resume(ctx: &mut Ctx) -> TestResult {
         "Q_HEAD of a queue halted on a fault (at the next descriptor)"
     );
     check_pending(&q, &cpl, 1, "the descriptor after the fault, queue halted")?;
-    check_all(
-        &buf.to_vec(0, 4096),
-        0x77,
-        "buffer while the queue is halted",
-    )?;
+    let what = "buffer while the queue is halted";
+    check_all(&buf.to_vec(0, 4096), 0x77, what)?;
 
-    q.resume()?;
-    let c = q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?;
-    check_status(&c, spec::STATUS_OK, "FILL after RESUME")?;
-    check_eq!(c.tag, 2, "tag");
+    resume_and_expect(&q, &cpl, (1, 2, 1), "FILL after RESUME")?;
     check_all(&buf.to_vec(0, 4096), 0x33, "buffer after RESUME")?;
-    let status = q.status()?;
-    check_eq!(
-        status & spec::Q_STATUS_ERROR,
-        0,
-        "Q_STATUS after RESUME ({status:#x})"
-    );
-    check_eq!(
-        q.halt_reason()?,
-        spec::HALT_NONE,
-        "Q_HALT_REASON after RESUME"
-    );
-    q.wait_idle(COMPLETION_TIMEOUT)?;
-    Ok(())
+    Ok(q.wait_idle(COMPLETION_TIMEOUT)?)
 }
 
 /// Interrupt coalescing: with `Q_COAL_COUNT` = 4 the vector fires once per four completions
@@ -438,18 +351,11 @@ fn interrupt_coalescing(ctx: &mut Ctx) -> TestResult {
     dev.rearm_interrupts()?;
     let vector = 1u16;
     let cpl = CompletionRecords::new(dev, 8)?;
-    let submit = |q: &mut DmaQueue<'_>, range: std::ops::Range<usize>| -> TestResult {
-        let descs: Vec<Descriptor> = range
-            .map(|i| {
-                cpl.clear(i);
-                Descriptor::nop()
-                    .with_interrupt()
-                    .with_tag(i as u64)
-                    .with_completion(cpl.device_addr(i))
-            })
-            .collect();
-        q.submit(&descs)?;
-        Ok(())
+    let ask = Descriptor::nop().with_interrupt();
+    let nops = |q: &mut DmaQueue<'_>, first: usize, n: usize| -> TestResult {
+        let first = (first, first as u64);
+        submit_tagged(q, &cpl, first, &vec![ask; n])?;
+        expect_completions(q, &cpl, first, n, "NOP").map(drop)
     };
 
     // 1. By count: 3 completions, no interrupt; the 4th, one.
@@ -457,29 +363,11 @@ fn interrupt_coalescing(ctx: &mut Ctx) -> TestResult {
     cfg.coalesce_count = 4;
     let mut q = DmaQueue::create(dev, cfg)?;
     drain_interrupts(dev)?;
-    submit(&mut q, 0..3)?;
-    for i in 0..3 {
-        check_status(
-            &q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?,
-            spec::STATUS_OK,
-            format!("NOP {i}"),
-        )?;
-    }
-    check_eq!(
-        dev.wait_interrupt(vector, NO_IRQ_WINDOW)?,
-        0,
-        "interrupts after 3 of 4 coalesced completions"
-    );
-    submit(&mut q, 3..4)?;
-    check!(
-        dev.wait_interrupt(vector, IRQ_TIMEOUT)? > 0,
-        "no interrupt after the 4th coalesced completion"
-    );
-    check_status(
-        &q.wait_completion(&cpl, 3, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "NOP 3",
-    )?;
+    nops(&mut q, 0, 3)?;
+    let what = "after 3 of 4 coalesced completions";
+    expect_irq(dev, vector, false, what)?;
+    nops(&mut q, 3, 1)?;
+    expect_irq(dev, vector, true, "the 4th coalesced completion")?;
     check_eq!(
         qstat(dev, 0, spec::QSTAT_INTERRUPTS)?,
         1,
@@ -494,29 +382,16 @@ fn interrupt_coalescing(ctx: &mut Ctx) -> TestResult {
     let mut q = DmaQueue::create(dev, cfg)?;
     drain_interrupts(dev)?;
     let start = std::time::Instant::now();
-    submit(&mut q, 4..6)?;
-    check!(
-        dev.wait_interrupt(vector, IRQ_TIMEOUT)? > 0,
-        "no interrupt from the coalescing timer"
-    );
+    submit_tagged(&mut q, &cpl, (4, 4), &[ask; 2])?;
+    expect_irq(dev, vector, true, "the coalescing timer")?;
     let waited = start.elapsed();
     progress!("         timer interrupt after {waited:?} (Q_COAL_USEC 50 ms)");
     check!(
         waited >= Duration::from_millis(45),
         "the timer interrupt came after {waited:?}, before the 50 ms"
     );
-    for i in 4..6 {
-        check_status(
-            &q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?,
-            spec::STATUS_OK,
-            format!("NOP {i}"),
-        )?;
-    }
-    check_eq!(
-        dev.wait_interrupt(vector, NO_IRQ_WINDOW)?,
-        0,
-        "a second interrupt for the same batch"
-    );
+    expect_completions(&q, &cpl, (4, 4), 2, "NOP")?;
+    expect_irq(dev, vector, false, "a second interrupt for the same batch")?;
     q.disable()?;
     Ok(())
 }
@@ -531,6 +406,8 @@ fn bad_configuration_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
     let ring = dev.alloc_dma(DmaRequest::new(PAGE))?;
     let base = ring.bus_addr();
     let reg = |r| spec::queue_reg(0, r);
+    let read2 =
+        |a, b| -> Result<(u32, u32), Failure> { Ok((dev.read32(reg(a))?, dev.read32(reg(b))?)) };
     let halted = (
         spec::Q_STATUS_ENABLED | spec::Q_STATUS_ERROR,
         spec::HALT_BAD_CONFIG,
@@ -551,10 +428,7 @@ fn bad_configuration_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
         if size > 1 {
             dev.write32(reg(spec::Q_TAIL), 1)?;
             check_eq!(
-                (
-                    dev.read32(reg(spec::Q_TAIL))?,
-                    dev.read32(reg(spec::Q_HEAD))?
-                ),
+                read2(spec::Q_TAIL, spec::Q_HEAD)?,
                 (1, 0),
                 "{what}: (Q_TAIL, Q_HEAD) after a doorbell on the halted queue"
             );
@@ -562,29 +436,20 @@ fn bad_configuration_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
         if size == 3 {
             dev.write32(reg(spec::Q_TAIL), 3)?;
             check_eq!(
-                (
-                    dev.read32(reg(spec::Q_TAIL))?,
-                    dev.read32(reg(spec::Q_HALT_REASON))?
-                ),
+                read2(spec::Q_TAIL, spec::Q_HALT_REASON)?,
                 (1, spec::HALT_BAD_CONFIG),
                 "{what}: (Q_TAIL, Q_HALT_REASON) after a doorbell at the ring size (ignored)"
             );
         }
         dev.write32(reg(spec::Q_CTRL), spec::Q_CTRL_ENABLE | spec::Q_CTRL_RESUME)?;
         check_eq!(
-            (
-                dev.read32(reg(spec::Q_STATUS))?,
-                dev.read32(reg(spec::Q_HALT_REASON))?
-            ),
+            read2(spec::Q_STATUS, spec::Q_HALT_REASON)?,
             halted,
             "{what}: (Q_STATUS, Q_HALT_REASON) after RESUME"
         );
         dev.write32(reg(spec::Q_CTRL), 0)?;
         check_eq!(
-            (
-                dev.read32(reg(spec::Q_STATUS))?,
-                dev.read32(reg(spec::Q_HALT_REASON))?
-            ),
+            read2(spec::Q_STATUS, spec::Q_HALT_REASON)?,
             (0, spec::HALT_NONE),
             "{what}: (Q_STATUS, Q_HALT_REASON) after disabling"
         );
@@ -595,18 +460,19 @@ fn bad_configuration_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
         "queue enabled with a good configuration: (Q_STATUS, Q_HALT_REASON)"
     );
     dev.write32(reg(spec::Q_CTRL), 0)?;
-    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
-    let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(8))?;
-    check_status(&c, spec::STATUS_OK, "a NOP on the well-configured queue")
+    let mut q = RunQueue::passthrough(dev, (0, 8, 0), 1)?;
+    q.run_ok(
+        Descriptor::nop().with_tag(8),
+        "a NOP on the well-configured queue",
+    )?;
+    Ok(())
 }
 
 /// While a queue is enabled its base, size and domain ignore writes: they read as
 /// programmed and the queue keeps running from its ring.
 fn configuration_is_frozen_while_enabled(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
-    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
-    let cpl = CompletionRecords::new(dev, 2)?;
+    let mut q = RunQueue::passthrough(dev, (0, 8, 0), 2)?;
     let reg = |r| spec::queue_reg(0, r);
     let regs = [
         spec::Q_BASE_LO,
@@ -614,13 +480,12 @@ fn configuration_is_frozen_while_enabled(ctx: &mut Ctx) -> TestResult {
         spec::Q_SIZE,
         spec::Q_DOMAIN,
     ];
-    let before = regs
-        .iter()
-        .map(|&r| dev.read32(reg(r)))
-        .collect::<Result<Vec<u32>, _>>()?;
+    let read_all =
+        || -> Result<Vec<u32>, Failure> { regs.iter().map(|&r| Ok(dev.read32(reg(r))?)).collect() };
+    let before = read_all()?;
     check_eq!(
-        (before[0], before[1], before[2], before[3]),
-        (q.ring_iova() as u32, (q.ring_iova() >> 32) as u32, 8, 0),
+        before,
+        [q.ring_iova() as u32, (q.ring_iova() >> 32) as u32, 8, 0],
         "(Q_BASE_LO, Q_BASE_HI, Q_SIZE, Q_DOMAIN) as programmed"
     );
     for (r, v) in [
@@ -631,27 +496,17 @@ fn configuration_is_frozen_while_enabled(ctx: &mut Ctx) -> TestResult {
     ] {
         dev.write32(reg(r), v)?;
     }
-    let after = regs
-        .iter()
-        .map(|&r| dev.read32(reg(r)))
-        .collect::<Result<Vec<u32>, _>>()?;
     check_eq!(
-        after,
+        read_all()?,
         before,
         "(Q_BASE_LO, Q_BASE_HI, Q_SIZE, Q_DOMAIN) after writes while enabled"
     );
     let buf = Guarded::new(dev, 64, PAGE)?;
     for i in 0..2 {
-        let c = run_desc(
-            &mut q,
-            &cpl,
-            i,
-            Descriptor::fill(buf.bus(), 0x4242_4242_4242_4242, 64).with_tag(i as u64),
-        )?;
-        check_status(&c, spec::STATUS_OK, format!("FILL {i} after the writes"))?;
+        let fill = Descriptor::fill(buf.bus(), 0x4242_4242_4242_4242, 64);
+        q.run_ok(fill.with_tag(i), &format!("FILL {i} after the writes"))?;
     }
-    check_all(&buf.read(), 0x42, "FILL after the writes")?;
-    buf.check_guards("FILL after the writes")
+    buf.check(&[0x42; 64], "FILL after the writes")
 }
 
 /// A doorbell at or beyond the ring size halts the queue with HALT_BAD_TAIL; RESUME does
@@ -680,10 +535,9 @@ fn bad_tail_halts_until_disabled(ctx: &mut Ctx) -> TestResult {
             "(Q_STATUS, Q_HALT_REASON) after disabling (doorbell {tail:#x})"
         );
     }
-    let mut q = DmaQueue::new(dev, 0, 8, 0)?;
-    let cpl = CompletionRecords::new(dev, 1)?;
-    let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(1))?;
-    check_status(&c, spec::STATUS_OK, "a NOP after re-enabling")
+    let mut q = RunQueue::passthrough(dev, (0, 8, 0), 1)?;
+    q.run_ok(Descriptor::nop().with_tag(1), "a NOP after re-enabling")?;
+    Ok(())
 }
 
 /// A queue halted by a fault (HALT_ON_FAULT) is enabled, in error and not busy, with its
@@ -694,31 +548,11 @@ fn halted_queue_takes_doorbells_and_resume_runs_them(ctx: &mut Ctx) -> TestResul
     let mut q = DmaQueue::create(dev, QueueConfig::new(0, 16, 0).halting_on_fault())?;
     let cpl = CompletionRecords::new(dev, 4)?;
     let dst = Guarded::new(dev, 32, PAGE)?;
-    let hole = dev.reserve_unmapped(PAGE as u64)?;
     let mut rng = ctx.rng();
     let p: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
-    let completed0 = q.read_reg(spec::Q_COMPLETED)?;
-    let errors0 = q.read_reg(spec::Q_ERRORS)?;
-    let descs: Vec<Descriptor> = [
-        Descriptor::fill(dst.bus(), p[0], 8),
-        Descriptor::fill(hole, p[1], 8),
-        Descriptor::fill(dst.bus() + 8, p[2], 8),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, d)| {
-        cpl.clear(i);
-        d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
-    })
-    .collect();
-    q.submit(&descs)?;
-    check_status(
-        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "FILL before the fault",
-    )?;
-    let c = q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?;
-    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, "FILL into a hole")?;
+    let counts = QueueCounts::read(&q)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+    fill_around_a_hole(&mut q, &cpl, &dst, hole, [p[0], p[1], p[2]])?;
     check_eq!(wait_halted(&q)?, spec::HALT_FAULT, "Q_HALT_REASON");
     check_eq!(
         q.status()? & (spec::Q_STATUS_ENABLED | spec::Q_STATUS_ERROR | spec::Q_STATUS_BUSY),
@@ -726,10 +560,8 @@ fn halted_queue_takes_doorbells_and_resume_runs_them(ctx: &mut Ctx) -> TestResul
         "Q_STATUS of a halted queue (not busy)"
     );
     check_eq!(q.head()?, 2, "Q_HEAD: after the faulting descriptor");
-    cpl.clear(3);
-    q.submit(&[Descriptor::fill(dst.bus() + 16, p[3], 8)
-        .with_tag(3)
-        .with_completion(cpl.bus_addr(3))])?;
+    let fill = Descriptor::fill(dst.bus() + 16, p[3], 8);
+    submit_tagged(&mut q, &cpl, (3, 3), &[fill])?;
     check_eq!(
         (q.read_reg(spec::Q_TAIL)?, q.head()?),
         (4, 2),
@@ -739,19 +571,13 @@ fn halted_queue_takes_doorbells_and_resume_runs_them(ctx: &mut Ctx) -> TestResul
     check_pending(&q, &cpl, 3, "the descriptor rung in while halted")?;
     check_all(&dst.read()[8..], CANARY, "destination while halted")?;
 
-    q.resume()?;
-    for i in 2..4 {
-        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
-        check_status(&c, spec::STATUS_OK, format!("FILL {i} after RESUME"))?;
-        check_eq!(c.tag, i as u64, "tag of FILL {i}");
-    }
+    resume_and_expect(&q, &cpl, (2, 2, 2), "FILL after RESUME")?;
     let mut want = Vec::new();
     for v in [p[0], p[2], p[3]] {
         want.extend_from_slice(&v.to_le_bytes());
     }
     want.extend_from_slice(&[CANARY; 8]);
-    check_bytes(&dst.read(), &want, "destination after RESUME")?;
-    dst.check_guards("destination")?;
+    dst.check(&want, "destination after RESUME")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
     check_eq!(
         (q.halt_reason()?, q.read_reg(spec::Q_CTRL)?),
@@ -764,14 +590,8 @@ fn halted_queue_takes_doorbells_and_resume_runs_them(ctx: &mut Ctx) -> TestResul
     poll_until("Q_STATUS to read enabled only", || {
         Ok(q.status()? == spec::Q_STATUS_ENABLED)
     })?;
-    check_eq!(
-        (
-            q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
-            q.read_reg(spec::Q_ERRORS)?.wrapping_sub(errors0)
-        ),
-        (4, 1),
-        "(Q_COMPLETED, Q_ERRORS) deltas"
-    );
+    let what = "(Q_COMPLETED, Q_ERRORS) deltas";
+    check_eq!(counts.added(&q)?, (4, 1), "{what}");
     Ok(())
 }
 
@@ -783,35 +603,16 @@ fn without_halt_on_fault_the_queue_goes_on(ctx: &mut Ctx) -> TestResult {
     let cpl = CompletionRecords::new(dev, 3)?;
     let dst = Guarded::new(dev, 16, PAGE)?;
     let hole = dev.reserve_unmapped(PAGE as u64)?;
-    let descs: Vec<Descriptor> = [
-        Descriptor::fill(dst.bus(), 0x1111_1111_1111_1111, 8),
-        Descriptor::fill(hole, 0x2222_2222_2222_2222, 8),
-        Descriptor::fill(dst.bus() + 8, 0x3333_3333_3333_3333, 8),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, d)| {
-        cpl.clear(i);
-        d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
-    })
-    .collect();
-    q.submit(&descs)?;
-    check_status(
-        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "FILL before the fault",
-    )?;
-    let c = q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?;
-    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, "FILL into a hole")?;
-    check_status(
-        &q.wait_completion(&cpl, 2, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "FILL after the fault",
-    )?;
+    let p = [
+        0x1111_1111_1111_1111,
+        0x2222_2222_2222_2222,
+        0x3333_3333_3333_3333,
+    ];
+    fill_around_a_hole(&mut q, &cpl, &dst, hole, p)?;
+    expect_completions(&q, &cpl, (2, 2), 1, "FILL after the fault")?;
     let mut want = vec![0x11; 8];
     want.extend_from_slice(&[0x33; 8]);
-    check_bytes(&dst.read(), &want, "destination")?;
-    dst.check_guards("destination")?;
+    dst.check(&want, "destination")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
     check_eq!(
         (q.status()? & spec::Q_STATUS_ERROR, q.halt_reason()?),
@@ -832,35 +633,21 @@ fn halt_on_fault_also_for_invalid_descriptors_and_lost_completions(ctx: &mut Ctx
     let cpl = CompletionRecords::new(dev, 3)?;
     let dst = Guarded::new(dev, 16, PAGE)?;
     let hole = dev.reserve_unmapped(PAGE as u64)?;
+    let seq = log.count()?;
 
     // 1. A malformed descriptor.
-    cpl.clear(0);
-    cpl.clear(1);
-    q.submit(&[
-        Descriptor::copy(dst.bus(), dst.bus() + 8, 0)
-            .with_tag(1)
-            .with_completion(cpl.bus_addr(0)),
-        Descriptor::fill(dst.bus(), 0x1111_1111_1111_1111, 8)
-            .with_tag(2)
-            .with_completion(cpl.bus_addr(1)),
-    ])?;
-    check_status(
-        &q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?,
-        spec::STATUS_INVALID_DESCRIPTOR,
-        "COPY of length 0",
-    )?;
-    check_eq!(
-        wait_halted(&q)?,
-        spec::HALT_FAULT,
-        "Q_HALT_REASON after a malformed descriptor"
-    );
+    let bad_at = next_slot_iova(&q);
+    let descs = [
+        Descriptor::copy(dst.bus(), dst.bus() + 8, 0),
+        Descriptor::fill(dst.bus(), 0x1111_1111_1111_1111, 8),
+    ];
+    submit_tagged(&mut q, &cpl, (0, 1), &descs)?;
+    let c = q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?;
+    check_invalid(&c, bad_at, (0, 0), 1, "COPY of length 0")?;
+    let what = "Q_HALT_REASON after a malformed descriptor";
+    check_eq!(wait_halted(&q)?, spec::HALT_FAULT, "{what}");
     check_pending(&q, &cpl, 1, "the descriptor after the malformed one")?;
-    q.resume()?;
-    check_status(
-        &q.wait_completion(&cpl, 1, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "FILL after RESUME",
-    )?;
+    resume_and_expect(&q, &cpl, (1, 2, 1), "FILL after RESUME")?;
     q.wait_idle(COMPLETION_TIMEOUT)?;
 
     // 2. A completion record that cannot be written.
@@ -873,46 +660,25 @@ fn halt_on_fault_also_for_invalid_descriptors_and_lost_completions(ctx: &mut Ctx
             .with_tag(4)
             .with_completion(cpl.bus_addr(2)),
     ])?;
-    check_eq!(
-        wait_halted(&q)?,
-        spec::HALT_FAULT,
-        "Q_HALT_REASON after a lost completion"
-    );
+    let what = "Q_HALT_REASON after a lost completion";
+    check_eq!(wait_halted(&q)?, spec::HALT_FAULT, "{what}");
     check_pending(&q, &cpl, 2, "the descriptor after the lost completion")?;
     check_bytes(
         &dst.read(),
         &[[0x11u8; 8], [0x22; 8]].concat(),
         "destination while halted (the FILL whose record was lost ran)",
     )?;
-    q.resume()?;
-    check_status(
-        &q.wait_completion(&cpl, 2, COMPLETION_TIMEOUT)?,
-        spec::STATUS_OK,
-        "FILL after the second RESUME",
-    )?;
-    check_bytes(
-        &dst.read(),
-        &[[0x33u8; 8], [0x22; 8]].concat(),
-        "destination",
-    )?;
-    dst.check_guards("destination")?;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access),
-        (spec::FAULT_DESCRIPTOR_INVALID, spec::ACCESS_DESCRIPTOR),
-        "first fault record ({r})"
+    resume_and_expect(&q, &cpl, (2, 4, 1), "FILL after the second RESUME")?;
+    dst.check(&[[0x33u8; 8], [0x22; 8]].concat(), "destination")?;
+    let invalid = (spec::FAULT_DESCRIPTOR_INVALID, spec::ACCESS_DESCRIPTOR);
+    let want = record(invalid, (0, 0), bad_at, (0, 0), seq);
+    expect_record(&mut log, want, "the first fault")?;
+    let lost = (
+        spec::FAULT_OUTSIDE_RAM,
+        spec::ACCESS_WRITE | spec::ACCESS_COMPLETION,
     );
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access, r.iova),
-        (
-            spec::FAULT_OUTSIDE_RAM,
-            spec::ACCESS_WRITE | spec::ACCESS_COMPLETION,
-            hole
-        ),
-        "second fault record ({r})"
-    );
-    Ok(())
+    let want = record(lost, (0, 0), hole, (hole, 0), seq + 1);
+    expect_record(&mut log, want, "the second fault")
 }
 
 /// A 128-descriptor ring whose second page is not mapped in the queue's domain: the 64
@@ -927,72 +693,31 @@ fn fetch_fault_mid_ring_halts_at_that_descriptor(ctx: &mut Ctx) -> TestResult {
     let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
     let cfg = QueueConfig::new(0, 128, 0).in_domain(1);
     let ring = dev.alloc_dma(DmaRequest::new(cfg.ring_bytes()))?;
-    dom.map(
-        io.ring,
-        ring.bus_addr(),
-        PAGE as u64,
-        Perm::R,
-        PageSize::Size4K,
-    )?;
+    let p = PAGE as u64;
+    dom.map(io.ring, ring.bus_addr(), p, Perm::R, PageSize::Size4K)?;
     let n = 66usize;
     let mut cpl = CompletionRecords::new(dev, n)?;
     dom.map_buffer(io.cpl, cpl.buffer(), Perm::RW)?;
     cpl.set_device_base(io.cpl);
     let mut q = DmaQueue::with_ring(dev, cfg, ring, io.ring)?;
     let seq = log.count()?;
-    let descs: Vec<Descriptor> = (0..n)
-        .map(|i| {
-            cpl.clear(i);
-            Descriptor::nop()
-                .with_tag(0x500 + i as u64)
-                .with_completion(cpl.device_addr(i))
-        })
-        .collect();
-    q.submit(&descs)?;
-    for i in 0..64 {
-        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
-        check_status(&c, spec::STATUS_OK, format!("NOP {i}"))?;
-        check_eq!(c.tag, 0x500 + i as u64, "tag of NOP {i}");
-    }
+    submit_tagged(&mut q, &cpl, (0, 0x500), &vec![Descriptor::nop(); n])?;
+    expect_completions(&q, &cpl, (0, 0x500), 64, "NOP")?;
     check_eq!(wait_halted(&q)?, spec::HALT_DESC_FETCH, "Q_HALT_REASON");
     check_eq!(q.head()?, 64, "Q_HEAD at the unfetchable descriptor");
     let at = io.ring + 64 * spec::DESC_SIZE;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access, r.domain, r.queue, r.iova, r.level, r.seq),
-        (
-            spec::FAULT_NOT_PRESENT,
-            spec::ACCESS_DESCRIPTOR,
-            1,
-            0,
-            at,
-            1,
-            seq
-        ),
-        "fault record ({r})"
-    );
+    let fetch = (spec::FAULT_NOT_PRESENT, spec::ACCESS_DESCRIPTOR);
+    expect_record(
+        &mut log,
+        record(fetch, (1, 0), at, (0, 1), seq),
+        "the fetch",
+    )?;
     check_pending(&q, &cpl, 64, "the unfetched descriptor")?;
     // A new mapping: no invalidation needed.
-    dom.map(
-        io.ring + PAGE as u64,
-        q.ring_bus_addr() + PAGE as u64,
-        PAGE as u64,
-        Perm::R,
-        PageSize::Size4K,
-    )?;
-    q.resume()?;
-    for i in 64..n {
-        let c = q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?;
-        check_status(&c, spec::STATUS_OK, format!("NOP {i} after RESUME"))?;
-        check_eq!(c.tag, 0x500 + i as u64, "tag of NOP {i}");
-    }
-    check_eq!(
-        q.halt_reason()?,
-        spec::HALT_NONE,
-        "Q_HALT_REASON after RESUME"
-    );
-    q.disable()?;
-    Ok(())
+    let second = q.ring_bus_addr() + p;
+    dom.map(io.ring + p, second, p, Perm::R, PageSize::Size4K)?;
+    resume_and_expect(&q, &cpl, (64, 0x500 + 64, n - 64), "NOP after RESUME")?;
+    Ok(q.disable()?)
 }
 
 /// A queue's completion interrupt goes to its Q_MSIX_VECTOR (here 3, not its default)
@@ -1003,26 +728,22 @@ fn interrupt_only_when_asked_on_the_queue_vector(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     dev.rearm_interrupts()?;
     let v = 3u16;
-    let mut q = DmaQueue::new(dev, 1, 16, v)?;
+    let mut q = RunQueue::passthrough(dev, (1, 16, v), 1)?;
     check_eq!(
         q.read_reg(spec::Q_MSIX_VECTOR)?,
         u32::from(v),
         "Q_MSIX_VECTOR of queue 1"
     );
-    let cpl = CompletionRecords::new(dev, 1)?;
     let hole = dev.reserve_unmapped(PAGE as u64)?;
     let interrupts0 = qstat(dev, 1, spec::QSTAT_INTERRUPTS)?;
     drain_interrupts(dev)?;
+    let nop = Descriptor::nop();
+    let unknown = spec::DESC_FLAG_INTERRUPT | 0x80;
     let cases = [
-        (
-            "a NOP without INTERRUPT",
-            Descriptor::nop(),
-            spec::STATUS_OK,
-            false,
-        ),
+        ("a NOP without INTERRUPT", nop, spec::STATUS_OK, false),
         (
             "a NOP with INTERRUPT",
-            Descriptor::nop().with_interrupt(),
+            nop.with_interrupt(),
             spec::STATUS_OK,
             true,
         ),
@@ -1034,36 +755,19 @@ fn interrupt_only_when_asked_on_the_queue_vector(ctx: &mut Ctx) -> TestResult {
         ),
         (
             "a NOP with INTERRUPT and the unknown flag 0x80",
-            Descriptor {
-                flags: 0x80 | spec::DESC_FLAG_INTERRUPT,
-                ..Descriptor::nop()
-            },
+            altered(nop, |x| x.flags = unknown),
             spec::STATUS_INVALID_DESCRIPTOR,
             false,
         ),
     ];
     for (what, d, status, irq) in cases {
-        let c = run_desc(&mut q, &cpl, 0, d)?;
+        let c = q.run(d)?;
         check_status(&c, status, what)?;
-        if irq {
-            check!(
-                dev.wait_interrupt(v, IRQ_TIMEOUT)? > 0,
-                "{what}: no interrupt on vector {v} within {IRQ_TIMEOUT:?}"
-            );
-        } else {
-            check_eq!(
-                dev.wait_interrupt(v, NO_IRQ_WINDOW)?,
-                0,
-                "{what}: interrupts on vector {v}"
-            );
-        }
+        expect_irq(dev, v, irq, what)?;
         silent_elsewhere(dev, v, what)?;
     }
-    check_eq!(
-        qstat(dev, 1, spec::QSTAT_INTERRUPTS)? - interrupts0,
-        2,
-        "QSTAT_INTERRUPTS of queue 1"
-    );
+    let interrupts = qstat(dev, 1, spec::QSTAT_INTERRUPTS)? - interrupts0;
+    check_eq!(interrupts, 2, "QSTAT_INTERRUPTS of queue 1");
     Ok(())
 }
 
@@ -1075,34 +779,23 @@ fn msix_vector_per_queue(ctx: &mut Ctx) -> TestResult {
     let mut queues = Vec::new();
     for qi in 0..4u32 {
         let v = (3 - qi) as u16;
-        let q = DmaQueue::new(dev, qi, 8, v)?;
+        let q = RunQueue::passthrough(dev, (qi, 8, v), 1)?;
         check_eq!(
             q.read_reg(spec::Q_MSIX_VECTOR)?,
             u32::from(v),
             "Q_MSIX_VECTOR of queue {qi}"
         );
-        queues.push((q, CompletionRecords::new(dev, 1)?, v));
+        queues.push((q, v));
     }
     drain_interrupts(dev)?;
-    for (qi, (q, cpl, v)) in queues.iter_mut().enumerate() {
-        let c = run_desc(
-            q,
-            cpl,
-            0,
-            Descriptor::nop().with_interrupt().with_tag(qi as u64),
-        )?;
-        check_status(&c, spec::STATUS_OK, format!("NOP on queue {qi}"))?;
-        check!(
-            dev.wait_interrupt(*v, IRQ_TIMEOUT)? > 0,
-            "queue {qi}: no interrupt on its vector {v} within {IRQ_TIMEOUT:?}"
-        );
-        silent_elsewhere(dev, *v, &format!("NOP on queue {qi}"))?;
+    for (qi, (q, v)) in queues.iter_mut().enumerate() {
+        let what = format!("NOP on queue {qi}");
+        let nop = Descriptor::nop().with_interrupt().with_tag(qi as u64);
+        q.run_ok(nop, &what)?;
+        expect_irq(dev, *v, true, &what)?;
+        silent_elsewhere(dev, *v, &what)?;
     }
-    check_eq!(
-        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
-        0,
-        "a late interrupt on vector 0"
-    );
+    expect_irq(dev, 0, false, "a late interrupt after the four NOPs")?;
     silent_elsewhere(dev, 0, "after the four NOPs")
 }
 
@@ -1113,9 +806,7 @@ fn msix_vector_per_queue(ctx: &mut Ctx) -> TestResult {
 /// source's.
 fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
     struct Lane<'b> {
-        _dom: Domain<'b>,
-        q: DmaQueue<'b>,
-        cpl: CompletionRecords,
+        t: Translated<'b>,
         src: DmaBuffer,
         data: Vec<u8>,
         dst: DmaBuffer,
@@ -1125,20 +816,12 @@ fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
     const SIZE: usize = 256 << 10;
     const OPS: usize = 30;
     let dev = ctx.dev()?;
-    let caps = Capabilities::read(dev)?;
-    let io = Iovas::for_device(&caps);
     let mut rng = ctx.rng();
     let mut lanes = Vec::new();
     for qi in 0..4u32 {
-        let mut dom = Domain::translated(dev, qi + 1, caps.iova_width)?;
-        let (mut q, cpl) = queue_in_domain(
-            dev,
-            &mut dom,
-            QueueConfig::new(qi, 64, qi as u16),
-            io.ring,
-            io.cpl,
-            OPS,
-        )?;
+        let cfg = QueueConfig::new(qi, 64, qi as u16);
+        let mut t = Translated::with(dev, qi + 1, cfg, OPS, None)?;
+        let io = t.io;
         // Odd queues: 2 MiB pages, mapped with 2 MiB leaves (the IOVAs are 2 MiB aligned).
         let large = qi % 2 == 1;
         let src = match large {
@@ -1147,7 +830,7 @@ fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
         };
         let data = rng.unique(SIZE);
         src.write(0, &data);
-        dom.map_buffer(io.src, &src, Perm::R)?;
+        t.dom.map_buffer(io.src, &src, Perm::R)?;
         // The destination range at `off` in `dst`, the rest of it canary.
         let (dst, off) = match large {
             true => (dev.alloc_dma(DmaRequest::huge(SIZE))?, 0),
@@ -1155,50 +838,48 @@ fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
         };
         dst.fill(0, dst.len(), CANARY);
         if large {
-            dom.map_buffer(io.dst, &dst, Perm::RW)?;
+            t.dom.map_buffer(io.dst, &dst, Perm::RW)?;
         } else {
-            dom.map(
-                io.dst,
-                dst.bus_addr() + off as u64,
-                SIZE as u64,
-                Perm::RW,
-                PageSize::Size4K,
-            )?;
+            let bus = dst.bus_addr() + off as u64;
+            t.dom
+                .map(io.dst, bus, SIZE as u64, Perm::RW, PageSize::Size4K)?;
         }
         let mut image = vec![CANARY; dst.len()];
         let range = &mut image[off..off + SIZE];
         let mut want = Vec::new();
-        for i in 0..OPS {
+        let mut descs = Vec::new();
+        for _ in 0..OPS {
             let len = 1 + rng.below(16 << 10) as usize;
             let a = rng.below((SIZE - len) as u64) as usize;
             let b = rng.below((SIZE - len) as u64) as usize;
-            let d = match rng.below(3) {
+            let (s, d) = (io.src + a as u64, io.dst + b as u64);
+            descs.push(match rng.below(3) {
                 0 => {
                     range[b..b + len].copy_from_slice(&data[a..a + len]);
                     want.push((len as u32, 0));
-                    Descriptor::copy(io.src + a as u64, io.dst + b as u64, len as u32)
+                    Descriptor::copy(s, d, len as u32)
                 }
                 1 => {
                     let p = rng.next_u64();
-                    range[b..b + len].copy_from_slice(&fill_bytes(p, len));
+                    range[b..b + len].copy_from_slice(&pattern_bytes(p, len));
                     want.push((len as u32, 0));
-                    Descriptor::fill(io.dst + b as u64, p, len as u32)
+                    Descriptor::fill(d, p, len as u32)
                 }
                 _ => {
                     want.push((len as u32, u64::from(crc32c(&data[a..a + len]))));
-                    Descriptor::crc32c(io.src + a as u64, len as u32)
+                    Descriptor::crc32c(s, len as u32)
                 }
-            };
+            });
+        }
+        for (i, d) in descs.iter().enumerate() {
+            let cpl = t.q.records();
             cpl.clear(i);
-            q.push(
-                &d.with_tag(u64::from(qi) << 32 | i as u64)
-                    .with_completion(cpl.device_addr(i)),
-            )?;
+            let d = d.with_tag(u64::from(qi) << 32 | i as u64);
+            let d = d.with_completion(cpl.device_addr(i));
+            t.q.push(&d)?;
         }
         lanes.push(Lane {
-            _dom: dom,
-            q,
-            cpl,
+            t,
             src,
             data,
             dst,
@@ -1207,16 +888,17 @@ fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
         });
     }
     for l in lanes.iter_mut() {
-        l.q.doorbell()?;
+        l.t.q.doorbell()?;
     }
     for (qi, l) in lanes.iter().enumerate() {
-        for (i, &(bytes, result)) in l.want.iter().enumerate() {
-            let c = l.q.wait_completion(&l.cpl, i, COMPLETION_TIMEOUT)?;
-            check_status(&c, spec::STATUS_OK, format!("queue {qi}, descriptor {i}"))?;
+        let what = format!("queue {qi}");
+        let tags = (0, (qi as u64) << 32);
+        let done = expect_completions(&l.t.q, l.t.q.records(), tags, OPS, &what)?;
+        for (i, (c, &want)) in done.iter().zip(&l.want).enumerate() {
             check_eq!(
-                (c.tag, c.bytes, c.result),
-                ((qi as u64) << 32 | i as u64, bytes, result),
-                "queue {qi}, descriptor {i}: tag, bytes, result"
+                (c.bytes, c.result),
+                want,
+                "queue {qi}, descriptor {i}: bytes, result"
             );
         }
     }
@@ -1225,25 +907,18 @@ fn four_queues_in_four_domains_stay_isolated(ctx: &mut Ctx) -> TestResult {
         if got != l.image {
             check_bytes(&got, &l.image, format!("queue {qi}'s destination buffer"))?;
         }
-        check_bytes(
-            &l.src.to_vec(0, SIZE),
-            &l.data,
-            format!("queue {qi}'s source"),
-        )?;
+        let what = format!("queue {qi}'s source");
+        check_bytes(&l.src.to_vec(0, SIZE), &l.data, what)?;
         check_eq!(
             qstat(dev, qi as u32, spec::QSTAT_DESCRIPTORS)?,
             OPS as u64,
             "QSTAT_DESCRIPTORS of queue {qi}"
         );
-        check_eq!(
-            dstat(dev, qi as u32 + 1, spec::DSTAT_FAULTS)?,
-            0,
-            "DSTAT_FAULTS of domain {}",
-            qi + 1
-        );
+        let faults = dstat(dev, qi as u32 + 1, spec::DSTAT_FAULTS)?;
+        check_eq!(faults, 0, "DSTAT_FAULTS of domain {}", qi + 1);
     }
     for l in &lanes {
-        l.q.disable()?;
+        l.t.q.disable()?;
     }
     Ok(())
 }
@@ -1274,18 +949,13 @@ fn a_halted_queue_does_not_stop_the_others(ctx: &mut Ctx) -> TestResult {
     let pattern = |i: usize| 0x0101_0101_0101_0101u64.wrapping_mul(i as u64 + 1);
     for i in 0..n {
         let off = (i * piece) as u64;
-        cpl0.clear(i);
-        q0.push(
-            &Descriptor::copy(src.bus_addr() + off, dst.bus() + off, piece as u32)
-                .with_tag(i as u64)
-                .with_completion(cpl0.bus_addr(i)),
-        )?;
-        cpl1.clear(i);
-        q1.push(
-            &Descriptor::fill(fills.bus() + (i * PAGE) as u64, pattern(i), PAGE as u32)
-                .with_tag(i as u64)
-                .with_completion(cpl1.bus_addr(i)),
-        )?;
+        let copy = Descriptor::copy(src.bus_addr() + off, dst.bus() + off, piece as u32);
+        let at = fills.bus() + (i * PAGE) as u64;
+        let fill = Descriptor::fill(at, pattern(i), PAGE as u32);
+        for (q, cpl, d) in [(&mut q0, &cpl0, copy), (&mut q1, &cpl1, fill)] {
+            cpl.clear(i);
+            q.push(&d.with_tag(i as u64).with_completion(cpl.bus_addr(i)))?;
+        }
     }
     cpl2.clear(0);
     q2.push(&Descriptor::nop().with_completion(cpl2.bus_addr(0)))?;
@@ -1293,36 +963,19 @@ fn a_halted_queue_does_not_stop_the_others(ctx: &mut Ctx) -> TestResult {
     q2.doorbell()?;
     q0.doorbell()?;
     q1.doorbell()?;
-    for i in 0..n {
-        for (qi, q, cpl) in [(0, &q0, &cpl0), (1, &q1, &cpl1)] {
-            let c = q.wait_completion(cpl, i, COMPLETION_TIMEOUT)?;
-            check_status(&c, spec::STATUS_OK, format!("queue {qi}, descriptor {i}"))?;
-        }
-    }
-    check_eq!(
-        wait_halted(&q2)?,
-        spec::HALT_DESC_FETCH,
-        "queue 2's Q_HALT_REASON"
-    );
+    expect_completions(&q0, &cpl0, (0, 0), n, "queue 0")?;
+    expect_completions(&q1, &cpl1, (0, 0), n, "queue 1")?;
+    let what = "queue 2's Q_HALT_REASON";
+    check_eq!(wait_halted(&q2)?, spec::HALT_DESC_FETCH, "{what}");
     check_pending(&q2, &cpl2, 0, "queue 2's NOP")?;
-    let r = log.wait(COMPLETION_TIMEOUT)?;
-    check_eq!(
-        (r.reason, r.access, r.domain, r.queue, r.iova, r.seq),
-        (
-            spec::FAULT_DOMAIN_DISABLED,
-            spec::ACCESS_DESCRIPTOR,
-            2,
-            2,
-            q2.ring_iova(),
-            seq
-        ),
-        "queue 2's fault record ({r})"
-    );
-    check_bytes(&dst.read(), &data, "queue 0's destination")?;
-    dst.check_guards("queue 0's destination")?;
-    let want: Vec<u8> = (0..n).flat_map(|i| fill_bytes(pattern(i), PAGE)).collect();
-    check_bytes(&fills.read(), &want, "queue 1's pages")?;
-    fills.check_guards("queue 1's pages")?;
+    let fetch = (spec::FAULT_DOMAIN_DISABLED, spec::ACCESS_DESCRIPTOR);
+    let want = record(fetch, (2, 2), q2.ring_iova(), (0, 0), seq);
+    expect_record(&mut log, want, "queue 2's fault")?;
+    dst.check(&data, "queue 0's destination")?;
+    let want: Vec<u8> = (0..n)
+        .flat_map(|i| pattern_bytes(pattern(i), PAGE))
+        .collect();
+    fills.check(&want, "queue 1's pages")?;
     check_eq!(
         (
             qstat(dev, 0, spec::QSTAT_BYTES)?,
@@ -1340,21 +993,17 @@ fn a_halted_queue_does_not_stop_the_others(ctx: &mut Ctx) -> TestResult {
 fn coalescing_count_zero_and_one_is_every_completion(ctx: &mut Ctx) -> TestResult {
     let dev = ctx.dev()?;
     dev.rearm_interrupts()?;
-    let cpl = CompletionRecords::new(dev, 1)?;
     for count in [0u32, 1] {
         let mut cfg = QueueConfig::new(0, 16, 0);
         cfg.coalesce_count = count;
-        let mut q = DmaQueue::create(dev, cfg)?;
+        let mut q = RunQueue::new(DmaQueue::create(dev, cfg)?, CompletionRecords::new(dev, 1)?);
         check_eq!(q.read_reg(spec::Q_COAL_COUNT)?, count, "Q_COAL_COUNT");
         let interrupts0 = qstat(dev, 0, spec::QSTAT_INTERRUPTS)?;
         drain_interrupts(dev)?;
         for i in 0..3 {
-            let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_interrupt())?;
-            check_status(&c, spec::STATUS_OK, format!("NOP {i}"))?;
-            check!(
-                dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
-                "Q_COAL_COUNT {count}: no interrupt for completion {i} within {IRQ_TIMEOUT:?}"
-            );
+            let what = format!("Q_COAL_COUNT {count}, completion {i}");
+            q.run_ok(Descriptor::nop().with_interrupt(), &what)?;
+            expect_irq(dev, 0, true, &what)?;
         }
         check_eq!(
             qstat(dev, 0, spec::QSTAT_INTERRUPTS)? - interrupts0,
@@ -1379,52 +1028,26 @@ fn coalescing_counts_only_completions_that_ask(ctx: &mut Ctx) -> TestResult {
     let interrupts0 = qstat(dev, 0, spec::QSTAT_INTERRUPTS)?;
     drain_interrupts(dev)?;
     let (ask, quiet) = (Descriptor::nop().with_interrupt(), Descriptor::nop());
-    let mut run = |descs: &[Descriptor]| -> TestResult {
-        let descs: Vec<Descriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                cpl.clear(i);
-                d.with_tag(i as u64).with_completion(cpl.bus_addr(i))
-            })
-            .collect();
-        q.submit(&descs)?;
-        for i in 0..descs.len() {
-            check_status(
-                &q.wait_completion(&cpl, i, COMPLETION_TIMEOUT)?,
-                spec::STATUS_OK,
-                format!("NOP {i}"),
-            )?;
-        }
-        Ok(())
-    };
-    run(&[ask, quiet, quiet, ask, quiet])?;
-    check_eq!(
-        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
-        0,
-        "interrupts after 2 asking and 3 quiet completions (count 3)"
-    );
-    run(&[ask])?;
-    check!(
-        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
-        "no interrupt at the third asking completion"
-    );
-    run(&[quiet, quiet, quiet, ask, ask])?;
-    check_eq!(
-        dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
-        0,
-        "interrupts for a partial batch of 2"
-    );
-    run(&[ask])?;
-    check!(
-        dev.wait_interrupt(0, IRQ_TIMEOUT)? > 0,
-        "no interrupt when the second batch is complete"
-    );
-    check_eq!(
-        qstat(dev, 0, spec::QSTAT_INTERRUPTS)? - interrupts0,
-        2,
-        "QSTAT_INTERRUPTS"
-    );
+    for (descs, irq, what) in [
+        (
+            &[ask, quiet, quiet, ask, quiet][..],
+            false,
+            "2 asking and 3 quiet completions (count 3)",
+        ),
+        (&[ask], true, "the third asking completion"),
+        (
+            &[quiet, quiet, quiet, ask, ask],
+            false,
+            "a partial batch of 2",
+        ),
+        (&[ask], true, "the second batch complete"),
+    ] {
+        submit_tagged(&mut q, &cpl, (0, 0), descs)?;
+        expect_completions(&q, &cpl, (0, 0), descs.len(), "NOP")?;
+        expect_irq(dev, 0, irq, what)?;
+    }
+    let interrupts = qstat(dev, 0, spec::QSTAT_INTERRUPTS)? - interrupts0;
+    check_eq!(interrupts, 2, "QSTAT_INTERRUPTS");
     Ok(())
 }
 
@@ -1445,15 +1068,10 @@ fn disable_aborts_the_descriptor_in_flight(ctx: &mut Ctx) -> TestResult {
     for attempt in 1..=3 {
         job.reset_destination();
         let mut q = DmaQueue::new(dev, 0, 8, 0)?;
-        let completed0 = q.read_reg(spec::Q_COMPLETED)?;
-        let errors0 = q.read_reg(spec::Q_ERRORS)?;
+        let counts = QueueCounts::read(&q)?;
         drain_interrupts(dev)?;
-        cpl.clear(0);
-        q.submit(&[job
-            .descriptor()
-            .with_interrupt()
-            .with_tag(0xab07)
-            .with_completion(cpl.bus_addr(0))])?;
+        let batch = job.descriptor().with_interrupt();
+        submit_tagged(&mut q, &cpl, (0, 0xab07), &[batch])?;
         job.wait_started()?;
         q.disable()?;
         let c = q.wait_completion(&cpl, 0, COMPLETION_TIMEOUT)?;
@@ -1475,25 +1093,16 @@ fn disable_aborts_the_descriptor_in_flight(ctx: &mut Ctx) -> TestResult {
         );
         let image = job.image_after(c.bytes);
         job.check_destination(&image, "the destination when the completion was read")?;
-        check_eq!(
-            dev.wait_interrupt(0, NO_IRQ_WINDOW)?,
-            0,
-            "interrupts for the aborted BATCH (it asked for one)"
-        );
+        let what = "the aborted BATCH (it asked for one)";
+        expect_irq(dev, 0, false, what)?;
         job.check_destination(&image, "the destination a while later")?;
         check_eq!(
             (q.status()?, q.head()?, q.read_reg(spec::Q_TAIL)?),
             (0, 0, 0),
             "(Q_STATUS, Q_HEAD, Q_TAIL) after the disable"
         );
-        check_eq!(
-            (
-                q.read_reg(spec::Q_COMPLETED)?.wrapping_sub(completed0),
-                q.read_reg(spec::Q_ERRORS)?.wrapping_sub(errors0)
-            ),
-            (1, 1),
-            "(Q_COMPLETED, Q_ERRORS) deltas"
-        );
+        let what = "(Q_COMPLETED, Q_ERRORS) deltas";
+        check_eq!(counts.added(&q)?, (1, 1), "{what}");
         let mut q = DmaQueue::new(dev, 0, 8, 0)?;
         let c = run_desc(&mut q, &cpl, 0, Descriptor::nop().with_tag(1))?;
         return check_status(&c, spec::STATUS_OK, "a NOP on the queue enabled again");
@@ -1538,14 +1147,13 @@ impl LongJob {
         let (a, da) = mk(rng)?;
         let (b, db) = mk(rng)?;
         let dst = dev.alloc_dma(DmaRequest::huge(len))?;
-        let n = spec::BATCH_MAX as usize;
-        let size = spec::DESC_SIZE as usize;
-        let list = dev.alloc_dma(DmaRequest::new(n * size))?;
-        for i in 0..n {
-            let s = if i % 2 == 0 { &a } else { &b };
-            let e = Descriptor::copy(s.bus_addr(), dst.bus_addr(), len as u32);
-            list.write(i * size, &BatchElement(e).encode());
-        }
+        let elems: Vec<Descriptor> = (0..spec::BATCH_MAX)
+            .map(|i| {
+                let s = if i % 2 == 0 { &a } else { &b };
+                Descriptor::copy(s.bus_addr(), dst.bus_addr(), len as u32)
+            })
+            .collect();
+        let list = write_list(dev, &elems)?;
         Ok(LongJob {
             _srcs: [a, b],
             data: [da, db],
@@ -1605,6 +1213,27 @@ impl LongJob {
     }
 }
 
+/// Submits three FILLs of 8 bytes with `patterns` (tags 0, 1, 2, completion records 0, 1,
+/// 2 of `cpl`): into `dst`, into `hole` (no memory there), into `dst` + 8; checks that the
+/// first completes and the second faults OUTSIDE_RAM at the hole.
+fn fill_around_a_hole(
+    q: &mut DmaQueue<'_>,
+    cpl: &CompletionRecords,
+    dst: &Guarded,
+    hole: u64,
+    patterns: [u64; 3],
+) -> TestResult {
+    let descs = [
+        Descriptor::fill(dst.bus(), patterns[0], 8),
+        Descriptor::fill(hole, patterns[1], 8),
+        Descriptor::fill(dst.bus() + 8, patterns[2], 8),
+    ];
+    submit_tagged(q, cpl, (0, 0), &descs)?;
+    expect_completions(q, cpl, (0, 0), 1, "FILL before the fault")?;
+    let c = q.wait_completion(cpl, 1, COMPLETION_TIMEOUT)?;
+    check_fault(&c, spec::FAULT_OUTSIDE_RAM, hole, true, "FILL into a hole")
+}
+
 /// Programs queue `q` with raw register writes (disabling it first), enables it, and
 /// returns `(Q_STATUS, Q_HALT_REASON)`.
 fn program(
@@ -1635,29 +1264,6 @@ fn silent_elsewhere(dev: &dyn DmaBackend, except: u16, what: &str) -> TestResult
             0,
             "{what}: interrupts on vector {v}"
         );
-    }
-    Ok(())
-}
-
-/// `len` bytes of FILL's output: byte i is byte i mod 8 of the little-endian pattern.
-fn fill_bytes(pattern: u64, len: usize) -> Vec<u8> {
-    pattern
-        .to_le_bytes()
-        .iter()
-        .copied()
-        .cycle()
-        .take(len)
-        .collect()
-}
-
-/// Polls `cond` until it holds, for at most [`COMPLETION_TIMEOUT`].
-fn poll_until(what: &str, mut cond: impl FnMut() -> Result<bool, Failure>) -> TestResult {
-    let start = Instant::now();
-    while !cond()? {
-        if start.elapsed() >= COMPLETION_TIMEOUT {
-            return Err(Failure(format!("waited {COMPLETION_TIMEOUT:?} for {what}")));
-        }
-        std::thread::sleep(Duration::from_micros(50));
     }
     Ok(())
 }

@@ -746,63 +746,39 @@ fn statistics_window(ctx: &mut Ctx) -> TestResult {
 
     // A translated domain's counters: translations are hits plus misses; page walks are
     // the misses (plus a re-walk per hit in strict mode); a fault is counted.
-    let caps = Capabilities::read(dev)?;
-    let io = Iovas::for_device(&caps);
-    let mut dom = Domain::translated(dev, 1, caps.iova_width)?;
-    let (mut q1, cpl1) =
-        queue_in_domain(dev, &mut dom, QueueConfig::new(1, 8, 1), io.ring, io.cpl, 1)?;
-    dom.map(io.data, a.bus(), PAGE as u64, Perm::R, PageSize::Size4K)?;
+    let mut t1 = Translated::with(dev, 1, QueueConfig::new(1, 8, 1), 1, None)?;
+    let (io, strict) = (t1.io, t1.caps.strict_iotlb);
+    t1.dom
+        .map(io.data, a.bus(), PAGE as u64, Perm::R, PageSize::Size4K)?;
     for i in 0..3 {
-        let c = run_desc(&mut q1, &cpl1, 0, Descriptor::crc32c(io.data, PAGE as u32))?;
-        check_status(&c, spec::STATUS_OK, format!("CRC32C {i} in domain 1"))?;
+        let crc = Descriptor::crc32c(io.data, PAGE as u32);
+        t1.q.run_ok(crc, &format!("CRC32C {i} in domain 1"))?;
     }
-    let c = run_desc(
-        &mut q1,
-        &cpl1,
-        0,
-        Descriptor::crc32c(io.data + PAGE as u64, 4),
-    )?;
-    check_fault(
-        &c,
-        spec::FAULT_NOT_PRESENT,
-        io.data + PAGE as u64,
-        false,
+    let hole = io.data + PAGE as u64;
+    t1.q.run_fault(
+        Descriptor::crc32c(hole, 4),
+        (spec::FAULT_NOT_PRESENT, hole, false),
         "CRC32C of an unmapped page in domain 1",
     )?;
-    let [t, h, m, w, f, stale] = [
-        spec::DSTAT_TRANSLATIONS,
-        spec::DSTAT_IOTLB_HITS,
-        spec::DSTAT_IOTLB_MISSES,
-        spec::DSTAT_PAGE_WALKS,
-        spec::DSTAT_FAULTS,
-        spec::DSTAT_STALE_USES,
-    ]
-    .map(|counter| dstat(dev, 1, counter));
-    let (t, h, m, w, f, stale) = (t?, h?, m?, w?, f?, stale?);
-    progress!("         domain 1: {t} translations, {h} hits, {m} misses, {w} walks, {f} faults");
+    let s = DomainStats::read(dev, 1)?;
+    progress!("         domain 1: {s}");
     // 4 fetches, 4 records, 3 reads of the mapped page, 1 of the unmapped one.
     check!(
-        t >= 12,
-        "DSTAT_TRANSLATIONS of domain 1 is {t}, expected at least 12"
+        s.translations >= 12,
+        "DSTAT_TRANSLATIONS of domain 1 is {}, expected at least 12",
+        s.translations
     );
-    check_eq!(t, h + m, "DSTAT_TRANSLATIONS = hits + misses");
     check!(
-        h > 0,
+        s.hits > 0,
         "no IOTLB hit in domain 1 after reading one page three times"
     );
-    let walks = if caps.strict_iotlb { m + h } else { m };
+    s.check_iotlb(strict)?;
     check_eq!(
-        w,
-        walks,
-        "DSTAT_PAGE_WALKS (strict IOTLB: {})",
-        caps.strict_iotlb
-    );
-    check_eq!(
-        (f, stale),
+        (s.faults, s.stale_uses),
         (1, 0),
         "(DSTAT_FAULTS, DSTAT_STALE_USES) of domain 1"
     );
-    q1.disable()?;
+    t1.q.disable()?;
     Ok(())
 }
 

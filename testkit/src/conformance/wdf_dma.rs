@@ -11,14 +11,14 @@
 
 use std::sync::Arc;
 
-use domdma_driver_model::dma::IOVA_BASE;
+use domdma_driver_model::dma::{DmaDomain, IOVA_BASE};
 use domdma_driver_model::status::*;
 use domdma_driver_model::wdf::*;
 
 use super::prelude::*;
 use crate::wdf::{
-    alloc, current_domain, free, free_cached, try_alloc, with_driver, Cb, Driver, Mover,
-    MOVER_POISON,
+    alloc, current_domain, free, free_cached, try_alloc_req, v3_description, with_driver,
+    with_mover, Cb, Driver, Mover, Req, MOVER_POISON,
 };
 
 /// The scenarios of this area.
@@ -198,18 +198,6 @@ fn copy_in_domain(ctx: &Ctx, drv: &Driver, backend: &dyn DmaBackend, node: u32) 
     Ok(())
 }
 
-/// A version-3 bus-master description of `width` address bits and 1 MiB transfers.
-fn v3_description(width: u32) -> DEVICE_DESCRIPTION {
-    DEVICE_DESCRIPTION {
-        Version: DEVICE_DESCRIPTION_VERSION3,
-        Master: true,
-        ScatterGather: true,
-        DmaAddressWidth: width,
-        MaximumLength: 1 << 20,
-        ..Default::default()
-    }
-}
-
 /// `GetDmaAdapterInfo` with `Version`; the status and the information.
 fn adapter_info(a: &DMA_ADAPTER, version: u32) -> (NTSTATUS, DMA_ADAPTER_INFO) {
     let mut info = DMA_ADAPTER_INFO {
@@ -243,6 +231,36 @@ fn check_refused(
     Ok(())
 }
 
+/// Checks that `AllocateDomainCommonBuffer` of `req` in `domain` is refused with `want` and
+/// gives nothing back ([`check_refused`]: the buffer count of the adapter's domain, if it
+/// is in one, unchanged), nor adds a buffer to the adapter.
+fn refused(a: &DMA_ADAPTER, domain: HANDLE, req: Req, want: NTSTATUS, what: &str) -> TestResult {
+    let count = || current_domain(a).map_or(0, |d| d.buffer_count());
+    let (before, mine) = (count(), a.core().buffer_count());
+    let got = try_alloc_req(a, domain, req);
+    check_refused(got, want, (before, count()), what)?;
+    check_eq!(
+        a.core().buffer_count(),
+        mine,
+        "the adapter's buffers after the refused allocation {what}"
+    );
+    Ok(())
+}
+
+/// Checks that nothing is mapped at logical `past`, just past `what`, and that a FILL there
+/// faults NOT_PRESENT.
+fn nothing_past(mv: &mut Mover<'_>, dom: &DmaDomain, past: u64, what: &str) -> TestResult {
+    check!(
+        dom.translate(past).is_none(),
+        "logical {past:#x}, past {what}, is mapped"
+    );
+    let fill = Descriptor::fill(past, 0x0bad_f00d, PAGE as u32);
+    let what = format!("FILL at {past:#x}, past {what}");
+    mv.queue
+        .run_fault(fill, (spec::FAULT_NOT_PRESENT, past, true), &what)?;
+    Ok(())
+}
+
 /// The bytes `offset..offset + len` of the common buffer at `logical` in the adapter's
 /// domain, read through the model's view of it (also past the length asked for, up to
 /// the length mapped).
@@ -273,7 +291,7 @@ fn io_get_dma_adapter_descriptions(ctx: &mut Ctx) -> TestResult {
             IoGetDmaAdapter(None, &v3_description(64), &mut n).is_none(),
             "IoGetDmaAdapter with a NULL PDO returned an adapter; expected NULL"
         );
-        let refused = [
+        let bad = [
             (
                 "a description that is not a bus master",
                 DEVICE_DESCRIPTION {
@@ -291,7 +309,7 @@ fn io_get_dma_adapter_descriptions(ctx: &mut Ctx) -> TestResult {
                 },
             ),
         ];
-        for (what, desc) in refused {
+        for (what, desc) in bad {
             check!(
                 IoGetDmaAdapter(Some(&drv.pdo), &desc, &mut n).is_none(),
                 "IoGetDmaAdapter with {what} returned an adapter; expected NULL"
@@ -340,16 +358,8 @@ fn io_get_dma_adapter_descriptions(ctx: &mut Ctx) -> TestResult {
             STATUS_NOT_SUPPORTED,
             "JoinDmaDomain of a version-2 adapter"
         );
-        let (s, cb) = try_alloc(&b, mv.domain, None, 4096, 0, None, MM_ANY_NODE_OK);
-        check_eq!(
-            s,
-            STATUS_NOT_SUPPORTED,
-            "AllocateDomainCommonBuffer of a version-2 adapter"
-        );
-        check!(
-            cb.va.is_null(),
-            "a refused allocation returned a virtual address"
-        );
+        let what = "of a version-2 adapter";
+        refused(&b, mv.domain, Req::of(4096), STATUS_NOT_SUPPORTED, what)?;
         (b.DmaOperations.PutDmaAdapter)(b);
         mv.close()
     })
@@ -435,7 +445,7 @@ fn get_dma_adapter_info_and_width(ctx: &mut Ctx) -> TestResult {
                 // 16 MiB of IOVA space: a MaximumAddress far above does not lift the width.
                 let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
                 let big = 8 << 20;
-                let (s, first) = try_alloc(&a, d, Some(1 << 40), big, 0, None, MM_ANY_NODE_OK);
+                let (s, first) = try_alloc_req(&a, d, Req::of(big).max(1 << 40));
                 check_eq!(
                     s,
                     STATUS_SUCCESS,
@@ -446,13 +456,11 @@ fn get_dma_adapter_info_and_width(ctx: &mut Ctx) -> TestResult {
                     "24-bit adapter: 8 MiB buffer at logical {:#x} is not below 16 MiB",
                     first.logical
                 );
-                let dom = current_domain(&a)?;
-                let before = dom.buffer_count();
-                let got = try_alloc(&a, d, Some(1 << 40), big, 0, None, MM_ANY_NODE_OK);
-                check_refused(
-                    got,
+                refused(
+                    &a,
+                    d,
+                    Req::of(big).max(1 << 40),
                     STATUS_INSUFFICIENT_RESOURCES,
-                    (before, dom.buffer_count()),
                     "of a second 8 MiB by a 24-bit adapter with MaximumAddress 2^40",
                 )?;
                 let end = u64::from(big) - PAGE as u64;
@@ -523,14 +531,8 @@ fn domains_join_and_leave(ctx: &mut Ctx) -> TestResult {
             da,
             "a's domain after refused joins"
         );
-        let count = current_domain(&a)?.buffer_count();
-        let got = try_alloc(&a, db, None, 4096, 0, None, MM_ANY_NODE_OK);
-        check_refused(
-            got,
-            STATUS_INVALID_PARAMETER,
-            (count, current_domain(&a)?.buffer_count()),
-            "by a with b's domain",
-        )?;
+        let what = "by a with b's domain";
+        refused(&a, db, Req::of(4096), STATUS_INVALID_PARAMETER, what)?;
 
         check_eq!(
             (b.DmaOperations.JoinDmaDomain)(&b, da),
@@ -601,16 +603,8 @@ fn domains_join_and_leave(ctx: &mut Ctx) -> TestResult {
             STATUS_INVALID_DEVICE_STATE,
             "LeaveDmaDomain(b) when in no domain"
         );
-        let (s, cb) = try_alloc(&b, da, None, 4096, 0, None, MM_ANY_NODE_OK);
-        check_eq!(
-            s,
-            STATUS_INVALID_PARAMETER,
-            "AllocateDomainCommonBuffer by b after it left"
-        );
-        check!(
-            cb.va.is_null(),
-            "a refused allocation returned a virtual address"
-        );
+        let what = "by b after it left";
+        refused(&b, da, Req::of(4096), STATUS_INVALID_PARAMETER, what)?;
         drop(dom);
         (b.DmaOperations.PutDmaAdapter)(b);
         mv.close()
@@ -626,14 +620,11 @@ fn domains_join_and_leave(ctx: &mut Ctx) -> TestResult {
 fn large_page_rounding_and_alignment(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        const M2: u64 = 2 << 20;
+    const M2: u64 = 2 << 20;
+    with_mover(ctx.shared()?, dev, PAGE as u32, |mv, a, d, dom| {
         let len = (2 << 20) + PAGE as u32;
-        let mut mv = Mover::new(drv, dev, PAGE as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let l1 = alloc(&a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
-        let l2 = alloc(&a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
-        let dom = current_domain(&a)?;
+        let l1 = alloc(a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
+        let l2 = alloc(a, d, len, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
         for (what, cb) in [("first", l1), ("second", l2)] {
             check!(
                 cb.logical % M2 == 0,
@@ -685,32 +676,19 @@ fn large_page_rounding_and_alignment(ctx: &mut Ctx) -> TestResult {
         mv.queue
             .copy(src, tail, PAGE as u32, "into the rounded tail")?;
         check_bytes(
-            &mapped_bytes(&a, l2.logical, (2 * M2) as usize - PAGE, PAGE)?,
+            &mapped_bytes(a, l2.logical, (2 * M2) as usize - PAGE, PAGE)?,
             &data,
             "the rounded tail's last page",
         )?;
-        let past = l2.logical + 2 * M2;
-        check!(
-            dom.translate(past).is_none(),
-            "the LARGE_PAGE buffer is mapped past its rounded 4 MiB (at {past:#x})"
-        );
-        let c = mv
-            .queue
-            .run(Descriptor::fill(past, 0x0bad_f00d, PAGE as u32))?;
-        check_fault(
-            &c,
-            spec::FAULT_NOT_PRESENT,
-            past,
-            true,
-            "FILL just past the rounded buffer",
-        )?;
+        let what = "the LARGE_PAGE buffer's rounded 4 MiB";
+        nothing_past(mv, dom, l2.logical + 2 * M2, what)?;
         let big = ctx.rng().unique(len as usize);
         l1.write(0, &big);
         mv.queue
             .copy(l1.logical, l2.logical, len, "LARGE_PAGE -> LARGE_PAGE")?;
         check_bytes(&l2.read(0, len as usize), &big, "second LARGE_PAGE buffer")?;
 
-        let small = alloc(&a, d, 10_000, 0, MM_ANY_NODE_OK)?;
+        let small = alloc(a, d, 10_000, 0, MM_ANY_NODE_OK)?;
         let physical = dom.with_buffer(small.logical, |b| b.physical());
         check_eq!(
             dom.translate(small.logical).map(|m| m.bus),
@@ -723,21 +701,8 @@ fn large_page_rounding_and_alignment(ctx: &mut Ctx) -> TestResult {
             Some(PageSize::Size4K),
             "leaf of a 10000-byte buffer's third page"
         );
-        let past = small.logical + 12288;
-        check!(
-            dom.translate(past).is_none(),
-            "the 10000-byte buffer is mapped past 12 KiB (at {past:#x})"
-        );
-        let c = mv
-            .queue
-            .run(Descriptor::fill(past, 0x0bad_f00d, PAGE as u32))?;
-        check_fault(
-            &c,
-            spec::FAULT_NOT_PRESENT,
-            past,
-            true,
-            "FILL past a 10000-byte buffer",
-        )?;
+        let what = "the 10000-byte buffer's rounded 12 KiB";
+        nothing_past(mv, dom, small.logical + 12288, what)?;
         mv.queue.copy(
             src,
             small.logical + 8192,
@@ -745,16 +710,14 @@ fn large_page_rounding_and_alignment(ctx: &mut Ctx) -> TestResult {
             "into the small buffer's rounded tail",
         )?;
         check_bytes(
-            &mapped_bytes(&a, small.logical, 8192, PAGE)?,
+            &mapped_bytes(a, small.logical, 8192, PAGE)?,
             &data,
             "the small buffer's rounded tail",
         )?;
         for cb in [l1, l2, small] {
-            free(&a, cb);
+            free(a, cb);
         }
-        drop(dom);
-        drop(a);
-        mv.close()
+        Ok(())
     })
 }
 
@@ -766,11 +729,8 @@ fn large_page_rounding_and_alignment(ctx: &mut Ctx) -> TestResult {
 fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        const M2: u32 = 2 << 20;
-        let mut mv = Mover::new(drv, dev, PAGE as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
+    const M2: u32 = 2 << 20;
+    with_mover(ctx.shared()?, dev, PAGE as u32, |mv, a, d, dom| {
         let limit = ctx.env.huge_pages.map_or(4096, |n| n as usize);
         let mut held: Vec<Cb> = Vec::new();
         let mut pages = 0usize;
@@ -778,14 +738,10 @@ fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
         for chunk in [16usize, 1] {
             loop {
                 let before = dom.buffer_count();
-                let (s, cb) = try_alloc(
-                    &a,
+                let (s, cb) = try_alloc_req(
+                    a,
                     d,
-                    None,
-                    chunk as u32 * M2,
-                    DOMAIN_COMMON_BUFFER_LARGE_PAGE,
-                    None,
-                    MM_ANY_NODE_OK,
+                    Req::of(chunk as u32 * M2).flags(DOMAIN_COMMON_BUFFER_LARGE_PAGE),
                 );
                 if s == STATUS_SUCCESS {
                     held.push(cb);
@@ -811,7 +767,7 @@ fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
             pages >= 1 && last.1.is_some(),
             "no 2 MiB page could be allocated before exhaustion"
         );
-        let plain = alloc(&a, d, M2, 0, MM_ANY_NODE_OK)?;
+        let plain = alloc(a, d, M2, 0, MM_ANY_NODE_OK)?;
         let leaf = dom.translate(plain.logical).map(|m| m.page);
         check_eq!(
             leaf,
@@ -821,8 +777,8 @@ fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
         let Some(freed) = held.pop() else {
             return Err(Failure("no large buffer held".into()));
         };
-        free(&a, freed);
-        let again = alloc(&a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
+        free(a, freed);
+        let again = alloc(a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
         check_eq!(
             dom.translate(again.logical).map(|m| m.page),
             Some(PageSize::Size2M),
@@ -838,11 +794,9 @@ fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
         )?;
         check_bytes(&again.read(0, M2 as usize), &data, "the LARGE_PAGE buffer")?;
         for cb in held.into_iter().chain([plain, again]) {
-            free(&a, cb);
+            free(a, cb);
         }
-        drop(dom);
-        drop(a);
-        mv.close()
+        Ok(())
     })
 }
 
@@ -852,10 +806,7 @@ fn large_page_exhaustion_no_fallback(ctx: &mut Ctx) -> TestResult {
 fn unknown_flags_and_zero_length(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        let mut mv = Mover::new(drv, dev, (2 * PAGE) as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
+    with_mover(ctx.shared()?, dev, (2 * PAGE) as u32, |mv, a, d, _| {
         for flags in [
             2,
             4,
@@ -863,26 +814,24 @@ fn unknown_flags_and_zero_length(ctx: &mut Ctx) -> TestResult {
             0x8000_0000,
             DOMAIN_COMMON_BUFFER_LARGE_PAGE | 2,
         ] {
-            let before = dom.buffer_count();
-            let got = try_alloc(&a, d, None, 4096, flags, None, MM_ANY_NODE_OK);
-            check_refused(
-                got,
+            refused(
+                a,
+                d,
+                Req::of(4096).flags(flags),
                 STATUS_INVALID_PARAMETER,
-                (before, dom.buffer_count()),
                 &format!("with Flags {flags:#x}"),
             )?;
         }
         for flags in [0, DOMAIN_COMMON_BUFFER_LARGE_PAGE] {
-            let before = dom.buffer_count();
-            let got = try_alloc(&a, d, None, 0, flags, None, MM_ANY_NODE_OK);
-            check_refused(
-                got,
+            refused(
+                a,
+                d,
+                Req::of(0).flags(flags),
                 STATUS_INVALID_PARAMETER,
-                (before, dom.buffer_count()),
                 &format!("of Length 0 (Flags {flags:#x})"),
             )?;
         }
-        let x = alloc(&a, d, (2 * PAGE) as u32, 0, MM_ANY_NODE_OK)?;
+        let x = alloc(a, d, (2 * PAGE) as u32, 0, MM_ANY_NODE_OK)?;
         let data = ctx.rng().unique(2 * PAGE);
         mv.src.write(0, &data);
         let src = mv.src.logical;
@@ -893,10 +842,8 @@ fn unknown_flags_and_zero_length(ctx: &mut Ctx) -> TestResult {
             "into a buffer allocated after the refusals",
         )?;
         check_bytes(&x.read(0, 2 * PAGE), &data, "the buffer")?;
-        free(&a, x);
-        drop(dom);
-        drop(a);
-        mv.close()
+        free(a, x);
+        Ok(())
     })
 }
 
@@ -908,20 +855,16 @@ fn unknown_flags_and_zero_length(ctx: &mut Ctx) -> TestResult {
 fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        let mut mv = Mover::new(drv, dev, PAGE as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
+    with_mover(ctx.shared()?, dev, PAGE as u32, |mv, a, d, dom| {
         // Where the next buffer goes: the lowest free logical address.
-        let probe = alloc(&a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
-        free(&a, probe);
+        let probe = alloc(a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
+        free(a, probe);
         let short = probe.logical + PAGE as u64 - 2;
-        let before = dom.buffer_count();
-        let got = try_alloc(&a, d, Some(short), PAGE as u32, 0, None, MM_ANY_NODE_OK);
-        check_refused(
-            got,
+        refused(
+            a,
+            d,
+            Req::of(PAGE as u32).max(short),
             STATUS_INSUFFICIENT_RESOURCES,
-            (before, dom.buffer_count()),
             &format!(
                 "with MaximumAddress {short:#x}, one byte short of the free page at {:#x}",
                 probe.logical
@@ -931,7 +874,7 @@ fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
         let mut limited = Vec::new();
         loop {
             let before = dom.buffer_count();
-            let (s, cb) = try_alloc(&a, d, Some(limit), PAGE as u32, 0, None, MM_ANY_NODE_OK);
+            let (s, cb) = try_alloc_req(a, d, Req::of(PAGE as u32).max(limit));
             if s != STATUS_SUCCESS {
                 check_refused(
                     (s, cb),
@@ -968,26 +911,17 @@ fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
             Some(limit),
             "last byte of the highest limited buffer vs MaximumAddress (inclusive)"
         );
-        let above = alloc(&a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
+        let above = alloc(a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
         check!(
             above.logical > limit,
             "without the limit: logical {:#x}, expected above {limit:#x}",
             above.logical
         );
-        let before = dom.buffer_count();
-        let got = try_alloc(
-            &a,
+        refused(
+            a,
             d,
-            Some(IOVA_BASE - 1),
-            PAGE as u32,
-            0,
-            None,
-            MM_ANY_NODE_OK,
-        );
-        check_refused(
-            got,
+            Req::of(PAGE as u32).max(IOVA_BASE - 1),
             STATUS_INSUFFICIENT_RESOURCES,
-            (before, dom.buffer_count()),
             &format!(
                 "with MaximumAddress {:#x}, below the domain's first address",
                 IOVA_BASE - 1
@@ -995,15 +929,7 @@ fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
         )?;
         let len32 = 16 * PAGE;
         let low = {
-            let (s, cb) = try_alloc(
-                &a,
-                d,
-                Some(0xffff_ffff),
-                len32 as u32,
-                0,
-                None,
-                MM_ANY_NODE_OK,
-            );
+            let (s, cb) = try_alloc_req(a, d, Req::of(len32 as u32).max(0xffff_ffff));
             check_eq!(
                 s,
                 STATUS_SUCCESS,
@@ -1046,11 +972,9 @@ fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
             )?;
         }
         for cb in limited.into_iter().chain([above, low]) {
-            free(&a, cb);
+            free(a, cb);
         }
-        drop(dom);
-        drop(a);
-        mv.close()
+        Ok(())
     })
 }
 
@@ -1062,12 +986,9 @@ fn maximum_address_bounds_the_logical_address(ctx: &mut Ctx) -> TestResult {
 fn cache_type(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        const LEN: usize = 2 * PAGE;
-        let mut mv = Mover::new(drv, dev, LEN as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
-        let refused = [
+    const LEN: usize = 2 * PAGE;
+    with_mover(ctx.shared()?, dev, LEN as u32, |mv, a, d, dom| {
+        let bad = [
             ("MmWriteCombined", MmWriteCombined),
             ("MmHardwareCoherentCached", MmHardwareCoherentCached),
             ("MmNonCachedUnordered", MEMORY_CACHING_TYPE(4)),
@@ -1075,13 +996,12 @@ fn cache_type(ctx: &mut Ctx) -> TestResult {
             ("MmMaximumCacheType", MEMORY_CACHING_TYPE(6)),
             ("MmNotMapped (-1)", MEMORY_CACHING_TYPE(-1)),
         ];
-        for (what, c) in refused {
-            let before = dom.buffer_count();
-            let got = try_alloc(&a, d, None, LEN as u32, 0, Some(c), MM_ANY_NODE_OK);
-            check_refused(
-                got,
+        for (what, c) in bad {
+            refused(
+                a,
+                d,
+                Req::of(LEN as u32).cache(Some(c)),
                 STATUS_INVALID_PARAMETER,
-                (before, dom.buffer_count()),
                 &format!("with CacheType {what}"),
             )?;
         }
@@ -1091,7 +1011,7 @@ fn cache_type(ctx: &mut Ctx) -> TestResult {
             ("MmCached", Some(MmCached)),
             ("MmNonCached", Some(MmNonCached)),
         ] {
-            let (s, cb) = try_alloc(&a, d, None, LEN as u32, 0, c, MM_ANY_NODE_OK);
+            let (s, cb) = try_alloc_req(a, d, Req::of(LEN as u32).cache(c));
             check_eq!(
                 s,
                 STATUS_SUCCESS,
@@ -1107,16 +1027,14 @@ fn cache_type(ctx: &mut Ctx) -> TestResult {
             )?;
             check_bytes(&cb.read(0, LEN), &data, format!("{what} buffer"))?;
             let before = dom.buffer_count();
-            free_cached(&a, cb, c);
+            free_cached(a, cb, c);
             check_eq!(
                 dom.buffer_count(),
                 before - 1,
                 "buffers after freeing the {what} buffer"
             );
         }
-        drop(dom);
-        drop(a);
-        mv.close()
+        Ok(())
     })
 }
 
@@ -1128,15 +1046,12 @@ fn preferred_node(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
     let nodes = dev.numa_nodes();
-    with_driver(ctx.shared()?, |drv| {
-        const M2: u32 = 2 << 20;
-        let mut mv = Mover::new(drv, dev, PAGE as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
+    const M2: u32 = 2 << 20;
+    with_mover(ctx.shared()?, dev, PAGE as u32, |mv, a, d, dom| {
         let mut per_node = Vec::new();
         for node in 0..nodes {
-            let small = alloc(&a, d, (2 * PAGE) as u32, 0, node)?;
-            let large = alloc(&a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, node)?;
+            let small = alloc(a, d, (2 * PAGE) as u32, 0, node)?;
+            let large = alloc(a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, node)?;
             for (what, cb) in [("4 KiB", small), ("LARGE_PAGE", large)] {
                 let on = dom.with_buffer(cb.logical, |b| b.node()).flatten();
                 check_eq!(
@@ -1147,14 +1062,13 @@ fn preferred_node(ctx: &mut Ctx) -> TestResult {
             }
             per_node.push((small, large));
         }
-        let any = alloc(&a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
+        let any = alloc(a, d, PAGE as u32, 0, MM_ANY_NODE_OK)?;
         for node in [nodes, nodes + 1, 0x7fff_ffff, MM_ANY_NODE_OK | 1] {
-            let before = dom.buffer_count();
-            let got = try_alloc(&a, d, None, PAGE as u32, 0, None, node);
-            check_refused(
-                got,
+            refused(
+                a,
+                d,
+                Req::of(PAGE as u32).node(node),
                 STATUS_INVALID_PARAMETER,
-                (before, dom.buffer_count()),
                 &format!("with PreferredNode {node:#x} ({nodes} nodes)"),
             )?;
         }
@@ -1187,14 +1101,12 @@ fn preferred_node(ctx: &mut Ctx) -> TestResult {
                 format!("4 KiB buffer on node {n}"),
             )?;
         }
-        free(&a, any);
+        free(a, any);
         for (small, large) in per_node {
-            free(&a, small);
-            free(&a, large);
+            free(a, small);
+            free(a, large);
         }
-        drop(dom);
-        drop(a);
-        mv.close()
+        Ok(())
     })
 }
 
@@ -1207,14 +1119,11 @@ fn preferred_node(ctx: &mut Ctx) -> TestResult {
 fn freed_common_buffer_faults(ctx: &mut Ctx) -> TestResult {
     let ctx = &*ctx;
     let dev = ctx.dev()?;
-    with_driver(ctx.shared()?, |drv| {
-        const LEN: usize = 2 * PAGE;
-        const M2: u32 = 2 << 20;
-        let mut mv = Mover::new(drv, dev, LEN as u32)?;
-        let (a, d) = (Arc::clone(&mv.adapter), mv.domain);
-        let dom = current_domain(&a)?;
-        let x = alloc(&a, d, LEN as u32, 0, MM_ANY_NODE_OK)?;
-        let xl = alloc(&a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
+    const LEN: usize = 2 * PAGE;
+    const M2: u32 = 2 << 20;
+    with_mover(ctx.shared()?, dev, LEN as u32, |mv, a, d, dom| {
+        let x = alloc(a, d, LEN as u32, 0, MM_ANY_NODE_OK)?;
+        let xl = alloc(a, d, M2, DOMAIN_COMMON_BUFFER_LARGE_PAGE, MM_ANY_NODE_OK)?;
         let dst = mv.dst.logical;
         let data = ctx.rng().unique(LEN);
         x.write(0, &data);
@@ -1245,7 +1154,7 @@ fn freed_common_buffer_faults(ctx: &mut Ctx) -> TestResult {
             ("LARGE_PAGE", xl, xl.logical + mid),
         ] {
             let before = dom.buffer_count();
-            free(&a, cb);
+            free(a, cb);
             check_eq!(
                 dom.buffer_count(),
                 before - 1,
@@ -1261,13 +1170,10 @@ fn freed_common_buffer_faults(ctx: &mut Ctx) -> TestResult {
                 "logical {at:#x} of the freed {what} buffer is still mapped"
             );
             mv.dst.write(0, &[MOVER_POISON; LEN]);
-            let c = mv.queue.run(Descriptor::copy(at, dst, LEN as u32))?;
-            check_fault(
-                &c,
-                spec::FAULT_NOT_PRESENT,
-                at,
-                false,
-                format!("COPY from the freed {what} buffer"),
+            let c = mv.queue.run_fault(
+                Descriptor::copy(at, dst, LEN as u32),
+                (spec::FAULT_NOT_PRESENT, at, false),
+                &format!("COPY from the freed {what} buffer"),
             )?;
             check_eq!(c.bytes, 0, "bytes copied from the freed {what} buffer");
             check_all(
@@ -1275,20 +1181,15 @@ fn freed_common_buffer_faults(ctx: &mut Ctx) -> TestResult {
                 MOVER_POISON,
                 format!("destination of a COPY from the freed {what} buffer"),
             )?;
-            let c = mv
-                .queue
-                .run(Descriptor::fill(at, 0x0bad_f00d_0bad_f00d, LEN as u32))?;
-            check_fault(
-                &c,
-                spec::FAULT_NOT_PRESENT,
-                at,
-                true,
-                format!("FILL into the freed {what} buffer"),
+            let c = mv.queue.run_fault(
+                Descriptor::fill(at, 0x0bad_f00d_0bad_f00d, LEN as u32),
+                (spec::FAULT_NOT_PRESENT, at, true),
+                &format!("FILL into the freed {what} buffer"),
             )?;
             check_eq!(c.bytes, 0, "bytes filled into the freed {what} buffer");
         }
 
-        let y = alloc(&a, d, LEN as u32, 0, MM_ANY_NODE_OK)?;
+        let y = alloc(a, d, LEN as u32, 0, MM_ANY_NODE_OK)?;
         let fresh = ctx.rng().unique(LEN);
         y.write(0, &fresh);
         mv.queue.copy(
@@ -1305,10 +1206,8 @@ fn freed_common_buffer_faults(ctx: &mut Ctx) -> TestResult {
                 y.logical, x.logical
             ),
         )?;
-        free(&a, y);
-        drop(dom);
-        drop(a);
-        mv.close()
+        free(a, y);
+        Ok(())
     })
 }
 

@@ -239,8 +239,8 @@ fn lookaside_list_create(ctx: &mut Ctx) -> TestResult {
             DRIVER_TAG,
             "the driver's default tag (service domdma_conformance)"
         );
-        let np = lookaside(None, SIZE, NonPagedPool, None, NP_TAG)?;
-        let pg = lookaside(None, SIZE, PagedPool, None, 0)?;
+        let np = lookaside(SIZE, NonPagedPool, NP_TAG, (None, None))?;
+        let pg = lookaside(SIZE, PagedPool, 0, (None, None))?;
         for (what, t, kind, l) in [
             ("non-paged list", PoolTag(NP_TAG), PoolKind::NonPaged, np),
             ("paged list, PoolTag 0", DRIVER_TAG, PoolKind::Paged, pg),
@@ -261,7 +261,7 @@ fn lookaside_list_create(ctx: &mut Ctx) -> TestResult {
             ParentObject: drv.device.into(),
             ..WDF_OBJECT_ATTRIBUTES::init()
         };
-        let on_dev = lookaside(Some(&dev_attrs), 64, NonPagedPool, None, NP_TAG)?;
+        let on_dev = lookaside(64, NonPagedPool, NP_TAG, (Some(&dev_attrs), None))?;
         check_eq!(
             object_parent(on_dev),
             WDFOBJECT::from(drv.device),
@@ -339,13 +339,12 @@ fn lookaside_list_create(ctx: &mut Ctx) -> TestResult {
             "paged WdfLookasideListCreate with two different parent devices"
         );
         check!(two.is_null(), "refused list: handle {two:?}, expected NULL");
-        let same = lookaside(Some(&dev_attrs), 64, PagedPool, Some(&dev_attrs), NP_TAG)?;
+        let same = lookaside(64, PagedPool, NP_TAG, (Some(&dev_attrs), Some(&dev_attrs)))?;
         let mixed = lookaside(
-            Some(&dev_attrs),
             64,
             NonPagedPool,
-            Some(&dev2_attrs),
             NP_TAG,
+            (Some(&dev_attrs), Some(&dev2_attrs)),
         )?;
 
         for o in [
@@ -386,8 +385,8 @@ fn lookaside_memory_attributes_and_parent(ctx: &mut Ctx) -> TestResult {
         let mut attrs = WDF_OBJECT_ATTRIBUTES::init_context_type::<MemCtx>();
         attrs.EvtCleanupCallback = Some(log_cleanup);
         attrs.ParentObject = req.into();
-        let la = lookaside(None, SIZE, NonPagedPool, Some(&attrs), TAG_A)?;
-        let lb = lookaside(None, SIZE, NonPagedPool, None, TAG_B)?;
+        let la = lookaside(SIZE, NonPagedPool, TAG_A, (None, Some(&attrs)))?;
+        let lb = lookaside(SIZE, NonPagedPool, TAG_B, (None, None))?;
         let m1 = from_lookaside(la)?;
         let m2 = from_lookaside(la)?;
         let m3 = from_lookaside(lb)?;
@@ -506,7 +505,7 @@ fn lookaside_deleted_while_memory_out(ctx: &mut Ctx) -> TestResult {
             (4 * PAGE, PagedPool, tag(b"CfDp"), PoolKind::Paged),
         ] {
             let what = format!("{size}-byte {kind:?} list");
-            let l = lookaside(None, size, pool, None, t)?;
+            let l = lookaside(size, pool, t, (None, None))?;
             let m1 = from_lookaside(l)?;
             let m2 = from_lookaside(l)?;
             WdfObjectDelete(l);
@@ -572,7 +571,7 @@ fn lookaside_buffers_recycled_and_zeroed(ctx: &mut Ctx) -> TestResult {
             (2 * PAGE, PagedPool, PoolKind::Paged, false),
         ] {
             let what = format!("{size}-byte {kind:?} list");
-            let l = lookaside(None, size, pool, None, t)?;
+            let l = lookaside(size, pool, t, (None, None))?;
             let m = from_lookaside(l)?;
             let (p, got) = buffer(m);
             check_eq!(got, size, "{what}: WdfMemoryGetBuffer size");
@@ -1176,7 +1175,7 @@ fn delete_parent_deletes_memory_children(ctx: &mut Ctx) -> TestResult {
         let mut mp = WDFMEMORY::NULL;
         let s = WdfMemoryCreate(Some(&attrs), NonPagedPool, T, LEN, Some(&mut mp), None);
         check_eq!(s, STATUS_SUCCESS, "WdfMemoryCreate under the request");
-        let l = lookaside(None, LEN, NonPagedPool, Some(&attrs), T)?;
+        let l = lookaside(LEN, NonPagedPool, T, (None, Some(&attrs)))?;
         let ml = from_lookaside(l)?;
         let mut mv = Mover::new(drv, dev, LEN as u32)?;
         let mut mpre = WDFMEMORY::NULL;
@@ -1311,7 +1310,7 @@ fn irql_limits(ctx: &mut Ctx) -> TestResult {
         );
         let (lp, m_apc) = {
             let _apc = IrqlGuard::raise(APC_LEVEL);
-            let lp = lookaside(None, SIZE, PagedPool, None, T)?;
+            let lp = lookaside(SIZE, PagedPool, T, (None, None))?;
             let mut m = WDFMEMORY::NULL;
             let s = WdfMemoryCreate(None, PagedPool, T, SIZE, Some(&mut m), None);
             check_eq!(s, STATUS_SUCCESS, "paged WdfMemoryCreate at APC_LEVEL");
@@ -1344,7 +1343,7 @@ fn irql_limits(ctx: &mut Ctx) -> TestResult {
                 STATUS_INVALID_DEVICE_REQUEST,
                 "paged WdfMemoryCreate at DISPATCH_LEVEL"
             );
-            let ln = lookaside(None, SIZE, NonPagedPool, None, T)?;
+            let ln = lookaside(SIZE, NonPagedPool, T, (None, None))?;
             let mn = from_lookaside(ln)?;
             let mut mc = WDFMEMORY::NULL;
             let s = WdfMemoryCreate(None, NonPagedPool, T, SIZE, Some(&mut mc), None);
