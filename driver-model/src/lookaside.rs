@@ -393,16 +393,93 @@ mod tests {
             (PAGE_SIZE, PoolKind::Paged, false),
         ] {
             let (_pool, l) = list(size, kind, 4);
+            assert_eq!(l.zeroes(), zeroed);
             let mut b = LookasideBuffer::new(&l).unwrap();
+            assert_eq!(b.as_mut_slice().len(), size);
             b.as_mut_slice().fill(0xEE);
             drop(b);
             let b = LookasideBuffer::new(&l).unwrap();
+            // The whole buffer: a check over an empty slice would pass whatever it held.
+            assert_eq!(b.as_slice().len(), size);
             let expect = if zeroed { 0 } else { 0xEE };
             assert!(
                 b.as_slice().iter().all(|&x| x == expect),
                 "size {size} {kind:?}: zeroed {zeroed}"
             );
         }
+    }
+
+    #[test]
+    fn fresh_buffers_are_zeroed_only_when_small() {
+        use crate::pool::POOL_FILL;
+        for (size, first) in [(8, 0), (PAGE_SIZE - 8, 0), (PAGE_SIZE, POOL_FILL)] {
+            let (_pool, l) = list(size, PoolKind::NonPaged, 4);
+            let b = LookasideBuffer::new(&l).unwrap();
+            assert_eq!(b.as_slice().len(), size);
+            assert!(
+                b.as_slice().iter().all(|&x| x == first),
+                "size {size}: a pool block, zeroed only below a page"
+            );
+        }
+    }
+
+    #[test]
+    fn list_reports_what_it_was_made_with() {
+        let (_pool, l) = list(200, PoolKind::Paged, 4);
+        assert_eq!(
+            (l.size(), l.kind(), l.tag(), l.zeroes()),
+            (200, PoolKind::Paged, TAG, true)
+        );
+        let b = LookasideBuffer::new(&l).unwrap();
+        assert!(Arc::ptr_eq(b.list(), &l));
+        let shown = format!("{l:?}");
+        assert!(
+            shown.contains("size: 200") && shown.contains("total_allocates: 1"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn allocation_fails_when_the_pool_has_no_memory() {
+        // Larger than any pool allocation: every allocation misses and fails.
+        let size = crate::pool::POOL_MAX_ALLOCATION + 1;
+        let (pool, l) = list(size, PoolKind::NonPaged, 4);
+        assert!(LookasideBuffer::new(&l).is_none());
+        assert!(l.allocate().is_none());
+        let s = l.stats();
+        assert_eq!((s.total_allocates, s.allocate_misses, s.depth), (2, 2, 0));
+        assert_eq!(pool.tag_stats(TAG, PoolKind::NonPaged).failures, 2);
+    }
+
+    #[test]
+    fn trim_returns_this_threads_and_the_depots_buffers_to_the_pool() {
+        let (pool, l) = list(64, PoolKind::NonPaged, 4);
+        let outstanding = || pool.tag_stats(TAG, PoolKind::NonPaged).outstanding();
+        l.trim();
+        assert_eq!((l.stats().depth, outstanding()), (0, 0), "nothing to trim");
+        let mut bufs: Vec<_> = (0..THREAD_CACHE + 6)
+            .map(|_| LookasideBuffer::new(&l).unwrap())
+            .collect();
+        let keep = bufs.pop().unwrap();
+        let mine = bufs.split_off(THREAD_CACHE + 2);
+        // Another thread frees THREAD_CACHE + 2: its cache fills, 2 go to the depot; this
+        // thread frees 3 into its own cache.
+        std::thread::scope(|s| {
+            s.spawn(move || drop(bufs));
+        });
+        drop(mine);
+        assert_eq!(l.stats().depth, THREAD_CACHE + 5);
+        assert_eq!(outstanding(), (THREAD_CACHE + 6) as u64);
+        l.trim();
+        // The other thread's cache stays (until the list goes).
+        assert_eq!(l.stats().depth, THREAD_CACHE);
+        assert_eq!(outstanding(), (THREAD_CACHE + 1) as u64);
+        let misses = l.stats().allocate_misses;
+        let again = LookasideBuffer::new(&l).unwrap();
+        assert_eq!(l.stats().allocate_misses, misses + 1, "nothing left here");
+        drop((again, keep));
+        drop(l);
+        assert!(pool.leaks().is_empty());
     }
 
     #[test]

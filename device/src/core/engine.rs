@@ -1130,3 +1130,516 @@ impl Exec<'_> {
         self.shared.raise(slot, vector);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The engine without its worker threads: an [`Exec`] over a [`Shared`] made here runs
+    //! transfers and descriptors in the test's thread, so the pieces a transfer is cut into
+    //! and each step's outcome can be looked at directly.
+
+    use vm_memory::GuestMemoryAtomic;
+
+    use super::*;
+    use crate::core::mmu::DomainRegs;
+    use crate::irq::RecordingInterrupts;
+
+    /// Bus memory: [0, 4 MiB) and [4 MiB, 8 MiB), adjacent regions; a hole; [16, 20 MiB);
+    /// and [`READ_ONLY`], mapped read-only.
+    const REGIONS: [(u64, usize); 3] = [(0, 4 << 20), (4 << 20, 4 << 20), (16 << 20, 4 << 20)];
+    /// A 1 MiB region the device may read but not write.
+    const READ_ONLY: u64 = 24 << 20;
+    /// A bus address in no region.
+    const HOLE: u64 = 10 << 20;
+    /// Page tables of the translated domain 1.
+    const TABLES: u64 = 0x1_0000;
+    /// A 4 KiB page.
+    const PAGE: u64 = 4096;
+    const RW: u64 = PTE_R | PTE_W;
+
+    /// A device's shared state over [`REGIONS`], bus master on, no workers; domain 0 is in
+    /// pass-through (its reset state), domain 1 translated with an empty table at
+    /// [`TABLES`].
+    fn shared() -> Shared {
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::MmapRegion;
+        let config = DeviceConfig::default();
+        let mut regions: Vec<_> = REGIONS
+            .iter()
+            .map(|&(a, l)| GuestRegionMmap::new(MmapRegion::new(l).unwrap(), GuestAddress(a)))
+            .map(Option::unwrap)
+            .collect();
+        let ro = MmapRegionBuilder::new(1 << 20)
+            .with_mmap_prot(libc::PROT_READ)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
+            .build()
+            .unwrap();
+        regions.push(GuestRegionMmap::new(ro, GuestAddress(READ_ONLY)).unwrap());
+        let gm = GuestMemoryMmap::from_regions(regions).unwrap();
+        let s = Shared {
+            mmu: Mmu::new(
+                config.domains as u16,
+                config.iova_width,
+                config.iotlb_entries as usize,
+                config.strict_iotlb,
+            ),
+            faults: FaultLog::new(config.queues as u16, config.msix_vectors()),
+            queues: (0..config.queues as u16).map(QueueSlot::new).collect(),
+            bus_master: AtomicBool::new(true),
+            inject: Default::default(),
+            config,
+            mem: GuestMemoryAtomic::new(gm),
+            irq: Arc::new(RecordingInterrupts::new()),
+        };
+        s.mmu.set_domain(
+            1,
+            DomainRegs {
+                root: TABLES,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        s
+    }
+
+    fn exec(shared: &Shared, domain: u16) -> Exec<'_> {
+        Exec {
+            shared,
+            slot: &shared.queues[0],
+            domain,
+            epoch: shared.queues[0].epoch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Map the 4 KiB page at `iova` of domain 1 to `bus`, making tables (after the root at
+    /// [`TABLES`], one page each) on the way.
+    fn map(s: &Shared, iova: u64, bus: u64, perm: u64) {
+        let mem = s.mem.memory();
+        let mut table = TABLES;
+        for level in (2..=4).rev() {
+            let at = table + pte_index(iova, level) as u64 * 8;
+            let mut e: u64 = mem.read_obj(GuestAddress(at)).unwrap();
+            if e & RW == 0 {
+                // The table slot k of a level-`level` table points to: page 1 + k of that
+                // level's 512 pages after the root (one table per level is all a test uses).
+                let next = TABLES + PAGE * (1 + u64::from(4 - level) * 512 + (at & 0xfff) / 8);
+                e = Pte::table(next, RW).raw();
+                mem.write_obj(e, GuestAddress(at)).unwrap();
+            }
+            table = e & PTE_ADDR_MASK;
+        }
+        let at = table + pte_index(iova, 1) as u64 * 8;
+        mem.write_obj(Pte::leaf(bus, perm, false).raw(), GuestAddress(at))
+            .unwrap();
+    }
+
+    /// Map `n` pages from `iova` to the bus pages `bus(i)`.
+    fn map_pages(s: &Shared, iova: u64, n: u64, bus: impl Fn(u64) -> u64) {
+        for i in 0..n {
+            map(s, iova + i * PAGE, bus(i), RW);
+        }
+    }
+
+    /// A piece as the operation sees it: transfer offset, bus address and length of each
+    /// side.
+    type Seen = (u64, (u64, usize), Option<(u64, usize)>);
+
+    /// Run a transfer of `len` bytes over sides `a` and `b`; what it returned and the
+    /// pieces it handed over.
+    fn pieces(e: &Exec<'_>, len: u64, a: Side, b: Option<Side>) -> (Result<(), Stop>, Vec<Seen>) {
+        let mem = e.shared.mem.memory();
+        let bus = |s: &VolatileSlice<'_, ()>| {
+            let host = s.ptr_guard().as_ptr() as usize;
+            let region = REGIONS
+                .iter()
+                .map(|r| r.0)
+                .chain([READ_ONLY])
+                .find_map(|a| {
+                    let start = mem.get_host_address(GuestAddress(a)).ok()? as usize;
+                    let end = mem.find_region(GuestAddress(a))?.len() as usize + start;
+                    (start..end)
+                        .contains(&host)
+                        .then(|| a + (host - start) as u64)
+                })
+                .expect("a slice of bus memory");
+            (region, s.len())
+        };
+        let mut seen = Vec::new();
+        let r = e.transfer(len, a, b, false, |off, x, y| {
+            seen.push((off, bus(&x), y.as_ref().map(bus)));
+            ControlFlow::Continue(())
+        });
+        (r, seen)
+    }
+
+    #[test]
+    fn contiguous_pages_in_one_region_move_as_one_piece() {
+        let s = shared();
+        let e = exec(&s, 1);
+        // 16 pages each side, contiguous in bus memory, in the first region.
+        map_pages(&s, 0x100_0000, 16, |i| 0x20_0000 + i * PAGE);
+        map_pages(&s, 0x200_0000, 16, |i| 0x30_0000 + i * PAGE);
+        let len = 16 * PAGE;
+        let (r, seen) = pieces(
+            &e,
+            len,
+            Side::read(0x100_0000),
+            Some(Side::write(0x200_0000)),
+        );
+        assert!(r.is_ok());
+        assert_eq!(
+            seen,
+            vec![(
+                0,
+                (0x20_0000, len as usize),
+                Some((0x30_0000, len as usize))
+            )]
+        );
+        // From an offset inside the first page, and one side alone.
+        let (_, seen) = pieces(&e, len - 0x100 - 1, Side::read(0x100_0100), None);
+        assert_eq!(seen, vec![(0, (0x20_0100, (len - 0x101) as usize), None)]);
+    }
+
+    #[test]
+    fn a_gap_in_bus_memory_on_either_side_starts_a_piece() {
+        let s = shared();
+        let e = exec(&s, 1);
+        // Source: pages 0..8 contiguous, page 8 elsewhere, pages 9..16 contiguous again.
+        map_pages(&s, 0x100_0000, 16, |i| match i {
+            8 => 0x28_0000,
+            _ => 0x20_0000 + i * PAGE,
+        });
+        // Destination: contiguous but for page 12.
+        map_pages(&s, 0x200_0000, 16, |i| match i {
+            12 => 0x38_0000,
+            _ => 0x30_0000 + i * PAGE,
+        });
+        let (r, seen) = pieces(
+            &e,
+            16 * PAGE,
+            Side::read(0x100_0000),
+            Some(Side::write(0x200_0000)),
+        );
+        assert!(r.is_ok());
+        let p = |from: u64, to: u64, a: u64, b: u64| {
+            let n = ((to - from) * PAGE) as usize;
+            (from * PAGE, (a, n), Some((b, n)))
+        };
+        assert_eq!(
+            seen,
+            vec![
+                p(0, 8, 0x20_0000, 0x30_0000),
+                p(8, 9, 0x28_0000, 0x30_8000),
+                p(9, 12, 0x20_9000, 0x30_9000),
+                p(12, 13, 0x20_c000, 0x38_0000),
+                p(13, 16, 0x20_d000, 0x30_d000),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transfer_translates_its_own_pages_only() {
+        let s = shared();
+        let e = exec(&s, 1);
+        // Pages 0..4 contiguous, then a jump: pages 4.. contiguous again, mapped well past
+        // the end of the transfer (8 pages).
+        map_pages(&s, 0x100_0000, 24, |i| match i {
+            0..4 => 0x20_0000 + i * PAGE,
+            _ => 0x28_0000 + i * PAGE,
+        });
+        let (r, seen) = pieces(&e, 8 * PAGE, Side::write(0x100_0000), None);
+        assert!(r.is_ok());
+        assert_eq!(
+            seen,
+            vec![
+                (0, (0x20_0000, 4 * PAGE as usize), None),
+                (4 * PAGE, (0x28_4000, 4 * PAGE as usize), None),
+            ]
+        );
+        let st = s.mmu.stats()[1];
+        assert_eq!(
+            (st.translations, st.iotlb_misses, st.page_walks),
+            (8, 8, 8),
+            "each page once, none past the end"
+        );
+        assert_eq!(s.mmu.iotlb_len(), 8);
+        // Both sides, the second from an offset: the same.
+        map_pages(&s, 0x200_0000, 24, |i| 0x30_0000 + i * PAGE);
+        let (r, _) = pieces(
+            &e,
+            8 * PAGE - 0x80,
+            Side::read(0x200_0080),
+            Some(Side::write(0x100_0000)),
+        );
+        assert!(r.is_ok());
+        let st = s.mmu.stats()[1];
+        assert_eq!((st.translations, st.iotlb_hits), (24, 8), "8 pages a side");
+        assert_eq!(s.mmu.iotlb_len(), 16);
+    }
+
+    /// The `FAULT_OUTSIDE_RAM` fault of side `side` at transfer offset `off`, bus `bus`.
+    fn outside(side: Side, off: u64, bus: u64) -> Fault {
+        Fault {
+            reason: FAULT_OUTSIDE_RAM,
+            access: side.flags,
+            domain: 1,
+            queue: 0,
+            iova: side.iova + off,
+            info: bus,
+            level: 0,
+        }
+    }
+
+    /// Expect `r` to be a fault `f` after `done` bytes.
+    #[track_caller]
+    fn expect_fault(r: Result<(), Stop>, f: Fault, done: u64) {
+        match r {
+            Err(Stop::Fault(got, n)) => assert_eq!((got, n), (f, done)),
+            other => panic!("expected {f:?} after {done} bytes, got {other:?}"),
+        }
+    }
+
+    /// A page that translates but whose bus address is in no region, or in a region that
+    /// does not allow the access, faults with its own IOVA and bus address, on either
+    /// side, in the first chunk or a later one, after the bytes before it have moved.
+    #[test]
+    fn access_faults_name_the_iova_and_bus_address_of_their_side() {
+        const A: u64 = 0x100_0000;
+        const B: u64 = 0x200_0000;
+        // Pages `bad` and `bad + 1` of a side at `bus` (so a run goes on past the first),
+        // the others contiguous from the side's base.
+        let setup = |a_bad: Option<(u64, u64)>, b_bad: Option<(u64, u64)>| {
+            let s = shared();
+            let pages = (CHUNK_MAX / PAGE) * 2;
+            for (iova, base, bad) in [(A, 0x10_0000, a_bad), (B, 0x40_0000, b_bad)] {
+                map_pages(&s, iova, pages, |i| match bad {
+                    Some((p, bus)) if i == p || i == p + 1 => bus + (i - p) * PAGE,
+                    _ => base + i * PAGE,
+                });
+            }
+            s
+        };
+        for at_page in [3, CHUNK_MAX / PAGE + 2] {
+            let off = at_page * PAGE;
+            let len = off + 4 * PAGE;
+            for bus in [HOLE, READ_ONLY] {
+                // Side b, written, faults.
+                let s = setup(None, Some((at_page, bus)));
+                let (a, b) = (Side::read(A), Side::write(B));
+                let (r, seen) = pieces(&exec(&s, 1), len, a, Some(b));
+                expect_fault(r, outside(b, off, bus), off);
+                assert_eq!(seen.last().map(|p| p.0 + p.1 .1 as u64), Some(off));
+                // Side a, written, with a side b.
+                let s = setup(Some((at_page, bus)), None);
+                let (a, b) = (Side::write(A), Side::read(B));
+                let (r, _) = pieces(&exec(&s, 1), len, a, Some(b));
+                expect_fault(r, outside(a, off, bus), off);
+                // Side a alone.
+                let (r, _) = pieces(&exec(&s, 1), len, a, None);
+                expect_fault(r, outside(a, off, bus), off);
+            }
+            // Side b, read, in no region.
+            let s = setup(None, Some((at_page, HOLE)));
+            let (a, b) = (Side::write(A), Side::read(B));
+            let (r, _) = pieces(&exec(&s, 1), len, a, Some(b));
+            expect_fault(r, outside(b, off, HOLE), off);
+            // Reading a read-only region is fine.
+            let s = setup(Some((at_page, READ_ONLY)), None);
+            let (r, _) = pieces(&exec(&s, 1), len, Side::read(A), None);
+            assert!(r.is_ok());
+        }
+    }
+
+    /// Side b is translated no further than side a's run: when a faults, b has translated
+    /// (and counted) nothing past that page.
+    #[test]
+    fn side_b_is_translated_no_further_than_side_a() {
+        const A: u64 = 0x100_0000;
+        const B: u64 = 0x200_0000;
+        let s = shared();
+        // a: pages 0..3 contiguous, page 3 not mapped. b: page 0, then pages 1.. contiguous
+        // elsewhere.
+        map_pages(&s, A, 3, |i| 0x20_0000 + i * PAGE);
+        map_pages(&s, B, 16, |i| match i {
+            0 => 0x30_0000,
+            _ => 0x38_0000 + i * PAGE,
+        });
+        let (r, seen) = pieces(&exec(&s, 1), 8 * PAGE, Side::read(A), Some(Side::write(B)));
+        let Err(Stop::Fault(f, done)) = r else {
+            panic!("expected a fault, got {r:?}");
+        };
+        assert_eq!(
+            (f.reason, f.iova, done),
+            (FAULT_NOT_PRESENT, A + 3 * PAGE, 3 * PAGE)
+        );
+        assert_eq!(seen.len(), 2, "page 0, then pages 1..3: {seen:?}");
+        let st = s.mmu.stats()[1];
+        // a: pages 0..3 and the faulting page 3; b: pages 0..3.
+        assert_eq!((st.translations, st.faults), (7, 1));
+        assert_eq!(s.mmu.iotlb_len(), 6);
+    }
+
+    /// Run descriptor `d` from a one-entry ring in pass-through domain 0 (so IOVAs are bus
+    /// addresses); what it returned.
+    fn run_desc(s: &Shared, d: Descriptor) -> RunResult {
+        const RING: u64 = 0x8000;
+        let mem = s.mem.memory();
+        mem.write_slice(&d.encode(), GuestAddress(RING)).unwrap();
+        let e = exec(s, 0);
+        let job = Job {
+            base: RING,
+            head: 0,
+            domain: 0,
+            epoch: e.epoch,
+        };
+        e.run(&job, &mut Scratch::new())
+    }
+
+    fn bytes(s: &Shared, bus: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        s.mem
+            .memory()
+            .read_slice(&mut v, GuestAddress(bus))
+            .unwrap();
+        v
+    }
+
+    /// FILL repeats its 8-byte pattern from the first byte of the destination, whatever
+    /// pieces (a region boundary at an odd offset) and scratch blocks it is written in.
+    #[test]
+    fn fill_keeps_the_pattern_phase_across_pieces_and_blocks() {
+        let s = shared();
+        // The region boundary at 4 MiB falls 0x1003 bytes in; the second piece is longer
+        // than a scratch block.
+        let dst = (4 << 20) - 0x1003;
+        let len = 0x1003 + 2 * BLOCK as u32 + 5;
+        let pattern = 0x0807_0605_0403_0201u64;
+        let r = run_desc(&s, Descriptor::new(OP_FILL, len, pattern, dst));
+        assert!(
+            matches!(
+                r,
+                RunResult::Done(
+                    _,
+                    Outcome {
+                        status: STATUS_OK,
+                        ..
+                    }
+                )
+            ),
+            "{r:?}"
+        );
+        let got = bytes(&s, dst - 8, len as usize + 16);
+        let p = pattern.to_le_bytes();
+        for (i, &b) in got[8..8 + len as usize].iter().enumerate() {
+            assert_eq!(b, p[i % 8], "byte {i:#x}");
+        }
+        assert_eq!(got[..8], [0; 8], "nothing before");
+        assert_eq!(got[8 + len as usize..], [0; 8], "nothing after");
+    }
+
+    /// The injected COPY corruption XORs exactly the byte at its offset, and none when the
+    /// offset is past the copy.
+    #[test]
+    fn injected_copy_corruption_hits_one_byte_of_the_copy() {
+        use crate::core::inject::{CorruptCopy, Injection};
+        let (src, dst, len) = (0x10_0000u64, 0x20_0000u64, 256u32);
+        let data: Vec<u8> = (0..len + 8).map(|i| (i * 7 + 1) as u8).collect();
+        for (offset, hit) in [(0, true), (255, true), (256, false), (1000, false)] {
+            let s = shared();
+            s.mem
+                .memory()
+                .write_slice(&data, GuestAddress(src))
+                .unwrap();
+            s.inject.set(Injection {
+                corrupt_copy: Some(CorruptCopy { offset, xor: 0x5a }),
+            });
+            let r = run_desc(&s, Descriptor::new(OP_COPY, len, src, dst));
+            assert!(matches!(
+                r,
+                RunResult::Done(
+                    _,
+                    Outcome {
+                        status: STATUS_OK,
+                        ..
+                    }
+                )
+            ));
+            let got = bytes(&s, dst, len as usize + 8);
+            let mut want = data[..len as usize].to_vec();
+            want.extend([0; 8]);
+            if hit {
+                want[offset as usize] ^= 0x5a;
+            }
+            assert_eq!(got, want, "corruption at {offset}");
+        }
+    }
+
+    #[test]
+    fn a_region_boundary_starts_a_piece_even_when_bus_addresses_continue() {
+        let s = shared();
+        let e = exec(&s, 0);
+        // Pass-through: bus = IOVA. 8 KiB before the end of the first region, 8 KiB after.
+        let from = (4 << 20) - 2 * PAGE;
+        let (r, seen) = pieces(&e, 4 * PAGE, Side::read(from), Some(Side::write(16 << 20)));
+        assert!(r.is_ok());
+        assert_eq!(
+            seen,
+            vec![
+                (0, (from, 8192), Some((16 << 20, 8192))),
+                (8192, (4 << 20, 8192), Some(((16 << 20) + 8192, 8192))),
+            ]
+        );
+        // The same on side b.
+        let (_, seen) = pieces(&e, 4 * PAGE, Side::read(16 << 20), Some(Side::write(from)));
+        assert_eq!(
+            seen,
+            vec![
+                (0, (16 << 20, 8192), Some((from, 8192))),
+                (8192, ((16 << 20) + 8192, 8192), Some((4 << 20, 8192))),
+            ]
+        );
+    }
+
+    #[test]
+    fn chunks_are_at_most_chunk_max() {
+        let s = shared();
+        let e = exec(&s, 0);
+        let len = 2 * CHUNK_MAX + 0x1234;
+        let (r, seen) = pieces(&e, len, Side::write(0x10_0000), None);
+        assert!(r.is_ok());
+        let c = CHUNK_MAX as usize;
+        assert_eq!(
+            seen,
+            vec![
+                (0, (0x10_0000, c), None),
+                (CHUNK_MAX, (0x10_0000 + CHUNK_MAX, c), None),
+                (2 * CHUNK_MAX, (0x10_0000 + 2 * CHUNK_MAX, 0x1234), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn spin_until_returns_when_the_condition_holds_or_the_time_is_up() {
+        let far = Instant::now() + std::time::Duration::from_secs(10);
+        let calls = std::cell::Cell::new(0);
+        spin_until(
+            || {
+                calls.set(calls.get() + 1);
+                calls.get() == 100
+            },
+            far,
+        );
+        assert_eq!(calls.get(), 100, "checked until it held, then no more");
+        assert!(Instant::now() < far);
+        let until = Instant::now() + std::time::Duration::from_millis(2);
+        spin_until(|| false, until);
+        assert!(Instant::now() >= until, "returned before the time was up");
+    }
+
+    #[test]
+    fn shared_state_shows_in_debug_output() {
+        let s = shared();
+        let shown = format!("{s:?}");
+        for field in ["Shared", "config", "bus_master: true", "queues"] {
+            assert!(shown.contains(field), "{field} in {shown}");
+        }
+    }
+}

@@ -367,4 +367,316 @@ mod tests {
         assert_eq!(log.read(REG_FLOG_BASE_LO), 0);
         assert_eq!(log.read(REG_FLOG_CTRL), 0);
     }
+
+    use crate::irq::RecordingInterrupts;
+
+    /// Bus memory of the ring tests: 64 KiB at 0.
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
+    }
+
+    /// Program the log at `base` with `size` records and try to enable it.
+    fn configure(log: &FaultLog, base: u64, size: u32) {
+        log.write(REG_FLOG_BASE_LO, base as u32);
+        log.write(REG_FLOG_BASE_HI, (base >> 32) as u32);
+        log.write(REG_FLOG_SIZE, size);
+        log.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
+    }
+
+    fn fault(iova: u64) -> Fault {
+        Fault {
+            reason: FAULT_NOT_PRESENT,
+            access: ACCESS_WRITE,
+            domain: 1,
+            queue: 2,
+            iova,
+            info: 0,
+            level: 1,
+        }
+    }
+
+    /// The record in slot `slot` of a ring at `base`.
+    fn record_at(mem: &GuestMemoryMmap, base: u64, slot: u64) -> FaultRecord {
+        let mut raw = [0u8; FAULT_RECORD_SIZE as usize];
+        mem.read_slice(&mut raw, GuestAddress(base + slot * FAULT_RECORD_SIZE))
+            .unwrap();
+        FaultRecord::decode(&raw)
+    }
+
+    #[test]
+    fn base_halves_read_back_and_each_write_keeps_the_other_half() {
+        let log = FaultLog::new(0, 1);
+        log.write(REG_FLOG_BASE_LO, 0x1234_5680);
+        log.write(REG_FLOG_BASE_HI, 0x0000_abcd);
+        assert_eq!(log.read(REG_FLOG_BASE_LO), 0x1234_5680);
+        assert_eq!(log.read(REG_FLOG_BASE_HI), 0x0000_abcd);
+        log.write(REG_FLOG_BASE_LO, 0x8765_4320);
+        assert_eq!(log.read(REG_FLOG_BASE_HI), 0x0000_abcd, "LO keeps HI");
+        log.write(REG_FLOG_BASE_HI, 0x0000_0001);
+        assert_eq!(log.read(REG_FLOG_BASE_LO), 0x8765_4320, "HI keeps LO");
+        log.write(REG_FLOG_SIZE, 4);
+        log.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
+        assert_eq!(log.read(REG_FLOG_CTRL), FLOG_CTRL_ENABLE);
+        log.write(REG_FLOG_BASE_LO, 0);
+        log.write(REG_FLOG_BASE_HI, 0);
+        assert_eq!(
+            (log.read(REG_FLOG_BASE_LO), log.read(REG_FLOG_BASE_HI)),
+            (0x8765_4320, 1),
+            "the base is fixed while enabled"
+        );
+        // Disabled again, the base can be changed.
+        log.write(REG_FLOG_CTRL, 0);
+        assert_eq!(log.read(REG_FLOG_CTRL), 0);
+        log.write(REG_FLOG_BASE_HI, 0);
+        assert_eq!(log.read(REG_FLOG_BASE_HI), 0);
+    }
+
+    #[test]
+    fn ring_may_end_at_the_last_bus_byte_but_not_past_it() {
+        let ok = |base: u64, size: u32| {
+            let mut r = Regs::new(0);
+            (r.base, r.size) = (base, size);
+            r.check()
+        };
+        let ring = |size: u32| u64::from(size) * FAULT_RECORD_SIZE;
+        // Ending exactly at 2^64 - 1 is fine; one record higher wraps.
+        assert_eq!(ok(0u64.wrapping_sub(ring(4)), 4), Ok(()));
+        let high = 0u64.wrapping_sub(ring(4)) + FAULT_RECORD_SIZE;
+        assert_eq!(ok(high, 4), Err(FaultLogError::Wraps(high)));
+        let top = 0u64.wrapping_sub(ring(FAULT_LOG_MAX));
+        assert_eq!(ok(top, FAULT_LOG_MAX), Ok(()));
+        assert_eq!(
+            ok(top + FAULT_RECORD_SIZE, FAULT_LOG_MAX),
+            Err(FaultLogError::Wraps(top + FAULT_RECORD_SIZE))
+        );
+        // Sizes: powers of two from 2 to FAULT_LOG_MAX.
+        for size in [2, 4, FAULT_LOG_MAX / 2, FAULT_LOG_MAX] {
+            assert_eq!(ok(0x1000, size), Ok(()), "size {size}");
+        }
+        for size in [0, 1, 3, 6, FAULT_LOG_MAX - 1, FAULT_LOG_MAX * 2, u32::MAX] {
+            assert_eq!(ok(0x1000, size), Err(FaultLogError::BadSize(size)));
+        }
+        // Alignment: the record size.
+        assert_eq!(ok(0x1000 + 16, 2), Err(FaultLogError::Misaligned(0x1010)));
+        assert_eq!(ok(0x1000 + FAULT_RECORD_SIZE, 2), Ok(()));
+        // Through the registers: the top ring enables, without an error.
+        let log = FaultLog::new(0, 1);
+        configure(&log, 0u64.wrapping_sub(ring(2)), 2);
+        assert_eq!(log.read(REG_FLOG_CTRL), FLOG_CTRL_ENABLE);
+        assert_eq!(log.read(REG_FLOG_STATUS), 0);
+    }
+
+    #[test]
+    fn status_write_clears_only_the_bits_written() {
+        let (mem, irq) = (memory(), RecordingInterrupts::new());
+        let log = FaultLog::new(3, 4);
+        // ERROR: a refused enable; OVERFLOW: a full ring of 2 (one record fits).
+        configure(&log, 0x1010, 2);
+        configure(&log, 0x1000, 2);
+        log.report(&mem, &irq, &fault(0x5000));
+        log.report(&mem, &irq, &fault(0x6000));
+        let all = FLOG_STATUS_OVERFLOW | FLOG_STATUS_ERROR | FLOG_STATUS_PENDING;
+        assert_eq!(log.read(REG_FLOG_STATUS), all);
+        // PENDING is computed: writing it changes nothing.
+        log.write(REG_FLOG_STATUS, FLOG_STATUS_PENDING);
+        assert_eq!(log.read(REG_FLOG_STATUS), all);
+        log.write(REG_FLOG_STATUS, FLOG_STATUS_OVERFLOW);
+        assert_eq!(
+            log.read(REG_FLOG_STATUS),
+            FLOG_STATUS_ERROR | FLOG_STATUS_PENDING
+        );
+        log.write(REG_FLOG_STATUS, FLOG_STATUS_ERROR);
+        assert_eq!(log.read(REG_FLOG_STATUS), FLOG_STATUS_PENDING);
+        // And the other way round.
+        log.report(&mem, &irq, &fault(0x7000));
+        log.write(REG_FLOG_CTRL, 0);
+        configure(&log, 0x1008, 2);
+        assert_eq!(
+            log.read(REG_FLOG_STATUS),
+            FLOG_STATUS_OVERFLOW | FLOG_STATUS_ERROR | FLOG_STATUS_PENDING
+        );
+        log.write(REG_FLOG_STATUS, FLOG_STATUS_ERROR);
+        assert_eq!(
+            log.read(REG_FLOG_STATUS),
+            FLOG_STATUS_OVERFLOW | FLOG_STATUS_PENDING
+        );
+        // Enabling starts the ring over (nothing pending); OVERFLOW stays until cleared.
+        configure(&log, 0x1000, 2);
+        assert_eq!(log.read(REG_FLOG_STATUS), FLOG_STATUS_OVERFLOW);
+        log.write(REG_FLOG_STATUS, FLOG_STATUS_OVERFLOW);
+        assert_eq!(log.read(REG_FLOG_STATUS), 0);
+        // Consuming a record clears PENDING.
+        log.report(&mem, &irq, &fault(0x8000));
+        assert_eq!(log.read(REG_FLOG_STATUS), FLOG_STATUS_PENDING);
+        log.write(REG_FLOG_TAIL, 1);
+        assert_eq!(log.read(REG_FLOG_STATUS), 0);
+    }
+
+    #[test]
+    fn records_fill_the_ring_in_order_and_wrap() {
+        let (mem, irq) = (memory(), RecordingInterrupts::new());
+        let base = 0x2000;
+        let log = FaultLog::new(3, 4);
+        log.write(REG_FLOG_MSIX_VECTOR, 2);
+        configure(&log, base, 4);
+        // Three records fit in a ring of four (head + 1 == tail is full).
+        for i in 0..3u64 {
+            assert_eq!(log.report(&mem, &irq, &fault(0x1000 * i)), i as u32);
+            assert_eq!(log.read(REG_FLOG_HEAD), i as u32 + 1);
+        }
+        assert_eq!(irq.take(), vec![2, 2, 2]);
+        for i in 0..3u64 {
+            let r = record_at(&mem, base, i);
+            assert_eq!((r.iova, r.seq), (0x1000 * i, i as u32), "record {i}");
+            assert_eq!(
+                (r.reason, r.access, r.domain, r.queue, r.level),
+                (FAULT_NOT_PRESENT, ACCESS_WRITE, 1, 2, 1)
+            );
+        }
+        assert_eq!(record_at(&mem, base, 3), FaultRecord::decode(&[0; 32]));
+        // Full: counted, dropped, flagged, no interrupt, the head stays.
+        assert_eq!(log.report(&mem, &irq, &fault(0x9000)), 3);
+        assert_eq!(log.read(REG_FLOG_HEAD), 3);
+        assert!(irq.take().is_empty());
+        assert_eq!(
+            (log.read(REG_FLOG_COUNT), log.read(REG_FLOG_DROPPED)),
+            (4, 1)
+        );
+        assert_eq!(
+            log.stats(),
+            FaultStats {
+                count: 4,
+                dropped: 1
+            }
+        );
+        assert_ne!(log.read(REG_FLOG_STATUS) & FLOG_STATUS_OVERFLOW, 0);
+        // The driver consumes two: the next record goes to slot 3, then the head wraps to 0.
+        log.write(REG_FLOG_TAIL, 2);
+        assert_eq!(log.read(REG_FLOG_TAIL), 2);
+        assert_eq!(log.report(&mem, &irq, &fault(0xa000)), 4);
+        assert_eq!(log.read(REG_FLOG_HEAD), 0);
+        assert_eq!(log.report(&mem, &irq, &fault(0xb000)), 5);
+        assert_eq!(log.read(REG_FLOG_HEAD), 1);
+        assert_eq!(irq.take(), vec![2, 2]);
+        assert_eq!(
+            (record_at(&mem, base, 3).iova, record_at(&mem, base, 3).seq),
+            (0xa000, 4)
+        );
+        assert_eq!(
+            (record_at(&mem, base, 0).iova, record_at(&mem, base, 0).seq),
+            (0xb000, 5)
+        );
+        // Nothing was written outside the ring.
+        assert_eq!(record_at(&mem, base, 4), FaultRecord::decode(&[0; 32]));
+        // Now full again (head 1 + 1 == tail 2).
+        log.report(&mem, &irq, &fault(0xc000));
+        assert_eq!(
+            (log.read(REG_FLOG_HEAD), log.read(REG_FLOG_DROPPED)),
+            (1, 2)
+        );
+    }
+
+    #[test]
+    fn tail_must_be_inside_an_enabled_ring() {
+        let log = FaultLog::new(0, 1);
+        log.write(REG_FLOG_SIZE, 8);
+        log.write(REG_FLOG_TAIL, 3);
+        assert_eq!(log.read(REG_FLOG_TAIL), 0, "ignored while disabled");
+        configure(&log, 0x1000, 8);
+        log.write(REG_FLOG_TAIL, 7);
+        assert_eq!(log.read(REG_FLOG_TAIL), 7);
+        log.write(REG_FLOG_TAIL, 8);
+        assert_eq!(log.read(REG_FLOG_TAIL), 7, "past the ring: ignored");
+        // Re-enabling starts the ring over.
+        log.write(REG_FLOG_CTRL, 0);
+        log.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
+        assert_eq!((log.read(REG_FLOG_HEAD), log.read(REG_FLOG_TAIL)), (0, 0));
+        // Enable while enabled changes nothing.
+        log.write(REG_FLOG_TAIL, 5);
+        log.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
+        assert_eq!(log.read(REG_FLOG_TAIL), 5);
+        // Read-only and unknown registers.
+        log.write(REG_FLOG_HEAD, 4);
+        log.write(REG_FLOG_COUNT, 4);
+        assert_eq!((log.read(REG_FLOG_HEAD), log.read(REG_FLOG_COUNT)), (0, 0));
+        assert_eq!(log.read(REG_FLOG_BASE_LO + 0x40), 0);
+    }
+
+    #[test]
+    fn faults_without_a_log_or_with_an_unwritable_ring_are_counted_and_dropped() {
+        let (mem, irq) = (memory(), RecordingInterrupts::new());
+        let log = FaultLog::new(3, 4);
+        assert_eq!(log.report(&mem, &irq, &fault(0x1000)), 0);
+        assert_eq!(
+            (log.read(REG_FLOG_COUNT), log.read(REG_FLOG_DROPPED)),
+            (1, 1)
+        );
+        assert_eq!(log.read(REG_FLOG_STATUS), 0, "disabled: no error");
+        // A ring outside bus memory: the record is not written, the head stays.
+        configure(&log, 0x10_0000, 4);
+        assert_eq!(log.read(REG_FLOG_CTRL), FLOG_CTRL_ENABLE);
+        assert_eq!(log.report(&mem, &irq, &fault(0x2000)), 1);
+        assert_eq!(log.read(REG_FLOG_HEAD), 0);
+        assert_eq!(log.read(REG_FLOG_STATUS), FLOG_STATUS_ERROR);
+        assert_eq!(
+            (log.read(REG_FLOG_COUNT), log.read(REG_FLOG_DROPPED)),
+            (2, 2)
+        );
+        assert!(irq.take().is_empty());
+        // A ring whose second record is past the end of bus memory.
+        log.write(REG_FLOG_CTRL, 0);
+        configure(&log, 0x1_0000 - FAULT_RECORD_SIZE, 4);
+        log.report(&mem, &irq, &fault(0x3000));
+        assert_eq!(log.read(REG_FLOG_HEAD), 1);
+        assert_eq!(irq.take(), vec![3]);
+        log.report(&mem, &irq, &fault(0x4000));
+        assert_eq!(log.read(REG_FLOG_HEAD), 1);
+        assert!(irq.take().is_empty());
+        assert_eq!(log.read(REG_FLOG_DROPPED), 3);
+    }
+
+    #[test]
+    fn vector_takes_every_allocated_vector() {
+        let log = FaultLog::new(0, 3);
+        log.write(REG_FLOG_MSIX_VECTOR, 2);
+        assert_eq!(log.read(REG_FLOG_MSIX_VECTOR), 2);
+        log.write(REG_FLOG_MSIX_VECTOR, 0x1_0000);
+        assert_eq!(log.read(REG_FLOG_MSIX_VECTOR), 2, "not a u16: ignored");
+        log.reset();
+        assert_eq!(log.read(REG_FLOG_MSIX_VECTOR), 0, "reset: the default");
+    }
+
+    #[test]
+    fn translation_faults_in_the_walk_carry_the_page_walk_flag() {
+        let t = TranslationFault {
+            reason: FAULT_OUTSIDE_RAM,
+            iova: 0x1234,
+            info: 0x10_0000,
+            level: 3,
+            in_walk: true,
+        };
+        let f = Fault::from_translation(t, ACCESS_WRITE, 5, 6);
+        assert_eq!(
+            f,
+            Fault {
+                reason: FAULT_OUTSIDE_RAM,
+                access: ACCESS_WRITE | ACCESS_PAGE_WALK,
+                domain: 5,
+                queue: 6,
+                iova: 0x1234,
+                info: 0x10_0000,
+                level: 3,
+            }
+        );
+        let f = Fault::from_translation(
+            TranslationFault {
+                in_walk: false,
+                ..t
+            },
+            ACCESS_WRITE,
+            5,
+            6,
+        );
+        assert_eq!(f.access, ACCESS_WRITE);
+    }
 }

@@ -554,3 +554,163 @@ pub fn lookaside_stats(Lookaside: WDFLOOKASIDE) -> Option<LookasideStats> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wdf::{
+        NonPagedPool, PagedPool, WdfDeviceCreate, WdfDriverCreate, WdfGetDriver, WdfObjectDelete,
+        WdfRequestCreate, DRIVER_OBJECT, WDFDEVICE, WDFDEVICE_INIT, WDFDRIVER, WDFOBJECT,
+        WDFREQUEST, WDF_DRIVER_CONFIG, WDF_NO_OBJECT_ATTRIBUTES,
+    };
+
+    const TAG: u32 = u32::from_le_bytes(*b"MmTs");
+
+    /// A loaded driver, current on this thread (each test runs on its own thread).
+    fn load() -> DRIVER_OBJECT {
+        load_named("memtest")
+    }
+
+    /// A loaded driver for service `name`, now the one bound to this thread.
+    fn load_named(name: &str) -> DRIVER_OBJECT {
+        let mut obj = DRIVER_OBJECT::new();
+        let mut h = WDFDRIVER::NULL;
+        let s = WdfDriverCreate(
+            &mut obj,
+            &format!(r"\Registry\Machine\System\CurrentControlSet\Services\{name}"),
+            WDF_NO_OBJECT_ATTRIBUTES,
+            &WDF_DRIVER_CONFIG::default(),
+            Some(&mut h),
+        );
+        assert_eq!(s, STATUS_SUCCESS);
+        obj
+    }
+
+    fn device() -> WDFDEVICE {
+        let mut init = Some(WDFDEVICE_INIT::without_hardware());
+        let mut d = WDFDEVICE::NULL;
+        assert_eq!(
+            WdfDeviceCreate(&mut init, None, Some(&mut d)),
+            STATUS_SUCCESS
+        );
+        d
+    }
+
+    fn under(parent: impl Into<WDFOBJECT>) -> WDF_OBJECT_ATTRIBUTES {
+        let mut a = WDF_OBJECT_ATTRIBUTES::init();
+        a.ParentObject = parent.into();
+        a
+    }
+
+    /// `WdfLookasideListCreate` of 64-byte buffers; the status, and whether a list came out.
+    fn create(
+        pool: POOL_TYPE,
+        list: Option<&WDF_OBJECT_ATTRIBUTES>,
+        memory: Option<&WDF_OBJECT_ATTRIBUTES>,
+    ) -> (NTSTATUS, bool) {
+        // Not NULL before the call: a refused call sets it to NULL.
+        let mut l = WDFLOOKASIDE(WDFOBJECT(1));
+        let s = WdfLookasideListCreate(list, 64, pool, memory, TAG, Some(&mut l));
+        (s, !l.is_null())
+    }
+
+    /// An object belongs to its parent's driver, whichever driver the thread is bound to:
+    /// its buffer comes from that driver's pool, with that driver's default tag.
+    #[test]
+    fn objects_belong_to_their_parents_driver() {
+        let alpha = load_named("alpha");
+        let dev = device();
+        let bravo = load_named("bravo");
+        let stats = |d: &DRIVER_OBJECT, kind| {
+            let g = d.globals().unwrap();
+            g.pool().tag_stats(g.tag(), kind)
+        };
+        let mut m = WDFMEMORY::NULL;
+        let s = WdfMemoryCreate(Some(&under(dev)), NonPagedPool, 0, 32, Some(&mut m), None);
+        assert_eq!(s, STATUS_SUCCESS);
+        assert_eq!(stats(&alpha, PoolKind::NonPaged).allocs, 1, "alpha's pool");
+        assert_eq!(stats(&bravo, PoolKind::NonPaged).allocs, 0);
+        // Without a parent: the thread's driver.
+        let s = WdfMemoryCreate(None, NonPagedPool, 0, 32, Some(&mut m), None);
+        assert_eq!(s, STATUS_SUCCESS);
+        assert_eq!(stats(&bravo, PoolKind::NonPaged).allocs, 1);
+        // A list on alpha's device takes its buffers from alpha's pool, with alpha's tag.
+        let mut l = WDFLOOKASIDE::NULL;
+        let s = WdfLookasideListCreate(Some(&under(dev)), 48, PagedPool, None, 0, Some(&mut l));
+        assert_eq!(s, STATUS_SUCCESS);
+        assert_eq!(
+            WdfMemoryCreateFromLookaside(l, Some(&mut m)),
+            STATUS_SUCCESS
+        );
+        assert_eq!(stats(&alpha, PoolKind::Paged).allocs, 1);
+        assert_eq!(stats(&bravo, PoolKind::Paged).allocs, 0);
+    }
+
+    /// The list's counters (NT's lookaside fields) through its handle; None for a handle
+    /// that is not a list.
+    #[test]
+    fn lookaside_stats_counts_the_lists_buffers() {
+        let _driver = load();
+        let mut l = WDFLOOKASIDE::NULL;
+        let s = WdfLookasideListCreate(None, 64, NonPagedPool, None, TAG, Some(&mut l));
+        assert_eq!(s, STATUS_SUCCESS);
+        assert_eq!(lookaside_stats(l), Some(LookasideStats::default()));
+        let mut m = [WDFMEMORY::NULL; 2];
+        for m in &mut m {
+            assert_eq!(WdfMemoryCreateFromLookaside(l, Some(m)), STATUS_SUCCESS);
+        }
+        WdfObjectDelete(m[0]);
+        let want = LookasideStats {
+            total_allocates: 2,
+            allocate_misses: 2,
+            total_frees: 1,
+            free_misses: 0,
+            depth: 1,
+        };
+        assert_eq!(lookaside_stats(l), Some(want));
+        assert_eq!(
+            lookaside_stats(WDFLOOKASIDE(m[1].0)),
+            None,
+            "a memory object"
+        );
+        WdfObjectDelete(l);
+        WdfObjectDelete(m[1]);
+        assert_eq!(lookaside_stats(l), None, "deleted");
+    }
+
+    /// A paged list's buffers may be touched only at PASSIVE/APC level, which KMDF ties to
+    /// one device: a list and its memory objects parented on two different devices is
+    /// refused; a non-paged list, or parents on one device, is fine.
+    #[test]
+    fn paged_list_parents_on_two_devices_are_refused() {
+        let _driver = load();
+        let (a, b) = (device(), device());
+        let mut request = WDFREQUEST::NULL;
+        assert_eq!(
+            WdfRequestCreate(Some(&under(b)), WDFOBJECT::NULL, Some(&mut request)),
+            STATUS_SUCCESS
+        );
+        let (a, b, on_b) = (under(a), under(b), under(request));
+        let refused = (STATUS_INVALID_PARAMETER, false);
+        let made = (STATUS_SUCCESS, true);
+        assert_eq!(create(PagedPool, Some(&a), Some(&b)), refused);
+        assert_eq!(
+            create(PagedPool, Some(&on_b), Some(&a)),
+            refused,
+            "a request on device b is on device b"
+        );
+        assert_eq!(create(NonPagedPool, Some(&a), Some(&b)), made);
+        assert_eq!(create(PagedPool, Some(&b), Some(&on_b)), made);
+        assert_eq!(create(PagedPool, Some(&a), Some(&a)), made);
+        assert_eq!(create(PagedPool, Some(&a), None), made);
+        assert_eq!(create(PagedPool, None, Some(&b)), made);
+        let driver = under(WdfGetDriver());
+        assert_eq!(
+            create(PagedPool, Some(&driver), Some(&b)),
+            made,
+            "the driver is on no device"
+        );
+        let null_parent = WDF_OBJECT_ATTRIBUTES::init();
+        assert_eq!(create(PagedPool, Some(&null_parent), Some(&a)), made);
+    }
+}

@@ -333,3 +333,339 @@ fn walk_from<'m>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{GuestRegionMmap, MmapRegion};
+
+    use super::*;
+
+    const RW: u64 = PTE_R | PTE_W;
+    /// Where a builder's tables start.
+    const TABLES: u64 = 0x10_0000;
+    /// A 2 MiB IOVA range (L4 1, L3 0, L2 0).
+    const RANGE: u64 = 0x80_0000_0000;
+
+    /// 4 MiB of bus memory at 0.
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    /// A driver's page-table builder: 4 KiB tables from a bump allocator at [`TABLES`].
+    struct Pt<'m> {
+        mem: &'m GuestMemoryMmap,
+        root: u64,
+        next: u64,
+    }
+
+    impl<'m> Pt<'m> {
+        fn new(mem: &'m GuestMemoryMmap) -> Self {
+            let mut pt = Pt {
+                mem,
+                root: 0,
+                next: TABLES,
+            };
+            pt.root = pt.alloc();
+            pt
+        }
+
+        fn alloc(&mut self) -> u64 {
+            let table = self.next;
+            self.next += SIZE_4K;
+            self.mem
+                .write_slice(&[0; SIZE_4K as usize], GuestAddress(table))
+                .unwrap();
+            table
+        }
+
+        fn read(&self, addr: u64) -> u64 {
+            self.mem.read_obj(GuestAddress(addr)).unwrap()
+        }
+
+        fn write(&self, addr: u64, entry: u64) {
+            self.mem.write_obj(entry, GuestAddress(addr)).unwrap();
+        }
+
+        /// Bus address of the entry for `iova` at `level`, making RW tables on the way.
+        fn slot(&mut self, iova: u64, level: u32) -> u64 {
+            let mut table = self.root;
+            for l in (level + 1..=LEVELS).rev() {
+                let at = table | (index(iova, l) * 8);
+                let mut e = self.read(at);
+                if e & RW == 0 {
+                    e = Pte::table(self.alloc(), RW).raw();
+                    self.write(at, e);
+                }
+                table = e & PTE_ADDR_MASK;
+            }
+            table | (index(iova, level) * 8)
+        }
+
+        /// Write `entry` at `level` for `iova`; returns its bus address.
+        fn set(&mut self, iova: u64, level: u32, entry: u64) -> u64 {
+            let at = self.slot(iova, level);
+            self.write(at, entry);
+            at
+        }
+    }
+
+    fn leaf(iova: u64, bus: u64, perm: u64) -> Leaf {
+        Leaf {
+            iova_page: iova & !(SIZE_4K - 1),
+            bus_page: bus,
+            size: SIZE_4K,
+            perm,
+        }
+    }
+
+    fn not_present(level: u32) -> WalkFault {
+        WalkFault {
+            reason: FAULT_NOT_PRESENT,
+            info: 0,
+            level,
+            in_walk: false,
+        }
+    }
+
+    /// Every kind of level-1 entry, under level-2 entries granting RW (first range) and R
+    /// only (second range): a cached walk and `leaf_4k` give what a full walk gives.
+    #[test]
+    fn cached_walks_and_leaf_4k_agree_with_a_walk() {
+        let mem = memory();
+        let mut pt = Pt::new(&mem);
+        let entries = [
+            Pte::leaf(0x30_0000, RW, false).raw(),
+            Pte::leaf(0x31_0000, PTE_R, false).raw(),
+            Pte::leaf(0x32_0000, PTE_W, false).raw(),
+            // High address bits, outside bus memory (the walk does not check pages).
+            Pte::leaf(0x000f_ffff_ffff_f000, RW, false).raw(),
+            Pte::NONE.raw(),
+            // Address bits without R or W: not present.
+            0x33_0000,
+            Pte::leaf(0x34_0000, RW, false).raw() | 1 << 2,
+            Pte::leaf(0x35_0000, RW, false).raw() | 1 << 63,
+            Pte::leaf(0x36_0000, RW, true).raw(),
+        ];
+        let second = RANGE + SIZE_2M;
+        for (i, &e) in entries.iter().enumerate() {
+            pt.set(RANGE + i as u64 * SIZE_4K, 1, e);
+            pt.set(second + i as u64 * SIZE_4K, 1, e);
+        }
+        let l2 = pt.slot(second, 2);
+        pt.write(l2, (pt.read(l2) & PTE_ADDR_MASK) | PTE_R);
+        let mut cache = L1Cache::default();
+        for base in [RANGE, second] {
+            // Past the last entry written too (not present).
+            for i in 0..=entries.len() as u64 {
+                for off in [0, 0x8, 0x7ff, 0xfff] {
+                    let iova = base + i * SIZE_4K + off;
+                    let want = walk(&mem, pt.root, iova);
+                    // Bits 11:0 of the root are ignored.
+                    let got = walk_cached(&mem, pt.root | 0xabc, iova, &mut cache);
+                    assert_eq!(got, want, "iova {iova:#x}");
+                    let table = cache
+                        .table(pt.root, iova)
+                        .expect("the walk cached the table");
+                    assert_eq!(table.leaf_4k(iova), want.ok(), "iova {iova:#x}");
+                }
+            }
+        }
+        // What the full walk gives, spelled out for a few.
+        let at = |i: u64| RANGE + i * SIZE_4K + 0x123;
+        assert_eq!(walk(&mem, pt.root, at(0)), Ok(leaf(at(0), 0x30_0000, RW)));
+        assert_eq!(
+            walk(&mem, pt.root, second + SIZE_4K),
+            Ok(leaf(second + SIZE_4K, 0x31_0000, PTE_R))
+        );
+        assert_eq!(
+            walk(&mem, pt.root, second + 2 * SIZE_4K),
+            Ok(leaf(second + 2 * SIZE_4K, 0x32_0000, 0)),
+            "R above, W here: neither"
+        );
+        assert_eq!(walk(&mem, pt.root, at(4)), Err(not_present(1)));
+        assert_eq!(
+            walk(&mem, pt.root, at(6)),
+            Err(WalkFault {
+                reason: FAULT_MALFORMED_ENTRY,
+                info: entries[6],
+                level: 1,
+                in_walk: false
+            })
+        );
+        assert_eq!(
+            walk(&mem, pt.root, at(8)).map_err(|f| (f.reason, f.info)),
+            Err((FAULT_MALFORMED_ENTRY, entries[8])),
+            "no large page at level 1"
+        );
+    }
+
+    /// The paging-structure cache: a cached level-1 table is read without the levels above
+    /// (a driver that changes those must invalidate), for its 2 MiB range and root only.
+    #[test]
+    fn a_cached_table_is_used_without_the_levels_above() {
+        let mem = memory();
+        let mut pt = Pt::new(&mem);
+        pt.set(RANGE, 1, Pte::leaf(0x30_0000, RW, false).raw());
+        let l1 = pt.set(RANGE + SIZE_4K, 1, Pte::leaf(0x31_0000, PTE_R, false).raw());
+        pt.set(RANGE + SIZE_2M, 1, Pte::leaf(0x32_0000, RW, false).raw());
+        let mut cache = L1Cache::default();
+        assert_eq!(
+            walk_cached(&mem, pt.root, RANGE, &mut cache),
+            Ok(leaf(RANGE, 0x30_0000, RW))
+        );
+        // The driver clears the root's entry (without invalidating).
+        pt.write(pt.root | (index(RANGE, 4) * 8), 0);
+        let next = RANGE + SIZE_4K + 0x10;
+        assert_eq!(walk(&mem, pt.root, next), Err(not_present(4)));
+        assert_eq!(
+            walk_cached(&mem, pt.root, next, &mut cache),
+            Ok(leaf(next, 0x31_0000, PTE_R)),
+            "one level-1 read"
+        );
+        // The cached table's own entries are read every time.
+        pt.write(l1, Pte::leaf(0x33_0000, RW, false).raw());
+        assert_eq!(
+            walk_cached(&mem, pt.root, next, &mut cache),
+            Ok(leaf(next, 0x33_0000, RW))
+        );
+        pt.write(l1, 0);
+        assert_eq!(
+            walk_cached(&mem, pt.root, next, &mut cache),
+            Err(not_present(1))
+        );
+        // Another 2 MiB range, or the same range under another root: a full walk.
+        assert_eq!(
+            walk_cached(&mem, pt.root, RANGE + SIZE_2M, &mut cache),
+            Err(not_present(4))
+        );
+        let other = pt.alloc();
+        assert_eq!(
+            walk_cached(&mem, other, RANGE, &mut cache),
+            Err(not_present(4))
+        );
+        assert!(cache.table(other, RANGE).is_none());
+        assert!(cache.table(pt.root, RANGE + SIZE_2M).is_none());
+        // Cleared (an invalidation), the cache is empty.
+        cache.clear();
+        assert!(cache.table(pt.root, RANGE).is_none());
+        assert_eq!(
+            walk_cached(&mem, pt.root, RANGE, &mut cache),
+            Err(not_present(4))
+        );
+    }
+
+    /// The cache keeps the level-1 tables of the four most recent walks, the oldest going
+    /// first, and finds each whatever order they are asked for in.
+    #[test]
+    fn the_cache_keeps_the_four_most_recent_tables() {
+        let mem = memory();
+        let mut pt = Pt::new(&mem);
+        let range = |k: u64| RANGE + k * SIZE_2M;
+        for k in 0..6 {
+            pt.set(
+                range(k),
+                1,
+                Pte::leaf(0x30_0000 + k * SIZE_4K, RW, false).raw(),
+            );
+        }
+        let mut cache = L1Cache::default();
+        for k in 0..6 {
+            walk_cached(&mem, pt.root, range(k), &mut cache).unwrap();
+        }
+        // Only the cache can answer now.
+        pt.write(pt.root | (index(RANGE, 4) * 8), 0);
+        for k in [5, 2, 4, 3, 3, 2, 5, 4, 2] {
+            assert_eq!(
+                walk_cached(&mem, pt.root, range(k) + 0x40, &mut cache),
+                Ok(leaf(range(k), 0x30_0000 + k * SIZE_4K, RW)),
+                "range {k}"
+            );
+            assert!(cache.table(pt.root, range(k)).is_some());
+        }
+        for k in [0, 1] {
+            assert_eq!(
+                walk_cached(&mem, pt.root, range(k), &mut cache),
+                Err(not_present(4)),
+                "range {k} was evicted"
+            );
+            assert!(cache.table(pt.root, range(k)).is_none());
+        }
+    }
+
+    /// A level-1 table whose first half is at the end of one region: the entries there are
+    /// read from the cached mapping, the others as any entry is read, from the next region
+    /// when there is one, else faulting with the table's address.
+    #[test]
+    fn a_level_1_table_partly_in_one_region() {
+        const T: u64 = 0x20_0000;
+        for next_region in [true, false] {
+            let mut ranges = vec![(GuestAddress(0), (T + 0x800) as usize)];
+            if next_region {
+                ranges.push((GuestAddress(T + 0x800), 0x1000));
+            }
+            let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+            let mut pt = Pt::new(&mem);
+            pt.set(RANGE, 2, Pte::table(T, RW).raw());
+            let bus = |i: u64| 0x30_0000 + i * SIZE_4K;
+            let mapped = |i: u64| i < 256 || next_region;
+            for i in (0..512).filter(|&i| mapped(i)) {
+                pt.write(T + i * 8, Pte::leaf(bus(i), RW, false).raw());
+            }
+            let mut cache = L1Cache::default();
+            for i in [0, 1, 255, 256, 257, 300, 511, 254] {
+                let iova = RANGE + i * SIZE_4K + 0x10;
+                let want = if mapped(i) {
+                    Ok(leaf(iova, bus(i), RW))
+                } else {
+                    Err(WalkFault {
+                        reason: FAULT_OUTSIDE_RAM,
+                        info: T,
+                        level: 1,
+                        in_walk: true,
+                    })
+                };
+                assert_eq!(walk(&mem, pt.root, iova), want, "entry {i}");
+                assert_eq!(
+                    walk_cached(&mem, pt.root, iova, &mut cache),
+                    want,
+                    "entry {i}, next region {next_region}"
+                );
+                let table = cache.table(pt.root, iova).unwrap();
+                let fast = if i < 256 { want.ok() } else { None };
+                assert_eq!(table.leaf_4k(iova), fast, "entry {i}: readable part only");
+            }
+        }
+    }
+
+    /// A level-1 table in a region the device may not read: every read of it faults, cached
+    /// or not.
+    #[test]
+    fn a_level_1_table_the_device_may_not_read() {
+        const T: u64 = 0x40_0000;
+        let rw = GuestRegionMmap::new(MmapRegion::new(4 << 20).unwrap(), GuestAddress(0)).unwrap();
+        let wo = MmapRegionBuilder::new(SIZE_4K as usize)
+            .with_mmap_prot(libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
+            .build()
+            .unwrap();
+        let wo = GuestRegionMmap::new(wo, GuestAddress(T)).unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![rw, wo]).unwrap();
+        let mut pt = Pt::new(&mem);
+        pt.set(RANGE, 2, Pte::table(T, RW).raw());
+        pt.write(T, Pte::leaf(0x30_0000, RW, false).raw());
+        pt.write(T + 8, Pte::leaf(0x31_0000, RW, false).raw());
+        let fault = Err(WalkFault {
+            reason: FAULT_OUTSIDE_RAM,
+            info: T,
+            level: 1,
+            in_walk: true,
+        });
+        let mut cache = L1Cache::default();
+        for iova in [RANGE, RANGE + SIZE_4K, RANGE] {
+            assert_eq!(walk(&mem, pt.root, iova), fault);
+            assert_eq!(walk_cached(&mem, pt.root, iova, &mut cache), fault);
+            assert_eq!(cache.table(pt.root, iova).unwrap().leaf_4k(iova), None);
+        }
+    }
+}
