@@ -635,6 +635,51 @@ mod tests {
         assert_eq!(log.read(REG_FLOG_DROPPED), 3);
     }
 
+    /// A tracing subscriber counting WARN events (installed for one test's thread).
+    struct CountWarnings(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for CountWarnings {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A guest can fault at will: the first 16 faults and then every 2^n-th are logged as
+    /// warnings, the others at debug level only (every one is counted).
+    #[test]
+    fn fault_warnings_are_rate_limited() {
+        let (mem, irq) = (memory(), RecordingInterrupts::new());
+        let log = FaultLog::new(0, 1);
+        let warnings = std::sync::Arc::default();
+        let subscriber = CountWarnings(std::sync::Arc::clone(&warnings));
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..70 {
+                log.report(&mem, &irq, &fault(i * 0x1000));
+            }
+        });
+        // 1..=16, 32 and 64.
+        assert_eq!(warnings.load(Ordering::Relaxed), 18);
+        assert_eq!(
+            log.stats(),
+            FaultStats {
+                count: 70,
+                dropped: 70
+            }
+        );
+    }
+
     #[test]
     fn vector_takes_every_allocated_vector() {
         let log = FaultLog::new(0, 3);
