@@ -18,8 +18,9 @@
 //!   retired. `WdfObjectReference` keeps a deleted object (and its handle) alive until the
 //!   matching `WdfObjectDereference`;
 //! - deleting an object that is already deleted but still referenced does nothing (KMDF
-//!   drops the event); deleting the driver object with `WdfObjectDelete` is refused
-//!   (logged `STATUS_CANNOT_DELETE`, no bug check, as KMDF).
+//!   drops the event); deleting the driver object or a device object with
+//!   `WdfObjectDelete` is refused (logged `STATUS_CANNOT_DELETE`, no bug check, nothing
+//!   deleted, as KMDF); both go at unload.
 //!
 //! Callbacks run with no lock held, so they may call the framework.
 
@@ -570,18 +571,22 @@ fn retire(o: &Object) {
     }
 }
 
-/// `WdfObjectDelete` on a resolved object.
+/// `WdfObjectDelete` on a resolved object. The driver and device objects are marked
+/// "no delete DDI" in KMDF (the model has no control devices, the one kind of WDFDEVICE a
+/// driver may delete): the call logs `STATUS_CANNOT_DELETE` and does nothing, so the
+/// object and its children stay; the framework deletes them at unload.
 pub(crate) fn delete(o: &Arc<Object>) {
-    if o.kind == Kind::Driver {
-        tracing::warn!(
-            target: "verifier",
-            "WdfObjectDelete({:?}): the driver object cannot be deleted by the driver \
-             (STATUS_CANNOT_DELETE)",
-            o.handle
-        );
-        return;
-    }
-    delete_tree(o);
+    let what = match o.kind {
+        Kind::Driver => "the driver object",
+        Kind::Device => "a device object (WDFDEVICE)",
+        _ => return delete_tree(o),
+    };
+    tracing::warn!(
+        target: "verifier",
+        "WdfObjectDelete({:?}): {what} cannot be deleted by the driver \
+         (STATUS_CANNOT_DELETE); the call does nothing",
+        o.handle
+    );
 }
 
 /// Deletes `o` and its subtree: cleanup post-order, then creation references released.

@@ -95,6 +95,12 @@ pub(super) const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         area: Area::WdfMemory,
+        name: "device_and_driver_objects_cannot_be_deleted",
+        needs: &[],
+        run: device_and_driver_objects_cannot_be_deleted,
+    },
+    Scenario {
+        area: Area::WdfMemory,
         name: "irql_limits",
         needs: &[],
         run: irql_limits,
@@ -1288,6 +1294,95 @@ fn delete_parent_deletes_memory_children(ctx: &mut Ctx) -> TestResult {
         WdfObjectDelete(l);
         check_balanced(drv, PoolTag(T), PoolKind::NonPaged, "list deleted")
     })
+}
+
+/// `WdfObjectDelete` on the WDFDEVICE and on the WDFDRIVER is refused as KMDF refuses it
+/// (both are "no delete DDI" objects: STATUS_CANNOT_DELETE logged, no bug check, nothing
+/// deleted): the objects, memory parented to them and a lookaside list under the device
+/// stay live with no cleanup callback run, the device still moves data, and unload
+/// deletes everything.
+fn device_and_driver_objects_cannot_be_deleted(ctx: &mut Ctx) -> TestResult {
+    let ctx = &*ctx;
+    let dev = ctx.dev()?;
+    with_driver(ctx.shared()?, |drv| {
+        const T: u32 = tag(b"CfNd");
+        const LEN: usize = PAGE;
+        let driver = WdfGetDriver();
+        let mut children = Vec::new();
+        for parent in [WDFOBJECT::from(drv.device), driver.into()] {
+            let attrs = WDF_OBJECT_ATTRIBUTES {
+                ParentObject: parent,
+                EvtCleanupCallback: Some(log_cleanup),
+                EvtDestroyCallback: Some(log_destroy),
+                ..WDF_OBJECT_ATTRIBUTES::init()
+            };
+            let mut m = WDFMEMORY::NULL;
+            let s = WdfMemoryCreate(Some(&attrs), NonPagedPool, T, LEN, Some(&mut m), None);
+            check_eq!(s, STATUS_SUCCESS, "WdfMemoryCreate under {parent:?}");
+            children.push(m);
+        }
+        let list_attrs = WDF_OBJECT_ATTRIBUTES {
+            ParentObject: drv.device.into(),
+            ..WDF_OBJECT_ATTRIBUTES::init()
+        };
+        let l = lookaside(LEN, NonPagedPool, T, (Some(&list_attrs), None))?;
+        let data = ctx.rng().unique(LEN);
+        check_eq!(
+            copy_from_slice(children[0], 0, &data),
+            STATUS_SUCCESS,
+            "CopyFromBuffer into the device's child"
+        );
+        take_cleaned();
+        take_destroyed();
+
+        WdfObjectDelete(drv.device);
+        WdfObjectDelete(driver);
+
+        check!(
+            object_is_live(drv.device) && object_is_live(driver),
+            "WdfObjectDelete deleted a no-delete object (device live: {}, driver live: {})",
+            object_is_live(drv.device),
+            object_is_live(driver)
+        );
+        check!(
+            children.iter().all(|&m| object_is_live(m)) && object_is_live(l),
+            "a child of the device or driver was deleted with the refused delete"
+        );
+        check_eq!(
+            (take_cleaned(), take_destroyed()),
+            (Vec::new(), Vec::new()),
+            "cleanup and destroy callbacks run by the refused deletes"
+        );
+        let ml = from_lookaside(l)?;
+        let mut mv = Mover::new(drv, dev, LEN as u32)?;
+        through_device(
+            &mut mv,
+            children[0],
+            ml,
+            LEN,
+            "device child -> lookaside memory",
+        )?;
+        check_bytes(
+            &memory_bytes(ml),
+            &data,
+            "the device still moves data after the refused delete",
+        )?;
+        mv.close()?;
+        WdfObjectDelete(ml);
+        // Unload (in `with_driver`) deletes the rest and checks the pool.
+        Ok(())
+    })?;
+    check_eq!(
+        take_cleaned().len(),
+        2,
+        "cleanup callbacks of the two children at unload"
+    );
+    check_eq!(
+        take_destroyed().len(),
+        2,
+        "destroy callbacks of the two children at unload"
+    );
+    Ok(())
 }
 
 /// The IRQL rules the memory calls answer with STATUS_INVALID_DEVICE_REQUEST (no bug
