@@ -14,14 +14,14 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use domdma_device::core::{ConfigError, DeviceConfig};
 use domdma_device::spec;
-use domdma_device::vfio_user::{Inspector, Server};
+use domdma_device::vfio_user::{socket, Server, ServerOptions, SocketAccess};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// domdma vfio-user device server: a virtual PCI bus-master DMA device for QEMU's
@@ -65,6 +65,42 @@ struct Args {
     /// document per connection).
     #[arg(long, value_name = "PATH")]
     inspect: Option<PathBuf>,
+    /// Let the members of this group (name or gid) connect too: the sockets get mode 0660
+    /// and this group (by default they are 0600, the owner only, whatever the umask). For a
+    /// QEMU that runs as another user.
+    #[arg(long, value_name = "GROUP", value_parser = socket::group_id)]
+    socket_group: Option<u32>,
+    /// Time a client has, from when its turn comes, to complete the VERSION handshake
+    /// (e.g. 5s, 500ms).
+    #[arg(long, value_name = "TIME", default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Time the rest of a message has once it started arriving, and the time a reply may
+    /// wait for the client to read it (e.g. 5s, 500ms). A negotiated client that sends
+    /// nothing is never timed out.
+    #[arg(long, value_name = "TIME", default_value = "5s", value_parser = parse_duration)]
+    message_timeout: Duration,
+}
+
+/// Parse a time limit: a number with `s` or `ms` (a bare number is seconds); 10 ms to one
+/// hour.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (t, 1000)
+    };
+    let v: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a time; write e.g. 5s or 500ms"))?;
+    let d = Duration::from_millis(v.saturating_mul(unit_ms));
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?} is out of range: give 10ms to 3600s"));
+    }
+    Ok(d)
 }
 
 /// Parse a byte count: decimal or `0x` hexadecimal, optionally followed by K, M or G
@@ -160,30 +196,6 @@ fn init_logging() {
     }
 }
 
-/// Raise the soft descriptor limit to the hard one: each DMA mapping keeps its memfd open.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the rlimit structure we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let old = lim.rlim_cur;
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit reads the rlimit structure we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-            debug!(
-                from = old,
-                to = lim.rlim_cur,
-                "raised the file descriptor limit"
-            );
-        }
-    }
-}
-
 /// The error and its causes, "a: b: c".
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -210,46 +222,31 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging();
-    raise_fd_limit();
 
-    let server = match Server::bind(&args.socket, config.clone()) {
+    let options = ServerOptions {
+        access: SocketAccess {
+            group: args.socket_group,
+        },
+        handshake_timeout: args.handshake_timeout,
+        message_timeout: args.message_timeout,
+        ..ServerOptions::default()
+    };
+    // Binding raises the descriptor limit to the hard limit and sizes max_dma_maps to it.
+    let mut server = match Server::bind_with(&args.socket, config.clone(), options) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("domdma-device: error: {}", chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    // Dropped after the server's run ends: the inspector stops and removes its socket.
-    let inspector = match &args.inspect {
-        Some(path) => match Inspector::start(path, server.device(), config.clone()) {
-            Ok(i) => Some(i),
-            Err(e) => {
-                eprintln!("domdma-device: error: --inspect: {}", chain(&e));
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
-    };
-
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("domdma-device: error: cannot install signal handlers: {e}");
+    if let Some(path) = &args.inspect {
+        if let Err(e) = server.add_inspector(path) {
+            eprintln!("domdma-device: error: --inspect: {}", chain(&e));
             return ExitCode::FAILURE;
         }
-    };
-    let stop = server.stop_handle();
-    let signal_thread = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
-                info!("received {name}; shutting down");
-                stop.stop();
-            }
-        });
-    if let Err(e) = signal_thread {
-        eprintln!("domdma-device: error: cannot start the signal thread: {e}");
+    }
+    if let Err(e) = server.stop_on_signals(&[SIGTERM, SIGINT]) {
+        eprintln!("domdma-device: error: {}", chain(&e));
         return ExitCode::FAILURE;
     }
 
@@ -261,12 +258,12 @@ fn main() -> ExitCode {
         max_transfer = config.max_transfer,
         strict_iotlb = config.strict_iotlb,
         msix_vectors = config.msix_vectors(),
+        max_dma_maps = server.capabilities().max_dma_maps,
         "device configuration"
     );
     info!("listening on {}", server.path().display());
     let result = server.run();
     let path = server.path().to_path_buf();
-    drop(inspector);
     drop(server);
     match result {
         Ok(()) => {
@@ -283,6 +280,15 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("1ms").unwrap_err().contains("out of range"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a time"));
+    }
 
     #[test]
     fn sizes() {

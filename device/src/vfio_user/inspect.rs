@@ -24,31 +24,26 @@
 //! "Statistics window") and are cleared by a device reset, which the server also does when
 //! a client disconnects.
 //!
-//! Threading: the inspector runs on its own thread. It locks the device mutex only to take
-//! the snapshot (the counters are atomics inside the device, so that is quick), then
-//! serialises and writes with the lock released; a client that does not read cannot hold up
-//! the device, and a write that does not finish within [`WRITE_TIMEOUT`] is abandoned.
+//! Threading: the inspector is served by the server's event loop (see
+//! [`super::server`]). It locks the device mutex only to take the snapshot (the counters are
+//! atomics inside the device, so that is quick), then serialises and sends the document
+//! with one non-blocking write: a client that does not read can hold up neither the device
+//! nor the event loop (the document is far smaller than a socket buffer; a write that does
+//! not complete at once is abandoned).
 
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde::Serialize;
-use tracing::{debug, info, warn};
-use vmm_sys_util::eventfd::EventFd;
+use tracing::{debug, warn};
 
-use super::server::{accept_should_retry, lock, prepare_socket_path, wait, ServerError, Wait};
+use super::server::{accept_should_retry, lock, ServerError};
+use super::socket::{BoundSocket, SocketAccess};
 use crate::core::{Device, DeviceConfig, DeviceStats};
 use crate::spec::DEVICE_VERSION;
-
-/// How long writing one report may take before the client is dropped.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The configuration part of a [`Report`]: the server options the device runs with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -121,139 +116,96 @@ impl Report {
     }
 }
 
-/// A running inspector. Dropping it stops its thread and removes its socket (if the socket
-/// is still the one it created).
+/// The inspector's socket, served by the server's event loop
+/// ([`super::Server::add_inspector`]). Dropping it removes its socket (if the socket is still
+/// the one it created).
 #[derive(Debug)]
 pub struct Inspector {
-    path: PathBuf,
-    inode: (u64, u64),
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    socket: BoundSocket,
+    device: Arc<Mutex<Device>>,
+    config: DeviceConfig,
 }
 
 impl Inspector {
-    /// Listen on `path` and serve reports about `device` on a new thread.
+    /// Listen on `path` for reports about `device`.
     ///
     /// The path is checked like the server's socket path: a stale socket is replaced, a
     /// live one or anything that is not a socket is an error that says how to fix it.
-    pub fn start(
-        path: impl AsRef<Path>,
+    pub fn bind(
+        path: &Path,
+        access: SocketAccess,
         device: Arc<Mutex<Device>>,
         config: DeviceConfig,
     ) -> Result<Self, ServerError> {
-        let path = path.as_ref().to_path_buf();
-        prepare_socket_path(&path)?;
-        let bind_err = |source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        };
-        let listener = UnixListener::bind(&path).map_err(bind_err)?;
-        let meta = fs::symlink_metadata(&path).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
-        let stop = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServerError::StopFd)?,
-        );
-        let thread_stop = Arc::clone(&stop);
-        let mut this = Self {
-            path: path.clone(),
-            inode: (meta.dev(), meta.ino()),
-            stop,
-            thread: None,
-        };
-        // On failure `this` is dropped, which removes the socket.
-        let thread = std::thread::Builder::new()
-            .name("inspector".into())
-            .spawn(move || serve(&listener, &device, &config, &thread_stop))
-            .map_err(ServerError::Thread)?;
-        this.thread = Some(thread);
-        info!(path = %path.display(), "inspector listening");
-        Ok(this)
+        Ok(Self {
+            socket: BoundSocket::bind(path, access)?,
+            device,
+            config,
+        })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
-}
 
-impl Drop for Inspector {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop.write(1) {
-            warn!(error = %e, "cannot signal the inspector to stop");
-        }
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                warn!("the inspector thread panicked");
-            }
-        }
-        if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.inode {
-                match fs::remove_file(&self.path) {
-                    Ok(()) => debug!(path = %self.path.display(), "inspector socket removed"),
-                    Err(e) => warn!(
-                        path = %self.path.display(),
-                        error = %e,
-                        "cannot remove the inspector socket"
-                    ),
+    /// The listener (non-blocking).
+    pub(crate) fn listener(&self) -> &UnixListener {
+        self.socket.listener()
+    }
+
+    /// Answer every pending connection with one report each; never blocks.
+    pub(crate) fn serve_pending(&self) {
+        loop {
+            match self.listener().accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = self.answer(&stream) {
+                        debug!(error = %e, "inspector: report not delivered");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if accept_should_retry(&e) => {}
+                Err(e) => {
+                    // Out of descriptors and the like: the event loop calls again.
+                    warn!(error = %e, "inspector: cannot accept a connection");
+                    return;
                 }
             }
         }
     }
-}
 
-/// Accept connections until stopped; each gets one report.
-fn serve(listener: &UnixListener, device: &Mutex<Device>, config: &DeviceConfig, stop: &EventFd) {
-    loop {
-        match wait(listener.as_raw_fd(), libc::POLLIN, stop) {
-            Ok(Wait::Ready) => {}
-            Ok(Wait::Stopped) => return,
-            Err(e) => {
-                warn!(error = %e, "inspector: cannot wait for connections; inspector stopped");
-                return;
-            }
+    fn answer(&self, stream: &UnixStream) -> io::Result<()> {
+        let json = Report::snapshot(&self.device, &self.config).to_json();
+        // SAFETY: `json` is a valid buffer of its length for the whole call.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                json.as_ptr().cast(),
+                json.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
         }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(stream, device, config) {
-                    debug!(error = %e, "inspector: report not delivered");
-                }
-            }
-            Err(e) if accept_should_retry(&e) => {}
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                warn!(error = %e, "inspector: cannot accept a connection");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        if n as usize != json.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("only {n} of {} bytes fitted the socket buffer", json.len()),
+            ));
         }
+        stream.shutdown(std::net::Shutdown::Both)
     }
-}
-
-fn answer(mut stream: UnixStream, device: &Mutex<Device>, config: &DeviceConfig) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let json = Report::snapshot(device, config).to_json();
-    stream.write_all(json.as_bytes())?;
-    stream.flush()?;
-    stream.shutdown(std::net::Shutdown::Both)
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use std::path::PathBuf;
+    use std::time::Duration;
 
     use super::*;
-    use crate::irq::RecordingInterrupts;
-
-    fn device(config: &DeviceConfig) -> Arc<Mutex<Device>> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        Arc::new(Mutex::new(Device::new(
-            config.clone(),
-            mem,
-            Arc::new(RecordingInterrupts::new()),
-        )))
-    }
+    use crate::vfio_user::Server;
 
     fn fetch(path: &Path) -> serde_json::Value {
         let mut s = UnixStream::connect(path).unwrap();
@@ -263,17 +215,29 @@ mod tests {
         serde_json::from_str(&text).unwrap()
     }
 
+    fn paths(dir: &vmm_sys_util::tempdir::TempDir) -> (PathBuf, PathBuf) {
+        (
+            dir.as_path().join("dev.sock"),
+            dir.as_path().join("inspect.sock"),
+        )
+    }
+
     #[test]
     fn serves_one_document_per_connection_and_cleans_up() {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/domdma-insp-").unwrap();
-        let path = dir.as_path().join("inspect.sock");
+        let (sock, path) = paths(&dir);
         let config = DeviceConfig {
             queues: 3,
             domains: 5,
             strict_iotlb: true,
             ..DeviceConfig::default()
         };
-        let insp = Inspector::start(&path, device(&config), config.clone()).unwrap();
+        let mut server = Server::bind(&sock, config).unwrap();
+        server.add_inspector(&path).unwrap();
+        let stop = server.stop_handle();
+        let t = std::thread::spawn(move || server.run());
+        // A connection that never reads does not hold the inspector up.
+        let _silent = UnixStream::connect(&path).unwrap();
         for _ in 0..2 {
             let v = fetch(&path);
             assert_eq!(v["device"], "domdma");
@@ -285,19 +249,19 @@ mod tests {
             assert!(v["domains"].is_array(), "{v}");
             assert!(v["faults"]["count"].is_u64(), "{v}");
         }
-        drop(insp);
-        assert!(!path.exists(), "socket removed on drop");
+        stop.stop();
+        t.join().unwrap().unwrap();
+        assert!(!path.exists(), "socket removed with the server");
     }
 
     #[test]
     fn refuses_a_path_in_use() {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/domdma-insp-").unwrap();
-        let path = dir.as_path().join("inspect.sock");
-        let config = DeviceConfig::default();
-        let dev = device(&config);
-        let a = Inspector::start(&path, Arc::clone(&dev), config.clone()).unwrap();
-        let e = Inspector::start(&path, dev, config).unwrap_err();
+        let (sock, path) = paths(&dir);
+        let mut a = Server::bind(&sock, DeviceConfig::default()).unwrap();
+        a.add_inspector(&path).unwrap();
+        let mut b = Server::bind(dir.as_path().join("b.sock"), DeviceConfig::default()).unwrap();
+        let e = b.add_inspector(&path).unwrap_err();
         assert!(matches!(e, ServerError::InUse { .. }), "{e}");
-        drop(a);
     }
 }

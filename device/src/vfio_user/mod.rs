@@ -41,6 +41,8 @@ pub mod memory;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod socket;
 
 #[cfg(feature = "server")]
 pub use inspect::{Inspector, Report};
@@ -49,4 +51,6 @@ pub use irq::EventFdInterrupts;
 #[cfg(feature = "server")]
 pub use memory::DmaMappings;
 #[cfg(feature = "server")]
-pub use server::{Server, ServerError, StopHandle};
+pub use server::{Server, ServerError, ServerOptions, StopHandle};
+#[cfg(feature = "server")]
+pub use socket::SocketAccess;

@@ -1,54 +1,70 @@
 //! The vfio-user server: a UNIX socket listener that serves one client at a time and adapts
 //! its messages to the device core.
 //!
-//! Threading: [`Server::run`] blocks the calling thread. It accepts a client and serves it
-//! on the same thread, one message after another, in order (the spec requires commands to
-//! be processed in the order received). The device core sits behind `Arc<Mutex<Device>>`
-//! and is locked per message. Its DMA engine runs on its own worker threads, which never
-//! take that mutex: they reach bus memory through the shared [`BusMemory`] and raise
-//! interrupts through [`EventFdInterrupts`] (a read lock and a non-blocking eventfd write).
-//! So a register write that waits for the workers (a queue disable, `DEV_CTRL` reset,
-//! DEVICE_RESET) may block under the mutex without deadlock: the server holds no other
-//! lock the workers need. The inspector ([`super::inspect`]) takes the mutex only for a
-//! counter snapshot. Every blocking wait (accept, read, write) also watches a stop
-//! eventfd, so [`StopHandle::stop`] ends the server promptly even while a client is
-//! connected and idle.
+//! Threading. [`Server::run`] runs an event loop (rust-vmm's `event-manager`) on the calling
+//! thread for everything that is not the served client's messages: the listener (accepted
+//! clients wait in a bounded queue and are served in the order they came), the inspector
+//! ([`super::inspect`]), the stop eventfd and, when asked, termination signals. The client
+//! being served has a thread of its own, which reads its messages with blocking `recvmsg`
+//! (no `poll` per message) and answers each in order (the spec requires commands to be
+//! processed in the order received). The device core sits behind `Arc<Mutex<Device>>` and
+//! is locked per message. Its DMA engine runs on its own worker threads, which never take
+//! that mutex: they reach bus memory through the shared [`BusMemory`] and raise interrupts
+//! through [`EventFdInterrupts`] (a read lock and a non-blocking eventfd write). So a
+//! register write that waits for the workers (a queue disable, `DEV_CTRL` reset,
+//! DEVICE_RESET) may block under the mutex without deadlock: the server holds no other lock
+//! the workers need.
+//!
+//! Time limits. A client must complete the VERSION handshake within
+//! [`ServerOptions::handshake_timeout`], and once a message has started arriving the rest
+//! must come within [`ServerOptions::message_timeout`] (the same limit holds for a reply the
+//! client does not read); a negotiated client that sends nothing is never timed out (QEMU
+//! idles for hours). The client socket has a receive timeout of [`TICK`]-ish, so an idle
+//! connection costs one wake-up per tick and a stop is seen within one tick even if the
+//! event loop's `shutdown` of the socket could not be delivered.
 //!
 //! Ownership: received file descriptors are `OwnedFd`s from the moment they arrive; a
 //! command takes the ones it uses (DMA_MAP one memfd, SET_IRQS eventfds) and the rest are
 //! closed when the message is done. DMA mappings belong to the connection
 //! ([`DmaMappings`]); MSI-X eventfds live in the shared [`EventFdInterrupts`] sink. When the
-//! client goes away both are dropped, the device is reset, and the next client is accepted.
+//! client goes away both are dropped, the device is reset, and the next client is served.
 
-use std::fs;
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use thiserror::Error;
 use tracing::{debug, info, trace, warn};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::inspect::Inspector;
 use super::irq::{eventfd_from_owned, EventFdInterrupts};
 use super::memory::DmaMappings;
 use super::proto::*;
+use super::socket::{BoundSocket, SocketAccess, MAX_SOCKET_PATH};
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
 
 /// Offset of the interrupt pin register in PCI configuration space.
 const PCI_INTERRUPT_PIN: u64 = 0x3d;
 /// Most descriptors Linux passes in one message (`SCM_MAX_FD`); receiving with room for
-/// this many means the kernel never truncates a message's descriptors.
+/// this many means the kernel never truncates a message's descriptors for lack of room.
 const SCM_MAX_FD: usize = 253;
 /// Chunk size when discarding an oversized message.
 const DISCARD_CHUNK: usize = 64 << 10;
-/// Longest path a `sockaddr_un` holds (108 bytes including the terminating NUL).
-const MAX_SOCKET_PATH: usize = 107;
+/// Longest wait of one `recvmsg` on the client socket: how often an idle connection wakes
+/// to check its time limits and the stop flag.
+pub const TICK: Duration = Duration::from_secs(1);
+/// Descriptors kept free of DMA mappings: the listener, the client socket, eventfds, the
+/// descriptors of one message in flight, the inspector's connections, logging.
+const FD_RESERVE: u64 = 64 + SCM_MAX_FD as u64;
 
 /// Errors of the server: binding its socket, and accepting clients.
 #[derive(Debug, Error)]
@@ -110,15 +126,54 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// The socket could not be given the requested group.
+    #[error("cannot give {} the group {gid} (is this user a member of it?)", path.display())]
+    Group {
+        /// The path.
+        path: PathBuf,
+        /// The group.
+        gid: u32,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The stop eventfd could not be created.
     #[error("cannot create the stop eventfd")]
     StopFd(#[source] io::Error),
-    /// Waiting for or accepting a connection failed.
-    #[error("cannot accept connections")]
-    Accept(#[source] io::Error),
-    /// A service thread (the inspector) could not be started.
-    #[error("cannot start the inspector thread")]
+    /// The event loop could not be set up or failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// Signal handlers could not be installed.
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] io::Error),
+    /// The connection thread could not be started.
+    #[error("cannot start the connection thread")]
     Thread(#[source] io::Error),
+}
+
+/// How the server treats its sockets and clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Who may connect besides the owner (sockets are 0600 by default).
+    pub access: SocketAccess,
+    /// Time a client has, from when its turn comes, to complete the VERSION handshake.
+    pub handshake_timeout: Duration,
+    /// Time the rest of a message has once its first byte arrived, and the time a reply
+    /// may wait for the client to read it.
+    pub message_timeout: Duration,
+    /// Clients waiting for their turn; more are closed at once.
+    pub max_waiting: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            access: SocketAccess::default(),
+            handshake_timeout: Duration::from_secs(5),
+            message_timeout: Duration::from_secs(5),
+            max_waiting: 16,
+        }
+    }
 }
 
 /// Signals a running [`Server`] to stop. Cloneable and usable from any thread (or from a
@@ -127,7 +182,7 @@ pub enum ServerError {
 pub struct StopHandle(Arc<EventFd>);
 
 impl StopHandle {
-    /// Ask the server to stop: [`Server::run`] returns as soon as its current wait ends.
+    /// Ask the server to stop: [`Server::run`] returns as soon as its event loop sees it.
     pub fn stop(&self) {
         // The eventfd is never read, so it stays readable for every waiter. A write can
         // only fail when the counter would overflow, which a handful of writes never reach.
@@ -139,151 +194,150 @@ impl StopHandle {
 
 /// A vfio-user server for one domdma device, listening on a UNIX socket.
 ///
-/// The socket file is removed when the server is dropped (if it is still the one this
-/// server created).
+/// The socket file (and the inspector's) is removed when the server is dropped, if it is
+/// still the one this server created.
 pub struct Server {
-    listener: UnixListener,
-    path: PathBuf,
-    inode: (u64, u64),
+    socket: BoundSocket,
+    options: ServerOptions,
     config: DeviceConfig,
     device: Arc<Mutex<Device>>,
     memory: BusMemory,
     irqs: Arc<EventFdInterrupts>,
     stop: Arc<EventFd>,
+    caps: Capabilities,
+    inspector: Option<Inspector>,
+    signals: Vec<(libc::c_int, UnixStream)>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("path", &self.path).finish()
+        f.debug_struct("Server")
+            .field("path", &self.socket.path())
+            .finish()
     }
 }
 
-/// What `path` is, in words, for error messages.
-fn describe(ft: fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "a directory"
-    } else if ft.is_file() {
-        "a regular file"
-    } else if ft.is_symlink() {
-        "a symbolic link"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_char_device() || ft.is_block_device() {
-        "a device node"
-    } else {
-        "not a regular file"
-    }
-}
-
-/// Check the socket path and remove a stale socket left by a server that is gone.
-pub(crate) fn prepare_socket_path(path: &Path) -> Result<(), ServerError> {
-    let len = path.as_os_str().len();
-    if len > MAX_SOCKET_PATH {
-        return Err(ServerError::PathTooLong {
-            path: path.to_path_buf(),
-            len,
-        });
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+/// Raise the soft descriptor limit to the hard one (each DMA mapping keeps its file open)
+/// and return the number of DMA mappings the process can hold beside [`FD_RESERVE`]
+/// descriptors, at most [`MAX_DMA_MAPS`] and at least 1.
+pub fn dma_map_budget() -> u32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    if !dir.is_dir() {
-        return Err(ServerError::NoDirectory {
-            dir: dir.to_path_buf(),
-        });
+    // SAFETY: getrlimit writes into the rlimit structure we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return MAX_DMA_MAPS;
     }
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServerError::Probe {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        let hint = if meta.file_type().is_dir() {
-            "give the path of the socket file to create, e.g. a file inside that directory"
-        } else {
-            "remove it if it is a leftover, or choose another socket path"
+    if lim.rlim_cur < lim.rlim_max {
+        let old = lim.rlim_cur;
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
         };
-        return Err(ServerError::NotASocket {
-            path: path.to_path_buf(),
-            kind: describe(meta.file_type()),
-            hint,
-        });
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            fs::remove_file(path).map_err(|source| ServerError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            info!(path = %path.display(), "removed a stale socket left by a server that is no longer running");
-            Ok(())
+        // SAFETY: setrlimit reads the rlimit structure we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            debug!(
+                from = old,
+                to = raised.rlim_cur,
+                "raised the file descriptor limit"
+            );
+            lim = raised;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ServerError::Probe {
-            path: path.to_path_buf(),
-            source,
-        }),
     }
+    let budget = lim
+        .rlim_cur
+        .saturating_sub(FD_RESERVE)
+        .clamp(1, MAX_DMA_MAPS.into());
+    // Clamped to MAX_DMA_MAPS, a u32.
+    budget as u32
 }
 
 impl Server {
-    /// Create the device and listen on `path`.
+    /// Create the device and listen on `path` with the default [`ServerOptions`].
     ///
     /// A socket file left by a server that is no longer running is removed; a path in use
     /// by a live server, or that is not a socket, is an error that says how to fix it.
     pub fn bind(path: impl AsRef<Path>, config: DeviceConfig) -> Result<Self, ServerError> {
-        let path = path.as_ref().to_path_buf();
-        prepare_socket_path(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        let meta = fs::symlink_metadata(&path).map_err(|source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        // Accept is only called once poll reports a pending connection; non-blocking
-        // covers a client that vanished in between.
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ServerError::Bind {
-                path: path.clone(),
-                source,
-            })?;
+        Self::bind_with(path, config, ServerOptions::default())
+    }
+
+    /// Create the device and listen on `path`.
+    pub fn bind_with(
+        path: impl AsRef<Path>,
+        config: DeviceConfig,
+        options: ServerOptions,
+    ) -> Result<Self, ServerError> {
+        let socket = BoundSocket::bind(path.as_ref(), options.access)?;
         let stop =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServerError::StopFd)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventFdInterrupts::new());
         let device = Device::new(config.clone(), memory.clone(), irqs.clone());
+        let caps = Capabilities {
+            max_dma_maps: dma_map_budget(),
+            ..Capabilities::SERVER
+        };
+        if caps.max_dma_maps < MAX_DMA_MAPS {
+            info!(
+                max_dma_maps = caps.max_dma_maps,
+                "the descriptor limit allows fewer DMA mappings than {MAX_DMA_MAPS}; advertising that"
+            );
+        }
         Ok(Self {
-            listener,
-            path,
-            inode: (meta.dev(), meta.ino()),
+            socket,
+            options,
             config,
             device: Arc::new(Mutex::new(device)),
             memory,
             irqs,
             stop: Arc::new(stop),
+            caps,
+            inspector: None,
+            signals: Vec::new(),
         })
+    }
+
+    /// Also serve the device's counters as JSON on a second socket at `path` (see
+    /// [`super::inspect`]), with the same access rules.
+    pub fn add_inspector(&mut self, path: impl AsRef<Path>) -> Result<(), ServerError> {
+        let insp = Inspector::bind(
+            path.as_ref(),
+            self.options.access,
+            Arc::clone(&self.device),
+            self.config.clone(),
+        )?;
+        info!(path = %insp.path().display(), "inspector listening");
+        self.inspector = Some(insp);
+        Ok(())
+    }
+
+    /// Stop [`Server::run`] when one of `signals` (e.g. SIGTERM, SIGINT) arrives: the
+    /// signal handler writes to a pipe the event loop watches.
+    pub fn stop_on_signals(&mut self, signals: &[libc::c_int]) -> Result<(), ServerError> {
+        for &sig in signals {
+            let (read, write) = UnixStream::pair().map_err(ServerError::Signals)?;
+            read.set_nonblocking(true).map_err(ServerError::Signals)?;
+            signal_hook::low_level::pipe::register(sig, write).map_err(ServerError::Signals)?;
+            self.signals.push((sig, read));
+        }
+        Ok(())
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
 
     /// The configuration the device was created with.
     pub fn config(&self) -> &DeviceConfig {
         &self.config
+    }
+
+    /// The capabilities the server advertises in VERSION (`max_dma_maps` from the
+    /// descriptor limit, see [`dma_map_budget`]).
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
     }
 
     /// The device this server serves.
@@ -306,40 +360,71 @@ impl Server {
         StopHandle(Arc::clone(&self.stop))
     }
 
-    /// Accept and serve clients, one at a time, until stopped.
+    /// Accept and serve clients, one at a time in the order they connected, until stopped.
     pub fn run(&self) -> Result<(), ServerError> {
-        loop {
-            match wait(self.listener.as_raw_fd(), libc::POLLIN, &self.stop) {
-                Ok(Wait::Ready) => {}
-                Ok(Wait::Stopped) => return Ok(()),
-                Err(e) => return Err(ServerError::Accept(e)),
+        let lobby = Lobby::default();
+        std::thread::scope(|s| {
+            let conn = std::thread::Builder::new()
+                .name("vfio-user".into())
+                .spawn_scoped(s, || self.serve_clients(&lobby))
+                .map_err(ServerError::Thread)?;
+            let result = self.event_loop(&lobby);
+            lobby.close();
+            if conn.join().is_err() {
+                warn!("the connection thread panicked");
             }
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if accept_should_retry(&e) => continue,
-                // Out of descriptors: the client stays queued; try again later rather
-                // than exit.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    warn!(error = %e, "cannot accept a client: out of file descriptors");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    continue;
-                }
-                Err(e) => return Err(ServerError::Accept(e)),
-            };
-            if matches!(self.serve_client(stream), End::Stopped) {
-                return Ok(());
+            result
+        })
+    }
+
+    fn event_loop(&self, lobby: &Lobby) -> Result<(), ServerError> {
+        let em_err = |e: event_manager::Error| ServerError::EventLoop(e.to_string());
+        let mut em: EventManager<Box<dyn MutEventSubscriber + '_>> =
+            EventManager::new().map_err(em_err)?;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        em.add_subscriber(Box::new(StopWatch {
+            stop: &self.stop,
+            signals: &self.signals,
+            done: Arc::clone(&done),
+        }));
+        em.add_subscriber(Box::new(Acceptor {
+            listener: self.socket.listener(),
+            lobby,
+            max_waiting: self.options.max_waiting,
+            reserve: reserve_fd(),
+        }));
+        if let Some(insp) = &self.inspector {
+            em.add_subscriber(Box::new(InspectorService(insp)));
+        }
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            match em.run() {
+                Ok(_) => {}
+                Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(em_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection thread: serve clients from the lobby until it closes.
+    fn serve_clients(&self, lobby: &Lobby) {
+        while let Some(stream) = lobby.next() {
+            if matches!(self.serve_client(stream, lobby), End::Stopped) {
+                return;
             }
         }
     }
 
-    fn serve_client(&self, stream: UnixStream) -> End {
-        if let Err(e) = stream.set_nonblocking(false) {
+    fn serve_client(&self, stream: UnixStream, lobby: &Lobby) -> End {
+        if let Err(e) = configure_client(&stream, &self.options) {
             warn!(error = %e, "cannot configure the client socket; dropping it");
             return End::Io(e);
         }
         info!("client connected");
-        let mut conn = Connection::new(self, stream);
+        lobby.set_current(stream.try_clone().ok());
+        let mut conn = Connection::new(self, stream, lobby);
         let end = conn.serve();
+        lobby.set_current(None);
         let negotiated = match conn.state {
             ConnState::Ready { minor, client } => {
                 debug!(
@@ -367,6 +452,10 @@ impl Server {
                 mappings,
                 irqs, "server stopping; client dropped, DMA mappings and interrupt eventfds dropped, device reset"
             ),
+            End::TimedOut(why) => warn!(
+                reason = %why,
+                mappings, irqs, "closing the connection: the client took too long; DMA mappings and interrupt eventfds dropped, device reset"
+            ),
             End::Protocol(why) => warn!(
                 reason = %why,
                 mappings, irqs, "closing the connection after a protocol violation; DMA mappings and interrupt eventfds dropped, device reset"
@@ -380,72 +469,200 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Remove the socket file only if it is still ours (not replaced by a new server).
-        if let Ok(meta) = fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.inode {
-                match fs::remove_file(&self.path) {
-                    Ok(()) => debug!(path = %self.path.display(), "socket removed"),
-                    Err(e) => {
-                        warn!(path = %self.path.display(), error = %e, "cannot remove the socket")
-                    }
-                }
-            }
-        }
-    }
+/// Blocking I/O with the receive tick and the send limit.
+fn configure_client(stream: &UnixStream, options: &ServerOptions) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let tick = TICK
+        .min(options.handshake_timeout / 4)
+        .min(options.message_timeout / 4)
+        .max(Duration::from_millis(10));
+    stream.set_read_timeout(Some(tick))?;
+    stream.set_write_timeout(Some(options.message_timeout.max(Duration::from_millis(10))))
+}
+
+/// A descriptor kept open so that, when the process is out of descriptors, one can be freed
+/// to accept a client and close it (instead of leaving it queued, and the listener readable
+/// forever).
+fn reserve_fd() -> Option<File> {
+    File::open("/dev/null").ok()
 }
 
 pub(crate) fn lock(device: &Mutex<Device>) -> MutexGuard<'_, Device> {
     device.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether a failed `accept` on a non-blocking listener is to be retried at once: nothing
-/// was queued after all, a signal came, or the client gave up before it was accepted.
+/// Whether a failed `accept` on a non-blocking listener is to be retried: nothing was
+/// queued after all, a signal came, or the client gave up before it was accepted.
 pub(crate) fn accept_should_retry(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
     )
 }
 
-/// Outcome of waiting for a descriptor.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Wait {
-    Ready,
-    Stopped,
+/// Clients waiting for their turn, and the one being served.
+#[derive(Debug, Default)]
+struct Lobby {
+    state: Mutex<LobbyState>,
+    changed: Condvar,
 }
 
-/// Wait until `fd` has `events` (or an error/hangup) or `stop` is signalled.
-pub(crate) fn wait(fd: RawFd, events: libc::c_short, stop: &EventFd) -> io::Result<Wait> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd structures for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+#[derive(Debug, Default)]
+struct LobbyState {
+    waiting: VecDeque<UnixStream>,
+    /// A second handle of the served client's socket, to shut it down on stop.
+    current: Option<UnixStream>,
+    closed: bool,
+}
+
+impl Lobby {
+    fn lock(&self) -> MutexGuard<'_, LobbyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queue a client; false (and the client is dropped) when `max` are waiting already.
+    fn enqueue(&self, stream: UnixStream, max: usize) -> bool {
+        let mut s = self.lock();
+        if s.waiting.len() >= max {
+            return false;
+        }
+        s.waiting.push_back(stream);
+        self.changed.notify_one();
+        true
+    }
+
+    /// The next client in order, waiting for one; None once closed.
+    fn next(&self) -> Option<UnixStream> {
+        let mut s = self.lock();
+        loop {
+            if s.closed {
+                return None;
             }
-            return Err(e);
+            if let Some(c) = s.waiting.pop_front() {
+                return Some(c);
+            }
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
-        if fds[1].revents != 0 {
-            return Ok(Wait::Stopped);
+    }
+
+    fn set_current(&self, stream: Option<UnixStream>) {
+        self.lock().current = stream;
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Stop: no more clients; the served one's socket is shut down, which ends its
+    /// blocking reads and writes at once.
+    fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.waiting.clear();
+        if let Some(c) = &s.current {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        if fds[0].revents != 0 {
-            return Ok(Wait::Ready);
+        self.changed.notify_all();
+    }
+}
+
+/// The stop eventfd and the signal pipes.
+struct StopWatch<'a> {
+    stop: &'a EventFd,
+    signals: &'a [(libc::c_int, UnixStream)],
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MutEventSubscriber for StopWatch<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        add_interest(ops, Events::new(self.stop, EventSet::IN), "stop eventfd");
+        for (sig, pipe) in self.signals {
+            add_interest(
+                ops,
+                Events::with_data(pipe, *sig as u32, EventSet::IN),
+                "signal pipe",
+            );
         }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() != self.stop.as_raw_fd() {
+            let name = match events.data() as libc::c_int {
+                libc::SIGTERM => "SIGTERM".to_string(),
+                libc::SIGINT => "SIGINT".to_string(),
+                n => format!("signal {n}"),
+            };
+            info!("received {name}; shutting down");
+        }
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Registers `events`; a failure here is a bug (a descriptor registered twice).
+fn add_interest(ops: &mut EventOps, events: Events, what: &str) {
+    if let Err(e) = ops.add(events) {
+        warn!(error = %e, "cannot watch the {what}");
+    }
+}
+
+/// Accepts clients into the lobby.
+struct Acceptor<'a> {
+    listener: &'a UnixListener,
+    lobby: &'a Lobby,
+    max_waiting: usize,
+    reserve: Option<File>,
+}
+
+impl MutEventSubscriber for Acceptor<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        add_interest(ops, Events::new(self.listener, EventSet::IN), "listener");
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if !self.lobby.enqueue(stream, self.max_waiting) {
+                        warn!(
+                            max_waiting = self.max_waiting,
+                            "too many clients waiting for their turn; closing a new one"
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if accept_should_retry(&e) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Free the reserve, take the client off the queue and close it: the
+                    // listener would stay readable (and this loop spin) otherwise.
+                    warn!(error = %e, "cannot accept a client: out of file descriptors; closing it");
+                    self.reserve = None;
+                    drop(self.listener.accept());
+                    self.reserve = reserve_fd();
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot accept a client");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Serves the inspector's connections.
+struct InspectorService<'a>(&'a Inspector);
+
+impl MutEventSubscriber for InspectorService<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        add_interest(
+            ops,
+            Events::new(self.0.listener(), EventSet::IN),
+            "inspector listener",
+        );
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.serve_pending();
     }
 }
 
@@ -456,6 +673,8 @@ enum End {
     Disconnected,
     /// The server was asked to stop.
     Stopped,
+    /// The client broke a time limit (handshake, message, unread reply).
+    TimedOut(String),
     /// The stream cannot be trusted any more (e.g. a size below the header size).
     Protocol(String),
     /// A socket error.
@@ -480,8 +699,16 @@ type Reply = Result<Vec<u8>, i32>;
 /// One client connection.
 struct Connection<'s> {
     server: &'s Server,
+    lobby: &'s Lobby,
     stream: UnixStream,
     state: ConnState,
+    /// When this client's turn began (the handshake limit counts from here).
+    since: Instant,
+    /// When the current message started to arrive in pieces (None while messages arrive
+    /// whole: the clock is read only on the slow path).
+    partial_since: Option<Instant>,
+    /// The kernel dropped descriptors of the current message (out of descriptors).
+    fds_lost: bool,
     dma: DmaMappings,
     /// INTx trigger and unmask eventfds (accepted when the device has an interrupt pin;
     /// the device never raises INTx).
@@ -491,12 +718,16 @@ struct Connection<'s> {
 }
 
 impl<'s> Connection<'s> {
-    fn new(server: &'s Server, stream: UnixStream) -> Self {
+    fn new(server: &'s Server, stream: UnixStream, lobby: &'s Lobby) -> Self {
         Self {
             server,
+            lobby,
             stream,
             state: ConnState::AwaitingVersion,
-            dma: DmaMappings::new(server.memory.clone()),
+            since: Instant::now(),
+            partial_since: None,
+            fds_lost: false,
+            dma: DmaMappings::with_limit(server.memory.clone(), server.caps.max_dma_maps as usize),
             intx: None,
             intx_unmask: None,
             buf: Vec::new(),
@@ -509,12 +740,42 @@ impl<'s> Connection<'s> {
             if let Err(end) = self.serve_one() {
                 return end;
             }
+            if let Err(end) = self.check_handshake() {
+                return end;
+            }
+        }
+    }
+
+    /// A client that has not negotiated within the handshake limit is dropped (whatever
+    /// else it sends meanwhile).
+    fn check_handshake(&self) -> Result<(), End> {
+        let limit = self.server.options.handshake_timeout;
+        if matches!(self.state, ConnState::AwaitingVersion) && self.since.elapsed() > limit {
+            return Err(End::TimedOut(format!(
+                "no VERSION handshake within {} ms",
+                limit.as_millis()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A message that started arriving must be complete within the message limit.
+    fn check_partial(&mut self) -> Result<(), End> {
+        let limit = self.server.options.message_timeout;
+        match self.partial_since {
+            Some(t) if t.elapsed() > limit => Err(End::TimedOut(format!(
+                "a message started but was not complete within {} ms",
+                limit.as_millis()
+            ))),
+            _ => Ok(()),
         }
     }
 
     fn serve_one(&mut self) -> Result<(), End> {
         let mut fds = Vec::new();
         let mut too_many_fds = false;
+        self.partial_since = None;
+        self.fds_lost = false;
         let mut hb = [0u8; HEADER_SIZE];
         if !self.read_exact(&mut hb, &mut fds, &mut too_many_fds, true)? {
             return Err(End::Disconnected);
@@ -569,6 +830,13 @@ impl<'s> Connection<'s> {
         too_many_fds: bool,
     ) -> Result<(), End> {
         let reply = match hdr.msg_type() {
+            FLAGS_TYPE_COMMAND if self.fds_lost => {
+                warn!(
+                    command = hdr.command,
+                    "the kernel dropped the message's file descriptors: the server is out of descriptors"
+                );
+                Err(libc::EMFILE)
+            }
             FLAGS_TYPE_COMMAND if too_many_fds => {
                 warn!(
                     command = hdr.command,
@@ -717,7 +985,7 @@ impl<'s> Connection<'s> {
         Ok(Version {
             major: VERSION_MAJOR,
             minor,
-            caps: Capabilities::SERVER,
+            caps: self.server.caps,
         }
         .encode())
     }
@@ -1034,8 +1302,12 @@ impl<'s> Connection<'s> {
     ) -> Result<bool, End> {
         let mut got = 0;
         while got < buf.len() {
-            let n = self.recv(&mut buf[got..], fds, too_many)?;
+            let mid_message = got > 0 || !at_boundary;
+            let n = self.recv(&mut buf[got..], fds, too_many, mid_message)?;
             if n == 0 {
+                if self.lobby.is_closed() {
+                    return Err(End::Stopped);
+                }
                 if got == 0 && at_boundary {
                     return Ok(false);
                 }
@@ -1043,6 +1315,10 @@ impl<'s> Connection<'s> {
                 return Err(End::Disconnected);
             }
             got += n;
+            if got < buf.len() && self.partial_since.is_none() {
+                // The slow path: the message arrives in pieces; its clock starts.
+                self.partial_since = Some(Instant::now());
+            }
         }
         Ok(true)
     }
@@ -1063,69 +1339,48 @@ impl<'s> Connection<'s> {
         Ok(())
     }
 
-    /// One `recvmsg`: data into `buf`, descriptors appended to `fds` (beyond
-    /// [`MAX_MSG_FDS`] they are closed at once and `too_many` is set).
+    /// One blocking `recvmsg` (repeated on the receive tick): data into `buf`, descriptors
+    /// appended to `fds` (beyond [`MAX_MSG_FDS`] they are closed at once and `too_many` is
+    /// set; descriptors the kernel had to drop set `fds_lost`). On each tick the time
+    /// limits and the stop flag are checked.
     fn recv(
         &mut self,
         buf: &mut [u8],
         fds: &mut Vec<OwnedFd>,
         too_many: &mut bool,
+        mid_message: bool,
     ) -> Result<usize, End> {
         loop {
-            match wait(self.stream.as_raw_fd(), libc::POLLIN, &self.server.stop) {
-                Ok(Wait::Ready) => {}
-                Ok(Wait::Stopped) => return Err(End::Stopped),
-                Err(e) => return Err(End::Io(e)),
-            }
-            let mut raw = [-1 as RawFd; SCM_MAX_FD];
-            let mut iov = [libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }];
-            // SAFETY: the iovec describes `buf`, which is valid for writes of its length
-            // and outlives the call; `raw` has room for SCM_MAX_FD descriptors.
-            let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut raw) };
-            match r {
-                Ok((n, nfds)) => {
-                    for &fd in &raw[..nfds] {
-                        // SAFETY: the kernel just installed these descriptors in our
-                        // table; nothing else refers to them, so we take ownership.
-                        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                        set_cloexec(&fd);
-                        if fds.len() < MAX_MSG_FDS as usize {
-                            fds.push(fd);
-                        } else {
-                            *too_many = true;
-                        }
-                    }
-                    return Ok(n);
+            match recv_with_fds(&self.stream, buf, fds, MAX_MSG_FDS as usize) {
+                Ok(r) => {
+                    *too_many |= r.extra_fds;
+                    self.fds_lost |= r.truncated;
+                    return Ok(r.bytes);
                 }
-                Err(e) => match e.errno() {
-                    libc::EINTR | libc::EAGAIN => continue,
-                    libc::ECONNRESET | libc::EPIPE => return Err(End::Disconnected),
-                    // Our descriptor table is full (or the control data was truncated):
-                    // the kernel dropped descriptors after the data was consumed, so the
-                    // message cannot be processed and the stream is out of step.
-                    libc::ENOBUFS => {
-                        return Err(End::Protocol(
-                            "received file descriptors were truncated (out of descriptors?)".into(),
-                        ))
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        if self.lobby.is_closed() {
+                            return Err(End::Stopped);
+                        }
+                        self.check_handshake()?;
+                        if mid_message && self.partial_since.is_none() {
+                            self.partial_since = Some(Instant::now());
+                        }
+                        self.check_partial()?;
                     }
-                    errno => return Err(End::Io(io::Error::from_raw_os_error(errno))),
+                    Some(libc::EINTR) => {}
+                    Some(libc::ECONNRESET | libc::EPIPE) => return Err(End::Disconnected),
+                    _ => return Err(End::Io(e)),
                 },
             }
         }
     }
 
-    /// Write all of `bytes`.
+    /// Write all of `bytes` (blocking, bounded by the send timeout: a client that does not
+    /// read its replies is dropped).
     fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
         let mut off = 0;
         while off < bytes.len() {
-            match wait(self.stream.as_raw_fd(), libc::POLLOUT, &self.server.stop) {
-                Ok(Wait::Ready) => {}
-                Ok(Wait::Stopped) => return Err(End::Stopped),
-                Err(e) => return Err(End::Io(e)),
-            }
             let rest = &bytes[off..];
             // SAFETY: `rest` is a valid buffer of `rest.len()` bytes for the whole call.
             // MSG_NOSIGNAL: a client that has gone gives EPIPE, not SIGPIPE.
@@ -1140,7 +1395,16 @@ impl<'s> Connection<'s> {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
-                    Some(libc::EINTR | libc::EAGAIN) => continue,
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => {
+                        return Err(End::TimedOut(format!(
+                            "the client did not read a reply for {} ms",
+                            self.server.options.message_timeout.as_millis()
+                        )))
+                    }
+                    Some(libc::EPIPE | libc::ECONNRESET) if self.lobby.is_closed() => {
+                        return Err(End::Stopped)
+                    }
                     Some(libc::EPIPE | libc::ECONNRESET) => return Err(End::Disconnected),
                     _ => return Err(End::Io(e)),
                 }
@@ -1152,10 +1416,80 @@ impl<'s> Connection<'s> {
     }
 }
 
-/// Close-on-exec for a received descriptor (SCM_RIGHTS descriptors arrive without it).
-fn set_cloexec(fd: &OwnedFd) {
-    // SAFETY: fcntl(F_SETFD) on a descriptor we own; no memory is passed.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+/// What one [`recv_with_fds`] got.
+#[derive(Debug)]
+struct Received {
+    /// Data bytes (0: end of stream).
+    bytes: usize,
+    /// Descriptors beyond the caller's limit arrived (and were closed).
+    extra_fds: bool,
+    /// The kernel dropped descriptors (`MSG_CTRUNC`: the process is out of descriptors).
+    truncated: bool,
+}
+
+/// One `recvmsg` of data and `SCM_RIGHTS` descriptors (close-on-exec atomically), keeping
+/// at most `max_fds` in `fds` in total.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    max_fds: usize,
+) -> io::Result<Received> {
+    // Room for SCM_MAX_FD descriptors: the kernel never drops any for lack of room.
+    const CMSG_ROOM: usize = 64 + SCM_MAX_FD * std::mem::size_of::<RawFd>();
+    let mut cmsg = [0u64; CMSG_ROOM / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    // SAFETY: `msg` points at `iov` (describing `buf`, valid for writes of its length) and
+    // at `cmsg` (valid for writes of msg_controllen bytes), all alive for the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut extra_fds = false;
+    // SAFETY: `msg` was filled in by recvmsg; the CMSG_* helpers walk the control buffer
+    // within msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` points at a complete cmsghdr inside the control buffer.
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is a constant computation.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (h.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+            // SAFETY: the data of an SCM_RIGHTS message is `count` descriptors.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i < count`: the pointer stays inside the data.
+                let p = unsafe { data.add(i) };
+                // SAFETY: `p` points at one descriptor; the buffer may be unaligned.
+                let raw = unsafe { p.read_unaligned() };
+                // SAFETY: the kernel just installed this descriptor in our table; nothing
+                // else refers to it, so we take ownership.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                if fds.len() < max_fds {
+                    fds.push(fd);
+                } else {
+                    extra_fds = true;
+                }
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok(Received {
+        bytes: n as usize,
+        extra_fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 /// Turn received descriptors into eventfds; any that is not one fails the command.
@@ -1172,6 +1506,8 @@ fn to_eventfds(fds: Vec<OwnedFd>) -> Result<Vec<EventFd>, i32> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn tmp_dir() -> vmm_sys_util::tempdir::TempDir {

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use domdma_device::core::{BusMemory, Device, DeviceConfig};
-use domdma_device::vfio_user::{EventFdInterrupts, Server, StopHandle};
+use domdma_device::vfio_user::{EventFdInterrupts, Server, ServerOptions, StopHandle};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -57,9 +57,13 @@ impl TestServer {
     }
 
     pub fn start_with(config: DeviceConfig) -> Self {
+        Self::start_with_options(config, ServerOptions::default())
+    }
+
+    pub fn start_with_options(config: DeviceConfig, options: ServerOptions) -> Self {
         let dir = TempDir::new_with_prefix("/tmp/domdma-it-").unwrap();
         let path = dir.as_path().join("dev.sock");
-        let server = Server::bind(&path, config.clone()).unwrap();
+        let server = Server::bind_with(&path, config.clone(), options).unwrap();
         let device = server.device();
         let memory = server.memory();
         let irqs = server.interrupts();
