@@ -9,6 +9,8 @@
 
 pub mod core;
 pub mod irq;
+#[cfg(feature = "server")]
+pub mod logging;
 pub mod pci;
 pub mod spec;
 pub mod vfio_user;

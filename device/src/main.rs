@@ -11,7 +11,6 @@
 //! naming the option and the allowed range. `--inspect PATH` serves the device's counters
 //! as JSON on a second UNIX socket (see `domdma_device::vfio_user::inspect`).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,8 +20,7 @@ use domdma_device::core::{ConfigError, DeviceConfig};
 use domdma_device::spec;
 use domdma_device::vfio_user::{socket, Server, ServerOptions, SocketAccess};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing::info;
 
 /// domdma vfio-user device server: a virtual PCI bus-master DMA device for QEMU's
 /// vfio-user-pci.
@@ -173,29 +171,6 @@ fn device_config(args: &Args) -> Result<DeviceConfig, String> {
     Ok(config)
 }
 
-fn init_logging() {
-    let (var, spec) = match (std::env::var("DOMDMA_LOG"), std::env::var("RUST_LOG")) {
-        (Ok(s), _) => ("DOMDMA_LOG", Some(s)),
-        (_, Ok(s)) => ("RUST_LOG", Some(s)),
-        _ => ("", None),
-    };
-    let (filter, bad) = match spec {
-        Some(s) => match EnvFilter::try_new(&s) {
-            Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some((var, s, e))),
-        },
-        None => (EnvFilter::new("info"), None),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    if let Some((var, s, e)) = bad {
-        warn!("ignoring {var}={s:?}: {e}; logging at info");
-    }
-}
-
 /// The error and its causes, "a: b: c".
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -221,7 +196,8 @@ fn main() -> ExitCode {
         eprintln!("domdma-device: error: --inspect must name another path than --socket");
         return ExitCode::from(2);
     }
-    init_logging();
+    // Kept to the end of main: dropping it flushes the queued log lines.
+    let _log = domdma_device::logging::init();
 
     let options = ServerOptions {
         access: SocketAccess {

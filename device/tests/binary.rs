@@ -378,3 +378,66 @@ fn inspect_serves_json_and_is_removed_at_exit() {
     assert!(!sock.exists(), "device socket removed");
     assert!(!insp.exists(), "inspector socket removed");
 }
+
+/// A stderr nobody reads cannot stall the server: with its stderr a pipe that is never
+/// read (the pipe fills after some hundred lines), a thousand clients that each make the
+/// server warn are all served.
+#[test]
+fn a_stderr_nobody_reads_never_stalls_the_server() {
+    let dir = tmp();
+    let sock = dir.as_path().join("dev.sock");
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&sock)
+        .env("DOMDMA_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hold the read end open, never read it.
+    let _stderr = child.stderr.take();
+    let ready = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(ready.elapsed() < Duration::from_secs(10), "never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = std::time::Instant::now();
+    for i in 0..1000 {
+        let mut c = Client::connect(&sock);
+        c.handshake();
+        // A malformed DMA_MAP: a warning (and debug lines) per client.
+        let r = c.call(common::DMA_MAP, &[0u8; 8], &[]);
+        assert!(r.is_error(), "client {i}: {r:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "stalled after {i} clients"
+        );
+    }
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// Client-triggered warnings are rate-limited per call site, with the suppressed count.
+#[test]
+fn client_triggered_warnings_are_rate_limited() {
+    let dir = tmp();
+    let sock = dir.as_path().join("dev.sock");
+    let p = Proc::spawn(&sock);
+    let mut c = Client::connect(&sock);
+    c.handshake();
+    for _ in 0..500 {
+        let r = c.call(common::DMA_MAP, &[0u8; 8], &[]);
+        assert!(r.is_error());
+    }
+    // The same warning after the window reports what was suppressed.
+    p.expect_line("malformed message");
+    let log = p.0.log();
+    let n = log.matches("malformed message").count();
+    assert!(
+        (1..=domdma_device::logging::BURST as usize).contains(&n),
+        "{n} lines of the same warning for 500 malformed messages"
+    );
+}

@@ -36,7 +36,12 @@ fn advertised_max_dma_maps(r: &Reply) -> u64 {
 fn vm_size() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() << 10
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        << 10
 }
 
 #[test]
@@ -47,7 +52,11 @@ fn exhaustion_gets_error_replies_and_the_connection_stays() {
     let mut c = srv.connect();
     let v = c.handshake();
     let max = advertised_max_dma_maps(&v);
-    assert_eq!(max, FD_LIMIT - RESERVE, "max_dma_maps follows the descriptor limit");
+    assert_eq!(
+        max,
+        FD_LIMIT - RESERVE,
+        "max_dma_maps follows the descriptor limit"
+    );
 
     // Maps up to the advertised number succeed; one more is ENOSPC.
     let ram = memfd(4096 * (max + 1));
@@ -55,8 +64,14 @@ fn exhaustion_gets_error_replies_and_the_connection_stays() {
         c.dma_map(RW, i * 4096, 0x10_0000 + i * 4096, 4096, Some(raw(&ram)))
             .ok(DMA_MAP);
     }
-    c.dma_map(RW, max * 4096, 0x10_0000 + max * 4096, 4096, Some(raw(&ram)))
-        .err(libc::ENOSPC);
+    c.dma_map(
+        RW,
+        max * 4096,
+        0x10_0000 + max * 4096,
+        4096,
+        Some(raw(&ram)),
+    )
+    .err(libc::ENOSPC);
     c.dma_unmap(2, 0, 0).ok(DMA_UNMAP);
 
     // Out of descriptors: the kernel drops the DMA_MAP's memfd; the reply says EMFILE.
@@ -68,7 +83,8 @@ fn exhaustion_gets_error_replies_and_the_connection_stays() {
     c.dma_map(RW, 0, 0x10_0000, 4096, Some(raw(&ram)))
         .err(libc::EMFILE);
     drop(fillers);
-    c.dma_map(RW, 0, 0x10_0000, 4096, Some(raw(&ram))).ok(DMA_MAP);
+    c.dma_map(RW, 0, 0x10_0000, 4096, Some(raw(&ram)))
+        .ok(DMA_MAP);
     c.dma_unmap(2, 0, 0).ok(DMA_UNMAP);
 
     // Out of address space: mmap fails, the reply says ENOMEM.
@@ -86,7 +102,12 @@ fn exhaustion_gets_error_replies_and_the_connection_stays() {
     r.err(libc::ENOMEM);
 
     // The connection is still good.
-    c.dma_map(RW, 0, 0x10_0000, 4096, Some(raw(&ram))).ok(DMA_MAP);
-    c.call(DEVICE_GET_INFO, &fields(&[&16u32, &0u32, &0u32, &0u32]), &[])
-        .ok(DEVICE_GET_INFO);
+    c.dma_map(RW, 0, 0x10_0000, 4096, Some(raw(&ram)))
+        .ok(DMA_MAP);
+    c.call(
+        DEVICE_GET_INFO,
+        &fields(&[&16u32, &0u32, &0u32, &0u32]),
+        &[],
+    )
+    .ok(DEVICE_GET_INFO);
 }
