@@ -100,17 +100,24 @@ fn domain_mode_is_read_per_chunk_and_cached_translations_return_with_it() {
     d.bus.check_canaries();
 }
 
+/// A COPY of `len` bytes of `fill` from SRC to DST (4 KiB pages in DOM), submitted and
+/// seen moving; returns the destination's bus address and the ticket.
+fn copy_in_flight(d: &mut Driver, len: u32, fill: u8) -> (u64, Ticket) {
+    let src = d.map_new(DOM, SRC, u64::from(len), PAGE_4K, RW);
+    let dst = d.map_new(DOM, DST, u64::from(len), PAGE_4K, RW);
+    d.bus.fill(src, u64::from(len), fill);
+    let t = d.submit(Q, Desc::copy(SRC, DST, len));
+    poll("the copy to start", || {
+        (d.bus.read_u8(dst) == fill).then_some(())
+    });
+    (dst, t)
+}
+
 #[test]
 fn domain_disabled_mid_transfer_is_in_effect_when_the_invalidation_returns() {
     let mut d = setup();
     let len = MAX_XFER;
-    let src = d.map_new(DOM, SRC, u64::from(len), PAGE_4K, RW);
-    let dst = d.map_new(DOM, DST, u64::from(len), PAGE_4K, RW);
-    d.bus.fill(src, u64::from(len), 0x5a);
-    let _t = d.submit(Q, Desc::copy(SRC, DST, len));
-    poll("the copy to start", || {
-        (d.bus.read_u8(dst) == 0x5a).then_some(())
-    });
+    let (dst, _t) = copy_in_flight(&mut d, len, 0x5a);
     // Disable the domain mid-transfer and invalidate it: when the invalidation returns the
     // chunk in flight has finished, and the next chunk reads the new mode.
     d.dwrite(DOM, D_CTRL, DOMAIN_MODE_DISABLED);
@@ -140,13 +147,7 @@ fn domain_disabled_mid_transfer_is_in_effect_when_the_invalidation_returns() {
 fn invalidation_returns_after_the_chunk_in_flight_so_unmapped_pages_are_free() {
     let mut d = setup();
     let len = MAX_XFER;
-    let src = d.map_new(DOM, SRC, u64::from(len), PAGE_4K, RW);
-    let dst = d.map_new(DOM, DST, u64::from(len), PAGE_4K, RW);
-    d.bus.fill(src, u64::from(len), 0x3c);
-    let t = d.submit(Q, Desc::copy(SRC, DST, len));
-    poll("the copy to start", || {
-        (d.bus.read_u8(dst) == 0x3c).then_some(())
-    });
+    let (dst, t) = copy_in_flight(&mut d, len, 0x3c);
     // Unmap the whole destination (its level-2 entries), invalidate, then the old pages
     // belong to the driver again: the device must not write them any more.
     for i in 0..u64::from(len) / PAGE_2M {
