@@ -11,7 +11,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use common::*;
-use domdma_device::core::DeviceConfig;
 
 const RW: u32 = 3;
 const FD_LIMIT: u64 = 400;
