@@ -1,0 +1,661 @@
+//! The device core (`domdma_device::core::Device`: registers, queues, DMA engine, MMU,
+//! IOTLB, fault log) driven by arbitrary register accesses over arbitrary bus memory.
+//!
+//! Each input builds a small device (1-4 queues, 1-8 domains, a small IOTLB, 32- or 48-bit
+//! IOVAs, strict mode or not) over fresh bus memory: 1 MiB of RAM at 1 GiB, 64 KiB of RAM
+//! at bus 0 and a 64 KiB region mapped read-only (a memfd, as the server maps a read-only
+//! DMA_MAP). The input is then a sequence of operations: raw BAR0/BAR2/config accesses at
+//! any offset and width, targeted queue, domain, invalidation, fault-log and statistics
+//! registers, doorbells, and writes of descriptors, page-table entries and plain bytes into
+//! bus memory. The engine's workers run concurrently; `Wait` operations give them bounded
+//! time (at most 30 ms per input in all). Then the device is reset or dropped, which stops
+//! every worker after its current chunk.
+//!
+//! Findings are panics (anywhere, workers included), memory errors (ASan), a device access
+//! to the read-only region (SIGSEGV), hangs (libFuzzer's -timeout), and these checks:
+//! - with Bus Master Enable never set, bus memory is exactly what the input wrote;
+//! - after a reset every queue is disabled and the scratch register reads 0.
+
+#![no_main]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use domdma_device::core::{Device, DeviceConfig, QueueState};
+use domdma_device::irq::RecordingInterrupts;
+use domdma_device::spec::*;
+use libfuzzer_sys::fuzz_target;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+
+/// The main RAM region: 1 MiB at bus 1 GiB (so 2 MiB and 1 GiB leaves can point at it).
+const RAM_BASE: u64 = 1 << 30;
+const RAM_SIZE: u64 = 1 << 20;
+/// A small RAM region at bus 0 (identity-mapped rings at low addresses, IOVA 0).
+const LOW_SIZE: u64 = 64 << 10;
+/// The read-only region.
+const RO_BASE: u64 = 3 << 30;
+const RO_SIZE: u64 = 64 << 10;
+
+/// Longest time all `Wait` operations of one input may take together.
+const WAIT_BUDGET: Duration = Duration::from_millis(30);
+
+/// PCI command register and its bits.
+const PCI_COMMAND: u64 = 4;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+/// A bus address: mostly inside one of the regions (so that tables, rings and buffers are
+/// found), sometimes anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Bus {
+    Ram(u32),
+    Low(u16),
+    Ro(u16),
+    Raw(u64),
+}
+
+impl Bus {
+    fn get(self) -> u64 {
+        match self {
+            Bus::Ram(o) => RAM_BASE + u64::from(o) % RAM_SIZE,
+            Bus::Low(o) => u64::from(o) % LOW_SIZE,
+            Bus::Ro(o) => RO_BASE + u64::from(o) % RO_SIZE,
+            Bus::Raw(a) => a,
+        }
+    }
+
+    /// Aligned down to `align` (a power of two).
+    fn aligned(self, align: u64) -> u64 {
+        match self {
+            Bus::Raw(a) => a,
+            _ => self.get() & !(align - 1),
+        }
+    }
+}
+
+/// An IOVA for a descriptor: a bus address (identity and pass-through domains), a small
+/// IOVA built from table indices (translated domains), or anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Iova {
+    Bus(Bus),
+    Indexed(u8, u8, u16),
+    Raw(u64),
+}
+
+impl Iova {
+    fn get(self) -> u64 {
+        match self {
+            Iova::Bus(b) => b.get(),
+            Iova::Indexed(l3, l2, off) => {
+                u64::from(l3 % 4) << 30 | u64::from(l2 % 4) << 21 | u64::from(off) << 4
+            }
+            Iova::Raw(a) => a,
+        }
+    }
+}
+
+/// A page-table entry: a table pointer, a leaf, or any 64 bits.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum PteSpec {
+    Table { to: Bus, perm: u8 },
+    Leaf { to: Bus, perm: u8, large: bool },
+    Raw(u64),
+}
+
+impl PteSpec {
+    fn get(self) -> u64 {
+        match self {
+            PteSpec::Table { to, perm } => Pte::table(to.aligned(4096), u64::from(perm)).raw(),
+            PteSpec::Leaf { to, perm, large } => {
+                let align = if large { 1 << 21 } else { 4096 };
+                Pte::leaf(to.aligned(align), u64::from(perm), large).raw()
+            }
+            PteSpec::Raw(v) => v,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+enum Op {
+    /// A BAR0 access at any offset and width (1, 2, 4, 8 or a bad one).
+    RegWrite {
+        offset: u16,
+        width: u8,
+        value: u64,
+    },
+    RegRead {
+        offset: u16,
+        width: u8,
+    },
+    /// A register of queue `q` (index into its block of 32-bit registers).
+    QueueReg {
+        q: u8,
+        reg: u8,
+        value: u32,
+    },
+    /// A register of domain `d`.
+    DomainReg {
+        d: u8,
+        reg: u8,
+        value: u32,
+    },
+    /// One of the global registers (`GLOBAL_REGS`).
+    GlobalReg {
+        reg: u8,
+        value: u32,
+    },
+    /// Program queue `q`: ring base, size 2^(size % 13), domain, vector, then enable.
+    SetupQueue {
+        q: u8,
+        ring: Bus,
+        size: u8,
+        domain: u8,
+        ctrl: u8,
+        vector: u8,
+        coal_count: u8,
+        coal_usec: u16,
+    },
+    /// Write `Q_TAIL`.
+    Doorbell {
+        q: u8,
+        tail: u16,
+    },
+    /// A descriptor into bus memory (a ring slot or a BATCH list).
+    Descriptor {
+        at: Bus,
+        opcode: u8,
+        flags: u8,
+        len: u32,
+        src: Iova,
+        dst: Iova,
+        cpl: Iova,
+        tag: u64,
+        reserved: u8,
+    },
+    /// A page-table entry at a table address and an index.
+    Pte {
+        table: Bus,
+        index: u16,
+        pte: PteSpec,
+    },
+    /// Point domain `d` at a root table and set its mode.
+    Domain {
+        d: u8,
+        root: Bus,
+        mode: u8,
+    },
+    /// An IOTLB invalidation command.
+    Invalidate {
+        cmd: u8,
+        domain: u8,
+        addr: Iova,
+        len: u32,
+    },
+    /// Set up the fault log.
+    FaultLog {
+        base: Bus,
+        size: u16,
+        ctrl: u8,
+        vector: u8,
+    },
+    /// Any bytes anywhere in bus memory.
+    Bytes {
+        at: Bus,
+        data: Vec<u8>,
+    },
+    /// PCI configuration space.
+    Config {
+        offset: u8,
+        width: u8,
+        value: u32,
+    },
+    BusMaster(bool),
+    /// The MSI-X BAR.
+    Msix {
+        offset: u16,
+        width: u8,
+        value: u64,
+    },
+    /// Let the workers run, up to `ms` milliseconds or until every queue is idle.
+    Wait {
+        ms: u8,
+    },
+    /// `DEV_CTRL_RESET` (soft) or a function-level reset (`Device::reset`).
+    Reset {
+        function_level: bool,
+    },
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    queues: u8,
+    domains: u8,
+    iotlb: u8,
+    width32: bool,
+    max_transfer: u8,
+    strict: bool,
+    master: bool,
+    ops: Vec<Op>,
+}
+
+/// The global registers a `GlobalReg` op picks from.
+const GLOBAL_REGS: [u64; 26] = [
+    REG_SCRATCH,
+    REG_DEV_CTRL,
+    REG_DEV_STATUS,
+    REG_INV_DOMAIN,
+    REG_INV_ADDR_LO,
+    REG_INV_ADDR_HI,
+    REG_INV_LEN_LO,
+    REG_INV_LEN_HI,
+    REG_INV_CMD,
+    REG_INV_STATUS,
+    REG_INV_SEQ,
+    REG_FLOG_BASE_LO,
+    REG_FLOG_BASE_HI,
+    REG_FLOG_SIZE,
+    REG_FLOG_CTRL,
+    REG_FLOG_HEAD,
+    REG_FLOG_TAIL,
+    REG_FLOG_STATUS,
+    REG_FLOG_MSIX_VECTOR,
+    REG_FLOG_COUNT,
+    REG_FLOG_DROPPED,
+    REG_STAT_SELECT,
+    REG_STAT_VALUE_LO,
+    REG_STAT_VALUE_HI,
+    REG_ID,
+    REG_CAP,
+];
+
+fn width_of(w: u8) -> usize {
+    [1, 2, 4, 8, 3, 0][usize::from(w % 6)]
+}
+
+/// Bus memory for one input, and what the input wrote to it (for the no-DMA check).
+struct Memory {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// A writable mapping of the read-only region's memfd.
+    ro_writer: GuestMemoryMmap,
+    /// Shadow of what the input wrote: RAM, low RAM, read-only region.
+    shadow: Vec<(u64, Vec<u8>)>,
+}
+
+impl Memory {
+    fn new() -> Self {
+        // SAFETY: memfd_create with a NUL-terminated name and no flags beyond CLOEXEC.
+        let fd = unsafe { libc::memfd_create(c"domdma-fuzz-ro".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a new descriptor this function owns.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(RO_SIZE).expect("memfd size");
+        let writer = MmapRegion::from_file(
+            FileOffset::new(file.try_clone().expect("dup"), 0),
+            RO_SIZE as usize,
+        )
+        .expect("writer mapping");
+        let ro = MmapRegionBuilder::new(RO_SIZE as usize)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .expect("read-only mapping");
+        let ram = MmapRegion::new(RAM_SIZE as usize).expect("RAM");
+        let low = MmapRegion::new(LOW_SIZE as usize).expect("low RAM");
+        let gm = GuestMemoryMmap::from_regions(vec![
+            GuestRegionMmap::new(low, GuestAddress(0)).unwrap(),
+            GuestRegionMmap::new(ram, GuestAddress(RAM_BASE)).unwrap(),
+            GuestRegionMmap::new(ro, GuestAddress(RO_BASE)).unwrap(),
+        ])
+        .expect("bus memory");
+        let ro_writer = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
+            writer,
+            GuestAddress(RO_BASE),
+        )
+        .unwrap()])
+        .expect("writer");
+        Memory {
+            mem: GuestMemoryAtomic::new(gm),
+            ro_writer,
+            shadow: vec![
+                (0, vec![0; LOW_SIZE as usize]),
+                (RAM_BASE, vec![0; RAM_SIZE as usize]),
+                (RO_BASE, vec![0; RO_SIZE as usize]),
+            ],
+        }
+    }
+
+    /// Write `data` at `addr`, clipped to the region it starts in (nothing outside one).
+    fn write(&mut self, addr: u64, data: &[u8]) {
+        for (base, shadow) in &mut self.shadow {
+            let Some(off) = addr.checked_sub(*base) else {
+                continue;
+            };
+            let Ok(off) = usize::try_from(off) else {
+                continue;
+            };
+            if off >= shadow.len() {
+                continue;
+            }
+            let n = data.len().min(shadow.len() - off);
+            shadow[off..off + n].copy_from_slice(&data[..n]);
+            let data = &data[..n];
+            if *base == RO_BASE {
+                self.ro_writer
+                    .write_slice(data, GuestAddress(addr))
+                    .expect("read-only region write");
+            } else {
+                use vm_memory::GuestAddressSpace;
+                self.mem
+                    .memory()
+                    .write_slice(data, GuestAddress(addr))
+                    .expect("bus write");
+            }
+            return;
+        }
+    }
+
+    /// Check that bus memory holds exactly what the input wrote.
+    fn check_untouched(&self) {
+        use vm_memory::GuestAddressSpace;
+        let mem = self.mem.memory();
+        for (base, shadow) in &self.shadow {
+            let mut got = vec![0u8; shadow.len()];
+            mem.read_slice(&mut got, GuestAddress(*base))
+                .expect("bus read");
+            // One memcmp first: a loop over the bytes would run a coverage callback each.
+            if got == *shadow {
+                continue;
+            }
+            if let Some(i) = (0..got.len()).find(|&i| got[i] != shadow[i]) {
+                panic!(
+                    "bus memory at {:#x} changed ({:#04x} -> {:#04x}) although Bus Master \
+                     Enable was never set",
+                    base + i as u64,
+                    shadow[i],
+                    got[i]
+                );
+            }
+        }
+    }
+}
+
+struct Harness {
+    dev: Device,
+    mem: Memory,
+    config: DeviceConfig,
+    /// Bus Master Enable has been set at some point.
+    ever_master: bool,
+    wait_left: Duration,
+}
+
+impl Harness {
+    fn write(&mut self, reg: u64, value: u32) {
+        self.dev.bar_write(REGS_BAR, reg, &value.to_le_bytes());
+    }
+
+    fn read(&mut self, reg: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.bar_read(REGS_BAR, reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) {
+        self.dev.config_write(offset, data);
+        let mut cmd = [0u8; 2];
+        self.dev.config_read(PCI_COMMAND, &mut cmd);
+        if u16::from_le_bytes(cmd) & PCI_COMMAND_MASTER != 0 {
+            self.ever_master = true;
+        }
+    }
+
+    fn bus_master(&mut self, on: bool) {
+        let v = PCI_COMMAND_MEMORY | if on { PCI_COMMAND_MASTER } else { 0 };
+        self.config_write(PCI_COMMAND, &v.to_le_bytes());
+    }
+
+    /// Poll until no queue is busy, for at most `limit` (and the input's wait budget).
+    fn wait_idle(&mut self, limit: Duration) {
+        let limit = limit.min(self.wait_left);
+        let start = Instant::now();
+        loop {
+            let busy = (0..self.config.queues).any(|q| {
+                let s = self.read(queue_reg(q, Q_STATUS));
+                s & Q_STATUS_BUSY != 0 && s & Q_STATUS_ENABLED != 0
+            });
+            if !busy || start.elapsed() >= limit {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        self.wait_left = self.wait_left.saturating_sub(start.elapsed());
+    }
+
+    fn check_reset(&mut self) {
+        for q in 0..self.config.queues as usize {
+            assert_eq!(
+                self.dev.queue_state(q),
+                Some(QueueState::Disabled),
+                "queue {q} after a reset"
+            );
+        }
+        assert_eq!(self.read(REG_SCRATCH), 0, "scratch after a reset");
+    }
+
+    fn run(&mut self, op: Op) {
+        let queues = self.config.queues;
+        let domains = self.config.domains;
+        match op {
+            Op::RegWrite {
+                offset,
+                width,
+                value,
+            } => {
+                let w = width_of(width);
+                let off = u64::from(offset) % (REGS_BAR_SIZE + 16);
+                self.dev.bar_write(REGS_BAR, off, &value.to_le_bytes()[..w]);
+            }
+            Op::RegRead { offset, width } => {
+                let mut b = [0u8; 8];
+                let w = width_of(width);
+                let off = u64::from(offset) % (REGS_BAR_SIZE + 16);
+                self.dev.bar_read(REGS_BAR, off, &mut b[..w]);
+            }
+            Op::QueueReg { q, reg, value } => {
+                let q = u32::from(q) % (queues + 1);
+                self.write(queue_reg(q, u64::from(reg % 16) * 4), value);
+            }
+            Op::DomainReg { d, reg, value } => {
+                let d = u32::from(d) % (domains + 1);
+                self.write(domain_reg(d, u64::from(reg % 4) * 4), value);
+            }
+            Op::GlobalReg { reg, value } => {
+                let reg = GLOBAL_REGS[usize::from(reg) % GLOBAL_REGS.len()];
+                self.write(reg, value);
+                let _ = self.read(reg);
+            }
+            Op::SetupQueue {
+                q,
+                ring,
+                size,
+                domain,
+                ctrl,
+                vector,
+                coal_count,
+                coal_usec,
+            } => {
+                let q = u32::from(q) % queues;
+                let base = ring.aligned(64);
+                self.write(queue_reg(q, Q_CTRL), 0);
+                self.write(queue_reg(q, Q_BASE_LO), base as u32);
+                self.write(queue_reg(q, Q_BASE_HI), (base >> 32) as u32);
+                self.write(queue_reg(q, Q_SIZE), 1 << (size % 13));
+                self.write(queue_reg(q, Q_DOMAIN), u32::from(domain) % (domains + 1));
+                self.write(
+                    queue_reg(q, Q_MSIX_VECTOR),
+                    u32::from(vector) % (queues + 2),
+                );
+                self.write(queue_reg(q, Q_COAL_COUNT), u32::from(coal_count % 8));
+                self.write(queue_reg(q, Q_COAL_USEC), u32::from(coal_usec % 2000));
+                self.write(queue_reg(q, Q_CTRL), u32::from(ctrl % 8) | Q_CTRL_ENABLE);
+            }
+            Op::Doorbell { q, tail } => {
+                let q = u32::from(q) % queues;
+                self.write(queue_reg(q, Q_TAIL), u32::from(tail));
+            }
+            Op::Descriptor {
+                at,
+                opcode,
+                flags,
+                len,
+                src,
+                dst,
+                cpl,
+                tag,
+                reserved,
+            } => {
+                let mut r = [0u8; 24];
+                if reserved % 16 == 15 {
+                    r[usize::from(reserved) % 24] = reserved;
+                }
+                let d = Descriptor {
+                    opcode: opcode % 8,
+                    flags: flags % 8,
+                    reserved_lo: u16::from(reserved % 32 == 31),
+                    // Mostly short transfers; sometimes anything (the device must refuse
+                    // or bound them).
+                    len: if len & 0x8000_0000 != 0 {
+                        len
+                    } else {
+                        len % 0x1_2000
+                    },
+                    src: src.get(),
+                    dst: dst.get(),
+                    completion: cpl.get(),
+                    tag,
+                    reserved: r,
+                };
+                self.mem.write(at.aligned(8), &d.encode());
+            }
+            Op::Pte { table, index, pte } => {
+                let at = table.aligned(4096) + u64::from(index % 512) * 8;
+                self.mem.write(at, &pte.get().to_le_bytes());
+            }
+            Op::Domain { d, root, mode } => {
+                let d = u32::from(d) % (domains + 1);
+                let root = root.aligned(4096);
+                self.write(domain_reg(d, D_ROOT_LO), root as u32);
+                self.write(domain_reg(d, D_ROOT_HI), (root >> 32) as u32);
+                self.write(domain_reg(d, D_CTRL), u32::from(mode % 4));
+            }
+            Op::Invalidate {
+                cmd,
+                domain,
+                addr,
+                len,
+            } => {
+                let a = addr.get();
+                self.write(REG_INV_DOMAIN, u32::from(domain) % (domains + 1));
+                self.write(REG_INV_ADDR_LO, a as u32);
+                self.write(REG_INV_ADDR_HI, (a >> 32) as u32);
+                self.write(REG_INV_LEN_LO, len);
+                self.write(REG_INV_LEN_HI, 0);
+                self.write(REG_INV_CMD, u32::from(cmd % 5));
+                let _ = self.read(REG_INV_STATUS);
+            }
+            Op::FaultLog {
+                base,
+                size,
+                ctrl,
+                vector,
+            } => {
+                let b = base.aligned(32);
+                self.write(REG_FLOG_CTRL, 0);
+                self.write(REG_FLOG_BASE_LO, b as u32);
+                self.write(REG_FLOG_BASE_HI, (b >> 32) as u32);
+                self.write(REG_FLOG_SIZE, u32::from(size % 4200));
+                self.write(REG_FLOG_MSIX_VECTOR, u32::from(vector) % (queues + 2));
+                self.write(REG_FLOG_CTRL, u32::from(ctrl % 4));
+            }
+            Op::Bytes { at, data } => {
+                let data = &data[..data.len().min(4096)];
+                self.mem.write(at.get(), data);
+            }
+            Op::Config {
+                offset,
+                width,
+                value,
+            } => {
+                let w = width_of(width).min(4);
+                self.config_write(u64::from(offset), &value.to_le_bytes()[..w]);
+                let mut b = [0u8; 4];
+                self.dev.config_read(u64::from(offset), &mut b[..w]);
+            }
+            Op::BusMaster(on) => self.bus_master(on),
+            Op::Msix {
+                offset,
+                width,
+                value,
+            } => {
+                let w = width_of(width);
+                let off = u64::from(offset) % (MSIX_BAR_SIZE + 16);
+                self.dev.bar_write(MSIX_BAR, off, &value.to_le_bytes()[..w]);
+                let mut b = [0u8; 8];
+                self.dev.bar_read(MSIX_BAR, off, &mut b[..w]);
+            }
+            Op::Wait { ms } => self.wait_idle(Duration::from_millis(u64::from(ms % 8))),
+            Op::Reset { function_level } => {
+                if function_level {
+                    self.dev.reset();
+                } else {
+                    self.write(REG_DEV_CTRL, DEV_CTRL_RESET);
+                }
+                self.check_reset();
+            }
+        }
+    }
+}
+
+fuzz_target!(|input: Input| {
+    let config = DeviceConfig {
+        queues: u32::from(input.queues % 4) + 1,
+        domains: u32::from(input.domains % 8) + 1,
+        iotlb_entries: [1, 4, 8, 64][usize::from(input.iotlb % 4)],
+        iova_width: if input.width32 {
+            IOVA_WIDTH_32
+        } else {
+            DEFAULT_IOVA_WIDTH
+        },
+        max_transfer: [4096, 64 << 10, 1 << 20][usize::from(input.max_transfer % 3)],
+        strict_iotlb: input.strict,
+    };
+    config.validate().expect("a valid configuration");
+    let mem = Memory::new();
+    let irq = Arc::new(RecordingInterrupts::new());
+    let dev = Device::new(config.clone(), mem.mem.clone(), irq.clone());
+    let mut h = Harness {
+        dev,
+        mem,
+        config,
+        ever_master: false,
+        wait_left: WAIT_BUDGET,
+    };
+    if input.master {
+        h.bus_master(true);
+    }
+    for op in input.ops.into_iter().take(512) {
+        h.run(op);
+    }
+    // A last bounded chance for the workers, then stop them.
+    h.wait_idle(Duration::from_millis(2));
+    if !h.ever_master {
+        h.mem.check_untouched();
+    }
+    let _ = irq.take();
+    drop(h);
+});
