@@ -6,7 +6,8 @@
 //! reached only through `vm-memory`; interrupts go out through an [`InterruptSink`]. Every
 //! guest-controlled value is checked before use: a bad descriptor or address gives an error
 //! status in the completion record, a fault record or a halted queue, never a panic, and no
-//! byte outside a valid mapping is read or written. See `device/SPEC.md` for the
+//! byte outside a valid mapping is read or written; bus memory whose backing vanishes
+//! (SIGBUS) faults the access and is not used again ([`sigbus`]). See `device/SPEC.md` for the
 //! programming model and `device/DESIGN.md` for the threading.
 
 use std::sync::atomic::AtomicBool;
@@ -26,6 +27,7 @@ pub mod faults;
 pub mod inject;
 pub mod mmu;
 mod queue;
+pub mod sigbus;
 pub mod stats;
 
 use engine::Shared;
@@ -169,6 +171,9 @@ impl Device {
     ///
     /// When the host cannot start a thread.
     pub fn new(config: DeviceConfig, mem: BusMemory, irq: Arc<dyn InterruptSink>) -> Self {
+        // Bus memory that vanishes under the engine faults its access rather than ending
+        // the process (see `sigbus`).
+        sigbus::install_or_warn();
         let vectors = config.msix_vectors();
         let domains = u16::try_from(config.domains).unwrap_or(u16::MAX);
         let queues = u16::try_from(config.queues).unwrap_or(u16::MAX);

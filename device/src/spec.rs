@@ -409,6 +409,10 @@ pub const FAULT_DESCRIPTOR_INVALID: u8 = 5;
 pub const FAULT_OUTSIDE_RAM: u8 = 6;
 /// Fault reason: the queue's domain is disabled or does not exist.
 pub const FAULT_DOMAIN_DISABLED: u8 = 7;
+/// Fault reason: the memory behind a mapped bus address is gone (the VMM's backing for
+/// the mapping failed: a truncated file, no huge page, a full file system); the device
+/// does not use that mapping again.
+pub const FAULT_BUS_ERROR: u8 = 8;
 
 /// Fault access bit: the access was a write (else a read).
 pub const ACCESS_WRITE: u8 = 1 << 0;
@@ -635,6 +639,7 @@ mod doc {
         FAULT_DESCRIPTOR_INVALID,
         FAULT_OUTSIDE_RAM,
         FAULT_DOMAIN_DISABLED,
+        FAULT_BUS_ERROR,
         ACCESS_WRITE,
         ACCESS_DESCRIPTOR,
         ACCESS_COMPLETION,

@@ -36,10 +36,11 @@ use vm_memory::{
     GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
 };
 
-use super::bus::{check_range, region_allows, Access};
+use super::bus::{self, check_range, is_lost, refusal, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::mmu::{Mmu, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
+use super::sigbus;
 use super::stats::add;
 use super::{BusMemory, DeviceConfig};
 use crate::irq::InterruptSink;
@@ -51,6 +52,10 @@ pub const CHUNK_MAX: u64 = 1 << 20;
 
 /// Size of a worker's scratch buffers (COMPARE, CRC32C and FILL work through them).
 const BLOCK: usize = 64 << 10;
+
+/// Translations of one address tried when walks keep finding newly lost memory (each try
+/// marks one more region lost; see [`Exec::extent`]).
+const LOST_TRIES: u32 = 4;
 
 /// State shared by the register front end and the workers, reached without the transport's
 /// device lock.
@@ -472,8 +477,31 @@ impl Exec<'_> {
     }
 
     /// Translate and check a small access (a descriptor or a completion record) that must
-    /// lie in one page and one region; returns its bus address. Call with the gate held.
+    /// lie in one page and one region; returns its bus address. Call with the gate held and
+    /// the thread armed with `mem` ([`sigbus::arm`]): a walk that finds lost memory marks
+    /// it lost and translates again, so the fault is the walk's own (`FAULT_BUS_ERROR`
+    /// with the level and table of the entry that could not be read).
     fn map_small(
+        &self,
+        mem: &GuestMemoryMmap,
+        iova: u64,
+        len: u64,
+        access: Access,
+        flags: u8,
+    ) -> Result<u64, Fault> {
+        for _ in 0..LOST_TRIES {
+            let mapped = self.map_small_once(mem, iova, len, access, flags);
+            match sigbus::take_fault() {
+                None => return mapped,
+                Some(page) => {
+                    sigbus::lose(mem, page);
+                }
+            }
+        }
+        Err(self.access_fault(FAULT_BUS_ERROR, iova, 0, flags | ACCESS_PAGE_WALK))
+    }
+
+    fn map_small_once(
         &self,
         mem: &GuestMemoryMmap,
         iova: u64,
@@ -487,19 +515,43 @@ impl Exec<'_> {
             return Err(self.outside_ram(iova.wrapping_add(m.len), bus, flags));
         }
         check_range(mem, m.bus, len, access).map_err(|bad| {
-            self.outside_ram(iova.wrapping_add(bad.wrapping_sub(m.bus)), bad, flags)
+            let iova = iova.wrapping_add(bad.wrapping_sub(m.bus));
+            self.access_fault(refusal(mem, bad), iova, bad, flags)
         })?;
         Ok(m.bus)
+    }
+
+    /// The `FAULT_BUS_ERROR` of a small access to `iova` (bus address `bus`, in one page)
+    /// that found `page` lost (SIGBUS, recovered, see [`sigbus`]): the region is marked
+    /// lost.
+    fn bus_error(
+        &self,
+        mem: &GuestMemoryMmap,
+        page: sigbus::LostPage,
+        iova: u64,
+        bus: u64,
+        flags: u8,
+    ) -> Fault {
+        sigbus::lose(mem, page);
+        self.access_fault(FAULT_BUS_ERROR, iova, bus, flags)
     }
 
     /// Fetch the descriptor at `iova`.
     fn fetch(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
+        let _armed = sigbus::arm(&mem);
         let bus = self.map_small(&mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
         let mut raw = [0u8; DESC_SIZE as usize];
-        mem.read_slice(&mut raw, GuestAddress(bus))
-            .map_err(|_| self.outside_ram(iova, bus, ACCESS_DESCRIPTOR))?;
+        let read = mem.read_slice(&mut raw, GuestAddress(bus));
+        if let Some(page) = sigbus::take_fault() {
+            return Err(self.bus_error(&mem, page, iova, bus, ACCESS_DESCRIPTOR));
+        }
+        if bus::is_lost_at(&mem, bus) {
+            // Lost by another thread while this one read it.
+            return Err(self.access_fault(FAULT_BUS_ERROR, iova, bus, ACCESS_DESCRIPTOR));
+        }
+        read.map_err(|_| self.outside_ram(iova, bus, ACCESS_DESCRIPTOR))?;
         Ok(raw)
     }
 
@@ -582,6 +634,7 @@ impl Exec<'_> {
             self.between_chunks(done)?;
             let _gate = self.shared.mmu.chunk_gate();
             let mem = self.shared.mem.memory();
+            let _armed = sigbus::arm(&mem);
             let limit = (len - done).min(CHUNK_MAX);
             let (n, flow) = self
                 .chunk(&mem, done, limit, a, b, may_stop, &mut f)
@@ -632,7 +685,7 @@ impl Exec<'_> {
             if may_stop {
                 if let Some(p) = piece.take() {
                     tr.release();
-                    let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                    let flow = self.flush(mem, &p, at, a, b, f).map_err(|e| (e, p.off))?;
                     if flow.is_break() {
                         return Ok((o, flow));
                     }
@@ -655,7 +708,7 @@ impl Exec<'_> {
                     if let Some(p) = piece.take() {
                         tr.release();
                         // Moves everything before the fault.
-                        let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                        let flow = self.flush(mem, &p, at, a, b, f).map_err(|e| (e, p.off))?;
                         if flow.is_break() {
                             return Ok((o, flow));
                         }
@@ -666,7 +719,7 @@ impl Exec<'_> {
             if let Some((sa, sb)) = next {
                 if let Some(p) = piece.take() {
                     tr.release();
-                    let flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+                    let flow = self.flush(mem, &p, at, a, b, f).map_err(|e| (e, p.off))?;
                     if flow.is_break() {
                         return Ok((o, flow));
                     }
@@ -692,7 +745,7 @@ impl Exec<'_> {
         let mut flow = ControlFlow::Continue(());
         if let Some(p) = piece {
             tr.release();
-            flow = self.flush(&p, at, a, b, f).map_err(|e| (e, p.off))?;
+            flow = self.flush(mem, &p, at, a, b, f).map_err(|e| (e, p.off))?;
         }
         Ok((o, flow))
     }
@@ -714,7 +767,7 @@ impl Exec<'_> {
         piece: &Option<Piece<'m>>,
     ) -> Result<Option<(Span<'m>, Option<Span<'m>>)>, Fault> {
         if o == pa.end {
-            *pa = self.extent(tr, a, at, o, want)?;
+            *pa = self.extent(tr, mem, a, at, o, want)?;
         }
         let a_bus = pa.bus_at(o);
         let a_old = piece
@@ -735,7 +788,7 @@ impl Exec<'_> {
                 }
                 .room(a_bus);
                 let want = want.min(pa.end - o).min(a_room);
-                *pb = self.extent(tr, b, at, o, want)?;
+                *pb = self.extent(tr, mem, b, at, o, want)?;
             }
             let b_bus = pb.bus_at(o);
             let b_old = piece
@@ -770,18 +823,36 @@ impl Exec<'_> {
 
     /// Translate side `side` from offset `o` of the chunk at `at`: the pages contiguous in
     /// bus memory from there, up to `want` bytes ([`Translator::translate_run`]).
+    ///
+    /// A walk that touched lost memory (a SIGBUS recovered while reading a page table, see
+    /// [`sigbus`]) read zeros: its region is marked lost, the translator forgets what it
+    /// derived from walks, and the run is translated again, which now faults exactly where
+    /// the walk needs the lost table (`FAULT_BUS_ERROR`, `ACCESS_PAGE_WALK`).
     fn extent(
         &self,
         tr: &mut Translator<'_>,
+        mem: &GuestMemoryMmap,
         side: Side,
         at: u64,
         o: u64,
         want: u64,
     ) -> Result<Page, Fault> {
         let iova = side.iova.wrapping_add(at + o);
-        let t = tr
-            .translate_run(iova, side.access, want)
-            .map_err(|f| Fault::from_translation(f, side.flags, self.domain, self.q()))?;
+        let mut tries = 0;
+        let run = loop {
+            let run = tr.translate_run(iova, side.access, want);
+            let Some(page) = sigbus::take_fault() else {
+                break run;
+            };
+            let bus = sigbus::lose(mem, page).unwrap_or(0);
+            tr.forget_walks();
+            tries += 1;
+            if tries == LOST_TRIES {
+                let flags = side.flags | ACCESS_PAGE_WALK;
+                return Err(self.access_fault(FAULT_BUS_ERROR, iova, bus, flags));
+            }
+        };
+        let t = run.map_err(|f| Fault::from_translation(f, side.flags, self.domain, self.q()))?;
         if t.len == 0 {
             // Never returned by the MMU; a page of 0 bytes would make no progress.
             debug_assert!(false, "translation of length 0");
@@ -818,12 +889,21 @@ impl Exec<'_> {
         if region_allows(region, side.access) {
             return Ok(());
         }
-        Err(self.outside_ram(side.iova.wrapping_add(off), bus, side.flags))
+        let reason = if is_lost(region) {
+            FAULT_BUS_ERROR
+        } else {
+            FAULT_OUTSIDE_RAM
+        };
+        Err(self.access_fault(reason, side.iova.wrapping_add(off), bus, side.flags))
     }
 
-    /// Move piece `p` of the chunk at `at`: hand its slices to `f`.
+    /// Move piece `p` of the chunk at `at`: hand its slices to `f` (on a thread armed with
+    /// `mem`, see [`Exec::transfer`]). When the move raised SIGBUS (recovered, see
+    /// [`sigbus`]) the piece fails with `FAULT_BUS_ERROR` at the first lost byte, and none
+    /// of it counts as moved.
     fn flush<F>(
         &self,
+        mem: &GuestMemoryMmap,
         p: &Piece<'_>,
         at: u64,
         a: Side,
@@ -839,7 +919,55 @@ impl Exec<'_> {
             (Some(b), Some(span)) => Some(self.span_slice(span, p.len, b, off)?),
             _ => None,
         };
-        Ok(f(off, sa, sb))
+        let flow = f(off, sa, sb);
+        if let Some(page) = sigbus::take_fault() {
+            return Err(self.lost_piece(mem, page, p, off, a, b));
+        }
+        if bus::any_lost() {
+            // Another thread may have found this piece's memory lost while it moved (and
+            // this one then read or wrote the page that replaced it).
+            let lost = |side: Side, span: Span<'_>| {
+                let iova = side.iova.wrapping_add(off);
+                is_lost(span.region)
+                    .then(|| self.access_fault(FAULT_BUS_ERROR, iova, span.bus, side.flags))
+            };
+            let on_b = || lost(b?, p.b?);
+            if let Some(fault) = lost(a, p.a).or_else(on_b) {
+                return Err(fault);
+            }
+        }
+        Ok(flow)
+    }
+
+    /// The `FAULT_BUS_ERROR` of piece `p` (at transfer offset `off`) whose move found
+    /// `page` lost (SIGBUS, recovered): on the side whose bytes the page holds (side `a`
+    /// when both do, or neither), at the IOVA of the piece's first byte in the page, with
+    /// that byte's bus address as info.
+    fn lost_piece(
+        &self,
+        mem: &GuestMemoryMmap,
+        page: sigbus::LostPage,
+        p: &Piece<'_>,
+        off: u64,
+        a: Side,
+        b: Option<Side>,
+    ) -> Fault {
+        let lost = sigbus::lose(mem, page).map(|bus| (bus, bus.saturating_add(page.len as u64)));
+        // Offset in the piece of its first byte in the lost page, on the side of `span`.
+        let holds = |span: &Span<'_>| {
+            let (start, end) = lost?;
+            let span_end = span.bus.saturating_add(p.len);
+            (start < span_end && end > span.bus).then(|| start.saturating_sub(span.bus))
+        };
+        let (side, span, at) = match (b, p.b) {
+            (Some(b), Some(sb)) if holds(&p.a).is_none() && holds(&sb).is_some() => {
+                (b, sb, holds(&sb))
+            }
+            _ => (a, p.a, holds(&p.a)),
+        };
+        let at = at.unwrap_or(0);
+        let iova = side.iova.wrapping_add(off + at);
+        self.access_fault(FAULT_BUS_ERROR, iova, span.bus.wrapping_add(at), side.flags)
     }
 
     /// The `len` bytes of `span` (checked: in its region, which allows the access).
@@ -881,11 +1009,15 @@ impl Exec<'_> {
     fn corrupt(&self, iova: u64, xor: u8) {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
+        let _armed = sigbus::arm(&mem);
         if let Ok(bus) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
             if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
                 let _ = mem.write_obj(b ^ xor, GuestAddress(bus));
                 debug!(q = self.q(), iova, "injected: COPY byte corrupted");
             }
+        }
+        if let Some(page) = sigbus::take_fault() {
+            sigbus::lose(&mem, page);
         }
     }
 
@@ -1033,15 +1165,24 @@ impl Exec<'_> {
         let flags = ACCESS_COMPLETION | ACCESS_WRITE;
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
+        let _armed = sigbus::arm(&mem);
         let bus = self.map_small(&mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
-        let outside = |_| self.outside_ram(d.completion, bus, flags);
         let record = o.record(d.tag);
         let body = GuestAddress(bus + CompletionRecord::BODY_OFFSET);
-        mem.write_slice(&record.body(), body).map_err(outside)?;
-        // The status must become visible only after the rest of the record.
-        fence(Ordering::Release);
-        mem.write_obj(record.head().to_le(), GuestAddress(bus))
-            .map_err(outside)?;
+        let written = mem.write_slice(&record.body(), body).and_then(|()| {
+            // The status must become visible only after the rest of the record.
+            fence(Ordering::Release);
+            mem.write_obj(record.head().to_le(), GuestAddress(bus))
+        });
+        if let Some(page) = sigbus::take_fault() {
+            // The record went to a page that replaced the lost one: nobody sees it.
+            return Err(self.bus_error(&mem, page, d.completion, bus, flags));
+        }
+        if bus::is_lost_at(&mem, bus) {
+            // Lost by another thread while this one wrote it.
+            return Err(self.access_fault(FAULT_BUS_ERROR, d.completion, bus, flags));
+        }
+        written.map_err(|_| self.outside_ram(d.completion, bus, flags))?;
         Ok(true)
     }
 
@@ -1632,6 +1773,222 @@ mod tests {
         let until = Instant::now() + std::time::Duration::from_millis(2);
         spin_until(|| false, until);
         assert!(Instant::now() >= until, "returned before the time was up");
+    }
+
+    /// Where [`file_shared`] maps its file.
+    const FILE_BUS: u64 = 32 << 20;
+    /// The file's length, mapped whole.
+    const FILE_SIZE: u64 = 2 << 20;
+
+    /// [`shared`] plus a memfd of [`FILE_SIZE`] bytes mapped shared at [`FILE_BUS`], as a
+    /// DMA_MAP maps a client's file; and the file, to take its pages away.
+    fn file_shared() -> (Shared, std::fs::File) {
+        use std::os::fd::FromRawFd;
+
+        use vm_memory::{FileOffset, MmapRegion};
+        sigbus::install().unwrap();
+        let name = std::ffi::CString::new("domdma-engine-test").unwrap();
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(FILE_SIZE).unwrap();
+        let s = shared();
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            FILE_SIZE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .unwrap();
+        let region = GuestRegionMmap::new(region, GuestAddress(FILE_BUS)).unwrap();
+        let gm = s.mem.memory().insert_region(Arc::new(region)).unwrap();
+        s.mem.lock().unwrap().replace(gm);
+        (s, file)
+    }
+
+    /// The outcome of a descriptor that ran to its end.
+    #[track_caller]
+    fn outcome(r: RunResult) -> Outcome {
+        match r {
+            RunResult::Done(_, o) => o,
+            other => panic!("expected a completion, got {other:?}"),
+        }
+    }
+
+    /// A file that lost pages under the mapping: the piece that touches one fails with
+    /// `FAULT_BUS_ERROR` at its first lost byte, after the chunks before it have moved;
+    /// from then on the mapping is refused before any byte of it is touched, until it is
+    /// forgotten (unmapped).
+    #[test]
+    fn a_lost_page_faults_its_piece_and_the_mapping_is_not_touched_again() {
+        use std::os::unix::fs::FileExt;
+        let (s, file) = file_shared();
+        let src = 0x10_0000;
+        let data: Vec<u8> = (0..FILE_SIZE).map(|i| (i * 13) as u8).collect();
+        s.mem
+            .memory()
+            .write_slice(&data, GuestAddress(src))
+            .unwrap();
+        file.set_len(0x18_0000).unwrap();
+        let o = outcome(run_desc(&s, Descriptor::copy(src, FILE_BUS, 2 << 20)));
+        assert_eq!(
+            (o.status, o.reason, o.access, o.fault_addr),
+            (
+                STATUS_DMA_ERROR,
+                FAULT_BUS_ERROR,
+                ACCESS_WRITE,
+                FILE_BUS + 0x18_0000
+            ),
+            "{o:x?}"
+        );
+        assert_eq!(o.bytes, CHUNK_MAX as u32, "the first chunk moved");
+        let mut got = vec![0; CHUNK_MAX as usize];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..] == data[..CHUNK_MAX as usize]);
+        assert_eq!(s.faults.stats().count, 1);
+        let mem = s.mem.memory();
+        let region = mem.find_region(GuestAddress(FILE_BUS)).unwrap();
+        assert!(crate::core::bus::is_lost(region));
+
+        // Its first page is still in the file, but the mapping is lost: refused, untouched.
+        let o = outcome(run_desc(&s, Descriptor::fill(FILE_BUS, 0, 0x100)));
+        assert_eq!(
+            (o.status, o.reason, o.fault_addr, o.bytes),
+            (STATUS_DMA_ERROR, FAULT_BUS_ERROR, FILE_BUS, 0)
+        );
+        // Read too.
+        let o = outcome(run_desc(&s, Descriptor::copy(FILE_BUS, src, 0x100)));
+        assert_eq!(
+            (o.reason, o.access, o.fault_addr),
+            (FAULT_BUS_ERROR, 0, FILE_BUS)
+        );
+        file.read_exact_at(&mut got[..0x100], 0).unwrap();
+        assert!(
+            got[..0x100] == data[..0x100],
+            "the FILL did not touch the file"
+        );
+
+        // Forgotten (the mapping was removed and this is a new one): usable again.
+        crate::core::bus::forget_lost(region);
+        let o = outcome(run_desc(&s, Descriptor::fill(FILE_BUS, 0, 0x100)));
+        assert_eq!(o.status, STATUS_OK, "{o:x?}");
+    }
+
+    /// A piece whose region another thread found lost while it moved (that thread's
+    /// SIGBUS handler noted the region before replacing the page this piece may have read)
+    /// fails as well, though it took no SIGBUS itself.
+    #[test]
+    fn a_piece_whose_region_was_lost_meanwhile_fails_too() {
+        let (s, _file) = file_shared();
+        let mem = s.mem.memory();
+        let region = mem.find_region(GuestAddress(FILE_BUS)).unwrap();
+        let (a, b) = (Side::write(0x10_0000), Side::read(FILE_BUS + 0x1000));
+        let r = exec(&s, 0).transfer(0x2000, a, Some(b), false, |_, _, _| {
+            bus::note_lost_in_handler(region);
+            ControlFlow::Continue(())
+        });
+        let f = Fault {
+            reason: FAULT_BUS_ERROR,
+            access: 0,
+            domain: 0,
+            queue: 0,
+            iova: FILE_BUS + 0x1000,
+            info: FILE_BUS + 0x1000,
+            level: 0,
+        };
+        expect_fault(r, f, 0);
+        assert!(is_lost(region), "noted");
+        assert!(
+            bus::mark_lost(region),
+            "recorded by the thread that took the fault"
+        );
+        assert!(is_lost(region));
+        bus::forget_lost(region);
+        assert!(!is_lost(region));
+    }
+
+    /// Lost memory found outside the data: under a descriptor (the fetch faults), a
+    /// completion record (no record), a page table (the walk's own fault, with the table's
+    /// level and bus address) or the fault log's ring (the record is dropped, with
+    /// `FLOG_STATUS_ERROR`).
+    #[test]
+    fn lost_memory_under_a_ring_a_completion_a_page_table_or_the_fault_log_is_a_fault() {
+        let fault = |reason, access, domain, iova, info, level| Fault {
+            reason,
+            access,
+            domain,
+            queue: 0,
+            iova,
+            info,
+            level,
+        };
+        // A descriptor.
+        let (s, file) = file_shared();
+        file.set_len(0).unwrap();
+        let e = exec(&s, 0);
+        let job = Job {
+            base: FILE_BUS,
+            head: 1,
+            domain: 0,
+            epoch: e.epoch,
+        };
+        let at = FILE_BUS + DESC_SIZE;
+        match e.run(&job, &mut Scratch::new()) {
+            RunResult::FetchFault(f) => {
+                assert_eq!(f, fault(FAULT_BUS_ERROR, ACCESS_DESCRIPTOR, 0, at, at, 0))
+            }
+            other => panic!("expected a fetch fault, got {other:?}"),
+        }
+
+        // A completion record.
+        let (s, file) = file_shared();
+        file.set_len(0).unwrap();
+        let at = FILE_BUS + 0x20;
+        let d = Descriptor::nop().with_completion(at);
+        let f = exec(&s, 0)
+            .write_completion(&d, &Outcome::ok(0, 0))
+            .unwrap_err();
+        let flags = ACCESS_COMPLETION | ACCESS_WRITE;
+        assert_eq!(f, fault(FAULT_BUS_ERROR, flags, 0, at, at, 0));
+
+        // A page table: the root of domain 2.
+        let (s, file) = file_shared();
+        file.set_len(0).unwrap();
+        s.mmu.set_domain(
+            2,
+            DomainRegs {
+                root: FILE_BUS,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        let iova = 0x4000_0000;
+        let (r, seen) = pieces(&exec(&s, 2), 0x1000, Side::write(iova), None);
+        let flags = ACCESS_WRITE | ACCESS_PAGE_WALK;
+        expect_fault(r, fault(FAULT_BUS_ERROR, flags, 2, iova, FILE_BUS, 4), 0);
+        assert!(seen.is_empty());
+
+        // The fault log's ring.
+        let (s, file) = file_shared();
+        file.set_len(0).unwrap();
+        for (reg, value) in [
+            (REG_FLOG_BASE_LO, FILE_BUS as u32),
+            (REG_FLOG_BASE_HI, 0),
+            (REG_FLOG_SIZE, 16),
+            (REG_FLOG_CTRL, FLOG_CTRL_ENABLE),
+        ] {
+            s.faults.write(reg, value);
+        }
+        let f = fault(FAULT_NOT_PRESENT, 0, 1, 0x1000, 0, 1);
+        s.faults.report(&s.mem.memory(), s.irq.as_ref(), &f);
+        assert_eq!(s.faults.read(REG_FLOG_HEAD), 0, "no record");
+        assert_ne!(s.faults.read(REG_FLOG_STATUS) & FLOG_STATUS_ERROR, 0);
+        assert_eq!(s.faults.stats().dropped, 1);
+        let mem = s.mem.memory();
+        assert!(crate::core::bus::is_lost(
+            mem.find_region(GuestAddress(FILE_BUS)).unwrap()
+        ));
     }
 
     #[test]

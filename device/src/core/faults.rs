@@ -12,8 +12,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tracing::{debug, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::bus::{check_range, Access};
+use super::bus::{self, check_range, Access};
 use super::mmu::TranslationFault;
+use super::sigbus;
 use super::stats::FaultStats;
 use crate::irq::InterruptSink;
 use crate::spec::*;
@@ -85,9 +86,14 @@ pub enum FaultLogError {
     /// The ring would run past the end of the bus address space.
     #[error("fault log ring at {0:#x} runs past the end of the bus address space")]
     Wraps(u64),
-    /// The record's bus address is not mapped writable for the device.
+    /// The record's bus address is not mapped writable for the device (or its memory was
+    /// lost earlier).
     #[error("fault record at bus address {0:#x} is not writable")]
     Unwritable(u64),
+    /// The memory behind the record's bus address was found lost while writing it (SIGBUS,
+    /// recovered; see [`sigbus`]).
+    #[error("the memory behind the fault record at bus address {0:#x} is gone")]
+    Lost(u64),
 }
 
 /// Register state of the fault log.
@@ -265,12 +271,22 @@ impl FaultLog {
         }
         // Cannot overflow: enabling checked base + size * record size.
         let addr = r.base + u64::from(r.head) * FAULT_RECORD_SIZE;
-        let written = check_range(mem, addr, FAULT_RECORD_SIZE, Access::Write)
+        let armed = sigbus::arm(mem);
+        let mut written = check_range(mem, addr, FAULT_RECORD_SIZE, Access::Write)
             .map_err(FaultLogError::Unwritable)
             .and_then(|()| {
                 mem.write_slice(&fault.record(seq).encode(), GuestAddress(addr))
                     .map_err(|_| FaultLogError::Unwritable(addr))
             });
+        if let Some(page) = sigbus::take_fault() {
+            // The record went to a page that replaced the lost one.
+            sigbus::lose(mem, page);
+            written = Err(FaultLogError::Lost(addr));
+        } else if written.is_ok() && bus::is_lost_at(mem, addr) {
+            // Lost by another thread while this one wrote it.
+            written = Err(FaultLogError::Lost(addr));
+        }
+        drop(armed);
         if let Err(e) = written {
             warn!(error = %e, "guest error: fault record not written");
             r.dropped += 1;

@@ -658,6 +658,17 @@ impl Translator<'_> {
         self.iotlb = None;
     }
 
+    /// Forget what this translator derived from reading page tables, other than IOTLB
+    /// entries: the paging-structure cache and the pages translated ahead. For an owner
+    /// that found a walk read lost bus memory (zeros, see `core::sigbus`): the next
+    /// translation walks again from the root, through the bus memory checks that now
+    /// refuse the lost region. (The IOTLB holds only leaves of walks that succeeded; a
+    /// walk that read zeros found nothing present and filled nothing.)
+    pub fn forget_walks(&mut self) {
+        self.l1.clear();
+        self.pending = [None; 2];
+    }
+
     #[inline(always)]
     fn translate_uncounted(
         &mut self,

@@ -694,6 +694,7 @@ pub fn fault_reason_name(reason: u8) -> &'static str {
         FAULT_DESCRIPTOR_INVALID => "DESCRIPTOR_INVALID",
         FAULT_OUTSIDE_RAM => "OUTSIDE_RAM",
         FAULT_DOMAIN_DISABLED => "DOMAIN_DISABLED",
+        FAULT_BUS_ERROR => "BUS_ERROR",
         _ => "unknown",
     }
 }

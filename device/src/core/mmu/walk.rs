@@ -17,7 +17,7 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
-use crate::core::bus::{check_range, region_allows, Access};
+use crate::core::bus::{check_range, refusal, region_allows, Access};
 use crate::spec::*;
 
 /// Size of a 4 KiB page.
@@ -61,7 +61,8 @@ pub(crate) fn perm_bit(access: Access) -> u64 {
 /// Why a walk failed (the IOVA is added by the caller).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct WalkFault {
-    /// `FAULT_NOT_PRESENT`, `FAULT_MALFORMED_ENTRY` or `FAULT_OUTSIDE_RAM`.
+    /// `FAULT_NOT_PRESENT`, `FAULT_MALFORMED_ENTRY`, `FAULT_OUTSIDE_RAM` or
+    /// `FAULT_BUS_ERROR` (a table in lost bus memory).
     pub reason: u8,
     /// The malformed entry, or the bus address of the table that could not be read, else 0.
     pub info: u64,
@@ -87,7 +88,11 @@ fn read_entry(mem: &GuestMemoryMmap, table: u64, index: u64, level: u32) -> Resu
         in_walk: true,
     };
     let addr = table | (index * 8);
-    check_range(mem, addr, 8, Access::Read).map_err(|_| outside)?;
+    check_range(mem, addr, 8, Access::Read).map_err(|bad| WalkFault {
+        // A table in lost memory (see `core::sigbus`) is a bus error, not outside RAM.
+        reason: refusal(mem, bad),
+        ..outside
+    })?;
     // The range check passed, so the region exists and holds all 8 bytes; a failure here
     // (a region refusing the access some other way) is treated as unmapped memory.
     let region = mem.find_region(GuestAddress(addr)).ok_or(outside)?;
