@@ -17,6 +17,15 @@
 //! Each accessible mapping keeps its file descriptor open (inside `vm-memory`'s
 //! `FileOffset`) and its memory mapped until the last `vm-memory` snapshot that contains it
 //! is dropped, so a device still holding an older snapshot never touches unmapped memory.
+//!
+//! The file is the client's, and can lose pages under the mapping: see `device/DESIGN.md`
+//! ("Client memory that vanishes"). What can be refused here is: a range past the end of the
+//! file; on hugetlbfs, a range that is not whole huge pages, or one the huge-page pool cannot
+//! back (the mapping is made without `MAP_NORESERVE`, so the kernel reserves every huge page
+//! at `mmap` time and a shortage is an `ENOMEM` reply now instead of a SIGBUS later). What
+//! happens later (an unsealed file shrunk, a hole that a full file system cannot fill) is
+//! recovered by the device core (`core::sigbus`). The seals the client put on its file are
+//! logged; none are added.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -28,12 +37,12 @@ use thiserror::Error;
 use tracing::debug;
 use vm_memory::mmap::MmapRegionError;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionCollectionError,
-    GuestRegionMmap, MmapRegion,
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap,
+    GuestRegionCollectionError, GuestRegionMmap, MmapRegion,
 };
 
 use super::proto::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, MAX_DMA_MAPS, PGSIZES};
-use crate::core::BusMemory;
+use crate::core::{bus, sigbus, BusMemory};
 
 /// Errors of DMA map and unmap requests.
 #[derive(Debug, Error)]
@@ -84,6 +93,31 @@ pub enum MemoryError {
     /// fstat on the descriptor failed.
     #[error("cannot stat the file descriptor")]
     Stat(#[source] io::Error),
+    /// fstatfs on the descriptor failed.
+    #[error("cannot stat the file system of the file descriptor")]
+    StatFs(#[source] io::Error),
+    /// A hugetlbfs range that is not made of whole huge pages.
+    #[error("hugetlbfs range {offset:#x}+{size:#x} is not made of whole {page:#x}-byte pages")]
+    HugePageAlignment {
+        /// File offset.
+        offset: u64,
+        /// Length.
+        size: u64,
+        /// The file system's huge page size.
+        page: u64,
+    },
+    /// The huge-page pool cannot back a hugetlbfs range (the kernel reserves the pages when
+    /// the range is mapped).
+    #[error("cannot reserve {size:#x} bytes of {page:#x}-byte huge pages for the DMA range")]
+    HugePages {
+        /// Length.
+        size: u64,
+        /// The file system's huge page size.
+        page: u64,
+        /// The mmap error (ENOMEM).
+        #[source]
+        source: io::Error,
+    },
     /// mmap failed.
     #[error("cannot mmap the DMA range")]
     Mmap(#[source] MmapRegionError),
@@ -113,7 +147,8 @@ impl MemoryError {
             Self::Overlap { .. } => libc::EEXIST,
             Self::TooManyMappings(_) => libc::ENOSPC,
             Self::UnsupportedFlags(_) => libc::ENOTSUP,
-            Self::Stat(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Self::Stat(e) | Self::StatFs(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Self::HugePages { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),
             Self::Mmap(MmapRegionError::Mmap(e)) => e.raw_os_error().unwrap_or(libc::EIO),
             Self::Mmap(_) | Self::Collection(_) => libc::EIO,
             Self::BadRange { .. }
@@ -121,6 +156,7 @@ impl MemoryError {
             | Self::TooManyFds(_)
             | Self::NotRegularFile
             | Self::PastEof { .. }
+            | Self::HugePageAlignment { .. }
             | Self::Split { .. } => libc::EINVAL,
         }
     }
@@ -152,6 +188,42 @@ pub struct DmaMappings {
 
 fn page_aligned(v: u64) -> bool {
     v % PGSIZES == 0
+}
+
+/// What a DMA_MAP's file is, as far as losing pages goes.
+#[derive(Debug, Clone, Copy)]
+struct Backing {
+    /// The huge page size when the file is on hugetlbfs.
+    huge_page: Option<u64>,
+    /// The file's seals (`F_GET_SEALS`), when it can have any (memfd, tmpfs).
+    seals: Option<i32>,
+}
+
+impl Backing {
+    fn of(file: &File) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero `statfs` is a valid value for fstatfs to overwrite.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out pointer.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+            return Err(MemoryError::StatFs(io::Error::last_os_error()));
+        }
+        // The magic's integer type differs between libcs; it fits in 32 bits.
+        let huge_page = (fs.f_type as u32 == libc::HUGETLBFS_MAGIC as u32)
+            .then(|| u64::try_from(fs.f_bsize).unwrap_or(0))
+            .filter(|&page| page > 0);
+        // SAFETY: F_GET_SEALS takes no argument and only reads the file's state.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        Ok(Self {
+            huge_page,
+            seals: (seals >= 0).then_some(seals),
+        })
+    }
+
+    /// Whether the client can still shrink the file (no `F_SEAL_SHRINK`).
+    fn shrinkable(&self) -> bool {
+        self.seals.is_none_or(|s| s & libc::F_SEAL_SHRINK == 0)
+    }
 }
 
 impl DmaMappings {
@@ -220,7 +292,7 @@ impl DmaMappings {
             return Err(MemoryError::TooManyMappings(self.limit));
         }
         let fd = fds.into_iter().next();
-        let access = match fd {
+        let (access, backing) = match fd {
             Some(fd) if flags & known != 0 => {
                 let mut prot = 0;
                 if flags & DMA_MAP_FLAG_READ != 0 {
@@ -229,10 +301,10 @@ impl DmaMappings {
                 if flags & DMA_MAP_FLAG_WRITE != 0 {
                     prot |= libc::PROT_WRITE;
                 }
-                self.insert(File::from(fd), offset, address, size, prot)?;
-                Access::Mapped
+                let backing = self.insert(File::from(fd), offset, address, size, prot)?;
+                (Access::Mapped, Some(backing))
             }
-            _ => Access::Recorded,
+            _ => (Access::Recorded, None),
         };
         self.maps.insert(
             address,
@@ -248,6 +320,9 @@ impl DmaMappings {
             offset = format_args!("{offset:#x}"),
             flags,
             ?access,
+            huge_page = backing.and_then(|b| b.huge_page),
+            seals = backing.and_then(|b| b.seals),
+            shrinkable = backing.is_some_and(|b| b.shrinkable()),
             "DMA map"
         );
         Ok(access)
@@ -300,6 +375,9 @@ impl DmaMappings {
         let n = self.maps.len();
         self.maps.clear();
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        for region in self.memory.memory().iter() {
+            bus::forget_lost(region);
+        }
         guard.replace(GuestMemoryMmap::new());
         if n > 0 {
             debug!(mappings = n, "all DMA mappings removed");
@@ -314,6 +392,7 @@ impl DmaMappings {
         (a + m.size > address).then_some(a)
     }
 
+    /// Map `size` bytes of `file` at `offset` into bus memory at `address` with `prot`.
     fn insert(
         &mut self,
         file: File,
@@ -321,7 +400,7 @@ impl DmaMappings {
         address: u64,
         size: u64,
         prot: i32,
-    ) -> Result<(), MemoryError> {
+    ) -> Result<Backing, MemoryError> {
         if !page_aligned(offset) {
             return Err(MemoryError::UnalignedOffset(offset));
         }
@@ -342,14 +421,29 @@ impl DmaMappings {
                 })
             }
         }
+        let backing = Backing::of(&file)?;
+        // hugetlbfs: whole huge pages only (the kernel maps, reserves and unmaps nothing
+        // smaller), reserved now: without MAP_NORESERVE a pool too small for the range is
+        // an ENOMEM here rather than a SIGBUS at the device's first touch.
+        let flags = match backing.huge_page {
+            Some(page) if offset % page != 0 || size % page != 0 => {
+                return Err(MemoryError::HugePageAlignment { offset, size, page });
+            }
+            Some(_) => libc::MAP_SHARED,
+            None => libc::MAP_SHARED | libc::MAP_NORESERVE,
+        };
         let len = usize::try_from(size).map_err(|_| MemoryError::BadRange { address, size })?;
-        let region = MmapRegion::build(
-            Some(FileOffset::new(file, offset)),
-            len,
-            prot,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-        )
-        .map_err(MemoryError::Mmap)?;
+        // The device recovers from pages that vanish later (see the module's doc).
+        sigbus::install_or_warn();
+        let region = MmapRegion::build(Some(FileOffset::new(file, offset)), len, prot, flags)
+            .map_err(|e| match (e, backing.huge_page) {
+                (MmapRegionError::Mmap(source), Some(page))
+                    if source.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    MemoryError::HugePages { size, page, source }
+                }
+                (e, _) => MemoryError::Mmap(e),
+            })?;
         let region = GuestRegionMmap::new(region, GuestAddress(address))
             .ok_or(MemoryError::BadRange { address, size })?;
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
@@ -359,7 +453,7 @@ impl DmaMappings {
             .insert_region(Arc::new(region))
             .map_err(MemoryError::Collection)?;
         guard.replace(updated);
-        Ok(())
+        Ok(backing)
     }
 
     fn remove_from_memory(&mut self, victims: &[(u64, u64, Access)]) -> Result<(), MemoryError> {
@@ -370,9 +464,10 @@ impl DmaMappings {
         let mut current: GuestMemoryMmap = (*self.memory.memory()).clone();
         for &(a, size, access) in victims {
             if access == Access::Mapped {
-                let (rest, _removed) = current
+                let (rest, removed) = current
                     .remove_region(GuestAddress(a), size)
                     .map_err(MemoryError::Collection)?;
+                bus::forget_lost(&removed);
                 current = rest;
             }
         }
@@ -588,6 +683,58 @@ mod tests {
         assert_eq!(maps.unmap(0, 1 << 40).unwrap(), 2);
         assert!(maps.is_empty());
         assert_eq!(mem.memory().num_regions(), 0);
+    }
+
+    /// hugetlbfs: whole huge pages only, and reserved when mapped, so a pool that cannot
+    /// back the range fails the map (ENOMEM) instead of the device's first touch.
+    #[test]
+    fn hugetlb_maps_are_whole_pages_reserved_up_front() {
+        let name = CString::new("domdma-test-huge").unwrap();
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_HUGETLB) };
+        assert!(fd >= 0, "memfd_create(MFD_HUGETLB): no hugetlbfs here?");
+        // SAFETY: a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: u64 = (meminfo.lines())
+            .find_map(|l| l.strip_prefix("Hugepagesize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("Hugepagesize in /proc/meminfo");
+        let page = kib << 10;
+        // More pages than any test machine has spare (ftruncate reserves nothing).
+        let len = 1 << 40;
+        f.set_len(len).unwrap();
+        let (mem, mut maps) = new_maps();
+        let errno = |r: Result<Access, MemoryError>| r.unwrap_err().errno();
+        for (offset, size) in [(0, 0x1000), (0x1000, page), (0, page + 0x1000)] {
+            let e = maps.map(RW, offset, 0, size, fds(&f)).unwrap_err();
+            assert!(matches!(e, MemoryError::HugePageAlignment { .. }), "{e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+        let e = maps.map(RW, 0, 0, len, fds(&f)).unwrap_err();
+        assert!(matches!(e, MemoryError::HugePages { .. }), "{e}");
+        assert_eq!(e.errno(), libc::ENOMEM);
+        assert_eq!(errno(maps.map(RW, 0, 0, len, fds(&f))), libc::ENOMEM);
+        assert!(maps.is_empty());
+        assert_eq!(mem.memory().num_regions(), 0);
+    }
+
+    /// A mapping marked lost (see `core::bus`) is forgotten when it is unmapped, even while
+    /// an older snapshot keeps its region alive.
+    #[test]
+    fn unmapping_forgets_lost_mappings() {
+        let (mem, mut maps) = new_maps();
+        let f = memfd(0x2000);
+        maps.map(RW, 0, 0x1000, 0x1000, fds(&f)).unwrap();
+        maps.map(RW, 0x1000, 0x8000, 0x1000, fds(&f)).unwrap();
+        let snapshot = mem.memory();
+        let region = |a| snapshot.find_region(GuestAddress(a)).unwrap();
+        assert!(bus::mark_lost(region(0x1000)) && bus::mark_lost(region(0x8000)));
+        maps.unmap(0x1000, 0x1000).unwrap();
+        assert!(!bus::is_lost(region(0x1000)));
+        assert!(bus::is_lost(region(0x8000)));
+        maps.unmap_all();
+        assert!(!bus::is_lost(region(0x8000)));
     }
 
     #[test]
