@@ -11,6 +11,12 @@
 //! time (at most 30 ms per input in all). Then the device is reset or dropped, which stops
 //! every worker after its current chunk.
 //!
+//! So that short inputs reach the data path, the input's `preset` bits have the harness do
+//! what a driver does first: Bus Master Enable, every queue enabled on a ring in RAM, the
+//! fault log enabled, and domain 1 translated through a page table the harness builds
+//! (4 KiB, 2 MiB and 1 GiB leaves, `PRESET_MAPS`). `Submit` then writes descriptors into a
+//! queue's ring at its tail and rings the doorbell.
+//!
 //! Findings are panics (anywhere, workers included), memory errors (ASan), a device access
 //! to the read-only region (SIGSEGV), hangs (libFuzzer's -timeout), and these checks:
 //! - with Bus Master Enable never set, bus memory is exactly what the input wrote;
@@ -165,6 +171,18 @@ enum Op {
         q: u8,
         tail: u16,
     },
+    /// Write `count` copies of a descriptor into queue `q`'s ring at the harness's tail
+    /// (a queue the harness set up), then ring the doorbell.
+    Submit {
+        q: u8,
+        count: u8,
+        opcode: u8,
+        flags: u8,
+        len: u16,
+        src: Iova,
+        dst: Iova,
+        cpl: Option<Iova>,
+    },
     /// A descriptor into bus memory (a ring slot or a BATCH list).
     Descriptor {
         at: Bus,
@@ -233,6 +251,8 @@ enum Op {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
+    /// `PRESET_*` bits: set-up done before the operations.
+    preset: u8,
     queues: u8,
     domains: u8,
     iotlb: u8,
@@ -242,6 +262,42 @@ struct Input {
     master: bool,
     ops: Vec<Op>,
 }
+
+/// Preset: Bus Master Enable.
+const PRESET_MASTER: u8 = 1 << 0;
+/// Preset: every queue enabled on a ring of `PRESET_RING` entries in RAM, domain 0.
+const PRESET_QUEUES: u8 = 1 << 1;
+/// Preset: the fault log enabled (64 records in RAM).
+const PRESET_FAULT_LOG: u8 = 1 << 2;
+/// Preset: domain 1 translated through `PRESET_MAPS`, and odd queues bound to it.
+const PRESET_DOMAIN: u8 = 1 << 3;
+/// Preset: half of the queues halt on a fault.
+const PRESET_HALT_ON_FAULT: u8 = 1 << 4;
+
+/// Ring entries of a preset queue.
+const PRESET_RING: u32 = 64;
+/// Where the harness puts its structures in RAM: rings (16 KiB apart, completion records
+/// 12 KiB after each ring), the fault log, the page tables; data from `RAM_DATA` on.
+const RAM_RINGS: u64 = RAM_BASE;
+const RAM_FAULT_LOG: u64 = RAM_BASE + 0x1_0000;
+const RAM_TABLES: u64 = RAM_BASE + 0x2_0000;
+const RAM_DATA: u64 = RAM_BASE + 0x4_0000;
+/// Domain 1's mappings (IOVA, bus address, length, page size, permissions): 4 KiB pages at
+/// IOVA 0 over RAM data, a 2 MiB and a 1 GiB page over RAM, a read-only 4 KiB page on the
+/// read-only region, and a 4 KiB page at a bus address outside every region.
+const PRESET_MAPS: [(u64, u64, u64, u64, u64); 5] = [
+    (0, RAM_DATA, 0x8_0000, 4096, PTE_R | PTE_W),
+    (1 << 21, RAM_BASE, 1 << 21, 1 << 21, PTE_R | PTE_W),
+    (1 << 30, RAM_BASE, 1 << 30, 1 << 30, PTE_R | PTE_W),
+    (0x10_0000, RO_BASE, 0x1_0000, 4096, PTE_R),
+    (
+        0x20_0000 - 0x1000,
+        0x7_0000_0000,
+        0x1000,
+        4096,
+        PTE_R | PTE_W,
+    ),
+];
 
 /// The global registers a `GlobalReg` op picks from.
 const GLOBAL_REGS: [u64; 26] = [
@@ -360,6 +416,18 @@ impl Memory {
         }
     }
 
+    /// The u64 the input wrote at `addr` (from the shadow).
+    fn read_u64(&self, addr: u64) -> u64 {
+        for (base, shadow) in &self.shadow {
+            if let Some(off) = addr.checked_sub(*base).map(|o| o as usize) {
+                if off + 8 <= shadow.len() {
+                    return u64::from_le_bytes(shadow[off..off + 8].try_into().unwrap());
+                }
+            }
+        }
+        0
+    }
+
     /// Check that bus memory holds exactly what the input wrote.
     fn check_untouched(&self) {
         use vm_memory::GuestAddressSpace;
@@ -392,6 +460,8 @@ struct Harness {
     /// Bus Master Enable has been set at some point.
     ever_master: bool,
     wait_left: Duration,
+    /// Queues the harness set up: (ring base, size, next tail).
+    rings: Vec<Option<(u64, u32, u32)>>,
 }
 
 impl Harness {
@@ -434,6 +504,88 @@ impl Harness {
             std::thread::yield_now();
         }
         self.wait_left = self.wait_left.saturating_sub(start.elapsed());
+    }
+
+    /// A 4-level page table in RAM at `RAM_TABLES` for `PRESET_MAPS`; returns its root.
+    fn build_tables(&mut self) -> u64 {
+        let mut next = RAM_TABLES;
+        let mut alloc = |m: &mut Memory| {
+            let t = next;
+            next += 4096;
+            m.write(t, &[0u8; 4096]);
+            t
+        };
+        let root = alloc(&mut self.mem);
+        for (iova, bus, len, page, perm) in PRESET_MAPS {
+            let leaf_level = match page {
+                4096 => 1,
+                0x20_0000 => 2,
+                _ => 3,
+            };
+            let mut off = 0;
+            while off < len {
+                let at = iova + off;
+                let mut table = root;
+                for level in (leaf_level + 1..=4).rev() {
+                    let ea = table + (pte_index(at, level) * 8) as u64;
+                    let e = Pte(self.mem.read_u64(ea));
+                    table = if e.is_present() {
+                        e.addr()
+                    } else {
+                        let t = alloc(&mut self.mem);
+                        self.mem
+                            .write(ea, &Pte::table(t, PTE_R | PTE_W).raw().to_le_bytes());
+                        t
+                    };
+                }
+                let leaf = Pte::leaf(bus + off, perm, leaf_level > 1).raw();
+                let ea = table + (pte_index(at, leaf_level) * 8) as u64;
+                self.mem.write(ea, &leaf.to_le_bytes());
+                off += page;
+            }
+        }
+        root
+    }
+
+    fn preset(&mut self, preset: u8) {
+        if preset & PRESET_MASTER != 0 {
+            self.bus_master(true);
+        }
+        if preset & PRESET_FAULT_LOG != 0 {
+            self.write(REG_FLOG_BASE_LO, RAM_FAULT_LOG as u32);
+            self.write(REG_FLOG_BASE_HI, (RAM_FAULT_LOG >> 32) as u32);
+            self.write(REG_FLOG_SIZE, 64);
+            self.write(REG_FLOG_MSIX_VECTOR, self.config.queues);
+            self.write(REG_FLOG_CTRL, FLOG_CTRL_ENABLE);
+        }
+        let translated = preset & PRESET_DOMAIN != 0 && self.config.domains > 1;
+        if translated {
+            let root = self.build_tables();
+            self.write(domain_reg(1, D_ROOT_LO), root as u32);
+            self.write(domain_reg(1, D_ROOT_HI), (root >> 32) as u32);
+            self.write(domain_reg(1, D_CTRL), DOMAIN_MODE_TRANSLATED);
+        }
+        if preset & PRESET_QUEUES != 0 {
+            for q in 0..self.config.queues {
+                let ring = RAM_RINGS + u64::from(q) * 0x4000;
+                let domain = u32::from(translated && q % 2 == 1);
+                // A translated queue reaches its ring through domain 1's 1 GiB page, which
+                // maps IOVA 1 GiB + x to RAM_BASE + x.
+                let ring_iova = if domain == 1 {
+                    ring - RAM_BASE + (1 << 30)
+                } else {
+                    ring
+                };
+                let halt = preset & PRESET_HALT_ON_FAULT != 0 && q % 2 == 0;
+                self.write(queue_reg(q, Q_BASE_LO), ring_iova as u32);
+                self.write(queue_reg(q, Q_BASE_HI), (ring_iova >> 32) as u32);
+                self.write(queue_reg(q, Q_SIZE), PRESET_RING);
+                self.write(queue_reg(q, Q_DOMAIN), domain);
+                let ctrl = Q_CTRL_ENABLE | if halt { Q_CTRL_HALT_ON_FAULT } else { 0 };
+                self.write(queue_reg(q, Q_CTRL), ctrl);
+                self.rings[q as usize] = Some((ring, PRESET_RING, 0));
+            }
+        }
     }
 
     fn check_reset(&mut self) {
@@ -503,6 +655,45 @@ impl Harness {
                 self.write(queue_reg(q, Q_COAL_COUNT), u32::from(coal_count % 8));
                 self.write(queue_reg(q, Q_COAL_USEC), u32::from(coal_usec % 2000));
                 self.write(queue_reg(q, Q_CTRL), u32::from(ctrl % 8) | Q_CTRL_ENABLE);
+                self.rings[q as usize] = Some((base, 1 << (size % 13), 0));
+            }
+            Op::Submit {
+                q,
+                count,
+                opcode,
+                flags,
+                len,
+                src,
+                dst,
+                cpl,
+            } => {
+                let q = u32::from(q) % queues;
+                let Some((ring, size, tail)) = self.rings[q as usize] else {
+                    return;
+                };
+                let mut t = tail;
+                for i in 0..u32::from(count % 8) + 1 {
+                    // A completion record per slot after the ring, unless the input names one.
+                    let cpl = match cpl {
+                        Some(c) => c.get(),
+                        None => ring + 0x3000 + u64::from(t % 128) * COMPLETION_SIZE,
+                    };
+                    let d = Descriptor {
+                        opcode: opcode % 7,
+                        flags: flags % 4,
+                        reserved_lo: 0,
+                        len: u32::from(len) + i,
+                        src: src.get(),
+                        dst: dst.get(),
+                        completion: cpl,
+                        tag: u64::from(t),
+                        reserved: [0; 24],
+                    };
+                    self.mem.write(ring + u64::from(t) * DESC_SIZE, &d.encode());
+                    t = (t + 1) % size;
+                }
+                self.rings[q as usize] = Some((ring, size, t));
+                self.write(queue_reg(q, Q_TAIL), t);
             }
             Op::Doorbell { q, tail } => {
                 let q = u32::from(q) % queues;
@@ -616,6 +807,7 @@ impl Harness {
                     self.write(REG_DEV_CTRL, DEV_CTRL_RESET);
                 }
                 self.check_reset();
+                self.rings.iter_mut().for_each(|r| *r = None);
             }
         }
     }
@@ -635,6 +827,7 @@ fuzz_target!(|input: Input| {
         strict_iotlb: input.strict,
     };
     config.validate().expect("a valid configuration");
+    let config_queues = config.queues as usize;
     let mem = Memory::new();
     let irq = Arc::new(RecordingInterrupts::new());
     let dev = Device::new(config.clone(), mem.mem.clone(), irq.clone());
@@ -644,10 +837,12 @@ fuzz_target!(|input: Input| {
         config,
         ever_master: false,
         wait_left: WAIT_BUDGET,
+        rings: vec![None; config_queues],
     };
     if input.master {
         h.bus_master(true);
     }
+    h.preset(input.preset);
     for op in input.ops.into_iter().take(512) {
         h.run(op);
     }
