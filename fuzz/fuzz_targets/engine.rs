@@ -734,7 +734,7 @@ impl Harness {
                 self.mem.write(at.aligned(8), &d.encode());
             }
             Op::Pte { table, index, pte } => {
-                let at = table.aligned(4096) + u64::from(index % 512) * 8;
+                let at = table.aligned(4096).wrapping_add(u64::from(index % 512) * 8);
                 self.mem.write(at, &pte.get().to_le_bytes());
             }
             Op::Domain { d, root, mode } => {
