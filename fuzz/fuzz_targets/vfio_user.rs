@@ -8,7 +8,10 @@
 //! arbitrary fields, some carrying SCM_RIGHTS descriptors (memfds of a few pages filled
 //! with input bytes, sealed or not; eventfds; pipes; /dev/null), split into chunks as the
 //! input decides; a few helpers program a queue or bus mastering through region writes, so
-//! the device reaches the DMA_MAPped memfds. Replies are drained as they come. Then the
+//! the device reaches the DMA_MAPped memfds; and the input's `preset` bits have the harness
+//! do what a VMM does first (handshake, a DMA_MAP of a memfd holding the input's ring of
+//! descriptors, MSI-X eventfds, bus mastering, queue 0 started on that ring), so that
+//! the packets meet a device at work. Replies are drained as they come. Then the
 //! client closes its side and reads until the server closes the connection (the server has
 //! torn it down), and a fresh connection must complete a VERSION handshake: the server
 //! is still alive and serving.
@@ -82,6 +85,26 @@ enum FdKind {
     DevNull,
 }
 
+/// A memfd of `len` bytes starting with `fill`, sealed against resizing or not.
+fn memfd(len: u64, sealed: bool, fill: &[u8]) -> OwnedFd {
+    let flags = libc::MFD_CLOEXEC | if sealed { libc::MFD_ALLOW_SEALING } else { 0 };
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"domdma-fuzz".as_ptr(), flags) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: a new descriptor owned here.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).expect("memfd size");
+    let n = fill.len().min(len as usize);
+    file.write_all(&fill[..n]).expect("memfd fill");
+    if sealed {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(r, 0, "F_ADD_SEALS: {}", io::Error::last_os_error());
+    }
+    OwnedFd::from(file)
+}
+
 fn make_fd(kind: &FdKind) -> OwnedFd {
     let fd = match kind {
         FdKind::Memfd {
@@ -90,23 +113,9 @@ fn make_fd(kind: &FdKind) -> OwnedFd {
             sealed,
             fill,
         } => {
-            let flags = libc::MFD_CLOEXEC | if *sealed { libc::MFD_ALLOW_SEALING } else { 0 };
-            // SAFETY: a NUL-terminated name and valid flags.
-            let fd = unsafe { libc::memfd_create(c"domdma-fuzz".as_ptr(), flags) };
-            assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-            // SAFETY: a new descriptor owned here.
-            let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+            // Up to 4 pages, and one case in two some bytes more (a size off the page).
             let len = u64::from(pages % 5) * 4096 + u64::from(*extra % 2) * u64::from(*extra);
-            file.set_len(len).expect("memfd size");
-            let n = fill.len().min(len as usize);
-            file.write_all(&fill[..n]).expect("memfd fill");
-            if *sealed {
-                let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-                // SAFETY: fcntl on a descriptor we own.
-                let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
-                assert_eq!(r, 0, "F_ADD_SEALS: {}", io::Error::last_os_error());
-            }
-            return OwnedFd::from(file);
+            return memfd(len, *sealed, fill);
         }
         // SAFETY: eventfd with valid flags.
         FdKind::Eventfd => unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) },
@@ -237,9 +246,114 @@ struct Packet {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Start with a valid VERSION handshake.
-    handshake: bool,
+    /// `PRESET_*` bits: what a VMM does first, before the packets.
+    preset: u8,
+    /// Descriptors in the preset ring.
+    ring: Vec<DescSpec>,
     packets: Vec<Packet>,
+}
+
+/// A descriptor of the preset ring; addresses are offsets into the preset mapping (one
+/// case in two), or anything.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct DescSpec {
+    opcode: u8,
+    flags: u8,
+    len: u16,
+    src: u32,
+    dst: u32,
+    cpl: u32,
+}
+
+impl DescSpec {
+    fn addr(v: u32) -> u64 {
+        if v & 1 == 0 {
+            PRESET_BUS + u64::from(v >> 1) % PRESET_SIZE
+        } else {
+            u64::from(v)
+        }
+    }
+
+    fn encode(&self, slot: usize) -> [u8; DESC_SIZE as usize] {
+        Descriptor {
+            opcode: self.opcode % 7,
+            flags: self.flags % 4,
+            reserved_lo: 0,
+            len: u32::from(self.len),
+            src: Self::addr(self.src),
+            dst: Self::addr(self.dst),
+            completion: Self::addr(self.cpl),
+            tag: slot as u64,
+            reserved: [0; 24],
+        }
+        .encode()
+    }
+}
+
+/// Preset: a VERSION handshake.
+const PRESET_HANDSHAKE: u8 = 1 << 0;
+/// Preset: DMA_MAP a sealed memfd of `PRESET_SIZE` bytes at `PRESET_BUS` (read-write),
+/// holding the input's ring of descriptors at its start.
+const PRESET_MAP: u8 = 1 << 1;
+/// Preset: Bus Master Enable.
+const PRESET_MASTER: u8 = 1 << 2;
+/// Preset: queue 0 on that ring (`PRESET_RING` entries), doorbell after the descriptors.
+const PRESET_QUEUE: u8 = 1 << 3;
+/// Preset: an eventfd for every MSI-X vector (SET_IRQS).
+const PRESET_IRQS: u8 = 1 << 4;
+const PRESET_BUS: u64 = 0x10_0000;
+const PRESET_SIZE: u64 = 64 << 10;
+const PRESET_RING: usize = 64;
+
+/// The preset's messages, with the descriptors they carry (all in one packet each).
+fn preset(preset: u8, ring: &[DescSpec]) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut out = Vec::new();
+    if preset & PRESET_HANDSHAKE != 0 {
+        out.push((version_message(1), Vec::new()));
+    }
+    let descs = ring.len().min(PRESET_RING - 1);
+    if preset & PRESET_MAP != 0 {
+        let mut fill = Vec::with_capacity(descs * DESC_SIZE as usize);
+        for (i, d) in ring.iter().take(descs).enumerate() {
+            fill.extend_from_slice(&d.encode(i));
+        }
+        let fd = memfd(PRESET_SIZE, true, &fill);
+        let m = DmaMap {
+            argsz: DmaMap::SIZE as u32,
+            flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+            offset: 0,
+            address: PRESET_BUS,
+            size: PRESET_SIZE,
+        };
+        out.push((command(2, Command::DmaMap, &m.encode()), vec![fd]));
+    }
+    if preset & PRESET_IRQS != 0 {
+        let n = 3; // queues + 1
+        let s = IrqSet {
+            argsz: IrqSet::SIZE as u32,
+            flags: IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            index: PCI_MSIX_IRQ_INDEX,
+            start: 0,
+            count: n,
+            data: Vec::new(),
+        };
+        let fds = (0..n).map(|_| make_fd(&FdKind::Eventfd)).collect();
+        out.push((command(3, Command::DeviceSetIrqs, &s.encode()), fds));
+    }
+    if preset & PRESET_MASTER != 0 {
+        out.push((encode(4, &Msg::BusMaster(true)), Vec::new()));
+    }
+    if preset & PRESET_QUEUE != 0 {
+        let q = Msg::Queue {
+            q: 0,
+            ring: Addr::Raw(PRESET_BUS),
+            size: PRESET_RING.trailing_zeros() as u8,
+            domain: 0,
+            tail: descs as u16,
+        };
+        out.push((encode(5, &q), Vec::new()));
+    }
+    out
 }
 
 const CONFIG_REGION: u32 = PCI_CONFIG_REGION_INDEX;
@@ -614,10 +728,13 @@ fuzz_target!(|input: Input| {
     let mut s = UnixStream::connect(path).expect("connect to the server");
     s.set_nonblocking(true).unwrap();
     let mut open = true;
-    if input.handshake {
-        open = send(&mut s, &version_message(1), &[], deadline);
+    for (data, fds) in preset(input.preset, &input.ring) {
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        if open {
+            open = send(&mut s, &data, &raw, deadline);
+        }
     }
-    let mut id: u16 = 2;
+    let mut id: u16 = 16;
     for p in input.packets.iter().take(64) {
         if !open {
             break;
