@@ -292,6 +292,15 @@ enum Op {
         a: u8,
     },
     Reentry(u8),
+    /// AllocateDomainCommonBuffer in the adapter's own domain (GetDmaDomain first), the
+    /// way a driver calls it.
+    AllocOwn {
+        a: u8,
+        len: u32,
+        flags: u8,
+        cache: u8,
+        node: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -302,11 +311,22 @@ enum DomainSel {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Create a device on the in-process back end first.
-    hardware: bool,
+    /// `PRESET_*` bits: what the driver does before the operations.
+    preset: u8,
     pool_tag: u32,
     ops: Vec<Op>,
 }
+
+/// Preset: a device on the in-process back end (else no DMA hardware at all).
+const PRESET_HARDWARE: u8 = 1 << 0;
+/// Preset: a version-3 adapter of 64 address bits.
+const PRESET_ADAPTER_64: u8 = 1 << 1;
+/// Preset: a version-3 adapter of 32 address bits.
+const PRESET_ADAPTER_32: u8 = 1 << 2;
+/// Preset: each preset adapter's DMA domain (GetDmaDomain).
+const PRESET_DOMAINS: u8 = 1 << 3;
+/// Preset: a lookaside list with tracked memory objects, and a request.
+const PRESET_OBJECTS: u8 = 1 << 4;
 
 // ---- harness ------------------------------------------------------------------------
 
@@ -767,6 +787,26 @@ impl Harness {
                 }
             }
             Op::Reentry(r) => REENTRY.with(|x| x.set(r)),
+            Op::AllocOwn {
+                a,
+                len,
+                flags,
+                cache,
+                node,
+            } => {
+                let Some(adapter) = self.adapter(a) else {
+                    return;
+                };
+                let d = (adapter.DmaOperations.GetDmaDomain)(&adapter);
+                if d.is_null() {
+                    return;
+                }
+                if !self.domains.contains(&d) {
+                    self.domains.push(d);
+                }
+                let i = self.domains.iter().position(|&x| x == d).unwrap() as u8;
+                self.alloc(a, DomainSel::Seen(i), None, len, flags, cache, node);
+            }
         }
     }
 
@@ -939,6 +979,50 @@ impl Harness {
         }
     }
 
+    fn preset(&mut self, preset: u8) {
+        for (bit, width) in [(PRESET_ADAPTER_64, 64), (PRESET_ADAPTER_32, 32)] {
+            if preset & bit == 0 {
+                continue;
+            }
+            let d = DEVICE_DESCRIPTION {
+                Version: DEVICE_DESCRIPTION_VERSION3,
+                Master: true,
+                ScatterGather: true,
+                DmaAddressWidth: width,
+                MaximumLength: 1 << 20,
+                ..Default::default()
+            };
+            let mut map_registers = 0;
+            if let Some(a) = IoGetDmaAdapter(self.pdo.as_deref(), &d, &mut map_registers) {
+                if preset & PRESET_DOMAINS != 0 {
+                    let d = (a.DmaOperations.GetDmaDomain)(&a);
+                    if !d.is_null() && !self.domains.contains(&d) {
+                        self.domains.push(d);
+                    }
+                }
+                self.adapters.push(a);
+            }
+        }
+        if preset & PRESET_OBJECTS != 0 {
+            let memory = Attrs {
+                parent: None,
+                context: true,
+                bad: 0,
+            };
+            self.run(Op::LookasideCreate {
+                attrs: Some(memory),
+                memory: Some(memory),
+                size: 256,
+                pool: 0,
+                tag: 1,
+            });
+            self.run(Op::RequestCreate {
+                attrs: Some(memory),
+                io_target: false,
+            });
+        }
+    }
+
     /// A legal driver's teardown before unload.
     fn teardown(&mut self) {
         while KeGetCurrentIrql() > PASSIVE_LEVEL {
@@ -1006,7 +1090,7 @@ fuzz_target!(|input: Input| {
     );
     assert!(NT_SUCCESS(s), "WdfDriverCreate: {s:?}");
 
-    let backend = input.hardware.then(|| {
+    let backend = (input.preset & PRESET_HARDWARE != 0).then(|| {
         let b = InProcessBackend::new(InProcessConfig {
             device: DeviceConfig {
                 queues: 1,
@@ -1049,6 +1133,7 @@ fuzz_target!(|input: Input| {
         domains: Vec::new(),
         cbs: Vec::new(),
     };
+    h.preset(input.preset);
     for op in input.ops.into_iter().take(400) {
         h.run(op);
     }
