@@ -27,6 +27,7 @@ pub mod faults;
 pub mod inject;
 pub mod mmu;
 mod queue;
+pub mod remote;
 pub mod sigbus;
 pub mod stats;
 

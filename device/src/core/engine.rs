@@ -40,6 +40,7 @@ use super::bus::{self, check_range, is_lost, refusal, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::mmu::{Mmu, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
+use super::remote;
 use super::sigbus;
 use super::stats::add;
 use super::{BusMemory, DeviceConfig};
@@ -542,6 +543,10 @@ impl Exec<'_> {
         let mem = self.shared.mem.memory();
         let _armed = sigbus::arm(&mem);
         let bus = self.map_small(&mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
+        remote::sync_in(&mem, bus, DESC_SIZE).map_err(|bad| {
+            let iova = iova.wrapping_add(bad - bus);
+            self.access_fault(FAULT_BUS_ERROR, iova, bad, ACCESS_DESCRIPTOR)
+        })?;
         let mut raw = [0u8; DESC_SIZE as usize];
         let read = mem.read_slice(&mut raw, GuestAddress(bus));
         if let Some(page) = sigbus::take_fault() {
@@ -914,12 +919,18 @@ impl Exec<'_> {
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
         let off = at + p.off;
+        if remote::any() {
+            self.sync_piece(mem, p, off, a, b, Access::Read)?;
+        }
         let sa = self.span_slice(p.a, p.len, a, off)?;
         let sb = match (b, p.b) {
             (Some(b), Some(span)) => Some(self.span_slice(span, p.len, b, off)?),
             _ => None,
         };
         let flow = f(off, sa, sb);
+        if remote::any() {
+            self.sync_piece(mem, p, off, a, b, Access::Write)?;
+        }
         if let Some(page) = sigbus::take_fault() {
             return Err(self.lost_piece(mem, page, p, off, a, b));
         }
@@ -937,6 +948,35 @@ impl Exec<'_> {
             }
         }
         Ok(flow)
+    }
+
+    /// For the sides of piece `p` with access `access` in memory only the client reaches
+    /// (see [`remote`]): fetch their bytes before the move (reads) or send them after it
+    /// (writes). A failed client access is `FAULT_BUS_ERROR` at its first byte.
+    fn sync_piece(
+        &self,
+        mem: &GuestMemoryMmap,
+        p: &Piece<'_>,
+        off: u64,
+        a: Side,
+        b: Option<Side>,
+        access: Access,
+    ) -> Result<(), Fault> {
+        let sides = [Some((a, p.a)), b.zip(p.b)];
+        for (side, span) in sides.into_iter().flatten() {
+            if side.access != access {
+                continue;
+            }
+            let synced = match access {
+                Access::Read => remote::sync_in(mem, span.bus, p.len),
+                Access::Write => remote::sync_out(mem, span.bus, p.len),
+            };
+            if let Err(bad) = synced {
+                let iova = side.iova.wrapping_add(off + (bad - span.bus));
+                return Err(self.access_fault(FAULT_BUS_ERROR, iova, bad, side.flags));
+            }
+        }
+        Ok(())
     }
 
     /// The `FAULT_BUS_ERROR` of piece `p` (at transfer offset `off`) whose move found
@@ -1183,6 +1223,11 @@ impl Exec<'_> {
             return Err(self.access_fault(FAULT_BUS_ERROR, d.completion, bus, flags));
         }
         written.map_err(|_| self.outside_ram(d.completion, bus, flags))?;
+        // Memory only the client reaches: the body, then the head (see `remote`).
+        let body_len = COMPLETION_SIZE - CompletionRecord::BODY_OFFSET;
+        remote::sync_out(&mem, body.0, body_len)
+            .and_then(|()| remote::sync_out(&mem, bus, CompletionRecord::BODY_OFFSET))
+            .map_err(|bad| self.access_fault(FAULT_BUS_ERROR, d.completion, bad, flags))?;
         Ok(true)
     }
 

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::bus::{self, check_range, Access};
 use super::mmu::TranslationFault;
+use super::remote;
 use super::sigbus;
 use super::stats::FaultStats;
 use crate::irq::InterruptSink;
@@ -277,6 +278,10 @@ impl FaultLog {
             .and_then(|()| {
                 mem.write_slice(&fault.record(seq).encode(), GuestAddress(addr))
                     .map_err(|_| FaultLogError::Unwritable(addr))
+            })
+            .and_then(|()| {
+                // Memory only the client reaches (see `core::remote`).
+                remote::sync_out(mem, addr, FAULT_RECORD_SIZE).map_err(FaultLogError::Unwritable)
             });
         if let Some(page) = sigbus::take_fault() {
             // The record went to a page that replaced the lost one.

@@ -731,3 +731,59 @@ fn a_stale_page_inside_a_run_is_used_until_invalidated() {
         assert_eq!(stale(&mut d), u64::from(strict));
     }
 }
+
+/// Bus memory only the client reaches (a shadow region, see `remote`): the ring, the data
+/// and the completion record all come from and go to the client's memory, never the
+/// shadow; a client that refuses the access ends the descriptor with a DMA error and a
+/// `FAULT_BUS_ERROR` record.
+#[test]
+fn client_only_memory_is_reached_through_the_client() {
+    const LEN: usize = 16 << 20;
+    let client = remote::tests::VecMemory::new(0, LEN);
+    let region = remote::tests::shadow(0, LEN);
+    remote::register(&region, client.clone());
+    let gm = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+    let mut d = TestDriver::over(DeviceConfig::default(), gm);
+    let put = |at: u64, data: &[u8]| {
+        client.bytes.lock().unwrap()[at as usize..][..data.len()].copy_from_slice(data)
+    };
+    let get = |at: u64, n: usize| client.bytes.lock().unwrap()[at as usize..][..n].to_vec();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    put(SRC, &data);
+    put(
+        TestDriver::ring_base(0),
+        &desc(OP_COPY, 0, 8192, SRC, DST, CPL, 0x77),
+    );
+    d.qwrite(0, Q_TAIL, 1);
+    let status = |at: u64| {
+        let head = u32::from_le_bytes(get(at, 4).try_into().unwrap());
+        CompletionRecord::status_of_head(head)
+    };
+    wait_until("the completion in the client's memory", || {
+        status(CPL) != STATUS_PENDING
+    });
+    assert_eq!(status(CPL), STATUS_OK);
+    assert_eq!(get(DST, 8192), data, "the copy reached the client's memory");
+    let mut shadow = vec![0u8; 8192];
+    d.mem().read_slice(&mut shadow, GuestAddress(DST)).unwrap();
+    assert_eq!(shadow, data, "the shadow holds what was sent");
+
+    // The client refuses: a DMA error and a bus-error fault record, and the server lives.
+    client
+        .fail_from
+        .store(SRC, std::sync::atomic::Ordering::Relaxed);
+    put(
+        TestDriver::ring_base(0) + DESC_SIZE,
+        &desc(OP_COPY, 0, 8192, SRC, DST, CPL + 32, 0x78),
+    );
+    d.qwrite(0, Q_TAIL, 2);
+    wait_until("the second completion", || {
+        status(CPL + 32) != STATUS_PENDING
+    });
+    assert_eq!(status(CPL + 32), STATUS_DMA_ERROR);
+    let stats = d.dev.stats();
+    assert_eq!(stats.queues[0].errors, 1, "{stats:?}");
+    assert_eq!(stats.faults.count, 1, "{stats:?}");
+    let mem = d.mem();
+    remote::unregister(mem.find_region(GuestAddress(0)).unwrap());
+}

@@ -18,6 +18,7 @@ use vm_memory::{
 };
 
 use crate::core::bus::{check_range, refusal, region_allows, Access};
+use crate::core::remote;
 use crate::spec::*;
 
 /// Size of a 4 KiB page.
@@ -95,6 +96,11 @@ fn read_entry(mem: &GuestMemoryMmap, table: u64, index: u64, level: u32) -> Resu
     })?;
     // The range check passed, so the region exists and holds all 8 bytes; a failure here
     // (a region refusing the access some other way) is treated as unmapped memory.
+    // Memory only the client reaches: fetch the entry first (see `core::remote`).
+    remote::sync_in(mem, addr, 8).map_err(|_| WalkFault {
+        reason: FAULT_BUS_ERROR,
+        ..outside
+    })?;
     let region = mem.find_region(GuestAddress(addr)).ok_or(outside)?;
     let offset = MemoryRegionAddress(addr - region.start_addr().0);
     region
@@ -175,7 +181,8 @@ pub(crate) struct L1Table<'m> {
 impl<'m> L1Table<'m> {
     fn new(mem: &'m GuestMemoryMmap, root: u64, iova: u64, table: u64, perm: u64) -> Self {
         let slice = mem.find_region(GuestAddress(table)).and_then(|region| {
-            if !region_allows(region, Access::Read) {
+            // A shadow of client memory is read entry by entry through the client.
+            if !region_allows(region, Access::Read) || remote::is_shadow(region) {
                 return None;
             }
             // `table` is in the region, so neither subtraction underflows.
