@@ -18,9 +18,12 @@ use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use std::io::Write;
 use tracing::callsite::Identifier;
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -40,27 +43,25 @@ struct Site {
 }
 
 /// A layer that rate-limits info, warn and error events per call site (see the module
-/// docs).
+/// docs). The line about suppressed events is written straight to `writer` (the same one
+/// the formatting layer uses): an event emitted from inside a layer would be dropped by
+/// `tracing`'s re-entrancy guard.
 #[derive(Debug)]
-pub struct RateLimit {
+pub struct RateLimit<W> {
     burst: u32,
     window: Duration,
     sites: Mutex<HashMap<Identifier, Site>>,
+    writer: W,
 }
 
-impl Default for RateLimit {
-    fn default() -> Self {
-        Self::new(BURST, WINDOW)
-    }
-}
-
-impl RateLimit {
-    /// At most `burst` events per call site per `window`.
-    pub fn new(burst: u32, window: Duration) -> Self {
+impl<W> RateLimit<W> {
+    /// At most `burst` events per call site per `window`; reports go to `writer`.
+    pub fn new(burst: u32, window: Duration, writer: W) -> Self {
         Self {
             burst,
             window,
             sites: Mutex::new(HashMap::new()),
+            writer,
         }
     }
 
@@ -89,28 +90,57 @@ impl RateLimit {
     }
 }
 
-impl<S: Subscriber> Layer<S> for RateLimit {
+impl<S, W> Layer<S> for RateLimit<W>
+where
+    S: Subscriber,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
         let meta = event.metadata();
-        if *meta.level() > Level::INFO || meta.target() == module_path!() {
+        if *meta.level() > Level::INFO {
             return true;
         }
         let (pass, suppressed) = self.admit(meta.callsite());
         if pass && suppressed > 0 {
-            tracing::warn!(
-                suppressed,
-                site = format_args!(
-                    "{}:{}",
-                    meta.file().unwrap_or("?"),
-                    meta.line().unwrap_or(0)
-                ),
-                "similar messages from this place were suppressed (at most {} per {} s)",
+            let line = format!(
+                "{}  WARN {}: {suppressed} similar messages from {}:{} were suppressed (at most {} per {} s)\n",
+                humantime_now(),
+                module_path!(),
+                meta.file().unwrap_or("?"),
+                meta.line().unwrap_or(0),
                 self.burst,
                 self.window.as_secs()
             );
+            let _ = self.writer.make_writer().write_all(line.as_bytes());
         }
         pass
     }
+}
+
+/// The time now as the formatting layer prints it (RFC 3339, UTC, microseconds).
+fn humantime_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
 }
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
@@ -144,7 +174,7 @@ pub fn init() -> WorkerGuard {
     let _ = DROPPED.set(writer.error_counter());
     tracing_subscriber::registry()
         .with(filter)
-        .with(RateLimit::default())
+        .with(RateLimit::new(BURST, WINDOW, writer.clone()))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(writer)
@@ -160,8 +190,6 @@ pub fn init() -> WorkerGuard {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use tracing_subscriber::fmt::MakeWriter;
 
     use super::*;
 
@@ -194,7 +222,7 @@ mod tests {
         let out = Lines::default();
         let window = Duration::from_millis(200);
         let sub = tracing_subscriber::registry()
-            .with(RateLimit::new(3, window))
+            .with(RateLimit::new(3, window, out.clone()))
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(out.clone())
@@ -215,6 +243,6 @@ mod tests {
         assert_eq!(t.matches("debug is never limited").count(), 100);
         assert_eq!(t.matches("site two").count(), 3, "{t}");
         assert_eq!(t.matches("similar messages").count(), 1, "{t}");
-        assert!(t.contains("suppressed=97"), "{t}");
+        assert!(t.contains("97 similar messages from"), "{t}");
     }
 }

@@ -515,8 +515,14 @@ fn dma_map_memfd_unmap_and_unmap_all() {
         .err(libc::EINVAL);
     c.dma_map(RW | 8, 0, 0, 0x1000, Some(ram.as_raw_fd()))
         .err(libc::ENOTSUP);
-    // A map without a descriptor is recorded but not reachable.
+    // A map without a descriptor gets a shadow region in bus memory (the device reaches
+    // it through the client: DMA_READ / DMA_WRITE); one with no access flag is recorded.
     c.dma_map(RW, 0, 0x8000_0000, 0x1000, None).ok(DMA_MAP);
+    assert_eq!(srv.memory.memory().num_regions(), 2);
+    c.dma_map(0, 0, 0x9000_0000, 0x1000, None).ok(DMA_MAP);
+    assert_eq!(srv.memory.memory().num_regions(), 2);
+    c.dma_unmap(0, 0x8000_0000, 0x1000).ok(DMA_UNMAP);
+    c.dma_unmap(0, 0x9000_0000, 0x1000).ok(DMA_UNMAP);
     assert_eq!(srv.memory.memory().num_regions(), 1);
 
     // Unmap: splitting a mapping is refused; the reply echoes the request.

@@ -1,9 +1,11 @@
 //! Bus memory the device reaches only through its client: vfio-user DMA_MAP without a file
 //! descriptor, which the server reads and writes with DMA_READ / DMA_WRITE messages.
 //!
-//! The core still sees every bus region through `vm-memory`: such a mapping is a private
-//! anonymous region of the same size, a *shadow*, registered here with the
-//! [`RemoteMemory`] that reaches the real memory. The shadow is never the truth: before
+//! The core still sees every bus region through `vm-memory`: such a mapping is a region of
+//! the same size and protection backed by a file of the server's own (a memfd), a
+//! *shadow*, registered here with the [`RemoteMemory`] that reaches the real memory. The
+//! hooks move bytes between the client and the shadow's file (`pwrite` / `pread`), so the
+//! shadow can be read-only or write-only for the device, as the client mapped it. The shadow is never the truth: before
 //! the device reads bytes of a shadow it fetches them from the client ([`sync_in`]), and
 //! after it writes bytes there it sends them to the client ([`sync_out`]). Every access of
 //! the device goes through one of the places that call these (descriptor fetch, page-table
@@ -16,14 +18,14 @@
 //! `FAULT_BUS_ERROR` record, as for client memory that vanished.
 
 use std::cell::RefCell;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
 /// Why an access through the client failed.
@@ -76,7 +78,9 @@ fn host(region: &GuestRegionMmap) -> usize {
     region.as_ptr() as usize
 }
 
-/// Make `region` (a private anonymous region) the shadow of memory that `remote` reaches.
+/// Make `region` the shadow of memory that `remote` reaches. The region must be backed by
+/// a file of the server's own (a memfd the size of the mapping, mapped `MAP_SHARED`): the
+/// hooks write and read that file, whatever protection the region has.
 pub fn register(region: &GuestRegionMmap, remote: Arc<dyn RemoteMemory>) {
     let mut s = SHADOWS.write().unwrap_or_else(PoisonError::into_inner);
     s.push(Shadow {
@@ -182,6 +186,11 @@ fn sync_region(
     to: u64,
     dir: Dir,
 ) -> Result<(), u64> {
+    let Some(fo) = region.file_offset() else {
+        // Registered shadows are file backed (see `register`).
+        return Err(from);
+    };
+    let file = fo.file();
     BOUNCE_BUF.with(|b| {
         let mut buf = b.borrow_mut();
         if buf.len() < BOUNCE {
@@ -191,11 +200,11 @@ fn sync_region(
         while a < to {
             // Bounded by BOUNCE, a usize.
             let n = (to - a).min(BOUNCE as u64) as usize;
-            let at = MemoryRegionAddress(a - region.start_addr().0);
+            let at = fo.start() + (a - region.start_addr().0);
             let chunk = &mut buf[..n];
             let ok = match dir {
-                Dir::In => remote.read(a, chunk).is_ok() && region.write_slice(chunk, at).is_ok(),
-                Dir::Out => region.read_slice(chunk, at).is_ok() && remote.write(a, chunk).is_ok(),
+                Dir::In => remote.read(a, chunk).is_ok() && file.write_all_at(chunk, at).is_ok(),
+                Dir::Out => file.read_exact_at(chunk, at).is_ok() && remote.write(a, chunk).is_ok(),
             };
             if !ok {
                 return Err(a);
@@ -211,6 +220,7 @@ pub(crate) mod tests {
     use std::sync::Mutex;
 
     use vm_memory::mmap::MmapRegion;
+    use vm_memory::{Bytes, FileOffset};
 
     use super::*;
 
@@ -264,13 +274,20 @@ pub(crate) mod tests {
         }
     }
 
-    /// A shadow region of `len` bytes at `base`.
+    /// A shadow region of `len` bytes at `base` (a memfd, mapped read-write).
     pub(crate) fn shadow(base: u64, len: usize) -> GuestRegionMmap {
+        let name = std::ffi::CString::new("shadow").unwrap();
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(len as u64).unwrap();
         let r = MmapRegion::build(
-            None,
+            Some(FileOffset::new(file, 0)),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
         )
         .unwrap();
         GuestRegionMmap::new(r, GuestAddress(base)).unwrap()

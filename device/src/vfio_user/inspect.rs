@@ -14,6 +14,7 @@
 //!   "queues": [ { "descriptors": 0, "bytes": 0, "errors": 0, "faults": 0, "interrupts": 0 }, ... ],
 //!   "domains": [ { "translations": 0, "iotlb_hits": 0, "iotlb_misses": 0, "page_walks": 0,
 //!                  "faults": 0, "stale_uses": 0 }, ... ],
+//!   "dma_rw": { "read_bytes": 0, "written_bytes": 0, "requests": 0, "errors": 0 },
 //!   "faults": { "count": 0, "dropped": 0 },
 //!   "iotlb_entries": 0
 //! }
@@ -40,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tracing::{debug, warn};
 
+use super::channel::{DmaRwReport, DmaRwStats};
 use super::server::{accept_should_retry, lock, ServerError};
 use super::socket::{BoundSocket, SocketAccess};
 use crate::core::{Device, DeviceConfig, DeviceStats};
@@ -87,6 +89,9 @@ pub struct Report {
     pub interface_version: String,
     /// The configuration.
     pub config: ConfigReport,
+    /// Bytes the device moved through the client (DMA_READ / DMA_WRITE, for memory the
+    /// client mapped without a file descriptor).
+    pub dma_rw: DmaRwReport,
     /// Every counter; its fields (`queues`, `domains`, `faults`, `iotlb_entries`) appear at
     /// the top level of the document.
     #[serde(flatten)]
@@ -101,6 +106,7 @@ impl Report {
             device: "domdma",
             interface_version: format!("{}.{}", DEVICE_VERSION >> 16, DEVICE_VERSION & 0xffff),
             config: config.into(),
+            dma_rw: DmaRwReport::default(),
             stats,
         }
     }
@@ -124,6 +130,7 @@ pub struct Inspector {
     socket: BoundSocket,
     device: Arc<Mutex<Device>>,
     config: DeviceConfig,
+    dma_rw: Arc<DmaRwStats>,
 }
 
 impl Inspector {
@@ -136,11 +143,13 @@ impl Inspector {
         access: SocketAccess,
         device: Arc<Mutex<Device>>,
         config: DeviceConfig,
+        dma_rw: Arc<DmaRwStats>,
     ) -> Result<Self, ServerError> {
         Ok(Self {
             socket: BoundSocket::bind(path, access)?,
             device,
             config,
+            dma_rw,
         })
     }
 
@@ -175,7 +184,9 @@ impl Inspector {
     }
 
     fn answer(&self, stream: &UnixStream) -> io::Result<()> {
-        let json = Report::snapshot(&self.device, &self.config).to_json();
+        let mut report = Report::snapshot(&self.device, &self.config);
+        report.dma_rw = self.dma_rw.report();
+        let json = report.to_json();
         // SAFETY: `json` is a valid buffer of its length for the whole call.
         let n = unsafe {
             libc::send(

@@ -42,6 +42,7 @@ use vm_memory::{
 };
 
 use super::proto::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, MAX_DMA_MAPS, PGSIZES};
+use crate::core::remote::{self as core_remote, RemoteMemory};
 use crate::core::{bus, sigbus, BusMemory};
 
 /// Errors of DMA map and unmap requests.
@@ -138,6 +139,9 @@ pub enum MemoryError {
     /// vm-memory rejected the new region list.
     #[error("cannot update the bus memory")]
     Collection(#[source] GuestRegionCollectionError),
+    /// The shadow of a mapping without a descriptor could not be created.
+    #[error("cannot create the shadow of a mapping without a file descriptor")]
+    Shadow(#[source] io::Error),
 }
 
 impl MemoryError {
@@ -147,7 +151,9 @@ impl MemoryError {
             Self::Overlap { .. } => libc::EEXIST,
             Self::TooManyMappings(_) => libc::ENOSPC,
             Self::UnsupportedFlags(_) => libc::ENOTSUP,
-            Self::Stat(e) | Self::StatFs(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Self::Stat(e) | Self::StatFs(e) | Self::Shadow(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
             Self::HugePages { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),
             Self::Mmap(MmapRegionError::Mmap(e)) => e.raw_os_error().unwrap_or(libc::EIO),
             Self::Mmap(_) | Self::Collection(_) => libc::EIO,
@@ -167,7 +173,11 @@ impl MemoryError {
 pub enum Access {
     /// Mapped into the bus memory with the protection of its flags.
     Mapped,
-    /// Recorded only: no descriptor was sent, or neither read nor write was allowed.
+    /// No descriptor came: the device reaches the memory through the client (DMA_READ /
+    /// DMA_WRITE), via a shadow region in bus memory (see [`crate::core::remote`]).
+    Remote,
+    /// Recorded only: neither read nor write was allowed, or no descriptor came and the
+    /// connection cannot reach the client's memory.
     Recorded,
 }
 
@@ -184,6 +194,10 @@ pub struct DmaMappings {
     memory: BusMemory,
     maps: BTreeMap<u64, Mapping>,
     limit: usize,
+    /// How the device reaches mappings that come without a descriptor.
+    remote: Option<Arc<dyn RemoteMemory>>,
+    /// Whether the last unmap removed memory the device reaches directly.
+    last_unmap_local: bool,
 }
 
 fn page_aligned(v: u64) -> bool {
@@ -226,6 +240,20 @@ impl Backing {
     }
 }
 
+/// A memfd of `size` bytes for a shadow region.
+fn shadow_file(size: u64) -> Result<File, MemoryError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"domdma-shadow".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Shadow(io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(MemoryError::Shadow)?;
+    Ok(file)
+}
+
 impl DmaMappings {
     /// An empty mapping table over `memory`, with the advertised mapping limit.
     pub fn new(memory: BusMemory) -> Self {
@@ -238,7 +266,23 @@ impl DmaMappings {
             memory,
             maps: BTreeMap::new(),
             limit,
+            remote: None,
+            last_unmap_local: false,
         }
+    }
+
+    /// Reach mappings that come without a descriptor through `remote` (the client's
+    /// DMA_READ / DMA_WRITE) instead of only recording them.
+    pub fn with_remote(mut self, remote: Arc<dyn RemoteMemory>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// Whether the last [`DmaMappings::unmap`] (or [`DmaMappings::unmap_all`]) removed
+    /// memory the device reaches directly (so DMA in flight must be waited for), not only
+    /// memory it reaches through the client.
+    pub fn last_unmap_was_local(&self) -> bool {
+        self.last_unmap_local
     }
 
     /// Number of recorded mappings.
@@ -292,19 +336,29 @@ impl DmaMappings {
             return Err(MemoryError::TooManyMappings(self.limit));
         }
         let fd = fds.into_iter().next();
-        let (access, backing) = match fd {
-            Some(fd) if flags & known != 0 => {
-                let mut prot = 0;
-                if flags & DMA_MAP_FLAG_READ != 0 {
-                    prot |= libc::PROT_READ;
-                }
-                if flags & DMA_MAP_FLAG_WRITE != 0 {
-                    prot |= libc::PROT_WRITE;
-                }
-                let backing = self.insert(File::from(fd), offset, address, size, prot)?;
+        let mut prot = 0;
+        if flags & DMA_MAP_FLAG_READ != 0 {
+            prot |= libc::PROT_READ;
+        }
+        if flags & DMA_MAP_FLAG_WRITE != 0 {
+            prot |= libc::PROT_WRITE;
+        }
+        let (access, backing) = match (fd, self.remote.clone()) {
+            _ if prot == 0 => (Access::Recorded, None),
+            (Some(fd), _) => {
+                let backing = self.insert(File::from(fd), offset, address, size, prot, |_| {})?;
                 (Access::Mapped, Some(backing))
             }
-            _ => (Access::Recorded, None),
+            (None, Some(remote)) => {
+                // A shadow of the client's memory: a memfd of our own, synced with the
+                // client around every access of the device.
+                let file = shadow_file(size)?;
+                self.insert(file, 0, address, size, prot, |region| {
+                    core_remote::register(region, remote)
+                })?;
+                (Access::Remote, None)
+            }
+            (None, None) => (Access::Recorded, None),
         };
         self.maps.insert(
             address,
@@ -360,6 +414,7 @@ impl DmaMappings {
         for &(a, _, _) in &victims {
             self.maps.remove(&a);
         }
+        self.last_unmap_local = victims.iter().any(|v| v.2 == Access::Mapped);
         self.remove_from_memory(&victims)?;
         debug!(
             address = format_args!("{address:#x}"),
@@ -377,7 +432,9 @@ impl DmaMappings {
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         for region in self.memory.memory().iter() {
             bus::forget_lost(region);
+            core_remote::unregister(region);
         }
+        self.last_unmap_local = true;
         guard.replace(GuestMemoryMmap::new());
         if n > 0 {
             debug!(mappings = n, "all DMA mappings removed");
@@ -400,6 +457,7 @@ impl DmaMappings {
         address: u64,
         size: u64,
         prot: i32,
+        before_insert: impl FnOnce(&GuestRegionMmap),
     ) -> Result<Backing, MemoryError> {
         if !page_aligned(offset) {
             return Err(MemoryError::UnalignedOffset(offset));
@@ -446,6 +504,7 @@ impl DmaMappings {
             })?;
         let region = GuestRegionMmap::new(region, GuestAddress(address))
             .ok_or(MemoryError::BadRange { address, size })?;
+        before_insert(&region);
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         let updated = self
             .memory
@@ -457,17 +516,19 @@ impl DmaMappings {
     }
 
     fn remove_from_memory(&mut self, victims: &[(u64, u64, Access)]) -> Result<(), MemoryError> {
-        if !victims.iter().any(|v| v.2 == Access::Mapped) {
+        let in_memory = |a: Access| matches!(a, Access::Mapped | Access::Remote);
+        if !victims.iter().any(|v| in_memory(v.2)) {
             return Ok(());
         }
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         let mut current: GuestMemoryMmap = (*self.memory.memory()).clone();
         for &(a, size, access) in victims {
-            if access == Access::Mapped {
+            if in_memory(access) {
                 let (rest, removed) = current
                     .remove_region(GuestAddress(a), size)
                     .map_err(MemoryError::Collection)?;
                 bus::forget_lost(&removed);
+                core_remote::unregister(&removed);
                 current = rest;
             }
         }

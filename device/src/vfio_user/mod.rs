@@ -33,6 +33,8 @@
 //!   as it does for any conventional-PCI device under kernel VFIO.
 
 #[cfg(feature = "server")]
+pub mod channel;
+#[cfg(feature = "server")]
 pub mod inspect;
 #[cfg(feature = "server")]
 pub mod irq;

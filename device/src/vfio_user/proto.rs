@@ -593,6 +593,43 @@ wire_struct! {
     }
 }
 
+// ---- DMA_READ / DMA_WRITE (server to client) ----
+
+/// The fixed part of DMA_READ and DMA_WRITE, requests and replies: bus address and byte
+/// count (64-bit, as QEMU 10.1+ and libvfio-user send it). A DMA_READ reply and a
+/// DMA_WRITE request carry `count` data bytes after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DmaRw {
+    /// Bus (DMA) address.
+    pub address: u64,
+    /// Bytes to move.
+    pub count: u64,
+}
+
+impl DmaRw {
+    /// Size of the fixed part.
+    pub const SIZE: usize = 16;
+
+    /// Parse the fixed part; returns it and the bytes after it.
+    pub fn parse(payload: &[u8]) -> Result<(Self, &[u8]), ProtoError> {
+        let mut r = Reader::new(payload, "DMA_READ/DMA_WRITE", Self::SIZE)?;
+        let m = Self {
+            address: r.u64(),
+            count: r.u64(),
+        };
+        Ok((m, r.rest()))
+    }
+
+    /// Encode the fixed part followed by `data`.
+    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::SIZE + data.len());
+        v.put_u64(self.address);
+        v.put_u64(self.count);
+        v.extend_from_slice(data);
+        v
+    }
+}
+
 // ---- DEVICE_GET_INFO ----
 
 /// `VFIO_DEVICE_FLAGS_RESET`: the device supports DEVICE_RESET.

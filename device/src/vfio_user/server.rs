@@ -32,9 +32,10 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -44,27 +45,27 @@ use tracing::{debug, info, trace, warn};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::channel::{Channel, DmaRwStats, End, Limits, Message};
 use super::inspect::Inspector;
 use super::irq::{eventfd_from_owned, EventFdInterrupts};
 use super::memory::DmaMappings;
 use super::proto::*;
 use super::socket::{BoundSocket, SocketAccess, MAX_SOCKET_PATH};
+use crate::core::remote::RemoteMemory;
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
 
 /// Offset of the interrupt pin register in PCI configuration space.
 const PCI_INTERRUPT_PIN: u64 = 0x3d;
-/// Most descriptors Linux passes in one message (`SCM_MAX_FD`); receiving with room for
-/// this many means the kernel never truncates a message's descriptors for lack of room.
-const SCM_MAX_FD: usize = 253;
-/// Chunk size when discarding an oversized message.
-const DISCARD_CHUNK: usize = 64 << 10;
+/// The command register (bus mastering) in PCI configuration space: bytes 4 and 5.
+const PCI_COMMAND_OFFSET: u64 = 0x4;
+const PCI_COMMAND_END: u64 = 0x6;
 /// Longest wait of one `recvmsg` on the client socket: how often an idle connection wakes
 /// to check its time limits and the stop flag.
 pub const TICK: Duration = Duration::from_secs(1);
 /// Descriptors kept free of DMA mappings: the listener, the client socket, eventfds, the
 /// descriptors of one message in flight, the inspector's connections, logging.
-const FD_RESERVE: u64 = 64 + SCM_MAX_FD as u64;
+const FD_RESERVE: u64 = 64 + super::channel::SCM_MAX_FD as u64;
 
 /// Errors of the server: binding its socket, and accepting clients.
 #[derive(Debug, Error)]
@@ -207,6 +208,7 @@ pub struct Server {
     caps: Capabilities,
     inspector: Option<Inspector>,
     signals: Vec<(libc::c_int, UnixStream)>,
+    dma_rw: Arc<DmaRwStats>,
 }
 
 impl std::fmt::Debug for Server {
@@ -295,6 +297,7 @@ impl Server {
             caps,
             inspector: None,
             signals: Vec::new(),
+            dma_rw: Arc::new(DmaRwStats::default()),
         })
     }
 
@@ -306,6 +309,7 @@ impl Server {
             self.options.access,
             Arc::clone(&self.device),
             self.config.clone(),
+            Arc::clone(&self.dma_rw),
         )?;
         info!(path = %insp.path().display(), "inspector listening");
         self.inspector = Some(insp);
@@ -422,8 +426,27 @@ impl Server {
         }
         info!("client connected");
         lobby.set_current(stream.try_clone().ok());
-        let mut conn = Connection::new(self, stream, lobby);
+        let limits = Limits {
+            message: self.options.message_timeout,
+            dma_reply: self.options.message_timeout,
+        };
+        let channel = match Channel::new(
+            stream,
+            lobby.closed_flag(),
+            limits,
+            Arc::clone(&self.dma_rw),
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                warn!(error = %e, "cannot set up the client connection; dropping it");
+                lobby.set_current(None);
+                return End::Io(e);
+            }
+        };
+        let mut conn = Connection::new(self, Arc::clone(&channel), lobby);
         let end = conn.serve();
+        // DMA requests to a client that is gone fail at once from here on.
+        channel.set_aborted(true);
         lobby.set_current(None);
         let negotiated = match conn.state {
             ConnState::Ready { minor, client } => {
@@ -509,6 +532,8 @@ struct Lobby {
 
 #[derive(Debug, Default)]
 struct LobbyState {
+    /// `closed`, readable without the lock (the connection's channel checks it).
+    closed_flag: Arc<AtomicBool>,
     waiting: VecDeque<UnixStream>,
     /// A second handle of the served client's socket, to shut it down on stop.
     current: Option<UnixStream>,
@@ -553,11 +578,17 @@ impl Lobby {
         self.lock().closed
     }
 
+    fn closed_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.lock().closed_flag)
+    }
+
     /// Stop: no more clients; the served one's socket is shut down, which ends its
     /// blocking reads and writes at once.
     fn close(&self) {
         let mut s = self.lock();
         s.closed = true;
+        s.closed_flag
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         s.waiting.clear();
         if let Some(c) = &s.current {
             let _ = c.shutdown(std::net::Shutdown::Both);
@@ -666,21 +697,6 @@ impl MutEventSubscriber for InspectorService<'_> {
     }
 }
 
-/// Why a connection ended.
-#[derive(Debug)]
-enum End {
-    /// The client closed the connection or reset it.
-    Disconnected,
-    /// The server was asked to stop.
-    Stopped,
-    /// The client broke a time limit (handshake, message, unread reply).
-    TimedOut(String),
-    /// The stream cannot be trusted any more (e.g. a size below the header size).
-    Protocol(String),
-    /// A socket error.
-    Io(io::Error),
-}
-
 /// Connection state: nothing but VERSION is served before the version handshake.
 #[derive(Debug, Clone, Copy)]
 enum ConnState {
@@ -700,47 +716,44 @@ type Reply = Result<Vec<u8>, i32>;
 struct Connection<'s> {
     server: &'s Server,
     lobby: &'s Lobby,
-    stream: UnixStream,
+    channel: Arc<Channel>,
     state: ConnState,
     /// When this client's turn began (the handshake limit counts from here).
     since: Instant,
-    /// When the current message started to arrive in pieces (None while messages arrive
-    /// whole: the clock is read only on the slow path).
-    partial_since: Option<Instant>,
-    /// The kernel dropped descriptors of the current message (out of descriptors).
-    fds_lost: bool,
     dma: DmaMappings,
     /// INTx trigger and unmask eventfds (accepted when the device has an interrupt pin;
     /// the device never raises INTx).
     intx: Option<EventFd>,
     intx_unmask: Option<EventFd>,
-    buf: Vec<u8>,
 }
 
 impl<'s> Connection<'s> {
-    fn new(server: &'s Server, stream: UnixStream, lobby: &'s Lobby) -> Self {
+    fn new(server: &'s Server, channel: Arc<Channel>, lobby: &'s Lobby) -> Self {
+        let remote: Arc<dyn RemoteMemory> = channel.clone();
         Self {
             server,
             lobby,
-            stream,
+            channel,
             state: ConnState::AwaitingVersion,
             since: Instant::now(),
-            partial_since: None,
-            fds_lost: false,
-            dma: DmaMappings::with_limit(server.memory.clone(), server.caps.max_dma_maps as usize),
+            dma: DmaMappings::with_limit(server.memory.clone(), server.caps.max_dma_maps as usize)
+                .with_remote(remote),
             intx: None,
             intx_unmask: None,
-            buf: Vec::new(),
         }
     }
 
     /// Serve messages until the client leaves, the server stops, or the stream breaks.
     fn serve(&mut self) -> End {
+        let mut spare = Vec::new();
         loop {
-            if let Err(end) = self.serve_one() {
-                return end;
-            }
-            if let Err(end) = self.check_handshake() {
+            let step = match self.channel.next_command(std::mem::take(&mut spare)) {
+                Ok(Some(m)) => self.handle(m).map(|buf| spare = buf),
+                Ok(None) if self.lobby.is_closed() => Err(End::Stopped),
+                Ok(None) => Ok(()),
+                Err(end) => Err(end),
+            };
+            if let Err(end) = step.and_then(|()| self.check_handshake()) {
                 return end;
             }
         }
@@ -759,110 +772,37 @@ impl<'s> Connection<'s> {
         Ok(())
     }
 
-    /// A message that started arriving must be complete within the message limit.
-    fn check_partial(&mut self) -> Result<(), End> {
-        let limit = self.server.options.message_timeout;
-        match self.partial_since {
-            Some(t) if t.elapsed() > limit => Err(End::TimedOut(format!(
-                "a message started but was not complete within {} ms",
-                limit.as_millis()
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    fn serve_one(&mut self) -> Result<(), End> {
-        let mut fds = Vec::new();
-        let mut too_many_fds = false;
-        self.partial_since = None;
-        self.fds_lost = false;
-        let mut hb = [0u8; HEADER_SIZE];
-        if !self.read_exact(&mut hb, &mut fds, &mut too_many_fds, true)? {
-            return Err(End::Disconnected);
-        }
-        let hdr = Header::parse(&hb);
-        trace!(
-            id = hdr.id,
-            command = hdr.command,
-            size = hdr.size,
-            flags = hdr.flags,
-            fds = fds.len(),
-            "message"
-        );
-        let Some(len) = hdr.payload_len() else {
-            return Err(End::Protocol(format!(
-                "message size {} is smaller than the header",
-                hdr.size
-            )));
-        };
-        let size = hdr.size as usize;
-        if size > MAX_DISCARD_SIZE {
-            return Err(End::Protocol(format!(
-                "message of {size} bytes (command {}) exceeds the {MAX_DISCARD_SIZE}-byte limit",
-                hdr.command
-            )));
-        }
-        if size > MAX_MESSAGE_SIZE {
-            warn!(
-                command = hdr.command,
-                size, "message larger than {MAX_MESSAGE_SIZE} bytes; discarding it"
-            );
-            self.discard(len, &mut fds, &mut too_many_fds)?;
-            drop(fds);
-            return self.respond(&hdr, Err(libc::E2BIG));
-        }
-        let mut payload = std::mem::take(&mut self.buf);
-        payload.clear();
-        payload.resize(len, 0);
-        let result = self
-            .read_exact(&mut payload, &mut fds, &mut too_many_fds, false)
-            .and_then(|_| self.handle(&hdr, &payload, fds, too_many_fds));
-        self.keep(payload);
-        result
-    }
-
-    /// Handle one complete message and send its reply.
-    fn handle(
-        &mut self,
-        hdr: &Header,
-        payload: &[u8],
-        fds: Vec<OwnedFd>,
-        too_many_fds: bool,
-    ) -> Result<(), End> {
+    /// Handle one command and send its reply; returns the payload buffer for reuse.
+    fn handle(&mut self, m: Message) -> Result<Vec<u8>, End> {
+        let hdr = m.hdr;
         let reply = match hdr.msg_type() {
-            FLAGS_TYPE_COMMAND if self.fds_lost => {
+            _ if m.oversized => Err(libc::E2BIG),
+            FLAGS_TYPE_COMMAND if m.fds_lost => {
                 warn!(
                     command = hdr.command,
                     "the kernel dropped the message's file descriptors: the server is out of descriptors"
                 );
                 Err(libc::EMFILE)
             }
-            FLAGS_TYPE_COMMAND if too_many_fds => {
+            FLAGS_TYPE_COMMAND if m.too_many_fds => {
                 warn!(
                     command = hdr.command,
                     "message carries more than {MAX_MSG_FDS} file descriptors"
                 );
                 Err(libc::EINVAL)
             }
-            FLAGS_TYPE_COMMAND => self.dispatch(hdr, payload, fds),
-            FLAGS_TYPE_REPLY => {
-                // We never send commands, so there is nothing this can answer.
-                debug!(id = hdr.id, "ignoring an unexpected reply");
-                return Ok(());
-            }
+            FLAGS_TYPE_COMMAND => self.dispatch(&hdr, &m.payload, m.fds),
             t => {
                 warn!(command = hdr.command, "unknown message type {t}");
                 Err(libc::EINVAL)
             }
         };
-        self.respond(hdr, reply)
-    }
-
-    /// Keep the payload buffer for the next message unless it grew large.
-    fn keep(&mut self, payload: Vec<u8>) {
-        if payload.capacity() <= 64 << 10 {
-            self.buf = payload;
+        self.respond(&hdr, reply)?;
+        let mut payload = m.payload;
+        if payload.capacity() > 64 << 10 {
+            payload = Vec::new();
         }
+        Ok(payload)
     }
 
     /// Send the reply (or error reply) unless the client asked for none.
@@ -877,13 +817,23 @@ impl<'s> Connection<'s> {
             return Ok(());
         }
         match reply {
-            Ok(body) => self.send(&encode_reply(hdr, &body)),
+            Ok(body) => self.channel.send(&encode_reply(hdr, &body)),
             Err(errno) => {
                 debug!(id = hdr.id, command = hdr.command, errno, "error reply");
                 // Errno values are small positive numbers.
-                self.send(&encode_error(hdr, errno.unsigned_abs()))
+                self.channel.send(&encode_error(hdr, errno.unsigned_abs()))
             }
         }
+    }
+
+    /// Run `f` with the client's DMA requests failing at once: for a command the client
+    /// waits for that may wait for the device's workers (which may wait for DMA replies
+    /// the client will only send once it has our reply).
+    fn without_client_dma<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.channel.set_aborted(true);
+        let r = f();
+        self.channel.set_aborted(false);
+        r
     }
 
     fn dispatch(&mut self, hdr: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Reply {
@@ -932,7 +882,7 @@ impl<'s> Connection<'s> {
                 self.region_write(access, data)
             }
             Some(Command::DeviceReset) => {
-                lock(&self.server.device).reset();
+                self.without_client_dma(|| lock(&self.server.device).reset());
                 debug!("device reset");
                 Ok(Vec::new())
             }
@@ -972,6 +922,7 @@ impl<'s> Connection<'s> {
             return Err(libc::ENOTSUP);
         }
         let minor = v.minor.min(VERSION_MINOR);
+        self.channel.set_max_xfer(v.caps.max_data_xfer_size.into());
         self.state = ConnState::Ready {
             minor,
             client: v.caps,
@@ -1021,8 +972,12 @@ impl<'s> Connection<'s> {
             })?;
         }
         // The VMM reuses the memory as soon as it has the reply: wait until no DMA that may
-        // still use the old mapping is moving.
-        lock(&self.server.device).dma_barrier();
+        // still use the old mapping is moving. Memory the device reaches only through the
+        // client needs no wait (the client checks each access itself) and must not get
+        // one: a worker may be waiting for a DMA reply the client sends only after this.
+        if self.dma.last_unmap_was_local() {
+            lock(&self.server.device).dma_barrier();
+        }
         // The spec: the reply carries the original DMA entry.
         Ok(DmaUnmap {
             argsz: DmaUnmap::SIZE as u32,
@@ -1273,13 +1228,19 @@ impl<'s> Connection<'s> {
 
     fn region_write(&mut self, a: RegionAccess, data: &[u8]) -> Reply {
         self.check_access(&a)?;
-        {
-            let mut dev = lock(&self.server.device);
-            if a.region == PCI_CONFIG_REGION_INDEX {
-                dev.config_write(a.offset, data);
+        if a.region == PCI_CONFIG_REGION_INDEX {
+            // The client waits for config writes; clearing bus mastering waits for the
+            // workers.
+            let touches_command =
+                a.offset < PCI_COMMAND_END && a.offset + u64::from(a.count) > PCI_COMMAND_OFFSET;
+            let write = || lock(&self.server.device).config_write(a.offset, data);
+            if touches_command {
+                self.without_client_dma(write);
             } else {
-                dev.bar_write(a.region as usize, a.offset, data);
+                write();
             }
+        } else {
+            lock(&self.server.device).bar_write(a.region as usize, a.offset, data);
         }
         trace!(
             region = a.region,
@@ -1289,207 +1250,6 @@ impl<'s> Connection<'s> {
         );
         Ok(a.encode(&[]))
     }
-
-    /// Read exactly `buf.len()` bytes, collecting any descriptors that come with them.
-    /// Returns `Ok(false)` on a clean end of stream before the first byte when
-    /// `at_boundary`.
-    fn read_exact(
-        &mut self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        too_many: &mut bool,
-        at_boundary: bool,
-    ) -> Result<bool, End> {
-        let mut got = 0;
-        while got < buf.len() {
-            let mid_message = got > 0 || !at_boundary;
-            let n = self.recv(&mut buf[got..], fds, too_many, mid_message)?;
-            if n == 0 {
-                if self.lobby.is_closed() {
-                    return Err(End::Stopped);
-                }
-                if got == 0 && at_boundary {
-                    return Ok(false);
-                }
-                debug!("client closed the connection in the middle of a message");
-                return Err(End::Disconnected);
-            }
-            got += n;
-            if got < buf.len() && self.partial_since.is_none() {
-                // The slow path: the message arrives in pieces; its clock starts.
-                self.partial_since = Some(Instant::now());
-            }
-        }
-        Ok(true)
-    }
-
-    /// Read and drop `len` bytes in bounded chunks.
-    fn discard(
-        &mut self,
-        mut len: usize,
-        fds: &mut Vec<OwnedFd>,
-        too_many: &mut bool,
-    ) -> Result<(), End> {
-        let mut chunk = vec![0u8; DISCARD_CHUNK.min(len)];
-        while len > 0 {
-            let n = chunk.len().min(len);
-            self.read_exact(&mut chunk[..n], fds, too_many, false)?;
-            len -= n;
-        }
-        Ok(())
-    }
-
-    /// One blocking `recvmsg` (repeated on the receive tick): data into `buf`, descriptors
-    /// appended to `fds` (beyond [`MAX_MSG_FDS`] they are closed at once and `too_many` is
-    /// set; descriptors the kernel had to drop set `fds_lost`). On each tick the time
-    /// limits and the stop flag are checked.
-    fn recv(
-        &mut self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        too_many: &mut bool,
-        mid_message: bool,
-    ) -> Result<usize, End> {
-        loop {
-            match recv_with_fds(&self.stream, buf, fds, MAX_MSG_FDS as usize) {
-                Ok(r) => {
-                    *too_many |= r.extra_fds;
-                    self.fds_lost |= r.truncated;
-                    return Ok(r.bytes);
-                }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EAGAIN) => {
-                        if self.lobby.is_closed() {
-                            return Err(End::Stopped);
-                        }
-                        self.check_handshake()?;
-                        if mid_message && self.partial_since.is_none() {
-                            self.partial_since = Some(Instant::now());
-                        }
-                        self.check_partial()?;
-                    }
-                    Some(libc::EINTR) => {}
-                    Some(libc::ECONNRESET | libc::EPIPE) => return Err(End::Disconnected),
-                    _ => return Err(End::Io(e)),
-                },
-            }
-        }
-    }
-
-    /// Write all of `bytes` (blocking, bounded by the send timeout: a client that does not
-    /// read its replies is dropped).
-    fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
-        let mut off = 0;
-        while off < bytes.len() {
-            let rest = &bytes[off..];
-            // SAFETY: `rest` is a valid buffer of `rest.len()` bytes for the whole call.
-            // MSG_NOSIGNAL: a client that has gone gives EPIPE, not SIGPIPE.
-            let n = unsafe {
-                libc::send(
-                    self.stream.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => {
-                        return Err(End::TimedOut(format!(
-                            "the client did not read a reply for {} ms",
-                            self.server.options.message_timeout.as_millis()
-                        )))
-                    }
-                    Some(libc::EPIPE | libc::ECONNRESET) if self.lobby.is_closed() => {
-                        return Err(End::Stopped)
-                    }
-                    Some(libc::EPIPE | libc::ECONNRESET) => return Err(End::Disconnected),
-                    _ => return Err(End::Io(e)),
-                }
-            }
-            // n >= 0 here.
-            off += n as usize;
-        }
-        Ok(())
-    }
-}
-
-/// What one [`recv_with_fds`] got.
-#[derive(Debug)]
-struct Received {
-    /// Data bytes (0: end of stream).
-    bytes: usize,
-    /// Descriptors beyond the caller's limit arrived (and were closed).
-    extra_fds: bool,
-    /// The kernel dropped descriptors (`MSG_CTRUNC`: the process is out of descriptors).
-    truncated: bool,
-}
-
-/// One `recvmsg` of data and `SCM_RIGHTS` descriptors (close-on-exec atomically), keeping
-/// at most `max_fds` in `fds` in total.
-fn recv_with_fds(
-    stream: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    max_fds: usize,
-) -> io::Result<Received> {
-    // Room for SCM_MAX_FD descriptors: the kernel never drops any for lack of room.
-    const CMSG_ROOM: usize = 64 + SCM_MAX_FD * std::mem::size_of::<RawFd>();
-    let mut cmsg = [0u64; CMSG_ROOM / 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all zeroes is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
-    // SAFETY: `msg` points at `iov` (describing `buf`, valid for writes of its length) and
-    // at `cmsg` (valid for writes of msg_controllen bytes), all alive for the call.
-    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut extra_fds = false;
-    // SAFETY: `msg` was filled in by recvmsg; the CMSG_* helpers walk the control buffer
-    // within msg_controllen.
-    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !c.is_null() {
-        // SAFETY: `c` points at a complete cmsghdr inside the control buffer.
-        let h = unsafe { &*c };
-        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_LEN(0) is a constant computation.
-            let header = unsafe { libc::CMSG_LEN(0) } as usize;
-            let count = (h.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
-            // SAFETY: the data of an SCM_RIGHTS message is `count` descriptors.
-            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
-            for i in 0..count {
-                // SAFETY: `i < count`: the pointer stays inside the data.
-                let p = unsafe { data.add(i) };
-                // SAFETY: `p` points at one descriptor; the buffer may be unaligned.
-                let raw = unsafe { p.read_unaligned() };
-                // SAFETY: the kernel just installed this descriptor in our table; nothing
-                // else refers to it, so we take ownership.
-                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fds.len() < max_fds {
-                    fds.push(fd);
-                } else {
-                    extra_fds = true;
-                }
-            }
-        }
-        // SAFETY: as for CMSG_FIRSTHDR.
-        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
-    }
-    Ok(Received {
-        bytes: n as usize,
-        extra_fds,
-        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
-    })
 }
 
 /// Turn received descriptors into eventfds; any that is not one fails the command.
