@@ -6,7 +6,7 @@
 //!
 //! A region is *lost* when touching it raised SIGBUS (its backing file was truncated, or
 //! could not supply a page; see [`super::sigbus`]): the handler notes it at once
-//! ([`note_lost_in_handler`], lock-free), the thread that took the fault records it
+//! (`note_lost_in_handler`, lock-free), the thread that took the fault records it
 //! ([`mark_lost`]), and from then on [`region_allows`] refuses every access to it. The
 //! record is keyed by the region's backing file (the `Arc<File>` inside its `FileOffset`,
 //! held weakly, so it cannot be confused with a later region at the same address) and is

@@ -10,7 +10,7 @@
 //! - [`install`] puts a process-wide SIGBUS handler in place, once (the transport calls it
 //!   when it maps the first file, the device when it is created).
 //! - Every access the device makes to bus memory happens on a thread armed with the bus
-//!   memory snapshot it uses ([`arm`]), and is followed by a [`take_fault`] check.
+//!   memory snapshot it uses (`arm`), and is followed by a `take_fault` check.
 //! - A SIGBUS raised by the kernel on an armed thread, for an address inside one of the
 //!   armed snapshot's regions, is recovered: the handler maps an anonymous private page
 //!   (`MAP_FIXED`) over the faulting page, records the page in the thread and returns.
@@ -18,8 +18,8 @@
 //!   stay in this process and go with the mapping). The page is 4 KiB, else 2 MiB, else
 //!   1 GiB, whichever the kernel accepts inside the region (a hugetlbfs mapping cannot be
 //!   split at 4 KiB).
-//! - The thread then sees the page in [`take_fault`], reports a `FAULT_BUS_ERROR` and
-//!   marks the region lost ([`lose`], [`super::bus::mark_lost`]): the device refuses every
+//! - The thread then sees the page in `take_fault`, reports a `FAULT_BUS_ERROR` and
+//!   marks the region lost (`lose`, [`super::bus::mark_lost`]): the device refuses every
 //!   later access to it without touching it.
 //! - Any other SIGBUS (an unarmed thread, an address outside the armed snapshot, a signal
 //!   sent by a process, or a page the kernel would not replace) goes back to the action
@@ -28,7 +28,7 @@
 //!
 //! Another thread may touch the replaced page before the region is recorded as lost: the
 //! handler notes the region in a lock-free table before it replaces the page
-//! ([`bus::note_lost_in_handler`]), and every access checks, after it, whether anything
+//! (`bus::note_lost_in_handler`), and every access checks, after it, whether anything
 //! it touched was lost meanwhile ([`bus::any_lost`]), so no access that read a replaced
 //! page completes as if it had not.
 //!
