@@ -29,7 +29,8 @@ use tracing::info;
     name = "domdma-device",
     version,
     after_help = "QEMU attaches with:\n  -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"PATH\"}}'\n\
-                  Guest RAM must be shared and fd-backed (memory-backend-memfd,share=on).\n\n\
+                  Guest RAM shared and fd-backed (memory-backend-memfd,share=on) is mapped directly;\n\
+                  private RAM is reached through QEMU with DMA_READ / DMA_WRITE (slower).\n\n\
                   Inspector: --inspect PATH serves one JSON document of counters per connection\n\
                   (e.g. socat - UNIX-CONNECT:PATH).\n\n\
                   Logging: DOMDMA_LOG or RUST_LOG (e.g. debug, domdma_device=trace); default info."

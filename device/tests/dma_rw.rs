@@ -1,5 +1,5 @@
 //! Memory the client maps without a file descriptor: the device reaches it with DMA_READ
-//! and DMA_WRITE messages to the client, chunked by the client's `max_data_xfer_size`,
+//! and DMA_WRITE messages to the client, chunked by the client's `max_data_xfer_size` (16 KiB here),
 //! and the inspector counts the bytes moved each way.
 
 mod common;
@@ -17,7 +17,7 @@ use vmm_sys_util::tempdir::TempDir;
 const DMA_READ: u16 = 11;
 const DMA_WRITE: u16 = 12;
 const RAM: usize = 4 << 20;
-const XFER: u64 = 64 << 10;
+const XFER: u64 = 16 << 10;
 
 /// Guest RAM the client keeps to itself, and what the server asked of it.
 struct ClientRam {
@@ -78,7 +78,7 @@ fn fd_less_memory_is_reached_with_dma_read_and_dma_write() {
     let mut c = Client::connect(&sock);
     let caps = QEMU_CAPS.replace(
         "\"max_data_xfer_size\":1048576",
-        "\"max_data_xfer_size\":65536",
+        "\"max_data_xfer_size\":16384",
     );
     assert_ne!(caps, QEMU_CAPS);
     c.call(VERSION, &Client::version_payload(0, 0, &caps), &[])

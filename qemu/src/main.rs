@@ -176,11 +176,13 @@ struct RunArgs {
 impl RunArgs {
     fn into_options(mut self) -> Result<RunOptions, profile::ProfileError> {
         let mut iommu = true;
+        let mut shared_memory = true;
         let mut profile_name = None;
         if let Some(path) = &self.profile {
             let p = Profile::load(path)?;
             self.numa_nodes = p.numa_nodes;
             iommu = p.iommu;
+            shared_memory = p.shared_memory;
             self.device_args = p.device_args.into_iter().chain(self.device_args).collect();
             self.guest_args = ["--profile".to_string(), p.name.clone()]
                 .into_iter()
@@ -224,6 +226,7 @@ impl RunArgs {
             expect: self.expect,
             device_test: self.device_test,
             iommu,
+            shared_memory,
             profile: profile_name,
         })
     }

@@ -5,6 +5,8 @@
 //! description = "Two NUMA nodes, the device behind pxb-pcie on node 1"
 //! numa_nodes = 2                        # 1 (flat, device on the root bus) or 2
 //! iommu = true                          # emulated intel-iommu, VFIO type1 in the guest
+//! shared_memory = true                  # guest RAM shared with the device server (memfd);
+//!                                       # false: private RAM, reached by DMA_READ/WRITE
 //! device_args = ["--iova-width", "32"]  # domdma-device options
 //! guest_args = []                       # domdma-guest-tests options
 //! ```
@@ -54,6 +56,12 @@ pub struct Profile {
     /// needs.
     #[serde(default = "default_true")]
     pub iommu: bool,
+    /// Guest RAM shared with the device server (`memory-backend-memfd,share=on`: QEMU's
+    /// DMA_MAP carries the memory's descriptor). `false`: plain private RAM
+    /// (`memory-backend-ram`), which QEMU maps without a descriptor, so the device reaches
+    /// it through QEMU with DMA_READ / DMA_WRITE.
+    #[serde(default = "default_true")]
+    pub shared_memory: bool,
     /// Options for the device server.
     #[serde(default)]
     pub device_args: Vec<String>,
@@ -116,6 +124,7 @@ mod tests {
                 description: "x".into(),
                 numa_nodes: 2,
                 iommu: true,
+                shared_memory: true,
                 device_args: vec![],
                 guest_args: vec![],
             }

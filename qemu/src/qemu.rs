@@ -82,6 +82,9 @@ pub struct QemuConfig {
     pub numa: bool,
     /// The emulated IOMMU (intel-iommu with caching mode, for VFIO type1 in the guest).
     pub iommu: bool,
+    /// Guest RAM shared with the device server (`memory-backend-memfd,share=on`); false:
+    /// private RAM (`memory-backend-ram`), which QEMU maps without a descriptor.
+    pub shared_memory: bool,
     /// File the guest's serial console is written to.
     pub serial_log: PathBuf,
     /// The vfio-user socket of the device server; `None` boots without the device.
@@ -93,6 +96,17 @@ pub struct QemuConfig {
 }
 
 impl QemuConfig {
+    /// The `-object` of one guest RAM backend. Not `memory-backend-memfd,share=off`: QEMU
+    /// would still send its descriptor but map it privately, so the device would not see
+    /// the guest's writes (docs/notes/qemu-fdless-dma.md).
+    fn memory_backend(&self, id: &str, mib: u64) -> String {
+        if self.shared_memory {
+            format!("memory-backend-memfd,id={id},size={mib}M,share=on")
+        } else {
+            format!("memory-backend-ram,id={id},size={mib}M")
+        }
+    }
+
     /// The full argument list (without the program).
     pub fn args(&self) -> Result<Vec<OsString>, QemuError> {
         let mut args = Args::default();
@@ -120,10 +134,7 @@ impl QemuConfig {
             let half_mem = self.memory_mib / 2;
             let half_cpus = self.smp / 2;
             for node in 0..2 {
-                args.flag(
-                    "-object",
-                    format!("memory-backend-memfd,id=mem{node},size={half_mem}M,share=on"),
-                );
+                args.flag("-object", self.memory_backend(&format!("mem{node}"), half_mem));
             }
             for node in 0..2 {
                 let first = node * half_cpus;
@@ -134,13 +145,7 @@ impl QemuConfig {
                 );
             }
         } else {
-            args.flag(
-                "-object",
-                format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    self.memory_mib
-                ),
-            );
+            args.flag("-object", self.memory_backend("mem", self.memory_mib));
         }
         args.flag("-display", "none");
         args.plain("-nodefaults");
@@ -268,6 +273,7 @@ mod tests {
             memory_mib: DEFAULT_MEMORY_MIB,
             numa: false,
             iommu: true,
+            shared_memory: true,
             serial_log: "/out/serial.log".into(),
             device_socket: Some("/tmp/domdma-vm.x/device.sock".into()),
             ssh_port: 40022,

@@ -182,6 +182,9 @@ pub struct RunOptions {
     pub device_test: Option<String>,
     /// An emulated IOMMU in the guest.
     pub iommu: bool,
+    /// Guest RAM shared with the device server (memfd); false: private RAM, which the
+    /// device reaches through QEMU (DMA_READ / DMA_WRITE).
+    pub shared_memory: bool,
     /// The guest profile's name, when the run is one.
     pub profile: Option<String>,
 }
@@ -554,6 +557,7 @@ fn start_qemu(ctx: &Ctx<'_>, files: &SessionFiles) -> Result<(ChildGuard, u16, I
             memory_mib: ctx.opts.memory_mib,
             numa: ctx.opts.numa,
             iommu: ctx.opts.iommu,
+            shared_memory: ctx.opts.shared_memory,
             serial_log: files.serial_log.clone(),
             device_socket: ctx.socket.clone(),
             ssh_port: port,

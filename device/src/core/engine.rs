@@ -329,11 +329,27 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 epoch: job.epoch,
             };
             let result = exec.run(&job, &mut scratch);
+            // With memory only the client reaches, the completion record goes out before
+            // the queue lock is taken: no register access waits for the client.
+            let early = remote::any().then(|| exec.complete_unlocked(&result));
             r = slot.lock();
-            exec.finish(&mut r, result);
+            exec.finish(&mut r, result, early.flatten());
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
+            }
+            if remote::has_deferred() {
+                // Writes to memory only the client reaches that a disable or reset
+                // interrupted: sent now that it no longer waits for this descriptor.
+                drop(r);
+                let until = Instant::now() + DEFERRED_LIMIT;
+                if let Err(bus) = remote::flush_deferred(|| Instant::now() > until) {
+                    debug!(
+                        q,
+                        bus, "a write to client memory was refused after the descriptor"
+                    );
+                }
+                r = slot.lock();
             }
             last_done = Some(Instant::now());
             continue;
@@ -363,6 +379,13 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
         r.sleeping = false;
     }
 }
+
+/// Pause before an access to memory only the client reaches is tried again after an
+/// interruption (see [`remote`]).
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// How long a worker keeps trying to send interrupted writes after their descriptor.
+const DEFERRED_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long an idle worker spins for the next doorbell before it sleeps.
 pub const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
@@ -537,8 +560,20 @@ impl Exec<'_> {
         self.access_fault(FAULT_BUS_ERROR, iova, bus, flags)
     }
 
-    /// Fetch the descriptor at `iova`.
+    /// Fetch the descriptor at `iova`; a fetch from memory only the client reaches that
+    /// was interrupted (see [`remote`]) is tried again once nothing is held.
     fn fetch(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
+        loop {
+            let r = self.fetch_once(iova);
+            if r.is_err() && remote::take_interrupted() && !self.aborted() {
+                std::thread::sleep(RETRY_PAUSE);
+                continue;
+            }
+            return r;
+        }
+    }
+
+    fn fetch_once(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
         let _armed = sigbus::arm(&mem);
@@ -637,17 +672,54 @@ impl Exec<'_> {
         let mut done = 0u64;
         while done < len {
             self.between_chunks(done)?;
-            let _gate = self.shared.mmu.chunk_gate();
-            let mem = self.shared.mem.memory();
-            let _armed = sigbus::arm(&mem);
-            let limit = (len - done).min(CHUNK_MAX);
-            let (n, flow) = self
-                .chunk(&mem, done, limit, a, b, may_stop, &mut f)
-                .map_err(|(fault, n)| Stop::Fault(fault, done + n))?;
+            let moved = {
+                let _gate = self.shared.mmu.chunk_gate();
+                let mem = self.shared.mem.memory();
+                let _armed = sigbus::arm(&mem);
+                let limit = (len - done).min(CHUNK_MAX);
+                self.chunk(&mem, done, limit, a, b, may_stop, &mut f)
+            };
+            // Memory only the client reaches (see `remote`): writes interrupted while the
+            // gate was held go out now; a read interrupted so is moved again, from the
+            // first byte not moved, once the command that interrupted it is done.
+            if remote::any() {
+                self.flush_writes(done, a, b)?;
+            }
+            let (n, flow) = match moved {
+                Err((_, n)) if remote::take_interrupted() && !self.aborted() => {
+                    done += n;
+                    std::thread::sleep(RETRY_PAUSE);
+                    continue;
+                }
+                r => r.map_err(|(fault, n)| Stop::Fault(fault, done + n))?,
+            };
             done += n;
             if flow.is_break() {
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Send this thread's interrupted writes to the client (see [`remote::flush_deferred`]),
+    /// giving up when the queue's epoch moves; a write that fails is `FAULT_BUS_ERROR` on
+    /// the written side at transfer offset `done`.
+    fn flush_writes(&self, done: u64, a: Side, b: Option<Side>) -> Result<(), Stop> {
+        if !remote::has_deferred() {
+            return Ok(());
+        }
+        let flushed = remote::flush_deferred(|| self.aborted()).map_err(|bad| {
+            let side = b.unwrap_or(a);
+            let iova = side.iova.wrapping_add(done);
+            Stop::Fault(
+                self.access_fault(FAULT_BUS_ERROR, iova, bad, side.flags),
+                done,
+            )
+        })?;
+        if !flushed {
+            // The queue is being disabled or reset: the writes go out after the descriptor
+            // is finished (the worker loop sends what is left).
+            return Err(Stop::Aborted(done));
         }
         Ok(())
     }
@@ -1231,9 +1303,39 @@ impl Exec<'_> {
         Ok(true)
     }
 
+    /// Write the completion record of `result` without the queue lock (for memory only the
+    /// client reaches); `Some(written)` when a record was due. A disable that moved the
+    /// epoch meanwhile gets its aborted record; a reset, none.
+    fn complete_unlocked(&self, result: &RunResult) -> Option<bool> {
+        let (d, outcome) = match result {
+            RunResult::FetchFault(_) => return None,
+            RunResult::Done(d, o) if !self.aborted() => (d, *o),
+            RunResult::Aborted(d, bytes) if !self.aborted() => (d, Outcome::aborted(*bytes)),
+            RunResult::Aborted(d, bytes) | RunResult::Done(d, Outcome { bytes, .. }) => {
+                if self.slot.lock().abort != Abort::Disable {
+                    return None;
+                }
+                (d, Outcome::aborted(*bytes))
+            }
+        };
+        let mut written = match self.write_completion(d, &outcome) {
+            Ok(w) => w,
+            Err(f) => {
+                self.report(&f);
+                false
+            }
+        };
+        // Interrupted by a disable or a reset (which wait for this descriptor): the rest is
+        // sent once the descriptor is finished (see `worker`).
+        if remote::has_deferred() && remote::flush_deferred(|| self.aborted()).is_err() {
+            written = false;
+        }
+        Some(written)
+    }
+
     /// Complete (or abort) the descriptor that [`Exec::run`] ran. Called with the queue
-    /// lock held.
-    fn finish(&self, r: &mut QueueRegs, result: RunResult) {
+    /// lock held. `early`: the record was written already ([`Exec::complete_unlocked`]).
+    fn finish(&self, r: &mut QueueRegs, result: RunResult, early: Option<bool>) {
         let slot = self.slot;
         let counters = &slot.counters;
         if self.aborted() {
@@ -1242,12 +1344,15 @@ impl Exec<'_> {
                 RunResult::Aborted(d, bytes) | RunResult::Done(d, Outcome { bytes, .. }),
             ) = (r.abort, &result)
             {
-                let written = match self.write_completion(d, &Outcome::aborted(*bytes)) {
-                    Ok(w) => w,
-                    Err(f) => {
-                        self.report(&f);
-                        false
-                    }
+                let written = match early {
+                    Some(w) => w,
+                    None => match self.write_completion(d, &Outcome::aborted(*bytes)) {
+                        Ok(w) => w,
+                        Err(f) => {
+                            self.report(&f);
+                            false
+                        }
+                    },
                 };
                 debug!(q = self.q(), written, "descriptor aborted by disable");
                 r.completed = r.completed.wrapping_add(1);
@@ -1284,12 +1389,15 @@ impl Exec<'_> {
         if failed {
             add(&counters.errors, 1);
         }
-        let written = match self.write_completion(&d, &outcome) {
-            Ok(w) => w,
-            Err(f) => {
-                self.report(&f);
-                false
-            }
+        let written = match early {
+            Some(w) => w,
+            None => match self.write_completion(&d, &outcome) {
+                Ok(w) => w,
+                Err(f) => {
+                    self.report(&f);
+                    false
+                }
+            },
         };
         let ok = !failed && written;
         r.head = (r.head + 1) & r.size.wrapping_sub(1);

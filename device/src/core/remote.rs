@@ -17,7 +17,8 @@
 //! gone) is a bus error for the device: the access's descriptor ends with a DMA error and a
 //! `FAULT_BUS_ERROR` record, as for client memory that vanished.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -43,6 +44,10 @@ pub enum RemoteError {
     /// The client's answer did not match the request.
     #[error("the client's answer does not match the request: {0}")]
     BadReply(String),
+    /// The access was cut short for a while (the server serves a command that may wait for
+    /// the device); it is to be tried again once the device's locks are released.
+    #[error("the access was interrupted; try again")]
+    Interrupted,
 }
 
 /// Reads and writes bus memory that only the client can reach (bus addresses, any length:
@@ -72,6 +77,73 @@ const BOUNCE: usize = 256 << 10;
 
 thread_local! {
     static BOUNCE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A read of this thread was interrupted ([`RemoteError::Interrupted`]).
+    static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
+    /// Writes of this thread that were interrupted, to send again ([`flush_deferred`]).
+    static DEFERRED: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A write to the client to send again: the bytes are in the shadow's file.
+struct Deferred {
+    remote: Arc<dyn RemoteMemory>,
+    file: Arc<File>,
+    /// File offset of `bus`.
+    at: u64,
+    bus: u64,
+    len: u64,
+}
+
+/// Whether a read of this thread was interrupted since the last call (the caller releases
+/// what it holds and tries again).
+pub fn take_interrupted() -> bool {
+    INTERRUPTED.with(|i| i.replace(false))
+}
+
+/// Whether this thread has interrupted writes to send.
+pub fn has_deferred() -> bool {
+    DEFERRED.with(|d| !d.borrow().is_empty())
+}
+
+/// Send this thread's interrupted writes, in order, retrying while they are interrupted.
+/// Call with no device lock held. `Ok(true)`: all sent. `Ok(false)`: `give_up()` said to
+/// stop while they were still interrupted; what is left stays for a later call. `Err`: the
+/// first bus address the client refused (the rest are dropped).
+pub fn flush_deferred(give_up: impl Fn() -> bool) -> Result<bool, u64> {
+    let mut pending: std::collections::VecDeque<Deferred> = DEFERRED
+        .with(|d| std::mem::take(&mut *d.borrow_mut()))
+        .into();
+    let mut buf = vec![0u8; BOUNCE];
+    while let Some(mut d) = pending.pop_front() {
+        while d.len > 0 {
+            let n = d.len.min(BOUNCE as u64) as usize;
+            let chunk = &mut buf[..n];
+            if d.file.read_exact_at(chunk, d.at).is_err() {
+                return Err(d.bus);
+            }
+            match d.remote.write(d.bus, chunk) {
+                Ok(()) => {
+                    d.at += n as u64;
+                    d.bus += n as u64;
+                    d.len -= n as u64;
+                }
+                Err(RemoteError::Interrupted) if give_up() => {
+                    pending.push_front(d);
+                    DEFERRED.with(|q| {
+                        let mut q = q.borrow_mut();
+                        let later = std::mem::take(&mut *q);
+                        q.extend(pending);
+                        q.extend(later);
+                    });
+                    return Ok(false);
+                }
+                Err(RemoteError::Interrupted) => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => return Err(d.bus),
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn host(region: &GuestRegionMmap) -> usize {
@@ -172,7 +244,7 @@ fn sync(mem: &GuestMemoryMmap, bus: u64, len: u64, dir: Dir) -> Result<(), u64> 
         let region_end = region.last_addr().0.saturating_add(1);
         let upto = end.min(region_end);
         if let Some(remote) = lookup(region) {
-            sync_region(region, remote.as_ref(), a, upto, dir)?;
+            sync_region(region, &remote, a, upto, dir)?;
         }
         a = upto;
     }
@@ -181,7 +253,7 @@ fn sync(mem: &GuestMemoryMmap, bus: u64, len: u64, dir: Dir) -> Result<(), u64> 
 
 fn sync_region(
     region: &GuestRegionMmap,
-    remote: &dyn RemoteMemory,
+    remote: &Arc<dyn RemoteMemory>,
     from: u64,
     to: u64,
     dir: Dir,
@@ -203,8 +275,37 @@ fn sync_region(
             let at = fo.start() + (a - region.start_addr().0);
             let chunk = &mut buf[..n];
             let ok = match dir {
-                Dir::In => remote.read(a, chunk).is_ok() && file.write_all_at(chunk, at).is_ok(),
-                Dir::Out => file.read_exact_at(chunk, at).is_ok() && remote.write(a, chunk).is_ok(),
+                Dir::In => match remote.read(a, chunk) {
+                    Ok(()) => file.write_all_at(chunk, at).is_ok(),
+                    Err(RemoteError::Interrupted) => {
+                        INTERRUPTED.with(|i| i.set(true));
+                        false
+                    }
+                    Err(_) => false,
+                },
+                Dir::Out => {
+                    if file.read_exact_at(chunk, at).is_err() {
+                        return Err(a);
+                    }
+                    match remote.write(a, chunk) {
+                        Ok(()) => true,
+                        Err(RemoteError::Interrupted) => {
+                            // The bytes are in the shadow: send them (and the rest of
+                            // this range) once the caller has let go of its locks.
+                            DEFERRED.with(|d| {
+                                d.borrow_mut().push(Deferred {
+                                    remote: Arc::clone(remote),
+                                    file: Arc::clone(fo.arc()),
+                                    at,
+                                    bus: a,
+                                    len: to - a,
+                                })
+                            });
+                            return Ok(());
+                        }
+                        Err(_) => false,
+                    }
+                }
             };
             if !ok {
                 return Err(a);

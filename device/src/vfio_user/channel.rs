@@ -33,6 +33,12 @@ use crate::core::remote::{RemoteError, RemoteMemory};
 pub(crate) const SCM_MAX_FD: usize = 253;
 /// Chunk size when discarding an oversized message.
 const DISCARD_CHUNK: usize = 64 << 10;
+/// Most data in one DMA_READ / DMA_WRITE. QEMU 11.1 sends a DMA_READ reply from its main
+/// loop and stalls (until the connection breaks) when the reply does not fit in the
+/// socket's send buffer, so replies are kept well below the default buffer size.
+pub const DMA_RW_CHUNK: usize = 64 << 10;
+/// The receive tick once the device reaches memory through the client.
+const SHORT_TICK: Duration = Duration::from_millis(20);
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -131,8 +137,12 @@ pub(crate) struct Channel {
     pending: Mutex<HashMap<u16, Waiter>>,
     replied: Condvar,
     next_id: AtomicU16,
-    /// Set while DMA requests must fail at once (reset, disconnect).
+    /// Set while DMA requests are interrupted (a command that may wait for the device).
     aborted: AtomicBool,
+    /// The connection is over.
+    gone: AtomicBool,
+    /// The receive tick is [`SHORT_TICK`].
+    short_tick: AtomicBool,
     /// The server is stopping.
     closed: Arc<AtomicBool>,
     /// Largest DMA_READ / DMA_WRITE data: the client's `max_data_xfer_size`, at most ours.
@@ -174,32 +184,57 @@ impl Channel {
             replied: Condvar::new(),
             next_id: AtomicU16::new(0x8000),
             aborted: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            short_tick: AtomicBool::new(false),
             closed,
-            max_xfer: AtomicUsize::new(MAX_DATA_XFER_SIZE as usize),
+            max_xfer: AtomicUsize::new(DMA_RW_CHUNK),
             limits,
             stats,
         })
     }
 
-    /// The client's `max_data_xfer_size` (from VERSION): DMA data per message.
+    /// The client's `max_data_xfer_size` (from VERSION): DMA data per message, at most
+    /// [`DMA_RW_CHUNK`].
     pub fn set_max_xfer(&self, client: u64) {
-        let n = client.clamp(4096, u64::from(MAX_DATA_XFER_SIZE));
+        let n = client.clamp(4096, DMA_RW_CHUNK as u64);
         // At most MAX_DATA_XFER_SIZE.
         self.max_xfer.store(n as usize, Ordering::Relaxed);
     }
 
-    /// Make DMA requests fail at once (`true`: pending ones end with [`RemoteError::Gone`])
-    /// or work again.
-    pub fn set_aborted(&self, aborted: bool) {
-        self.aborted.store(aborted, Ordering::SeqCst);
-        if aborted {
-            let mut p = lock(&self.pending);
-            for w in p.values_mut() {
-                if matches!(w, Waiter::Waiting) {
-                    *w = Waiter::Done(Err(RemoteError::Gone));
-                }
+    /// Interrupt DMA requests (`true`: pending and new ones end with
+    /// [`RemoteError::Interrupted`], which the device retries once it has let go of its
+    /// locks) or let them run again.
+    pub fn set_interrupted(&self, on: bool) {
+        self.aborted.store(on, Ordering::SeqCst);
+        if on {
+            self.fail_pending(RemoteError::Interrupted);
+        }
+    }
+
+    /// The connection is over: every DMA request fails from now on.
+    pub fn close(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.fail_pending(RemoteError::Gone);
+    }
+
+    fn fail_pending(&self, e: RemoteError) {
+        let mut p = lock(&self.pending);
+        for w in p.values_mut() {
+            if matches!(w, Waiter::Waiting) {
+                *w = Waiter::Done(Err(e.clone()));
             }
-            self.replied.notify_all();
+        }
+        self.replied.notify_all();
+    }
+
+    /// A short receive tick, once the device reaches memory through the client: a worker
+    /// that reads the socket while waiting for its reply then notices an interruption
+    /// within the tick.
+    pub fn use_short_tick(&self) {
+        if !self.short_tick.swap(true, Ordering::Relaxed) {
+            if let Err(e) = self.writer.set_read_timeout(Some(SHORT_TICK)) {
+                warn!(error = %e, "cannot shorten the receive tick");
+            }
         }
     }
 
@@ -212,8 +247,23 @@ impl Channel {
             if let Some(m) = lock(&self.backlog).pop_front() {
                 return Ok(Some(m));
             }
-            let mut rd = lock(&self.reader);
-            // A worker may have queued one while this thread waited for the reader.
+            let mut rd = match self.reader.try_lock() {
+                Ok(rd) => rd,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    // A worker reads (waiting for its DMA reply): it queues the commands it
+                    // reads and says so; this thread serves them meanwhile.
+                    let p = lock(&self.pending);
+                    if lock(&self.backlog).is_empty() {
+                        let _ = self
+                            .replied
+                            .wait_timeout(p, Duration::from_millis(2))
+                            .unwrap_or_else(|e| e.into_inner());
+                    }
+                    continue;
+                }
+            };
+            // A worker may have queued one while this thread took the reader.
             if let Some(m) = lock(&self.backlog).pop_front() {
                 return Ok(Some(m));
             }
@@ -301,8 +351,11 @@ impl Channel {
         fixed: DmaRw,
         data: &[u8],
     ) -> Result<(Header, Vec<u8>), RemoteError> {
-        if self.aborted.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) {
+        if self.gone.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) {
             return Err(RemoteError::Gone);
+        }
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(RemoteError::Interrupted);
         }
         let id = {
             let mut p = lock(&self.pending);
@@ -320,6 +373,7 @@ impl Channel {
             ?command,
             address = format_args!("{:#x}", fixed.address),
             count = fixed.count,
+            thread = std::thread::current().name().unwrap_or("?"),
             "DMA request to the client"
         );
         let result = match self.send(&msg) {
@@ -330,7 +384,7 @@ impl Channel {
             }
         };
         lock(&self.pending).remove(&id);
-        if result.is_err() {
+        if matches!(&result, Err(e) if *e != RemoteError::Interrupted) {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
         result
@@ -359,7 +413,14 @@ impl Channel {
                             drop(rd);
                             self.complete(m);
                         }
-                        Ok(Some(m)) => lock(&self.backlog).push_back(m),
+                        Ok(Some(m)) => {
+                            // A command: the connection thread's (it may be waiting for the
+                            // reader, or busy; either way it finds it queued).
+                            lock(&self.backlog).push_back(m);
+                            drop(rd);
+                            let _p = lock(&self.pending);
+                            self.replied.notify_all();
+                        }
                         Err(e) => {
                             debug!(error = ?e, "the connection failed while waiting for a DMA reply");
                             return Err(RemoteError::Gone);

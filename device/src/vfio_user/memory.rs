@@ -198,6 +198,8 @@ pub struct DmaMappings {
     remote: Option<Arc<dyn RemoteMemory>>,
     /// Whether the last unmap removed memory the device reaches directly.
     last_unmap_local: bool,
+    /// Mappings reached through the client.
+    remote_maps: usize,
 }
 
 fn page_aligned(v: u64) -> bool {
@@ -268,6 +270,7 @@ impl DmaMappings {
             limit,
             remote: None,
             last_unmap_local: false,
+            remote_maps: 0,
         }
     }
 
@@ -276,6 +279,11 @@ impl DmaMappings {
     pub fn with_remote(mut self, remote: Arc<dyn RemoteMemory>) -> Self {
         self.remote = Some(remote);
         self
+    }
+
+    /// Whether any mapping is reached through the client (see [`Access::Remote`]).
+    pub fn has_remote(&self) -> bool {
+        self.remote_maps > 0
     }
 
     /// Whether the last [`DmaMappings::unmap`] (or [`DmaMappings::unmap_all`]) removed
@@ -356,6 +364,7 @@ impl DmaMappings {
                 self.insert(file, 0, address, size, prot, |region| {
                     core_remote::register(region, remote)
                 })?;
+                self.remote_maps += 1;
                 (Access::Remote, None)
             }
             (None, None) => (Access::Recorded, None),
@@ -415,6 +424,7 @@ impl DmaMappings {
             self.maps.remove(&a);
         }
         self.last_unmap_local = victims.iter().any(|v| v.2 == Access::Mapped);
+        self.remote_maps -= victims.iter().filter(|v| v.2 == Access::Remote).count();
         self.remove_from_memory(&victims)?;
         debug!(
             address = format_args!("{address:#x}"),
@@ -429,6 +439,7 @@ impl DmaMappings {
     pub fn unmap_all(&mut self) -> usize {
         let n = self.maps.len();
         self.maps.clear();
+        self.remote_maps = 0;
         let guard = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         for region in self.memory.memory().iter() {
             bus::forget_lost(region);

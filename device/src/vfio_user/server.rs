@@ -54,12 +54,10 @@ use super::socket::{BoundSocket, SocketAccess, MAX_SOCKET_PATH};
 use crate::core::remote::RemoteMemory;
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
+use crate::spec::{QUEUE_BASE, QUEUE_STRIDE, Q_TAIL, REGS_BAR};
 
 /// Offset of the interrupt pin register in PCI configuration space.
 const PCI_INTERRUPT_PIN: u64 = 0x3d;
-/// The command register (bus mastering) in PCI configuration space: bytes 4 and 5.
-const PCI_COMMAND_OFFSET: u64 = 0x4;
-const PCI_COMMAND_END: u64 = 0x6;
 /// Longest wait of one `recvmsg` on the client socket: how often an idle connection wakes
 /// to check its time limits and the stop flag.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -446,7 +444,7 @@ impl Server {
         let mut conn = Connection::new(self, Arc::clone(&channel), lobby);
         let end = conn.serve();
         // DMA requests to a client that is gone fail at once from here on.
-        channel.set_aborted(true);
+        channel.close();
         lobby.set_current(None);
         let negotiated = match conn.state {
             ConnState::Ready { minor, client } => {
@@ -826,13 +824,18 @@ impl<'s> Connection<'s> {
         }
     }
 
-    /// Run `f` with the client's DMA requests failing at once: for a command the client
-    /// waits for that may wait for the device's workers (which may wait for DMA replies
-    /// the client will only send once it has our reply).
-    fn without_client_dma<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.channel.set_aborted(true);
+    /// Run `f`, a command that may wait for the device's workers, with the client's DMA
+    /// requests interrupted when the device reaches memory through the client: a worker
+    /// waiting for a DMA reply lets go of its locks and tries again afterwards (the client
+    /// may only send that reply once it has ours: QEMU serves DMA under the lock its
+    /// waiting vCPU holds).
+    fn interrupting_client_dma<T>(&self, f: impl FnOnce() -> T) -> T {
+        if !self.dma.has_remote() {
+            return f();
+        }
+        self.channel.set_interrupted(true);
         let r = f();
-        self.channel.set_aborted(false);
+        self.channel.set_interrupted(false);
         r
     }
 
@@ -882,7 +885,7 @@ impl<'s> Connection<'s> {
                 self.region_write(access, data)
             }
             Some(Command::DeviceReset) => {
-                self.without_client_dma(|| lock(&self.server.device).reset());
+                self.interrupting_client_dma(|| lock(&self.server.device).reset());
                 debug!("device reset");
                 Ok(Vec::new())
             }
@@ -942,6 +945,9 @@ impl<'s> Connection<'s> {
     }
 
     fn dma_map(&mut self, m: DmaMap, fds: Vec<OwnedFd>) -> Reply {
+        if fds.is_empty() {
+            self.channel.use_short_tick();
+        }
         self.dma
             .map(m.flags, m.offset, m.address, m.size, fds)
             .map_err(|e| {
@@ -976,7 +982,7 @@ impl<'s> Connection<'s> {
         // client needs no wait (the client checks each access itself) and must not get
         // one: a worker may be waiting for a DMA reply the client sends only after this.
         if self.dma.last_unmap_was_local() {
-            lock(&self.server.device).dma_barrier();
+            self.interrupting_client_dma(|| lock(&self.server.device).dma_barrier());
         }
         // The spec: the reply carries the original DMA entry.
         Ok(DmaUnmap {
@@ -1228,19 +1234,22 @@ impl<'s> Connection<'s> {
 
     fn region_write(&mut self, a: RegionAccess, data: &[u8]) -> Reply {
         self.check_access(&a)?;
-        if a.region == PCI_CONFIG_REGION_INDEX {
-            // The client waits for config writes; clearing bus mastering waits for the
-            // workers.
-            let touches_command =
-                a.offset < PCI_COMMAND_END && a.offset + u64::from(a.count) > PCI_COMMAND_OFFSET;
-            let write = || lock(&self.server.device).config_write(a.offset, data);
-            if touches_command {
-                self.without_client_dma(write);
+        // A doorbell only records the tail; anything else may wait for the workers.
+        let doorbell = a.region == REGS_BAR as u32
+            && a.offset >= QUEUE_BASE
+            && (a.offset - QUEUE_BASE) % QUEUE_STRIDE == Q_TAIL;
+        let write = || {
+            let mut dev = lock(&self.server.device);
+            if a.region == PCI_CONFIG_REGION_INDEX {
+                dev.config_write(a.offset, data);
             } else {
-                write();
+                dev.bar_write(a.region as usize, a.offset, data);
             }
+        };
+        if doorbell {
+            write();
         } else {
-            lock(&self.server.device).bar_write(a.region as usize, a.offset, data);
+            self.interrupting_client_dma(write);
         }
         trace!(
             region = a.region,
