@@ -134,7 +134,10 @@ impl QemuConfig {
             let half_mem = self.memory_mib / 2;
             let half_cpus = self.smp / 2;
             for node in 0..2 {
-                args.flag("-object", self.memory_backend(&format!("mem{node}"), half_mem));
+                args.flag(
+                    "-object",
+                    self.memory_backend(&format!("mem{node}"), half_mem),
+                );
             }
             for node in 0..2 {
                 let first = node * half_cpus;

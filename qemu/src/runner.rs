@@ -335,12 +335,21 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     let mut interrupted = false;
 
     let mut device = None;
+    // The server's inspector: its counters are saved at the end of the run.
+    let inspect = tmp.path().join("inspect.sock");
+    let counters = opts.out.join("device-counters.json");
+    let mut device_args = opts.device_args.clone();
+    let own_inspector = !device_args.iter().any(|a| a == "--inspect");
+    if own_inspector {
+        device_args.push("--inspect".into());
+        device_args.push(inspect.display().to_string());
+    }
     if let Some(bin) = &opts.device_bin {
         files.push(("device log", device_log.clone()));
         let started = Instant::now();
         match DeviceServer::start(
             bin,
-            &opts.device_args,
+            &device_args,
             &socket,
             &device_log,
             DEVICE_START_TIMEOUT,
@@ -443,6 +452,10 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         ));
     }
     if let Some(server) = device {
+        if own_inspector && !interrupted {
+            files.push(("device counters", counters.clone()));
+            cases.push(memory_path_case(&inspect, &counters, opts.shared_memory));
+        }
         cases.push(stop_device(server));
     }
     drop(tmp);
@@ -451,6 +464,57 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         interrupted,
         files,
     })
+}
+
+/// Saves the server's counters (its inspector's JSON) in `out` and checks how the device
+/// reached guest RAM: directly when it is shared (no DMA_READ / DMA_WRITE at all), through
+/// QEMU with DMA_READ / DMA_WRITE when it is private (bytes moved both ways).
+fn memory_path_case(inspect: &Path, out: &Path, shared_memory: bool) -> CaseResult {
+    const NAME: &str = "host.device_memory_path";
+    let started = Instant::now();
+    let fetched = (|| -> Result<serde_json::Value, String> {
+        let mut s = std::os::unix::net::UnixStream::connect(inspect)
+            .map_err(|e| format!("cannot connect to the inspector: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text)
+            .map_err(|e| format!("cannot read the inspector: {e}"))?;
+        std::fs::write(out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("the inspector's JSON: {e}"))
+    })();
+    let v = match fetched {
+        Ok(v) => v,
+        Err(problem) => return CaseResult::host_fail(NAME, started.elapsed(), problem, None),
+    };
+    let n = |k: &str| v["dma_rw"][k].as_u64().unwrap_or(0);
+    let (read, written, requests) = (n("read_bytes"), n("written_bytes"), n("requests"));
+    let summary = format!(
+        "DMA_READ {read} bytes, DMA_WRITE {written} bytes, {requests} requests ({})",
+        out.display()
+    );
+    let ok = if shared_memory {
+        requests == 0
+    } else {
+        read > 0 && written > 0
+    };
+    if ok {
+        CaseResult::host_pass(NAME, started.elapsed(), summary)
+    } else if shared_memory {
+        CaseResult::host_fail(
+            NAME,
+            started.elapsed(),
+            format!("guest RAM is shared, yet the device asked QEMU for it: {summary}"),
+            None,
+        )
+    } else {
+        CaseResult::host_fail(
+            NAME,
+            started.elapsed(),
+            format!("guest RAM is private, yet the device moved nothing through QEMU: {summary}"),
+            None,
+        )
+    }
 }
 
 /// Stops the device server and reports whether it behaved: still running at the end, clean

@@ -683,10 +683,18 @@ impl Exec<'_> {
             // gate was held go out now; a read interrupted so is moved again, from the
             // first byte not moved, once the command that interrupted it is done.
             if remote::any() {
-                self.flush_writes(done, a, b)?;
+                // The bytes moved so far count as moved: what is interrupted goes out
+                // after the descriptor, before its completion record.
+                let n = match &moved {
+                    Ok((n, _)) | Err((_, n)) => *n,
+                };
+                self.flush_writes(done + n, a, b)?;
             }
             let (n, flow) = match moved {
-                Err((_, n)) if remote::take_interrupted() && !self.aborted() => {
+                Err((_, n)) if remote::take_interrupted() => {
+                    if self.aborted() {
+                        return Err(Stop::Aborted(done + n));
+                    }
                     done += n;
                     std::thread::sleep(RETRY_PAUSE);
                     continue;

@@ -99,6 +99,18 @@ pub fn take_interrupted() -> bool {
     INTERRUPTED.with(|i| i.replace(false))
 }
 
+fn defer(remote: &Arc<dyn RemoteMemory>, file: &Arc<File>, at: u64, bus: u64, len: u64) {
+    DEFERRED.with(|d| {
+        d.borrow_mut().push(Deferred {
+            remote: Arc::clone(remote),
+            file: Arc::clone(file),
+            at,
+            bus,
+            len,
+        })
+    });
+}
+
 /// Whether this thread has interrupted writes to send.
 pub fn has_deferred() -> bool {
     DEFERRED.with(|d| !d.borrow().is_empty())
@@ -283,6 +295,12 @@ fn sync_region(
                     }
                     Err(_) => false,
                 },
+                Dir::Out if has_deferred() => {
+                    // Writes reach the client in the order the device made them: behind
+                    // the interrupted ones.
+                    defer(remote, fo.arc(), at, a, to - a);
+                    return Ok(());
+                }
                 Dir::Out => {
                     if file.read_exact_at(chunk, at).is_err() {
                         return Err(a);
@@ -292,15 +310,7 @@ fn sync_region(
                         Err(RemoteError::Interrupted) => {
                             // The bytes are in the shadow: send them (and the rest of
                             // this range) once the caller has let go of its locks.
-                            DEFERRED.with(|d| {
-                                d.borrow_mut().push(Deferred {
-                                    remote: Arc::clone(remote),
-                                    file: Arc::clone(fo.arc()),
-                                    at,
-                                    bus: a,
-                                    len: to - a,
-                                })
-                            });
+                            defer(remote, fo.arc(), at, a, to - a);
                             return Ok(());
                         }
                         Err(_) => false,
