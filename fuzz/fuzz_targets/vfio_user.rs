@@ -248,6 +248,8 @@ struct Packet {
 struct Input {
     /// `PRESET_*` bits: what a VMM does first, before the packets.
     preset: u8,
+    /// How the client answers the server's DMA_READ / DMA_WRITE commands (`Client::answer`).
+    dma_answers: [u8; 4],
     /// Descriptors in the preset ring.
     ring: Vec<DescSpec>,
     packets: Vec<Packet>,
@@ -301,6 +303,10 @@ const PRESET_MASTER: u8 = 1 << 2;
 const PRESET_QUEUE: u8 = 1 << 3;
 /// Preset: an eventfd for every MSI-X vector (SET_IRQS).
 const PRESET_IRQS: u8 = 1 << 4;
+/// Preset: the DMA_MAP of `PRESET_MAP` without a descriptor: memory only the client
+/// reaches, which the server reads and writes with DMA_READ / DMA_WRITE (QEMU's guest RAM
+/// without a shared memory backend).
+const PRESET_CLIENT_MEMORY: u8 = 1 << 5;
 const PRESET_BUS: u64 = 0x10_0000;
 const PRESET_SIZE: u64 = 64 << 10;
 const PRESET_RING: usize = 64;
@@ -317,7 +323,11 @@ fn preset(preset: u8, ring: &[DescSpec]) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
         for (i, d) in ring.iter().take(descs).enumerate() {
             fill.extend_from_slice(&d.encode(i));
         }
-        let fd = memfd(PRESET_SIZE, true, &fill);
+        let fds = if preset & PRESET_CLIENT_MEMORY != 0 {
+            Vec::new()
+        } else {
+            vec![memfd(PRESET_SIZE, true, &fill)]
+        };
         let m = DmaMap {
             argsz: DmaMap::SIZE as u32,
             flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
@@ -325,7 +335,7 @@ fn preset(preset: u8, ring: &[DescSpec]) -> Vec<(Vec<u8>, Vec<OwnedFd>)> {
             address: PRESET_BUS,
             size: PRESET_SIZE,
         };
-        out.push((command(2, Command::DmaMap, &m.encode()), vec![fd]));
+        out.push((command(2, Command::DmaMap, &m.encode()), fds));
     }
     if preset & PRESET_IRQS != 0 {
         let n = 3; // queues + 1
@@ -655,48 +665,163 @@ fn poll(sock: RawFd, events: libc::c_short, timeout: Duration) -> libc::c_short 
     }
 }
 
-/// Read whatever the server sent; false once it closed the connection.
-fn drain(s: &mut UnixStream) -> bool {
-    let mut buf = [0u8; 64 << 10];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return false,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Reset by the server (it closed with unread data): closed.
-            Err(_) => return false,
-        }
-    }
+/// The client end of one connection: what it sends, and the answers it gives to the
+/// server's own commands (DMA_READ / DMA_WRITE of memory mapped without a descriptor).
+struct Client {
+    s: UnixStream,
+    deadline: Instant,
+    /// Bytes received and not yet parsed.
+    rx: Vec<u8>,
+    /// Answers to the server's commands, sent at the next message boundary of ours.
+    answers: Vec<u8>,
+    /// How to answer the n-th command: `policy[n % 4] % 6` (see `answer`).
+    policy: [u8; 4],
+    commands: usize,
+    /// The client's own memory behind `PRESET_BUS` (what an fd-less DMA_MAP there shows).
+    memory: Vec<u8>,
+    open: bool,
 }
 
-/// Send `data` (the first byte carrying `fds`), reading replies meanwhile. False when the
-/// server closed the connection.
-fn send(s: &mut UnixStream, data: &[u8], fds: &[RawFd], deadline: Instant) -> bool {
-    let mut sent = 0;
-    let mut fds = fds;
-    while sent < data.len() {
-        match send_with_fds(s.as_raw_fd(), &data[sent..], fds) {
-            Ok(n) => {
-                sent += n;
-                fds = &[];
+impl Client {
+    /// Read whatever the server sent and prepare answers to its commands; false once it
+    /// closed the connection.
+    fn pump(&mut self) -> bool {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => {
+                    self.open = false;
+                    break;
+                }
+                Ok(n) => self.rx.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Reset by the server (it closed with unread data): closed.
+                Err(_) => {
+                    self.open = false;
+                    break;
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the server stopped reading its connection for {STUCK:?}"
-                );
-                let r = poll(s.as_raw_fd(), libc::POLLIN | libc::POLLOUT, STUCK);
-                if r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !drain(s) {
+        }
+        while self.rx.len() >= HEADER_SIZE {
+            let hdr = Header::parse(self.rx[..HEADER_SIZE].try_into().unwrap());
+            let size = hdr.size as usize;
+            assert!(
+                size >= HEADER_SIZE,
+                "the server sent a message of {size} bytes (less than its header): {hdr:?}"
+            );
+            if self.rx.len() < size {
+                break;
+            }
+            let msg: Vec<u8> = self.rx.drain(..size).collect();
+            if hdr.msg_type() == FLAGS_TYPE_COMMAND {
+                self.answer(&hdr, &msg[HEADER_SIZE..]);
+            }
+        }
+        self.open
+    }
+
+    /// Prepare the answer to a command of the server: per the input's policy, a correct
+    /// reply (twice as likely), an error reply, a reply that does not match, or none.
+    fn answer(&mut self, hdr: &Header, payload: &[u8]) {
+        let how = self.policy[self.commands % 4] % 6;
+        self.commands += 1;
+        let cmd = hdr.cmd();
+        let rw = DmaRw::parse(payload)
+            .ok()
+            .map(|(rw, data)| (rw, data.len()));
+        let reply = match (cmd, rw, how) {
+            (_, _, 5) => return,
+            (Some(Command::DmaRead), Some((rw, _)), 0 | 1) if rw.count <= 1 << 20 => {
+                let mut data = vec![0u8; rw.count as usize];
+                self.read_memory(rw.address, &mut data);
+                encode_reply(hdr, &rw.encode(&data))
+            }
+            (Some(Command::DmaWrite), Some((rw, len)), 0 | 1) => {
+                if len as u64 == rw.count {
+                    self.write_memory(rw.address, &payload[DmaRw::SIZE..]);
+                }
+                encode_reply(hdr, &rw.encode(&[]))
+            }
+            (_, Some((rw, _)), 3) => {
+                // Half the data, and the count of the request.
+                let data = vec![0xa5; (rw.count as usize / 2).min(4096)];
+                encode_reply(hdr, &rw.encode(&data))
+            }
+            (_, _, 4) => {
+                let mut h = *hdr;
+                h.id ^= 0x5a5a;
+                encode_reply(&h, payload)
+            }
+            _ => encode_error(hdr, libc::EFAULT as u32).to_vec(),
+        };
+        self.answers.extend_from_slice(&reply);
+    }
+
+    fn read_memory(&self, address: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let a = address.wrapping_add(i as u64).wrapping_sub(PRESET_BUS);
+            *b = self.memory.get(a as usize).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_memory(&mut self, address: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            let a = address.wrapping_add(i as u64).wrapping_sub(PRESET_BUS);
+            if let Some(m) = self.memory.get_mut(a as usize) {
+                *m = b;
+            }
+        }
+    }
+
+    /// Send `data` (the first byte carrying `fds`), reading meanwhile. False when the
+    /// server closed the connection.
+    fn send_raw(&mut self, data: &[u8], fds: &[RawFd]) -> bool {
+        let mut sent = 0;
+        let mut fds = fds;
+        while sent < data.len() {
+            match send_with_fds(self.s.as_raw_fd(), &data[sent..], fds) {
+                Ok(n) => {
+                    sent += n;
+                    fds = &[];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < self.deadline,
+                        "the server stopped reading its connection for {STUCK:?}"
+                    );
+                    let r = poll(self.s.as_raw_fd(), libc::POLLIN | libc::POLLOUT, STUCK);
+                    if r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !self.pump() {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The server closed the connection (a protocol violation ends it).
+                Err(_) => {
+                    self.open = false;
                     return false;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // The server closed the connection (a protocol violation ends it).
-            Err(_) => return false,
         }
+        self.pump()
     }
-    drain(s)
+
+    /// Send a chunk of ours; at a message boundary also the answers that are due.
+    fn send(&mut self, data: &[u8], fds: &[RawFd], boundary: bool) -> bool {
+        if !self.send_raw(data, fds) {
+            return false;
+        }
+        if boundary {
+            // Answers prepared while they went out are sent too, until none is due.
+            while !self.answers.is_empty() {
+                let answers = std::mem::take(&mut self.answers);
+                if !self.send_raw(&answers, &[]) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
 }
 
 /// A fresh connection completes a VERSION handshake.
@@ -724,14 +849,28 @@ fn check_alive() {
 
 fuzz_target!(|input: Input| {
     let path = server();
-    let deadline = Instant::now() + STUCK;
-    let mut s = UnixStream::connect(path).expect("connect to the server");
+    let s = UnixStream::connect(path).expect("connect to the server");
     s.set_nonblocking(true).unwrap();
+    let mut memory = vec![0u8; PRESET_SIZE as usize];
+    for (i, d) in input.ring.iter().take(PRESET_RING - 1).enumerate() {
+        let at = i * DESC_SIZE as usize;
+        memory[at..at + DESC_SIZE as usize].copy_from_slice(&d.encode(i));
+    }
+    let mut c = Client {
+        s,
+        deadline: Instant::now() + STUCK,
+        rx: Vec::new(),
+        answers: Vec::new(),
+        policy: input.dma_answers,
+        commands: 0,
+        memory,
+        open: true,
+    };
     let mut open = true;
     for (data, fds) in preset(input.preset, &input.ring) {
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         if open {
-            open = send(&mut s, &data, &raw, deadline);
+            open = c.send(&data, &raw, true);
         }
     }
     let mut id: u16 = 16;
@@ -748,13 +887,12 @@ fuzz_target!(|input: Input| {
         }
         let split = usize::from(p.split);
         if split == 0 || split >= data.len() {
-            open = send(&mut s, &data, &raw, deadline);
+            open = c.send(&data, &raw, true);
         } else {
-            let mut first = true;
-            for chunk in data.chunks(split) {
-                let with: &[RawFd] = if first { &raw } else { &[] };
-                first = false;
-                open = send(&mut s, chunk, with, deadline);
+            let chunks = data.len().div_ceil(split);
+            for (k, chunk) in data.chunks(split).enumerate() {
+                let with: &[RawFd] = if k == 0 { &raw } else { &[] };
+                open = c.send(chunk, with, k + 1 == chunks);
                 if !open {
                     break;
                 }
@@ -764,15 +902,15 @@ fuzz_target!(|input: Input| {
         drop(fds);
     }
     // Close our side; the server tears the connection down and closes its end.
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = c.s.shutdown(std::net::Shutdown::Write);
     while open {
         assert!(
-            Instant::now() < deadline + STUCK,
+            Instant::now() < c.deadline + STUCK,
             "the server did not close a connection whose client had closed, within {STUCK:?}"
         );
-        let _ = poll(s.as_raw_fd(), libc::POLLIN, STUCK);
-        open = drain(&mut s);
+        let _ = poll(c.s.as_raw_fd(), libc::POLLIN, STUCK);
+        open = c.pump();
     }
-    drop(s);
+    drop(c);
     check_alive();
 });
