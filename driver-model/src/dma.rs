@@ -312,9 +312,13 @@ impl DmaDomain {
         })
     }
 
-    /// Frees the buffer that matches exactly; unmaps and invalidates before the memory goes.
+    /// Frees the buffer that matches exactly, allocated through adapter `owner` (another
+    /// adapter of the same domain did not allocate it: the parameters of
+    /// FreeCommonBuffer include the adapter); unmaps and invalidates before the memory
+    /// goes.
     fn free(
         &self,
+        owner: u64,
         logical: u64,
         length: u64,
         virtual_address: *mut u8,
@@ -322,7 +326,10 @@ impl DmaDomain {
     ) -> Result<(), DmaError> {
         let mut inner = self.lock();
         let matches = inner.buffers.get(&logical).is_some_and(|b| {
-            b.length == length && b.buffer.as_ptr() == virtual_address && b.cached == cached
+            b.owner == owner
+                && b.length == length
+                && b.buffer.as_ptr() == virtual_address
+                && b.cached == cached
         });
         if !matches {
             return Err(DmaError::NoSuchBuffer { logical, length });
@@ -602,7 +609,7 @@ impl Adapter {
         cached: bool,
     ) -> Result<(), DmaError> {
         let d = self.current_domain().ok_or(DmaError::NoDomain)?;
-        d.free(logical, length, virtual_address, cached)
+        d.free(self.id, logical, length, virtual_address, cached)
     }
 
     /// Live buffers this adapter allocated in its current domain.

@@ -115,6 +115,32 @@ fn free_common_buffer_must_match_the_allocation_exactly() {
     );
 }
 
+/// The adapter is one of the parameters that must match: another adapter of the same domain
+/// freeing the buffer with its exact length, addresses and cache flag is 0xE6 / 0x03 and
+/// frees nothing (found by the `wdf` fuzz target; the seed
+/// fuzz/corpus/wdf/free-common-buffer-by-another-adapter replays it).
+#[test]
+fn free_common_buffer_through_another_adapter_of_the_domain_frees_nothing() {
+    let (f, a, d) = setup(48);
+    let b = f.adapter(48).expect("adapter");
+    assert_eq!((b.DmaOperations.JoinDmaDomain)(&b, d), STATUS_SUCCESS);
+    let cb = alloc(&a, d, 8192, 0);
+    let bc = expect_bug_check(|| free(&b, cb));
+    assert_eq!(
+        (bc.code, bc.params[0]),
+        (
+            DRIVER_VERIFIER_DMA_VIOLATION,
+            DMA_VIOLATION_EXTRA_COMMON_BUFFER_FREE
+        )
+    );
+    let dom = a.core().current_domain().unwrap();
+    assert_eq!(a.core().buffer_count(), 1, "the owner's buffer is still there");
+    assert!(dom.translate(cb.logical).is_some(), "and still mapped");
+    free(&a, cb);
+    assert_eq!(dom.buffer_count(), 0);
+    assert_eq!((b.DmaOperations.LeaveDmaDomain)(&b), STATUS_SUCCESS);
+}
+
 #[test]
 fn leaving_a_domain_with_live_buffers_is_a_verifier_error() {
     let (f, a, d) = setup(48);

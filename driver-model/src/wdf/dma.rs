@@ -548,8 +548,9 @@ pub fn AllocateDomainCommonBuffer(
     }
 }
 
-/// `FreeCommonBuffer`: `Length`, `LogicalAddress`, `VirtualAddress` and `CacheEnabled`
-/// must match an allocation exactly (`CacheEnabled` is TRUE for a cached buffer). A
+/// `FreeCommonBuffer`: the adapter, `Length`, `LogicalAddress`, `VirtualAddress` and
+/// `CacheEnabled` must match an allocation exactly (`CacheEnabled` is TRUE for a cached
+/// buffer; another adapter of the same domain did not allocate it). A
 /// mismatch is Driver Verifier 0xE6 / 0x03 (freeing what is not an allocation) and frees
 /// nothing. The mapping is removed and the IOTLB invalidated before the memory is
 /// released. PASSIVE_LEVEL.
