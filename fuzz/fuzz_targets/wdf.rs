@@ -366,14 +366,6 @@ struct Harness {
     cbs: Vec<Cb>,
 }
 
-/// An open finding of this target (the first 12-minute run): `FreeCommonBuffer` through
-/// an adapter that did not allocate the buffer, but is in the same DMA domain, frees it
-/// without a bug check (driver-model/src/dma.rs: `Adapter::free_common_buffer` looks the
-/// buffer up in the adapter's domain and `DmaDomain::free` never checks its owner), though
-/// the parameters must "match exactly those passed to and returned from" the allocation
-/// and a mismatch is documented as bug check 0xE6 / 0x03. Set to false once fixed.
-const KNOWN_FREE_BY_OTHER_ADAPTER: bool = true;
-
 const TAGS: [u32; 4] = [
     0,
     u32::from_le_bytes(*b"Fuzz"),
@@ -962,19 +954,6 @@ impl Harness {
         );
         let bug_checks = verifier::take_recorded();
         let after = owner.core().buffer_count();
-        // Open finding (see KNOWN_FREE_BY_OTHER_ADAPTER): another adapter in the same
-        // domain frees the buffer with no bug check. Accepted, and recorded, until fixed.
-        let other_adapter = !Arc::ptr_eq(&adapter, &owner)
-            && len == c.len
-            && logical == c.logical
-            && va == c.va
-            && cached == c.cached
-            && passive;
-        if KNOWN_FREE_BY_OTHER_ADAPTER && other_adapter && after + 1 == before {
-            assert!(bug_checks.is_empty());
-            self.cbs.swap_remove(i);
-            return;
-        }
         if exact && passive {
             assert_eq!(after + 1, before, "an exact FreeCommonBuffer freed nothing");
             assert!(
