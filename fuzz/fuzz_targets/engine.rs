@@ -676,7 +676,11 @@ impl Harness {
                     // A completion record per slot after the ring, unless the input names one.
                     let cpl = match cpl {
                         Some(c) => c.get(),
-                        None => ring + 0x3000 + u64::from(t % 128) * COMPLETION_SIZE,
+                        // (A ring the input placed anywhere: wrapping, as the device's own
+                        // address arithmetic must be.)
+                        None => ring
+                            .wrapping_add(0x3000)
+                            .wrapping_add(u64::from(t % 128) * COMPLETION_SIZE),
                     };
                     let d = Descriptor {
                         opcode: opcode % 7,
@@ -689,7 +693,8 @@ impl Harness {
                         tag: u64::from(t),
                         reserved: [0; 24],
                     };
-                    self.mem.write(ring + u64::from(t) * DESC_SIZE, &d.encode());
+                    let at = ring.wrapping_add(u64::from(t) * DESC_SIZE);
+                    self.mem.write(at, &d.encode());
                     t = (t + 1) % size;
                 }
                 self.rings[q as usize] = Some((ring, size, t));

@@ -865,7 +865,9 @@ impl Harness {
             "AllocateDomainCommonBuffer: success with a NULL VA"
         );
         assert!(len > 0);
-        let last = logical + u64::from(len) - 1;
+        let last = logical
+            .checked_add(u64::from(len) - 1)
+            .unwrap_or_else(|| panic!("common buffer {logical:#x}+{len:#x} wraps past 2^64"));
         let width = adapter.core().width();
         assert!(
             width >= 64 || last >> width == 0,
