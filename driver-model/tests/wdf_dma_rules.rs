@@ -134,7 +134,11 @@ fn free_common_buffer_through_another_adapter_of_the_domain_frees_nothing() {
         )
     );
     let dom = a.core().current_domain().unwrap();
-    assert_eq!(a.core().buffer_count(), 1, "the owner's buffer is still there");
+    assert_eq!(
+        a.core().buffer_count(),
+        1,
+        "the owner's buffer is still there"
+    );
     assert!(dom.translate(cb.logical).is_some(), "and still mapped");
     free(&a, cb);
     assert_eq!(dom.buffer_count(), 0);
