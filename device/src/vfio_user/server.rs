@@ -526,16 +526,15 @@ pub(crate) fn accept_should_retry(e: &io::Error) -> bool {
 struct Lobby {
     state: Mutex<LobbyState>,
     changed: Condvar,
+    /// Set once the server stops (the connection's channel reads it too).
+    closed: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
 struct LobbyState {
-    /// `closed`, readable without the lock (the connection's channel checks it).
-    closed_flag: Arc<AtomicBool>,
     waiting: VecDeque<UnixStream>,
     /// A second handle of the served client's socket, to shut it down on stop.
     current: Option<UnixStream>,
-    closed: bool,
 }
 
 impl Lobby {
@@ -558,7 +557,7 @@ impl Lobby {
     fn next(&self) -> Option<UnixStream> {
         let mut s = self.lock();
         loop {
-            if s.closed {
+            if self.is_closed() {
                 return None;
             }
             if let Some(c) = s.waiting.pop_front() {
@@ -573,20 +572,19 @@ impl Lobby {
     }
 
     fn is_closed(&self) -> bool {
-        self.lock().closed
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn closed_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.lock().closed_flag)
+        Arc::clone(&self.closed)
     }
 
     /// Stop: no more clients; the served one's socket is shut down, which ends its
     /// blocking reads and writes at once.
     fn close(&self) {
         let mut s = self.lock();
-        s.closed = true;
-        s.closed_flag
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Set under the lock, so `next` cannot miss it between its check and its wait.
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         s.waiting.clear();
         if let Some(c) = &s.current {
             let _ = c.shutdown(std::net::Shutdown::Both);
