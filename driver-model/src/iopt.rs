@@ -18,7 +18,7 @@
 //! invalidation. Tables emptied by an unmap are kept (not reused) until the whole page
 //! table is dropped, so a walk the device may still be doing never reads a recycled table.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
@@ -288,7 +288,9 @@ pub struct IoPageTable<'b> {
     iova_width: u32,
     chunks: Vec<DmaBuffer>,
     used_in_last: usize,
-    tables: HashMap<u64, Slot>,
+    /// Every table this builder allocated (freed ones too), by bus address. A B-tree, not a
+    /// hash map: lookups sit on every walk, and hashing a u64 costs more than a few compares.
+    tables: BTreeMap<u64, Slot>,
     /// Tables emptied by [`IoPageTable::unmap`], reused by later maps.
     free_tables: Vec<u64>,
     root: u64,
@@ -313,7 +315,7 @@ impl<'b> IoPageTable<'b> {
             iova_width: iova_width.min(MAX_IOVA_WIDTH),
             chunks: Vec::new(),
             used_in_last: TABLES_PER_CHUNK,
-            tables: HashMap::new(),
+            tables: BTreeMap::new(),
             free_tables: Vec::new(),
             root: 0,
         };
@@ -340,7 +342,6 @@ impl<'b> IoPageTable<'b> {
     /// reads tables at bus addresses).
     pub fn table_addrs(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.tables.keys().copied().collect();
-        v.sort_unstable();
         v.retain(|&a| a != self.root && !self.free_tables.contains(&a));
         v.insert(0, self.root);
         v

@@ -24,6 +24,7 @@
 
 #![no_main]
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ const RO_BASE: u64 = 3 << 30;
 const RO_SIZE: u64 = 64 << 10;
 
 /// Longest time all `Wait` operations of one input may take together.
-const WAIT_BUDGET: Duration = Duration::from_millis(30);
+const WAIT_BUDGET: Duration = Duration::from_millis(8);
 
 /// PCI command register and its bits.
 const PCI_COMMAND: u64 = 4;
@@ -386,6 +387,26 @@ impl Memory {
         }
     }
 
+    /// Zero every region and the shadows: what `new` gives.
+    fn clear(&mut self) {
+        use vm_memory::GuestAddressSpace;
+        let zeros = vec![0u8; RAM_SIZE as usize];
+        for (base, shadow) in &mut self.shadow {
+            shadow.fill(0);
+            let data = &zeros[..shadow.len()];
+            if *base == RO_BASE {
+                self.ro_writer
+                    .write_slice(data, GuestAddress(*base))
+                    .expect("read-only region clear");
+            } else {
+                self.mem
+                    .memory()
+                    .write_slice(data, GuestAddress(*base))
+                    .expect("bus clear");
+            }
+        }
+    }
+
     /// Write `data` at `addr`, clipped to the region it starts in (nothing outside one).
     fn write(&mut self, addr: u64, data: &[u8]) {
         for (base, shadow) in &mut self.shadow {
@@ -451,6 +472,63 @@ impl Memory {
             }
         }
     }
+}
+
+/// Devices kept between inputs: building one (its engine threads) and bus memory (a memfd
+/// and three mappings) costs more than most inputs. Each input gets its device straight
+/// after a function-level reset and its memory zeroed, the state a fresh process gives it,
+/// so an input replays the same on its own. At most `MAX_CACHED_DEVICES` configurations
+/// are kept; all of them share the one bus memory (only one runs at a time).
+struct Cache {
+    mem: Option<Memory>,
+    devices: Vec<(DeviceConfig, Device, Arc<RecordingInterrupts>)>,
+}
+
+const MAX_CACHED_DEVICES: usize = 24;
+
+thread_local! {
+    static CACHE: RefCell<Cache> = const {
+        RefCell::new(Cache {
+            mem: None,
+            devices: Vec::new(),
+        })
+    };
+}
+
+/// A device for `config` in its reset state, zeroed bus memory, and its interrupt recorder.
+fn take_device(config: &DeviceConfig) -> (Device, Memory, Arc<RecordingInterrupts>) {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let mut mem = c.mem.take().unwrap_or_else(Memory::new);
+        mem.clear();
+        let (dev, irq) = match c.devices.iter().position(|(k, _, _)| k == config) {
+            Some(i) => {
+                let (_, dev, irq) = c.devices.remove(i);
+                (dev, irq)
+            }
+            None => {
+                let irq = Arc::new(RecordingInterrupts::new());
+                let dev = Device::new(config.clone(), mem.mem.clone(), irq.clone());
+                (dev, irq)
+            }
+        };
+        (dev, mem, irq)
+    })
+}
+
+/// Resets `dev` (every worker stopped: nothing touches bus memory afterwards) and keeps it
+/// and the memory for the next input.
+fn give_back(config: DeviceConfig, mut dev: Device, mem: Memory, irq: Arc<RecordingInterrupts>) {
+    dev.reset();
+    let _ = irq.take();
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.mem = Some(mem);
+        if c.devices.len() == MAX_CACHED_DEVICES {
+            c.devices.remove(0);
+        }
+        c.devices.push((config, dev, irq));
+    });
 }
 
 struct Harness {
@@ -833,9 +911,7 @@ fuzz_target!(|input: Input| {
     };
     config.validate().expect("a valid configuration");
     let config_queues = config.queues as usize;
-    let mem = Memory::new();
-    let irq = Arc::new(RecordingInterrupts::new());
-    let dev = Device::new(config.clone(), mem.mem.clone(), irq.clone());
+    let (dev, mem, irq) = take_device(&config);
     let mut h = Harness {
         dev,
         mem,
@@ -856,6 +932,8 @@ fuzz_target!(|input: Input| {
     if !h.ever_master {
         h.mem.check_untouched();
     }
-    let _ = irq.take();
-    drop(h);
+    let Harness {
+        dev, mem, config, ..
+    } = h;
+    give_back(config, dev, mem, irq);
 });

@@ -389,7 +389,7 @@ fuzz_target!(|input: Input| {
     // Set by a raw entry write: the model no longer describes the table.
     let mut tainted = false;
     // Bound the work per input: leaves written in total.
-    let mut budget: u64 = 1 << 14;
+    let mut budget: u64 = 1 << 11;
     for op in input.ops.iter().take(256).copied() {
         match op {
             Op::Map {

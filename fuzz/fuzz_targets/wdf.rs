@@ -25,11 +25,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use domdma_device::core::DeviceConfig;
 use domdma_driver_model::backend::inprocess::{InProcessBackend, InProcessConfig};
-use domdma_driver_model::backend::phys::PhysConfig;
+use domdma_driver_model::backend::phys::{NodeUsage, PhysConfig};
+use domdma_driver_model::dma_queue::reset_device;
 use domdma_driver_model::irql::{KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql, PASSIVE_LEVEL};
 use domdma_driver_model::status::*;
 use domdma_driver_model::verifier::{self, VerifierMode};
@@ -1062,6 +1064,31 @@ thread_local! {
     static LIST_MEMORY_TRACKED: RefCell<HashMap<u64, bool>> = RefCell::new(HashMap::new());
 }
 
+thread_local! {
+    /// The device and guest RAM behind inputs that ask for hardware: built once, reset
+    /// before each input (building them costs more than most inputs: a 64 MiB mapping
+    /// faulted in page by page, and the engine's threads).
+    static HARDWARE: Arc<InProcessBackend> = Arc::new(
+        InProcessBackend::new(InProcessConfig {
+            device: DeviceConfig {
+                queues: 1,
+                domains: 4,
+                iotlb_entries: 64,
+                ..DeviceConfig::default()
+            },
+            phys: PhysConfig {
+                nodes: 2,
+                node_size: 32 << 20,
+                huge_pages_per_node: 4,
+                ..PhysConfig::default()
+            },
+        })
+        .expect("in-process back end"),
+    );
+    /// What `HARDWARE`'s guest RAM looks like with nothing allocated.
+    static FREE_USAGE: Vec<NodeUsage> = HARDWARE.with(|b| b.phys().usage());
+}
+
 /// Any 64-bit value as a handle: handles are plain numbers that the facade checks, but
 /// `WDFOBJECT`'s field is private to the driver model.
 fn raw_handle(v: u64) -> WDFOBJECT {
@@ -1093,22 +1120,15 @@ fuzz_target!(|input: Input| {
     assert!(NT_SUCCESS(s), "WdfDriverCreate: {s:?}");
 
     let backend = (input.preset & PRESET_HARDWARE != 0).then(|| {
-        let b = InProcessBackend::new(InProcessConfig {
-            device: DeviceConfig {
-                queues: 1,
-                domains: 4,
-                iotlb_entries: 64,
-                ..DeviceConfig::default()
-            },
-            phys: PhysConfig {
-                nodes: 2,
-                node_size: 32 << 20,
-                huge_pages_per_node: 4,
-                ..PhysConfig::default()
-            },
-        })
-        .expect("in-process back end");
-        Arc::new(b)
+        let b = HARDWARE.with(Arc::clone);
+        // Each input starts from a reset device with all of its memory free.
+        reset_device(&*b, Duration::from_secs(1)).expect("device reset");
+        assert_eq!(
+            b.phys().usage(),
+            *FREE_USAGE.with(|u| u.clone()),
+            "DMA memory still allocated before the driver loaded"
+        );
+        b
     });
     let mut device = WDFDEVICE::NULL;
     let mut pdo = None;
@@ -1164,6 +1184,12 @@ fuzz_target!(|input: Input| {
         }
     }
     drop(h);
-    drop(backend);
+    if let Some(b) = backend {
+        assert_eq!(
+            b.phys().usage(),
+            *FREE_USAGE.with(|u| u.clone()),
+            "DMA memory still allocated after the driver unloaded"
+        );
+    }
     verifier::set_mode(before);
 });
