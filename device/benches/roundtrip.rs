@@ -51,6 +51,9 @@ Usage: cargo bench -p domdma-device --bench roundtrip -- [OPTIONS]
   --rounds N      interleaved rounds (default 7)
   --samples N     round trips per subject and round (default 20000; doorbells: a tenth)
   --json FILE     also write every round's figures as JSON
+  --only WHAT     only `registers` or only `doorbell`
+  --server PATH   use the server already listening at PATH instead of starting one
+                  (e.g. one run under `strace -c -f` to count system calls)
   --help          this text";
 
 /// Bytes a register access carries.
@@ -69,6 +72,8 @@ struct Options {
     rounds: usize,
     samples: usize,
     json: Option<PathBuf>,
+    server: Option<PathBuf>,
+    only: Option<String>,
 }
 
 impl Default for Options {
@@ -77,6 +82,8 @@ impl Default for Options {
             rounds: 7,
             samples: 20_000,
             json: None,
+            server: None,
+            only: None,
         }
     }
 }
@@ -98,6 +105,17 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                 o.json = Some(
                     it.next()
                         .ok_or("--json takes a file name, e.g. --json roundtrip.json")?
+                        .into(),
+                )
+            }
+            "--only" => match it.next().map(String::as_str) {
+                Some(w @ ("registers" | "doorbell")) => o.only = Some(w.to_string()),
+                _ => return Err("--only takes `registers` or `doorbell`".into()),
+            },
+            "--server" => {
+                o.server = Some(
+                    it.next()
+                        .ok_or("--server takes a socket path, e.g. --server /tmp/domdma.sock")?
                         .into(),
                 )
             }
@@ -582,19 +600,28 @@ fn progress(round: usize, rounds: usize, what: &str) {
     }
 }
 
-/// Starts a server and the bare peer and measures everything.
+/// Starts a server (unless told to use one) and the bare peer and measures everything.
 fn run(o: &Options, check: bool) -> Result<Vec<Pair>, Failure> {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_domdma-device"));
-    let server = Launch::new(bin).spawn()?;
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/domdma-roundtrip-")
         .map_err(|e| Failure(format!("temporary directory: {e}")))?;
     let mut bare = Bare::start(dir.as_path())?;
-    let result = (|| {
-        let [read, write] = registers(server.socket(), &mut bare, o, check)?;
+    let measure = |socket: &Path, bare: &mut Bare| {
+        let mut pairs = Vec::new();
+        if o.only.as_deref() != Some("doorbell") {
+            pairs.extend(registers(socket, bare, o, check)?);
+        }
         // The register connection is closed: the server takes the next client.
-        let bell = doorbell(server.socket(), &mut bare, o)?;
-        Ok(vec![read, write, bell])
-    })();
+        if o.only.as_deref() != Some("registers") {
+            pairs.push(doorbell(socket, bare, o)?);
+        }
+        Ok(pairs)
+    };
+    if let Some(socket) = &o.server {
+        return measure(socket, &mut bare);
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_domdma-device"));
+    let server = Launch::new(bin).spawn()?;
+    let result = measure(server.socket(), &mut bare);
     let log = server.log();
     server.stop(DEFAULT_STOP_GRACE);
     result.map_err(|Failure(e)| Failure(format!("{e}\nserver log:\n{log}")))
@@ -689,7 +716,7 @@ fn test_main() -> ExitCode {
         let o = Options {
             rounds: 2,
             samples: 300,
-            json: None,
+            ..Options::default()
         };
         let pairs = run(&o, true).map_err(|e| e.0)?;
         print!("{}", report(&o, &pairs));
