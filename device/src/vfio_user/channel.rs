@@ -114,12 +114,63 @@ pub(crate) struct Limits {
     pub dma_reply: Duration,
 }
 
+/// Bytes of the staging buffer: one `recvmsg` takes a whole message of up to this size,
+/// header and payload together (register accesses are 32 to 40 bytes).
+const STAGE_SIZE: usize = 4096;
+
 /// The reading half: whole messages, with the partial-message limit.
+///
+/// Each `recvmsg` reads into a staging buffer as much as has arrived (up to
+/// [`STAGE_SIZE`]), so a message sent in one piece costs one system call; a payload that
+/// is already there is copied out of it (at most 4 KiB, just received), the rest of a
+/// longer one is read straight into the payload. Bytes past the end of a message stay for
+/// the next one (a client may send its next message before reading our reply: QEMU's
+/// posted writes).
+///
+/// Descriptors: the kernel ends a `recvmsg` with the data of the send that carried
+/// descriptors, so the descriptors of one `recvmsg` belong to the message holding the last
+/// byte it returned. Each group is kept with that stream offset and handed to the message
+/// whose end is at or past it.
 #[derive(Debug)]
 struct MsgReader {
     stream: UnixStream,
     /// When the message being read started arriving in pieces.
     partial_since: Option<Instant>,
+    /// Received and not yet handed out: `stage[lo..hi]`.
+    stage: Box<[u8]>,
+    lo: usize,
+    hi: usize,
+    /// Bytes received on the connection so far (the stream offset of `stage[hi]`, or of
+    /// the byte after a direct read).
+    received: u64,
+    /// Descriptors (and their flags) received, by the stream offset their data ended at.
+    fd_groups: VecDeque<FdGroup>,
+}
+
+/// What one `recvmsg` brought besides data.
+#[derive(Debug)]
+struct FdGroup {
+    /// Stream offset just past the last byte of that `recvmsg`.
+    end: u64,
+    fds: Vec<OwnedFd>,
+    /// More than the limit arrived (the rest were closed).
+    extra: bool,
+    /// The kernel dropped descriptors (`MSG_CTRUNC`).
+    truncated: bool,
+}
+
+impl MsgReader {
+    fn new(stream: UnixStream) -> Self {
+        MsgReader {
+            stream,
+            partial_since: None,
+            stage: vec![0; STAGE_SIZE].into_boxed_slice(),
+            lo: 0,
+            hi: 0,
+            received: 0,
+            fd_groups: VecDeque::new(),
+        }
+    }
 }
 
 enum Waiter {
@@ -173,10 +224,7 @@ impl Channel {
     ) -> io::Result<Self> {
         let writer = stream.try_clone()?;
         Ok(Self {
-            reader: Mutex::new(MsgReader {
-                stream,
-                partial_since: None,
-            }),
+            reader: Mutex::new(MsgReader::new(stream)),
             writer,
             send_lock: Mutex::new(()),
             backlog: Mutex::new(VecDeque::new()),
@@ -523,23 +571,17 @@ impl MsgReader {
         limits: Limits,
     ) -> Result<Option<Message>, End> {
         self.partial_since = None;
-        let mut fds = Vec::new();
-        let mut flags = (false, false);
-        let mut hb = [0u8; HEADER_SIZE];
-        match self.read_exact(&mut hb, &mut fds, &mut flags, true, closed, limits)? {
+        let start = self.received - (self.hi - self.lo) as u64;
+        match self.fill(HEADER_SIZE, closed, limits)? {
             Some(true) => {}
             Some(false) => return Err(End::Disconnected),
             None => return Ok(None),
         }
-        let hdr = Header::parse(&hb);
-        trace!(
-            id = hdr.id,
-            command = hdr.command,
-            size = hdr.size,
-            flags = hdr.flags,
-            fds = fds.len(),
-            "message"
-        );
+        let hb: &[u8; HEADER_SIZE] = self.stage[self.lo..self.lo + HEADER_SIZE]
+            .try_into()
+            .expect("HEADER_SIZE bytes");
+        let hdr = Header::parse(hb);
+        self.lo += HEADER_SIZE;
         let Some(len) = hdr.payload_len() else {
             return Err(End::Protocol(format!(
                 "message size {} is smaller than the header",
@@ -554,98 +596,182 @@ impl MsgReader {
             )));
         }
         let oversized = size > MAX_MESSAGE_SIZE;
+        // What of the payload has arrived with the header.
+        let staged = len.min(self.hi - self.lo);
+        payload.clear();
         if oversized {
             warn!(
                 command = hdr.command,
                 size, "message larger than {MAX_MESSAGE_SIZE} bytes; discarding it"
             );
+            self.lo += staged;
             let mut chunk = vec![0u8; DISCARD_CHUNK.min(len)];
-            let mut left = len;
+            let mut left = len - staged;
             while left > 0 {
                 let n = chunk.len().min(left);
-                self.read_exact(&mut chunk[..n], &mut fds, &mut flags, false, closed, limits)?;
+                self.read_direct(&mut chunk[..n], closed, limits)?;
                 left -= n;
             }
-            payload.clear();
         } else {
-            payload.clear();
             payload.resize(len, 0);
-            self.read_exact(&mut payload, &mut fds, &mut flags, false, closed, limits)?;
+            payload[..staged].copy_from_slice(&self.stage[self.lo..self.lo + staged]);
+            self.lo += staged;
+            if staged < len {
+                self.read_direct(&mut payload[staged..], closed, limits)?;
+            }
         }
+        // The descriptors that came with this message's bytes.
+        let end = start + size as u64;
+        let mut fds = Vec::new();
+        let (mut too_many_fds, mut fds_lost) = (false, false);
+        while self.fd_groups.front().is_some_and(|g| g.end <= end) {
+            let g = self.fd_groups.pop_front().expect("checked");
+            too_many_fds |= g.extra;
+            fds_lost |= g.truncated;
+            for fd in g.fds {
+                if fds.len() < MAX_MSG_FDS as usize {
+                    fds.push(fd);
+                } else {
+                    too_many_fds = true;
+                }
+            }
+        }
+        trace!(
+            id = hdr.id,
+            command = hdr.command,
+            size = hdr.size,
+            flags = hdr.flags,
+            fds = fds.len(),
+            "message"
+        );
         Ok(Some(Message {
             hdr,
             payload,
             fds,
-            too_many_fds: flags.0,
-            fds_lost: flags.1,
+            too_many_fds,
+            fds_lost,
             oversized,
         }))
     }
 
-    /// Read exactly `buf.len()` bytes. At a message boundary (`at_boundary`) a clean end of
-    /// stream before the first byte is `Some(false)` and an idle tick `None`.
-    fn read_exact(
+    /// Receive until `stage[lo..hi]` holds at least `need` (at most [`STAGE_SIZE`]) bytes.
+    /// With nothing staged, a clean end of stream is `Some(false)` and an idle tick `None`.
+    fn fill(
         &mut self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        flags: &mut (bool, bool),
-        at_boundary: bool,
+        need: usize,
         closed: &AtomicBool,
         limits: Limits,
     ) -> Result<Option<bool>, End> {
+        debug_assert!(need <= STAGE_SIZE);
+        let at_boundary = self.lo == self.hi;
+        if at_boundary {
+            (self.lo, self.hi) = (0, 0);
+        }
+        while self.hi - self.lo < need {
+            if self.lo > 0 && self.hi == STAGE_SIZE {
+                self.stage.copy_within(self.lo..self.hi, 0);
+                (self.lo, self.hi) = (0, self.hi - self.lo);
+            }
+            let (lo, hi) = (self.lo, self.hi);
+            let mut stage = std::mem::take(&mut self.stage);
+            let r = self.recv(&mut stage[hi..], hi == lo && at_boundary, closed, limits);
+            self.stage = stage;
+            match r? {
+                Some(0) => return Ok(Some(false)),
+                Some(n) => self.hi += n,
+                None => return Ok(None),
+            }
+            if self.hi - self.lo < need {
+                // The slow path: the message arrives in pieces; its clock starts.
+                self.partial_since.get_or_insert_with(Instant::now);
+                self.check_partial(limits)?;
+            }
+        }
+        Ok(Some(true))
+    }
+
+    /// Read exactly `buf.len()` bytes of the message being read, past the staging buffer.
+    fn read_direct(
+        &mut self,
+        buf: &mut [u8],
+        closed: &AtomicBool,
+        limits: Limits,
+    ) -> Result<(), End> {
+        // The payload did not come with the header: the message arrives in pieces.
+        self.partial_since.get_or_insert_with(Instant::now);
         let mut got = 0;
         while got < buf.len() {
-            match recv_with_fds(&self.stream, &mut buf[got..], fds, MAX_MSG_FDS as usize) {
+            // In the middle of a message `recv` returns data or an error, never a tick.
+            if let Some(n) = self.recv(&mut buf[got..], false, closed, limits)? {
+                got += n;
+            }
+            self.check_partial(limits)?;
+        }
+        Ok(())
+    }
+
+    /// One `recvmsg` into `buf`: `Some(n)` bytes (`Some(0)`: the client closed at a message
+    /// boundary), `None`: an idle tick at a boundary. In the middle of a message, a tick
+    /// goes on waiting until the message limit, and an end of stream is a disconnection.
+    fn recv(
+        &mut self,
+        buf: &mut [u8],
+        at_boundary: bool,
+        closed: &AtomicBool,
+        limits: Limits,
+    ) -> Result<Option<usize>, End> {
+        loop {
+            let mut fds = Vec::new();
+            match recv_with_fds(&self.stream, buf, &mut fds, MAX_MSG_FDS as usize) {
                 Ok(r) => {
-                    flags.0 |= r.extra_fds;
-                    flags.1 |= r.truncated;
+                    self.received += r.bytes as u64;
+                    if !fds.is_empty() || r.extra_fds || r.truncated {
+                        self.fd_groups.push_back(FdGroup {
+                            end: self.received,
+                            fds,
+                            extra: r.extra_fds,
+                            truncated: r.truncated,
+                        });
+                    }
                     if r.bytes == 0 {
                         if closed.load(Ordering::SeqCst) {
                             return Err(End::Stopped);
                         }
-                        if got == 0 && at_boundary {
-                            return Ok(Some(false));
+                        if at_boundary {
+                            return Ok(Some(0));
                         }
                         debug!("client closed the connection in the middle of a message");
                         return Err(End::Disconnected);
                     }
-                    got += r.bytes;
-                    if got < buf.len() && self.partial_since.is_none() {
-                        // The slow path: the message arrives in pieces; its clock starts.
-                        self.partial_since = Some(Instant::now());
-                    }
+                    return Ok(Some(r.bytes));
                 }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => {
                         if closed.load(Ordering::SeqCst) {
                             return Err(End::Stopped);
                         }
-                        if got == 0 && at_boundary {
+                        if at_boundary {
                             return Ok(None);
                         }
-                        let since = *self.partial_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > limits.message {
-                            return Err(End::TimedOut(format!(
-                                "a message started but was not complete within {} ms",
-                                limits.message.as_millis()
-                            )));
-                        }
+                        self.partial_since.get_or_insert_with(Instant::now);
                     }
                     Some(libc::EINTR) => {}
                     Some(libc::ECONNRESET | libc::EPIPE) => return Err(End::Disconnected),
                     _ => return Err(End::Io(e)),
                 },
             }
-            if let Some(since) = self.partial_since {
-                if since.elapsed() > limits.message {
-                    return Err(End::TimedOut(format!(
-                        "a message started but was not complete within {} ms",
-                        limits.message.as_millis()
-                    )));
-                }
-            }
+            self.check_partial(limits)?;
         }
-        Ok(Some(true))
+    }
+
+    fn check_partial(&self, limits: Limits) -> Result<(), End> {
+        match self.partial_since {
+            Some(since) if since.elapsed() > limits.message => Err(End::TimedOut(format!(
+                "a message started but was not complete within {} ms",
+                limits.message.as_millis()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -723,4 +849,114 @@ fn recv_with_fds(
         extra_fds,
         truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vmm_sys_util::eventfd::EventFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        message: Duration::from_secs(2),
+        dma_reply: Duration::from_secs(2),
+    };
+
+    /// A reader over one end of a socket pair (receive ticks of 10 ms), and the other end.
+    fn pair() -> (MsgReader, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        (MsgReader::new(a), b)
+    }
+
+    fn read(r: &mut MsgReader) -> Message {
+        let closed = AtomicBool::new(false);
+        loop {
+            if let Some(m) = r.read_message(Vec::new(), &closed, LIMITS).unwrap() {
+                return m;
+            }
+        }
+    }
+
+    #[test]
+    fn messages_sent_before_any_is_read_come_one_by_one_with_their_own_descriptors() {
+        let (mut r, tx) = pair();
+        let efd = EventFd::new(0).unwrap();
+        let a = encode_command(1, Command::RegionRead as u16, 0, &[1; 16]);
+        let b = encode_command(2, Command::DmaMap as u16, 0, &[2; 32]);
+        let c = encode_command(3, Command::RegionWrite as u16, 0, &[3; 20]);
+        tx.send_with_fds(&[&a[..]], &[]).unwrap();
+        tx.send_with_fds(&[&b[..]], &[efd.as_raw_fd()]).unwrap();
+        tx.send_with_fds(&[&c[..]], &[]).unwrap();
+        for (want, fds) in [(&a, 0), (&b, 1), (&c, 0)] {
+            let m = read(&mut r);
+            assert_eq!(m.hdr.id, u16::from_le_bytes([want[0], want[1]]));
+            assert_eq!(m.payload, want[HEADER_SIZE..], "message {}", m.hdr.id);
+            assert_eq!(m.fds.len(), fds, "descriptors of message {}", m.hdr.id);
+        }
+        assert_eq!((r.lo, r.hi), (r.hi, r.hi), "nothing left over");
+        assert!(r.fd_groups.is_empty());
+    }
+
+    #[test]
+    fn a_message_longer_than_the_staging_buffer_is_read_whole() {
+        let (mut r, mut tx) = pair();
+        let payload: Vec<u8> = (0..3 * STAGE_SIZE + 7).map(|i| (i * 7) as u8).collect();
+        let m1 = encode_command(1, Command::RegionWrite as u16, 0, &payload);
+        let m2 = encode_command(2, Command::RegionRead as u16, 0, &[9; 16]);
+        let writer = std::thread::spawn(move || {
+            tx.write_all(&m1).unwrap();
+            tx.write_all(&m2).unwrap();
+            tx
+        });
+        let m = read(&mut r);
+        assert_eq!(m.payload, payload);
+        let m = read(&mut r);
+        assert_eq!((m.hdr.id, &m.payload[..]), (2, &[9u8; 16][..]));
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_message_sent_in_pieces_is_put_together() {
+        let (mut r, mut tx) = pair();
+        let m = encode_command(5, Command::RegionWrite as u16, 0, &[0xab; 40]);
+        let pieces = [&m[..3], &m[3..17], &m[17..30], &m[30..]];
+        let owned: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+        let writer = std::thread::spawn(move || {
+            for p in owned {
+                tx.write_all(&p).unwrap();
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            tx
+        });
+        let got = read(&mut r);
+        assert_eq!((got.hdr.id, &got.payload[..]), (5, &[0xab; 40][..]));
+        assert!(r.partial_since.is_some(), "the message arrived in pieces");
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_message_left_unfinished_times_out() {
+        let (mut r, mut tx) = pair();
+        let m = encode_command(5, Command::RegionWrite as u16, 0, &[0xab; 40]);
+        tx.write_all(&m[..20]).unwrap();
+        let closed = AtomicBool::new(false);
+        let limits = Limits {
+            message: Duration::from_millis(50),
+            ..LIMITS
+        };
+        let start = Instant::now();
+        let end = loop {
+            match r.read_message(Vec::new(), &closed, limits) {
+                Ok(None) => continue,
+                Ok(Some(m)) => panic!("a whole message from half of one: {:?}", m.hdr),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(end, End::TimedOut(_)), "{end:?}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
 }

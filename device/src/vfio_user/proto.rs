@@ -335,15 +335,18 @@ impl Header {
 
     /// Encode the header.
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
-        let mut v = Vec::with_capacity(HEADER_SIZE);
-        v.put_u16(self.id);
-        v.put_u16(self.command);
-        v.put_u32(self.size);
-        v.put_u32(self.flags);
-        v.put_u32(self.error);
         let mut out = [0u8; HEADER_SIZE];
-        out.copy_from_slice(&v);
+        self.encode_to(&mut out);
         out
+    }
+
+    /// Encode the header into `out` (exactly [`HEADER_SIZE`] bytes), without allocating.
+    pub fn encode_to(&self, out: &mut [u8]) {
+        out[0..2].copy_from_slice(&self.id.to_le_bytes());
+        out[2..4].copy_from_slice(&self.command.to_le_bytes());
+        out[4..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        out[12..16].copy_from_slice(&self.error.to_le_bytes());
     }
 
     /// The message type bits (`FLAGS_TYPE_*`).
@@ -368,19 +371,23 @@ impl Header {
     }
 }
 
-/// Encode a successful reply to `request` carrying `payload`.
-pub fn encode_reply(request: &Header, payload: &[u8]) -> Vec<u8> {
-    let size = HEADER_SIZE + payload.len();
-    let header = Header {
+/// The header of a successful reply to `request` of `size` bytes in all.
+pub fn reply_header(request: &Header, size: usize) -> Header {
+    Header {
         id: request.id,
         command: request.command,
         // Replies are bounded by MAX_MESSAGE_SIZE, far below u32::MAX.
         size: size as u32,
         flags: FLAGS_TYPE_REPLY,
         error: 0,
-    };
+    }
+}
+
+/// Encode a successful reply to `request` carrying `payload`.
+pub fn encode_reply(request: &Header, payload: &[u8]) -> Vec<u8> {
+    let size = HEADER_SIZE + payload.len();
     let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(&reply_header(request, size).encode());
     out.extend_from_slice(payload);
     out
 }
@@ -852,11 +859,16 @@ impl RegionAccess {
     /// Encode the access header followed by `data` (a read reply or a write request).
     pub fn encode(&self, data: &[u8]) -> Vec<u8> {
         let mut v = Vec::with_capacity(Self::SIZE + data.len());
-        v.put_u64(self.offset);
-        v.put_u32(self.region);
-        v.put_u32(self.count);
+        self.encode_to(&mut v);
         v.extend_from_slice(data);
         v
+    }
+
+    /// Append the access header to `out` (no allocation when `out` has room).
+    pub fn encode_to(&self, out: &mut Vec<u8>) {
+        out.put_u64(self.offset);
+        out.put_u32(self.region);
+        out.put_u32(self.count);
     }
 }
 

@@ -721,6 +721,9 @@ struct Connection<'s> {
     /// the device never raises INTx).
     intx: Option<EventFd>,
     intx_unmask: Option<EventFd>,
+    /// The reply being built: header room, then the body (kept between messages, so a
+    /// register access allocates nothing).
+    out: Vec<u8>,
 }
 
 impl<'s> Connection<'s> {
@@ -736,6 +739,7 @@ impl<'s> Connection<'s> {
                 .with_remote(remote),
             intx: None,
             intx_unmask: None,
+            out: Vec::new(),
         }
     }
 
@@ -771,6 +775,9 @@ impl<'s> Connection<'s> {
     /// Handle one command and send its reply; returns the payload buffer for reuse.
     fn handle(&mut self, m: Message) -> Result<Vec<u8>, End> {
         let hdr = m.hdr;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        out.resize(HEADER_SIZE, 0);
         let reply = match hdr.msg_type() {
             _ if m.oversized => Err(libc::E2BIG),
             FLAGS_TYPE_COMMAND if m.fds_lost => {
@@ -787,13 +794,18 @@ impl<'s> Connection<'s> {
                 );
                 Err(libc::EINVAL)
             }
-            FLAGS_TYPE_COMMAND => self.dispatch(&hdr, &m.payload, m.fds),
+            FLAGS_TYPE_COMMAND => self.dispatch(&hdr, &m.payload, m.fds, &mut out),
             t => {
                 warn!(command = hdr.command, "unknown message type {t}");
                 Err(libc::EINVAL)
             }
         };
-        self.respond(&hdr, reply)?;
+        let sent = self.respond(&hdr, reply, &mut out);
+        // Large buffers (a big read or write) are not kept.
+        if out.capacity() <= 64 << 10 {
+            self.out = out;
+        }
+        sent?;
         let mut payload = m.payload;
         if payload.capacity() > 64 << 10 {
             payload = Vec::new();
@@ -801,8 +813,9 @@ impl<'s> Connection<'s> {
         Ok(payload)
     }
 
-    /// Send the reply (or error reply) unless the client asked for none.
-    fn respond(&mut self, hdr: &Header, reply: Reply) -> Result<(), End> {
+    /// Send the reply whose body `out` holds after its header room (or the error reply)
+    /// unless the client asked for none.
+    fn respond(&mut self, hdr: &Header, reply: Result<(), i32>, out: &mut [u8]) -> Result<(), End> {
         if hdr.no_reply() {
             if let Err(errno) = reply {
                 debug!(
@@ -813,7 +826,10 @@ impl<'s> Connection<'s> {
             return Ok(());
         }
         match reply {
-            Ok(body) => self.channel.send(&encode_reply(hdr, &body)),
+            Ok(()) => {
+                reply_header(hdr, out.len()).encode_to(&mut out[..HEADER_SIZE]);
+                self.channel.send(out)
+            }
             Err(errno) => {
                 debug!(id = hdr.id, command = hdr.command, errno, "error reply");
                 // Errno values are small positive numbers.
@@ -837,22 +853,49 @@ impl<'s> Connection<'s> {
         r
     }
 
-    fn dispatch(&mut self, hdr: &Header, payload: &[u8], fds: Vec<OwnedFd>) -> Reply {
+    /// Carry out a command; a successful reply's body is appended to `out`.
+    fn dispatch(
+        &mut self,
+        hdr: &Header,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), i32> {
         let cmd = hdr.cmd();
-        if cmd == Some(Command::Version) {
-            return self.version(payload);
-        }
-        if matches!(self.state, ConnState::AwaitingVersion) {
+        let body = if cmd == Some(Command::Version) {
+            self.version(payload)?
+        } else if matches!(self.state, ConnState::AwaitingVersion) {
             warn!(
                 command = hdr.command,
                 "command before the VERSION handshake"
             );
             return Err(libc::EINVAL);
-        }
-        let malformed = |e: ProtoError| {
-            warn!(error = %e, "malformed message");
-            libc::EINVAL
+        } else {
+            match cmd {
+                // The register path builds its reply in place.
+                Some(Command::RegionRead) => {
+                    let access = RegionAccess::parse_read(payload).map_err(malformed)?;
+                    return self.region_read(access, out);
+                }
+                Some(Command::RegionWrite) => {
+                    let (access, data) = RegionAccess::parse_write(payload).map_err(malformed)?;
+                    return self.region_write(access, data, out);
+                }
+                _ => self.dispatch_negotiated(hdr, cmd, payload, fds)?,
+            }
         };
+        out.extend_from_slice(&body);
+        Ok(())
+    }
+
+    /// The commands of a negotiated client but VERSION and the register accesses.
+    fn dispatch_negotiated(
+        &mut self,
+        hdr: &Header,
+        cmd: Option<Command>,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Reply {
         match cmd {
             Some(Command::DmaMap) => self.dma_map(DmaMap::parse(payload).map_err(malformed)?, fds),
             Some(Command::DmaUnmap) => self.dma_unmap(DmaUnmap::parse(payload).map_err(malformed)?),
@@ -874,13 +917,6 @@ impl<'s> Connection<'s> {
             }
             Some(Command::DeviceSetIrqs) => {
                 self.set_irqs(IrqSet::parse(payload).map_err(malformed)?, fds)
-            }
-            Some(Command::RegionRead) => {
-                self.region_read(RegionAccess::parse_read(payload).map_err(malformed)?)
-            }
-            Some(Command::RegionWrite) => {
-                let (access, data) = RegionAccess::parse_write(payload).map_err(malformed)?;
-                self.region_write(access, data)
             }
             Some(Command::DeviceReset) => {
                 self.interrupting_client_dma(|| lock(&self.server.device).reset());
@@ -1210,15 +1246,19 @@ impl<'s> Connection<'s> {
         }
     }
 
-    fn region_read(&mut self, a: RegionAccess) -> Reply {
+    /// REGION_READ: the reply (access header, then the data) goes straight into `out`.
+    fn region_read(&mut self, a: RegionAccess, out: &mut Vec<u8>) -> Result<(), i32> {
         self.check_access(&a)?;
-        let mut data = vec![0u8; a.count as usize];
+        a.encode_to(out);
+        let at = out.len();
+        out.resize(at + a.count as usize, 0);
+        let data = &mut out[at..];
         {
             let mut dev = lock(&self.server.device);
             if a.region == PCI_CONFIG_REGION_INDEX {
-                dev.config_read(a.offset, &mut data);
+                dev.config_read(a.offset, data);
             } else {
-                dev.bar_read(a.region as usize, a.offset, &mut data);
+                dev.bar_read(a.region as usize, a.offset, data);
             }
         }
         trace!(
@@ -1227,10 +1267,11 @@ impl<'s> Connection<'s> {
             count = a.count,
             "region read"
         );
-        Ok(a.encode(&data))
+        Ok(())
     }
 
-    fn region_write(&mut self, a: RegionAccess, data: &[u8]) -> Reply {
+    /// REGION_WRITE: the reply (the access header) goes into `out`.
+    fn region_write(&mut self, a: RegionAccess, data: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
         self.check_access(&a)?;
         // A doorbell only records the tail; anything else may wait for the workers.
         let doorbell = a.region == REGS_BAR as u32
@@ -1255,8 +1296,15 @@ impl<'s> Connection<'s> {
             count = a.count,
             "region write"
         );
-        Ok(a.encode(&[]))
+        a.encode_to(out);
+        Ok(())
     }
+}
+
+/// A malformed payload: logged, and `EINVAL` for the reply.
+fn malformed(e: ProtoError) -> i32 {
+    warn!(error = %e, "malformed message");
+    libc::EINVAL
 }
 
 /// Turn received descriptors into eventfds; any that is not one fails the command.
