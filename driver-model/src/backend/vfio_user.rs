@@ -233,6 +233,11 @@ pub struct VfioUserConfig {
     pub reply_timeout: Duration,
     /// How long to retry a socket that does not exist yet or refuses connections.
     pub connect_timeout: Duration,
+    /// BAR writes go without waiting for a reply (`VFIO_USER_NO_REPLY`), as QEMU's client
+    /// sends them unless told `x-no-posted-writes=on`; configuration-space writes always
+    /// wait. The server handles messages in order, so a later read sees every posted
+    /// write; a posted write the server refuses goes unnoticed (as on a PCI bus).
+    pub posted_writes: bool,
 }
 
 impl VfioUserConfig {
@@ -243,7 +248,14 @@ impl VfioUserConfig {
             phys: PhysConfig::default(),
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            posted_writes: true,
         }
+    }
+
+    /// The same, with BAR writes posted or not (see [`VfioUserConfig::posted_writes`]).
+    pub fn with_posted_writes(mut self, posted: bool) -> Self {
+        self.posted_writes = posted;
+        self
     }
 
     /// The same, with guest RAM laid out as `phys`.
@@ -296,6 +308,35 @@ impl Conn {
                 if let Link::Open(s) = &self.link {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
+                self.link = Link::Broken(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// Sends command `cmd` with `payload` asking for no reply.
+    fn post(&mut self, cmd: Cmd, payload: &[u8]) -> std::result::Result<(), VfioUserError> {
+        let stream = match &mut self.link {
+            Link::Open(s) => s,
+            Link::Broken(reason) => {
+                return Err(VfioUserError::Broken {
+                    reason: reason.clone(),
+                })
+            }
+        };
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let name = command_name(cmd);
+        let msg = proto::encode_command(id, cmd as u16, proto::FLAGS_NO_REPLY, payload);
+        let result = send_all(stream, &msg, &[]).map_err(socket_error(
+            name,
+            "sending a request",
+            self.timeout,
+        ));
+        if let Err(e) = &result {
+            if e.breaks_link() {
+                warn!(command = name, "vfio-user connection broken: {e}");
+                let _ = stream.shutdown(std::net::Shutdown::Both);
                 self.link = Link::Broken(e.to_string());
             }
         }
@@ -471,6 +512,8 @@ pub struct VfioUserBackend {
     max_xfer: usize,
     /// Most descriptors in one message.
     max_fds: usize,
+    /// BAR writes are posted ([`VfioUserConfig::posted_writes`]).
+    posted_writes: bool,
     server_caps: Capabilities,
     version: (u16, u16),
 }
@@ -540,6 +583,7 @@ impl VfioUserBackend {
             config_size: 0,
             max_xfer,
             max_fds,
+            posted_writes: config.posted_writes,
             server_caps,
             version,
         };
@@ -802,12 +846,17 @@ impl VfioUserBackend {
         data: &[u8],
     ) -> std::result::Result<(), VfioUserError> {
         let name = command_name(Cmd::RegionWrite);
+        let posted = self.posted_writes && region != proto::PCI_CONFIG_REGION_INDEX;
         for (i, chunk) in data.chunks(self.max_xfer).enumerate() {
             let access = RegionAccess {
                 offset: offset + (i * self.max_xfer) as u64,
                 region,
                 count: chunk.len() as u32,
             };
+            if posted {
+                self.conn().post(Cmd::RegionWrite, &access.encode(chunk))?;
+                continue;
+            }
             let reply = self.call(
                 Cmd::RegionWrite,
                 &access.encode(chunk),
