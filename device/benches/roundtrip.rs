@@ -281,11 +281,19 @@ impl Drop for Bare {
 
 // ---- statistics --------------------------------------------------------------------------
 
-/// p50 and p99 of one subject in one round, in nanoseconds.
-#[derive(Debug, Clone, Copy, Default)]
+/// Quantiles kept of each round for the distribution plots of the report: every 2% from
+/// 0 to 98%, then 99% and 99.9%.
+fn cdf_quantiles() -> impl Iterator<Item = f64> {
+    (0..50).map(|i| f64::from(i) / 50.0).chain([0.99, 0.999])
+}
+
+/// p50 and p99 of one subject in one round, in nanoseconds, and its distribution.
+#[derive(Debug, Clone, Default)]
 struct Round {
     p50: f64,
     p99: f64,
+    /// `(quantile, ns)` at [`cdf_quantiles`].
+    cdf: Vec<(f64, f64)>,
 }
 
 impl Round {
@@ -295,6 +303,7 @@ impl Round {
         Round {
             p50: at(0.50),
             p99: at(0.99),
+            cdf: cdf_quantiles().map(|q| (q, at(q))).collect(),
         }
     }
 }
@@ -362,24 +371,29 @@ impl Pair {
         );
     }
 
-    fn json(&self) -> String {
+    /// Every round's figures (p50, p99 and the quantiles of [`cdf_quantiles`]) and the
+    /// median ratios; `domdma-vm bench-report` plots them.
+    fn json(&self) -> serde_json::Value {
         let rounds = |v: &[Round]| {
             v.iter()
-                .map(|r| format!("{{\"p50_ns\":{:.0},\"p99_ns\":{:.0}}}", r.p50, r.p99))
+                .map(|r| {
+                    serde_json::json!({
+                        "p50_ns": r.p50.round(),
+                        "p99_ns": r.p99.round(),
+                        "cdf": r.cdf.iter().map(|&(q, ns)| [q, ns.round()]).collect::<Vec<_>>(),
+                    })
+                })
                 .collect::<Vec<_>>()
-                .join(",")
         };
-        format!(
-            "{{\"name\":\"{}\",\"request_bytes\":{},\"reply_bytes\":{},\"subject\":[{}],\"bare\":[{}],\
-             \"ratio_p50_median\":{:.4},\"ratio_p99_median\":{:.4}}}",
-            self.name,
-            self.sizes.0,
-            self.sizes.1,
-            rounds(&self.subject),
-            rounds(&self.bare),
-            median(self.ratios(|r| r.p50)),
-            median(self.ratios(|r| r.p99)),
-        )
+        serde_json::json!({
+            "name": self.name,
+            "request_bytes": self.sizes.0,
+            "reply_bytes": self.sizes.1,
+            "subject": rounds(&self.subject),
+            "bare": rounds(&self.bare),
+            "ratio_p50_median": median(self.ratios(|r| r.p50)),
+            "ratio_p99_median": median(self.ratios(|r| r.p99)),
+        })
     }
 }
 
@@ -688,12 +702,12 @@ fn main() -> ExitCode {
         Ok(pairs) => {
             print!("{}", report(&o, &pairs));
             if let Some(path) = &o.json {
-                let body = format!(
-                    "{{\"rounds\":{},\"samples\":{},\"pairs\":[{}]}}\n",
-                    o.rounds,
-                    o.samples,
-                    pairs.iter().map(Pair::json).collect::<Vec<_>>().join(",")
-                );
+                let body = serde_json::json!({
+                    "rounds": o.rounds,
+                    "samples": o.samples,
+                    "pairs": pairs.iter().map(Pair::json).collect::<Vec<_>>(),
+                })
+                .to_string();
                 if let Err(e) = std::fs::write(path, body) {
                     eprintln!("roundtrip: writing {}: {e}", path.display());
                     return ExitCode::FAILURE;

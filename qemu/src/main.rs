@@ -8,6 +8,7 @@
 //! `cargo test` never boots a VM: the tests here cover the pure parts (command line, result
 //! parsing, JUnit, serial scanning) and process handling with stand-in programs.
 
+mod bench_report;
 mod device;
 mod kvm;
 mod merge;
@@ -62,6 +63,16 @@ enum Command {
     /// Merge the runs of several guest profiles (OUT/PROFILE/junit.xml) into OUT/junit.xml
     /// and print one row per profile; exit 1 if a profile failed or has no report.
     Summary(SummaryArgs),
+    /// Write DIR/report.md with SVG plots from the benchmark figures `scripts/bench` left
+    /// in DIR (engine.tsv, roundtrip.json, lookaside.tsv and their meta-*.json).
+    BenchReport(BenchReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchReportArgs {
+    /// The directory holding the figures; the report and plots are written there.
+    #[arg(long, value_name = "DIR", default_value = "target/domdma/bench")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -244,6 +255,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::KvmProbe => kvm_probe(),
         Command::Summary(args) => summary(&args),
+        Command::BenchReport(args) => match bench_report::write_report(&args.dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("domdma-vm bench-report: {err}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        },
         Command::Run(args) => match args.into_options() {
             Ok(opts) => run(opts),
             Err(err) => {
