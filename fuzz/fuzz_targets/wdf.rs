@@ -693,9 +693,15 @@ impl Harness {
                         }
                     }
                     (3, _) if !self.freed.is_empty() => {
-                        // A double free.
+                        // A double free, unless the address is a live block again: the
+                        // pool may have handed it to this input (`blocks`) or to the
+                        // framework (a memory object's buffer, a lookaside entry), and
+                        // freeing that is a use of a stale pointer, not a double free:
+                        // the owner's own free would then bug-check at unload.
                         let p = self.freed[usize::from(block) % self.freed.len()];
-                        if !self.blocks.iter().any(|&(b, _)| b == p) {
+                        let reused = current_driver()
+                            .is_some_and(|g| g.pool().block(p as *const u8).is_some());
+                        if !reused {
                             ExFreePool(p as *mut c_void);
                         }
                     }
