@@ -12,7 +12,12 @@
 //!   MSI-X vector 0; each sample pushes a 64-byte COPY that asks for an interrupt, then
 //!   times from just before the doorbell (`REGION_WRITE` of `Q_TAIL`) to the moment a
 //!   thread blocked on the vector's eventfd wakes. Its baseline is the bare ping-pong of
-//!   the doorbell's sizes (36 / 32).
+//!   the doorbell's sizes (36 / 32). The doorbell is a posted write (no reply), as QEMU
+//!   sends BAR writes.
+//! - **Doorbell, in-process:** the same with the device core in this process (the
+//!   in-process back end: no socket, the waiter woken through a condition variable): the
+//!   floor a doorbell path that avoided the socket (a polled shared page) could reach,
+//!   measured beside the socket path for the choice in device/DESIGN.md.
 //!
 //! Rounds interleave the subjects (server first in even rounds, bare first in odd ones);
 //! each round gives a p50 and p99 per subject, and the report gives the median over the
@@ -39,6 +44,7 @@ use domdma_device::vfio_user::proto::{
     encode_command, Capabilities, Command, Header, RegionAccess, Version, FLAGS_ERROR,
     FLAGS_TYPE_REPLY, HEADER_SIZE,
 };
+use domdma_driver_model::backend::inprocess::{InProcessBackend, InProcessConfig};
 use domdma_driver_model::backend::vfio_user::{VfioUserBackend, VfioUserConfig};
 use domdma_driver_model::backend::{DmaBackend, DmaRequest};
 use domdma_driver_model::dma_queue::{CompletionRecords, DmaQueue, QueueConfig};
@@ -499,13 +505,34 @@ fn registers(
     Ok(pairs)
 }
 
-/// Doorbell to MSI-X eventfd for a 64-byte COPY, against the bare ping-pong of the
-/// doorbell's sizes.
+/// Doorbell to MSI-X eventfd for a 64-byte COPY over vfio-user (a posted `REGION_WRITE`,
+/// as QEMU sends BAR writes), against the bare ping-pong of the doorbell's sizes.
 fn doorbell(socket: &Path, bare: &mut Bare, o: &Options) -> Result<Pair, Failure> {
     let dev = VfioUserBackend::connect(&VfioUserConfig::new(socket))?;
-    fresh(&dev)?;
-    let mut q = DmaQueue::create(&dev, QueueConfig::new(0, RING, 0))?;
-    let records = CompletionRecords::new(&dev, RING as usize)?;
+    doorbell_on(&dev, "doorbell to eventfd", bare, o)
+}
+
+/// The same doorbell to interrupt with the device core in this process (no socket: a
+/// register write, the engine's worker, the waiter woken through a condition variable):
+/// what a doorbell path that avoided the socket could at best reach.
+fn doorbell_in_process(bare: &mut Bare, o: &Options) -> Result<Pair, Failure> {
+    let dev = InProcessBackend::new(InProcessConfig::default())
+        .map_err(|e| Failure(format!("in-process device: {e}")))?;
+    doorbell_on(&dev, "doorbell, in-process", bare, o)
+}
+
+/// Doorbell to interrupt on `dev`: each sample pushes a 64-byte COPY asking for an
+/// interrupt on vector 0 and times from the doorbell until a thread blocked on the vector
+/// wakes.
+fn doorbell_on(
+    dev: &dyn DmaBackend,
+    name: &'static str,
+    bare: &mut Bare,
+    o: &Options,
+) -> Result<Pair, Failure> {
+    fresh(dev)?;
+    let mut q = DmaQueue::create(dev, QueueConfig::new(0, RING, 0))?;
+    let records = CompletionRecords::new(dev, RING as usize)?;
     let src = dev.alloc_dma(DmaRequest::new(4096))?;
     let dst = dev.alloc_dma(DmaRequest::new(4096))?;
     src.write(0, &[0xa5; COPY_BYTES as usize]);
@@ -514,7 +541,6 @@ fn doorbell(socket: &Path, bare: &mut Bare, o: &Options) -> Result<Pair, Failure
     // The waiter: blocked on vector 0's eventfd, it stamps each wake-up.
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<Result<Instant, String>>();
-    let dev = &dev;
     let doorbell_len = HEADER_SIZE + RegionAccess::SIZE + REG_BYTES as usize;
     let reply_len = HEADER_SIZE + RegionAccess::SIZE;
     let bare_req = for_bare(
@@ -531,7 +557,7 @@ fn doorbell(socket: &Path, bare: &mut Bare, o: &Options) -> Result<Pair, Failure
         ),
         reply_len,
     );
-    let mut pair = Pair::new("doorbell to eventfd", (doorbell_len, reply_len));
+    let mut pair = Pair::new(name, (doorbell_len, reply_len));
     std::thread::scope(|scope| {
         let stop2 = stop.clone();
         scope.spawn(move || {
@@ -627,6 +653,7 @@ fn run(o: &Options, check: bool) -> Result<Vec<Pair>, Failure> {
         // The register connection is closed: the server takes the next client.
         if o.only.as_deref() != Some("registers") {
             pairs.push(doorbell(socket, bare, o)?);
+            pairs.push(doorbell_in_process(bare, o)?);
         }
         Ok(pairs)
     };

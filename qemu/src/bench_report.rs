@@ -450,16 +450,13 @@ fn median_cdf(rounds: &[RoundFigures]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// `name` as a file name part: lower-case words joined by single dashes.
 fn slug(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
+    name.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 fn draw_cdf<DB: DrawingBackend>(
@@ -494,7 +491,7 @@ fn draw_cdf<DB: DrawingBackend>(
         .draw()
         .map_err(e)?;
     let lines = [
-        ("vfio-user server", &subject, COLORS[0]),
+        (pair.name.as_str(), &subject, COLORS[0]),
         ("bare UNIX-socket ping-pong", &bare, COLORS[1]),
     ];
     for (label, points, color) in lines {
@@ -549,6 +546,16 @@ fn roundtrip_section(dir: &Path, out: &mut String) -> Result<bool> {
         "| subject | request / reply | p50 us | bare p50 us | p50 ratio (range) | p99 us | bare p99 us | p99 ratio (range) |"
     );
     let _ = writeln!(out, "|---|---|---:|---:|---|---:|---:|---|");
+    // Plots of subjects an earlier run had and this one has not would linger.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("roundtrip-") && name.ends_with(".svg") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut plots = Vec::new();
     for pair in &rt.pairs {
         if pair.subject.is_empty() || pair.subject.len() != pair.bare.len() {
@@ -670,8 +677,10 @@ fn draw_bars<DB: DrawingBackend>(
 ) -> std::result::Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
-    let top = bars.iter().map(|b| b.1 .2).fold(1.0, f64::max) * 1.15;
+    let top = bars.iter().map(|b| b.1 .2).fold(1.0, f64::max) * 1.3;
     let n = bars.len();
+    // Row `i` from the top: the first bar is drawn highest.
+    let row = |i: usize| n - 1 - i;
     let mut chart = ChartBuilder::on(root)
         .caption(
             "Get + put of a 256-byte buffer, ns (median of runs)",
@@ -679,15 +688,16 @@ fn draw_bars<DB: DrawingBackend>(
         )
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(250)
-        .build_cartesian_2d(0.0..top, (0..n).into_segmented())
+        .y_label_area_size(200)
+        // n segments (a segmented 0..k has k + 1).
+        .build_cartesian_2d(0.0..top, (0..n.saturating_sub(1)).into_segmented())
         .map_err(e)?;
     chart
         .configure_mesh()
         .disable_y_mesh()
         .y_labels(n)
         .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => bars.get(*i).map(|b| b.0.clone()).unwrap_or_default(),
+            SegmentValue::CenterOf(i) if *i < n => bars[row(*i)].0.clone(),
             _ => String::new(),
         })
         .x_desc("ns per get + put")
@@ -702,8 +712,8 @@ fn draw_bars<DB: DrawingBackend>(
         chart
             .draw_series([Rectangle::new(
                 [
-                    (0.0, SegmentValue::Exact(i)),
-                    (*m, SegmentValue::Exact(i + 1)),
+                    (0.0, SegmentValue::Exact(row(i))),
+                    (*m, SegmentValue::Exact(row(i) + 1)),
                 ],
                 color.mix(0.8).filled(),
             )])
@@ -711,7 +721,7 @@ fn draw_bars<DB: DrawingBackend>(
         chart
             .draw_series([Text::new(
                 format!("{m:.1} ({lo:.1}-{hi:.1})"),
-                (*m + top * 0.01, SegmentValue::CenterOf(i)),
+                (*m + top * 0.01, SegmentValue::CenterOf(row(i))),
                 ("sans-serif", 13),
             )])
             .map_err(e)?;
@@ -923,6 +933,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("l.tsv:2:") && e.contains("3 fields"), "{e}");
+    }
+
+    #[test]
+    fn slugs_are_dashed_words() {
+        assert_eq!(slug("doorbell, in-process"), "doorbell-in-process");
+        assert_eq!(slug("Register read"), "register-read");
     }
 
     #[test]
