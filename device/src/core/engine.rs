@@ -353,6 +353,9 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
     let mut scratch = Scratch::new();
     // A descriptor has just been finished: spin for the next before sleeping.
     let mut just_done = false;
+    // The hold the last completion record was written under, for the next fetch (see
+    // `Exec::finish`); let go before anything that waits or takes a queue lock.
+    let mut carried = None;
     let mut r = slot.lock();
     loop {
         if r.shutdown {
@@ -381,17 +384,18 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 domain: job.domain,
                 epoch: job.epoch,
             };
-            let result = exec.run(&job, &mut scratch);
+            let result = exec.run(&job, &mut scratch, carried.take());
             // With memory only the client reaches, the completion record goes out before
             // the queue lock is taken: no register access waits for the client.
             let early = remote::any().then(|| exec.complete_unlocked(&result));
             r = slot.lock();
-            exec.finish(&mut r, result, early.flatten());
+            carried = exec.finish(&mut r, result, early.flatten());
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
             }
             if remote::has_deferred() {
+                carried = None;
                 // Writes to memory only the client reaches that a disable or reset
                 // interrupted: sent now that it no longer waits for this descriptor.
                 drop(r);
@@ -407,6 +411,8 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             just_done = true;
             continue;
         }
+        // Nothing to run: the gate is not held while waiting.
+        carried = None;
         if std::mem::take(&mut just_done) {
             let mut until = Instant::now() + SPIN;
             if let Some(deadline) = r.coal_deadline {
@@ -467,7 +473,7 @@ fn spin_until(cond: impl Fn() -> bool, until: Instant) {
     }
 }
 
-impl Exec<'_> {
+impl<'a> Exec<'a> {
     fn q(&self) -> u16 {
         self.slot.index
     }
@@ -608,7 +614,7 @@ impl Exec<'_> {
     }
 
     /// Take the chunk gate (read) and a snapshot of bus memory.
-    fn hold(&self) -> Hold<'_> {
+    fn hold(&self) -> Hold<'a> {
         let gate = self.shared.mmu.chunk_gate();
         Hold {
             mem: self.shared.mem.memory(),
@@ -622,10 +628,16 @@ impl Exec<'_> {
     /// With the descriptor comes the hold it was fetched under, for the descriptor's first
     /// chunk ([`Exec::transfer`]): one gate hold and one snapshot for both, rather than one
     /// each. (None while memory only the client reaches is mapped: that path keeps its
-    /// holds apart.)
-    fn fetch(&self, iova: u64) -> Result<([u8; DESC_SIZE as usize], Option<Hold<'_>>), Fault> {
+    /// holds apart.) `carried`: a hold to fetch under (the one the previous descriptor's
+    /// completion record was written under, see [`Exec::finish`]).
+    fn fetch(
+        &self,
+        iova: u64,
+        carried: Option<Hold<'a>>,
+    ) -> Result<([u8; DESC_SIZE as usize], Option<Hold<'a>>), Fault> {
+        let mut carried = carried;
         loop {
-            let hold = self.hold();
+            let hold = carried.take().unwrap_or_else(|| self.hold());
             let r = self.fetch_in(&hold.mem, iova);
             match r {
                 Err(_) if remote::take_interrupted() && !self.aborted() => {
@@ -673,12 +685,19 @@ impl Exec<'_> {
 
     /// Fetch, validate and execute the descriptor at the job's head. Faults are reported
     /// here; the completion is left to [`Exec::finish`].
-    fn run(&self, job: &Job, scratch: &mut Scratch) -> RunResult {
+    ///
+    /// `carried`: the hold the previous descriptor's completion record was written under,
+    /// to fetch this one under.
+    fn run(&self, job: &Job, scratch: &mut Scratch, carried: Option<Hold<'a>>) -> RunResult {
         let offset = u64::from(job.head) * DESC_SIZE;
         let desc_iova = job.base.wrapping_add(offset);
         let fetched = match job.base.checked_add(offset) {
-            Some(iova) => self.fetch(iova),
-            None => Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR)),
+            Some(iova) => self.fetch(iova, carried),
+            None => {
+                // Reporting takes the gate.
+                drop(carried);
+                Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR))
+            }
         };
         let (raw, hold) = match fetched {
             Ok(fetched) => fetched,
@@ -1346,7 +1365,7 @@ impl Exec<'_> {
             // list runs off the end of the IOVA space, which faults like any other IOVA.
             let iova = d.src.checked_add(done * DESC_SIZE);
             let fetched = match iova {
-                Some(iova) => self.fetch(iova),
+                Some(iova) => self.fetch(iova, None),
                 None => Err(self.access_fault(FAULT_IOVA_WIDTH, d.src, 0, ACCESS_DESCRIPTOR)),
             };
             let (raw, hold) = match fetched {
@@ -1392,6 +1411,17 @@ impl Exec<'_> {
     }
 
     fn write_completion(&self, d: &Descriptor, o: &Outcome) -> Result<bool, Fault> {
+        let hold = self.hold();
+        self.write_completion_in(&hold.mem, d, o)
+    }
+
+    /// [`Exec::write_completion`] to `mem`, under the caller's hold.
+    fn write_completion_in(
+        &self,
+        mem: &GuestMemoryMmap,
+        d: &Descriptor,
+        o: &Outcome,
+    ) -> Result<bool, Fault> {
         if d.completion == 0 {
             return Ok(true);
         }
@@ -1399,10 +1429,8 @@ impl Exec<'_> {
             return Ok(false);
         }
         let flags = ACCESS_COMPLETION | ACCESS_WRITE;
-        let _gate = self.shared.mmu.chunk_gate();
-        let mem = self.shared.mem.memory();
-        let _armed = sigbus::arm(&mem);
-        let at = self.map_small(&mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
+        let _armed = sigbus::arm(mem);
+        let at = self.map_small(mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
         let bus = at.bus;
         let record = o.record(d.tag);
         let body_len = COMPLETION_SIZE - CompletionRecord::BODY_OFFSET;
@@ -1417,7 +1445,7 @@ impl Exec<'_> {
         });
         if let Some(page) = sigbus::take_fault() {
             // The record went to a page that replaced the lost one: nobody sees it.
-            return Err(self.bus_error(&mem, page, d.completion, bus, flags));
+            return Err(self.bus_error(mem, page, d.completion, bus, flags));
         }
         if is_lost(at.region) {
             // Lost by another thread while this one wrote it.
@@ -1426,8 +1454,8 @@ impl Exec<'_> {
         written.ok_or_else(|| self.outside_ram(d.completion, bus, flags))?;
         // Memory only the client reaches: the body, then the head (see `remote`).
         let body = bus + CompletionRecord::BODY_OFFSET;
-        remote::sync_out(&mem, body, body_len)
-            .and_then(|()| remote::sync_out(&mem, bus, CompletionRecord::BODY_OFFSET))
+        remote::sync_out(mem, body, body_len)
+            .and_then(|()| remote::sync_out(mem, bus, CompletionRecord::BODY_OFFSET))
             .map_err(|bad| self.access_fault(FAULT_BUS_ERROR, d.completion, bad, flags))?;
         Ok(true)
     }
@@ -1464,7 +1492,18 @@ impl Exec<'_> {
 
     /// Complete (or abort) the descriptor that [`Exec::run`] ran. Called with the queue
     /// lock held. `early`: the record was written already ([`Exec::complete_unlocked`]).
-    fn finish(&self, r: &mut QueueRegs, result: RunResult, early: Option<bool>) {
+    ///
+    /// Returns the hold the completion record was written under, for the next descriptor's
+    /// fetch (one gate hold and snapshot for the record, the next fetch and its first
+    /// chunk); None when the descriptor was aborted, faulted writing its record, or when
+    /// memory only the client reaches is mapped. The caller lets it go before it waits for
+    /// anything or takes a queue lock.
+    fn finish(
+        &self,
+        r: &mut QueueRegs,
+        result: RunResult,
+        early: Option<bool>,
+    ) -> Option<Hold<'a>> {
         let slot = self.slot;
         let counters = &slot.counters;
         if self.aborted() {
@@ -1490,7 +1529,7 @@ impl Exec<'_> {
                 add_locked(&counters.errors, 1);
                 add_locked(&counters.bytes, u64::from(*bytes));
             }
-            return;
+            return None;
         }
         let (d, outcome) = match result {
             RunResult::FetchFault(f) => {
@@ -1503,7 +1542,7 @@ impl Exec<'_> {
                 let pending = r.flush();
                 slot.sync_timer(r);
                 self.shared.raise(slot, pending);
-                return;
+                return None;
             }
             RunResult::Done(d, o) => (d, o),
             // The epoch did not move: nothing aborted it.
@@ -1518,15 +1557,24 @@ impl Exec<'_> {
         if failed {
             add_locked(&counters.errors, 1);
         }
+        let mut carried = None;
         let written = match early {
             Some(w) => w,
-            None => match self.write_completion(&d, &outcome) {
-                Ok(w) => w,
-                Err(f) => {
-                    self.report(&f);
-                    false
+            None => {
+                let hold = self.hold();
+                match self.write_completion_in(&hold.mem, &d, &outcome) {
+                    Ok(w) => {
+                        carried = Some(hold);
+                        w
+                    }
+                    Err(f) => {
+                        // Reporting takes the gate.
+                        drop(hold);
+                        self.report(&f);
+                        false
+                    }
                 }
-            },
+            }
         };
         let ok = !failed && written;
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
@@ -1551,6 +1599,7 @@ impl Exec<'_> {
         }
         slot.sync_timer(r);
         self.shared.raise(slot, vector);
+        carried.filter(|_| !remote::any())
     }
 }
 
@@ -1913,7 +1962,7 @@ mod tests {
             domain: 0,
             epoch: e.epoch,
         };
-        e.run(&job, &mut Scratch::new())
+        e.run(&job, &mut Scratch::new(), None)
     }
 
     fn bytes(s: &Shared, bus: u64, len: usize) -> Vec<u8> {
@@ -2217,7 +2266,7 @@ mod tests {
             epoch: e.epoch,
         };
         let at = FILE_BUS + DESC_SIZE;
-        match e.run(&job, &mut Scratch::new()) {
+        match e.run(&job, &mut Scratch::new(), None) {
             RunResult::FetchFault(f) => {
                 assert_eq!(f, fault(FAULT_BUS_ERROR, ACCESS_DESCRIPTOR, 0, at, at, 0))
             }
