@@ -5,7 +5,10 @@
 //! takes the descriptor at head, marks itself in flight and runs it **without** the queue
 //! lock: the descriptor fetch, the data and the completion record each go through the
 //! queue's domain ([`Mmu::translate`], or a [`Translator`] for the pages of a chunk) and are
-//! then checked against bus memory ([`check_range`], or a region lookup per piece).
+//! then checked against bus memory (one region lookup for a descriptor or a record, whose
+//! bytes must lie in one region; one per piece of data). While the queue stays busy, the
+//! completion record of one descriptor, the fetch of the next and its first chunk share one
+//! hold of the gate (see `Exec::finish`).
 //!
 //! Data moves chunk by chunk. A chunk is at most [`CHUNK_MAX`] bytes, translated and moved
 //! under one read hold of [`Mmu::chunk_gate`] and one snapshot of bus memory, so an
