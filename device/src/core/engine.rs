@@ -499,8 +499,10 @@ impl<'a> Exec<'a> {
     /// access is not), counted in the domain as a translation fault is by the MMU. Only
     /// called for a fault that will be reported.
     fn access_fault(&self, reason: u8, iova: u64, bus: u64, flags: u8) -> Fault {
-        if let Some(c) = self.shared.mmu.counters(self.domain) {
-            add(&c.faults, 1);
+        match self.shared.mmu.counters_for(self.domain, Some(self.q())) {
+            (Some(c), true) => add_locked(&c.faults, 1),
+            (Some(c), false) => add(&c.faults, 1),
+            (None, _) => {}
         }
         Fault {
             reason,
@@ -573,7 +575,8 @@ impl<'a> Exec<'a> {
         let t = self
             .shared
             .mmu
-            .translate(mem, self.domain, iova, access)
+            .translator_for(mem, self.domain, Some(self.q()))
+            .translate(iova, access)
             .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
         if t.len == 0 {
             // Never returned by the MMU; a chunk of 0 bytes would make no progress.
@@ -874,7 +877,10 @@ impl<'a> Exec<'a> {
     where
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
-        let mut tr = self.shared.mmu.translator(mem, self.domain);
+        let mut tr = self
+            .shared
+            .mmu
+            .translator_for(mem, self.domain, Some(self.q()));
         let (mut pa, mut pb) = (Page::default(), Page::default());
         let mut piece: Option<Piece<'_>> = None;
         let mut o = 0u64;

@@ -95,6 +95,18 @@ pub struct DomainStats {
     pub stale_uses: u64,
 }
 
+impl DomainStats {
+    /// Add `other` to these.
+    pub fn add(&mut self, other: &DomainStats) {
+        self.translations = self.translations.wrapping_add(other.translations);
+        self.iotlb_hits = self.iotlb_hits.wrapping_add(other.iotlb_hits);
+        self.iotlb_misses = self.iotlb_misses.wrapping_add(other.iotlb_misses);
+        self.page_walks = self.page_walks.wrapping_add(other.page_walks);
+        self.faults = self.faults.wrapping_add(other.faults);
+        self.stale_uses = self.stale_uses.wrapping_add(other.stale_uses);
+    }
+}
+
 impl DomainCounters {
     /// Take a snapshot.
     pub fn snapshot(&self) -> DomainStats {
