@@ -184,7 +184,8 @@ impl Device {
                 config.iova_width,
                 config.iotlb_entries as usize,
                 config.strict_iotlb,
-            ),
+            )
+            .with_workers(queues),
             faults: FaultLog::new(queues, vectors),
             queues: (0..queues).map(QueueSlot::new).collect(),
             bus_master: AtomicBool::new(false),
@@ -526,10 +527,9 @@ impl Device {
                 }
             }
             STAT_KIND_DOMAIN => {
-                let Some(c) = self.shared.mmu.counters(index) else {
+                let Some(s) = self.shared.mmu.domain_stats(index) else {
                     return 0;
                 };
-                let s = c.snapshot();
                 match counter {
                     DSTAT_TRANSLATIONS => s.translations,
                     DSTAT_IOTLB_HITS => s.iotlb_hits,

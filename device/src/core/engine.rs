@@ -5,7 +5,10 @@
 //! takes the descriptor at head, marks itself in flight and runs it **without** the queue
 //! lock: the descriptor fetch, the data and the completion record each go through the
 //! queue's domain ([`Mmu::translate`], or a [`Translator`] for the pages of a chunk) and are
-//! then checked against bus memory ([`check_range`], or a region lookup per piece).
+//! then checked against bus memory (one region lookup for a descriptor or a record, whose
+//! bytes must lie in one region; one per piece of data). While the queue stays busy, the
+//! completion record of one descriptor, the fetch of the next and its first chunk share one
+//! hold of the gate (see `Exec::finish`).
 //!
 //! Data moves chunk by chunk. A chunk is at most [`CHUNK_MAX`] bytes, translated and moved
 //! under one read hold of [`Mmu::chunk_gate`] and one snapshot of bus memory, so an
@@ -27,22 +30,23 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
 use std::time::Instant;
 
 use tracing::{debug, warn};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MemoryRegionAddress, VolatileSlice,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileMemory,
+    VolatileSlice,
 };
 
-use super::bus::{self, check_range, is_lost, refusal, region_allows, Access};
+use super::bus::{self, is_lost, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::mmu::{Mmu, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::remote;
 use super::sigbus;
-use super::stats::add;
+use super::stats::{add, add_locked};
 use super::{BusMemory, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::*;
@@ -207,11 +211,21 @@ impl Side {
     }
 }
 
-/// A translated address: bus address, and bytes from there inside its page and its bus
-/// region.
-struct Mapped {
+/// A small access (a descriptor, a completion record) translated and checked by
+/// [`Exec::map_small`]: its bus address and the bus region holding all of it, so that the
+/// access itself needs no second region lookup.
+#[derive(Clone, Copy)]
+struct Small<'m> {
     bus: u64,
-    len: u64,
+    region: &'m GuestRegionMmap,
+}
+
+impl<'m> Small<'m> {
+    /// The `len` bytes of the access (checked by [`Exec::map_small`]: in the region).
+    fn slice(&self, len: u64) -> Option<VolatileSlice<'m, ()>> {
+        let at = MemoryRegionAddress(self.bus - self.region.start_addr().0);
+        self.region.get_slice(at, usize::try_from(len).ok()?).ok()
+    }
 }
 
 /// Where a piece starts on one side, and the bus region holding it.
@@ -273,6 +287,44 @@ impl Scratch {
     }
 }
 
+/// One read hold of the chunk gate and the snapshot of bus memory taken under it, inside
+/// which the engine touches bus memory ([`Exec::hold`]). Hold at most one per thread (see
+/// [`Mmu::chunk_gate`]) and never take a queue lock while holding it.
+struct Hold<'s> {
+    // Declared before the gate: the snapshot goes first, as a local taken after the gate
+    // would.
+    mem: GuestMemoryLoadGuard<GuestMemoryMmap>,
+    _gate: RwLockReadGuard<'s, ()>,
+}
+
+/// The smallest page of a mapping (4 KiB): bus addresses in one such page follow the IOVAs
+/// mapped to it.
+const SMALLEST_PAGE: u64 = 1 << 12;
+
+/// Hint to the CPU that the line at bus address `bus` of `region` will be read soon. A
+/// hint only: nothing is read (no fault, no signal, whatever the page's state), and
+/// nothing happens outside the region.
+#[inline]
+fn prefetch(region: &GuestRegionMmap, bus: u64) {
+    let Some(offset) = bus.checked_sub(region.start_addr().0) else {
+        return;
+    };
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {
+        return;
+    };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint that never faults and changes no memory or
+    // architectural state (SSE, which it needs, is part of x86-64); `host` is inside the
+    // region's mapping anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            host.cast_const().cast(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = host;
+}
+
 /// The work a worker took under the queue lock.
 #[derive(Debug, Clone, Copy)]
 struct Job {
@@ -302,16 +354,23 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
         return;
     };
     let mut scratch = Scratch::new();
-    let mut last_done: Option<Instant> = None;
+    // A descriptor has just been finished: spin for the next before sleeping.
+    let mut just_done = false;
+    // The hold the last completion record was written under, for the next fetch (see
+    // `Exec::finish`); let go before anything that waits or takes a queue lock.
+    let mut carried = None;
     let mut r = slot.lock();
     loop {
         if r.shutdown {
             return;
         }
-        let now = Instant::now();
-        let due = r.timer(now);
+        // The clock is read only when a coalescing deadline is armed (most descriptors
+        // need no time at all).
+        if r.coal_deadline.is_some() {
+            let due = r.timer(Instant::now());
+            shared.raise(slot, due);
+        }
         slot.sync_timer(&r);
-        shared.raise(slot, due);
         if r.has_work() && shared.bus_master.load(Ordering::Acquire) {
             let job = Job {
                 base: r.base,
@@ -328,17 +387,18 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 domain: job.domain,
                 epoch: job.epoch,
             };
-            let result = exec.run(&job, &mut scratch);
+            let result = exec.run(&job, &mut scratch, carried.take());
             // With memory only the client reaches, the completion record goes out before
             // the queue lock is taken: no register access waits for the client.
             let early = remote::any().then(|| exec.complete_unlocked(&result));
             r = slot.lock();
-            exec.finish(&mut r, result, early.flatten());
+            carried = exec.finish(&mut r, result, early.flatten());
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
             }
             if remote::has_deferred() {
+                carried = None;
                 // Writes to memory only the client reaches that a disable or reset
                 // interrupted: sent now that it no longer waits for this descriptor.
                 drop(r);
@@ -351,11 +411,13 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 }
                 r = slot.lock();
             }
-            last_done = Some(Instant::now());
+            just_done = true;
             continue;
         }
-        if let Some(done) = last_done.take() {
-            let mut until = done + SPIN;
+        // Nothing to run: the gate is not held while waiting.
+        carried = None;
+        if std::mem::take(&mut just_done) {
+            let mut until = Instant::now() + SPIN;
             if let Some(deadline) = r.coal_deadline {
                 until = until.min(deadline);
             }
@@ -368,7 +430,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
         r.sleeping = true;
         r = match r.coal_deadline {
             Some(deadline) => {
-                let wait = deadline.saturating_duration_since(now);
+                let wait = deadline.saturating_duration_since(Instant::now());
                 slot.wake
                     .wait_timeout(r, wait)
                     .unwrap_or_else(|e| e.into_inner())
@@ -414,7 +476,7 @@ fn spin_until(cond: impl Fn() -> bool, until: Instant) {
     }
 }
 
-impl Exec<'_> {
+impl<'a> Exec<'a> {
     fn q(&self) -> u16 {
         self.slot.index
     }
@@ -437,8 +499,10 @@ impl Exec<'_> {
     /// access is not), counted in the domain as a translation fault is by the MMU. Only
     /// called for a fault that will be reported.
     fn access_fault(&self, reason: u8, iova: u64, bus: u64, flags: u8) -> Fault {
-        if let Some(c) = self.shared.mmu.counters(self.domain) {
-            add(&c.faults, 1);
+        match self.shared.mmu.counters_for(self.domain, Some(self.q())) {
+            (Some(c), true) => add_locked(&c.faults, 1),
+            (Some(c), false) => add(&c.faults, 1),
+            (None, _) => {}
         }
         Fault {
             reason,
@@ -472,47 +536,19 @@ impl Exec<'_> {
         self.access_fault(FAULT_OUTSIDE_RAM, iova, bus, flags)
     }
 
-    /// Translate `iova` and find its bus region. Call with the chunk gate held.
-    fn map(
-        &self,
-        mem: &GuestMemoryMmap,
-        iova: u64,
-        access: Access,
-        flags: u8,
-    ) -> Result<Mapped, Fault> {
-        let t = self
-            .shared
-            .mmu
-            .translate(mem, self.domain, iova, access)
-            .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
-        if t.len == 0 {
-            // Never returned by the MMU; a chunk of 0 bytes would make no progress.
-            debug_assert!(false, "translation of length 0");
-            return Err(self.outside_ram(iova, t.bus, flags));
-        }
-        let region = mem
-            .find_region(GuestAddress(t.bus))
-            .ok_or_else(|| self.outside_ram(iova, t.bus, flags))?;
-        let in_region = (region.last_addr().0 - t.bus).saturating_add(1);
-        Ok(Mapped {
-            bus: t.bus,
-            len: t.len.min(in_region),
-        })
-    }
-
     /// Translate and check a small access (a descriptor or a completion record) that must
-    /// lie in one page and one region; returns its bus address. Call with the gate held and
-    /// the thread armed with `mem` ([`sigbus::arm`]): a walk that finds lost memory marks
-    /// it lost and translates again, so the fault is the walk's own (`FAULT_BUS_ERROR`
-    /// with the level and table of the entry that could not be read).
-    fn map_small(
+    /// lie in one page and one region; returns its bus address and region. Call with the
+    /// gate held and the thread armed with `mem` ([`sigbus::arm`]): a walk that finds lost
+    /// memory marks it lost and translates again, so the fault is the walk's own
+    /// (`FAULT_BUS_ERROR` with the level and table of the entry that could not be read).
+    fn map_small<'m>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &'m GuestMemoryMmap,
         iova: u64,
         len: u64,
         access: Access,
         flags: u8,
-    ) -> Result<u64, Fault> {
+    ) -> Result<Small<'m>, Fault> {
         for _ in 0..LOST_TRIES {
             let mapped = self.map_small_once(mem, iova, len, access, flags);
             match sigbus::take_fault() {
@@ -525,24 +561,47 @@ impl Exec<'_> {
         Err(self.access_fault(FAULT_BUS_ERROR, iova, 0, flags | ACCESS_PAGE_WALK))
     }
 
-    fn map_small_once(
+    /// [`Exec::map_small`] once: translate `iova`, find the bus region of its first byte
+    /// (one lookup), check that the `len` bytes stay in that page and region and that the
+    /// region allows the access.
+    fn map_small_once<'m>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &'m GuestMemoryMmap,
         iova: u64,
         len: u64,
         access: Access,
         flags: u8,
-    ) -> Result<u64, Fault> {
-        let m = self.map(mem, iova, access, flags)?;
-        if m.len < len {
-            let bus = m.bus.wrapping_add(m.len);
-            return Err(self.outside_ram(iova.wrapping_add(m.len), bus, flags));
+    ) -> Result<Small<'m>, Fault> {
+        let t = self
+            .shared
+            .mmu
+            .translator_for(mem, self.domain, Some(self.q()))
+            .translate(iova, access)
+            .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
+        if t.len == 0 {
+            // Never returned by the MMU; a chunk of 0 bytes would make no progress.
+            debug_assert!(false, "translation of length 0");
+            return Err(self.outside_ram(iova, t.bus, flags));
         }
-        check_range(mem, m.bus, len, access).map_err(|bad| {
-            let iova = iova.wrapping_add(bad.wrapping_sub(m.bus));
-            self.access_fault(refusal(mem, bad), iova, bad, flags)
-        })?;
-        Ok(m.bus)
+        let region = mem
+            .find_region(GuestAddress(t.bus))
+            .ok_or_else(|| self.outside_ram(iova, t.bus, flags))?;
+        let in_region = (region.last_addr().0 - t.bus).saturating_add(1);
+        let room = t.len.min(in_region);
+        if room < len {
+            let bus = t.bus.wrapping_add(room);
+            return Err(self.outside_ram(iova.wrapping_add(room), bus, flags));
+        }
+        // All `len` bytes are in `region`: its protection and loss decide for all of them.
+        if !region_allows(region, access) {
+            let reason = if is_lost(region) {
+                FAULT_BUS_ERROR
+            } else {
+                FAULT_OUTSIDE_RAM
+            };
+            return Err(self.access_fault(reason, iova, t.bus, flags));
+        }
+        Ok(Small { bus: t.bus, region })
     }
 
     /// The `FAULT_BUS_ERROR` of a small access to `iova` (bus address `bus`, in one page)
@@ -560,52 +619,94 @@ impl Exec<'_> {
         self.access_fault(FAULT_BUS_ERROR, iova, bus, flags)
     }
 
-    /// Fetch the descriptor at `iova`; a fetch from memory only the client reaches that
-    /// was interrupted (see [`remote`]) is tried again once nothing is held.
-    fn fetch(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
-        loop {
-            let r = self.fetch_once(iova);
-            if r.is_err() && remote::take_interrupted() && !self.aborted() {
-                std::thread::sleep(RETRY_PAUSE);
-                continue;
-            }
-            return r;
+    /// Take the chunk gate (read) and a snapshot of bus memory.
+    fn hold(&self) -> Hold<'a> {
+        let gate = self.shared.mmu.chunk_gate();
+        Hold {
+            mem: self.shared.mem.memory(),
+            _gate: gate,
         }
     }
 
-    fn fetch_once(&self, iova: u64) -> Result<[u8; DESC_SIZE as usize], Fault> {
-        let _gate = self.shared.mmu.chunk_gate();
-        let mem = self.shared.mem.memory();
-        let _armed = sigbus::arm(&mem);
-        let bus = self.map_small(&mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
-        remote::sync_in(&mem, bus, DESC_SIZE).map_err(|bad| {
+    /// Fetch the descriptor at `iova`; a fetch from memory only the client reaches that
+    /// was interrupted (see [`remote`]) is tried again once nothing is held.
+    ///
+    /// With the descriptor comes the hold it was fetched under, for the descriptor's first
+    /// chunk ([`Exec::transfer`]): one gate hold and one snapshot for both, rather than one
+    /// each. (None while memory only the client reaches is mapped: that path keeps its
+    /// holds apart.) `carried`: a hold to fetch under (the one the previous descriptor's
+    /// completion record was written under, see [`Exec::finish`]).
+    fn fetch(
+        &self,
+        iova: u64,
+        carried: Option<Hold<'a>>,
+    ) -> Result<([u8; DESC_SIZE as usize], Option<Hold<'a>>), Fault> {
+        let mut carried = carried;
+        loop {
+            let hold = carried.take().unwrap_or_else(|| self.hold());
+            let r = self.fetch_in(&hold.mem, iova);
+            match r {
+                Err(_) if remote::take_interrupted() && !self.aborted() => {
+                    drop(hold);
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+                Err(f) => return Err(f),
+                Ok(raw) => return Ok((raw, (!remote::any()).then_some(hold))),
+            }
+        }
+    }
+
+    /// Fetch the descriptor at `iova` from `mem`, under the caller's hold.
+    fn fetch_in(
+        &self,
+        mem: &GuestMemoryMmap,
+        iova: u64,
+    ) -> Result<[u8; DESC_SIZE as usize], Fault> {
+        let _armed = sigbus::arm(mem);
+        let at = self.map_small(mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
+        let bus = at.bus;
+        remote::sync_in(mem, bus, DESC_SIZE).map_err(|bad| {
             let iova = iova.wrapping_add(bad - bus);
             self.access_fault(FAULT_BUS_ERROR, iova, bad, ACCESS_DESCRIPTOR)
         })?;
         let mut raw = [0u8; DESC_SIZE as usize];
-        let read = mem.read_slice(&mut raw, GuestAddress(bus));
+        let read = at.slice(DESC_SIZE).map(|from| from.copy_to(&mut raw[..]));
         if let Some(page) = sigbus::take_fault() {
-            return Err(self.bus_error(&mem, page, iova, bus, ACCESS_DESCRIPTOR));
+            return Err(self.bus_error(mem, page, iova, bus, ACCESS_DESCRIPTOR));
         }
-        if bus::is_lost_at(&mem, bus) {
+        if is_lost(at.region) {
             // Lost by another thread while this one read it.
             return Err(self.access_fault(FAULT_BUS_ERROR, iova, bus, ACCESS_DESCRIPTOR));
         }
-        read.map_err(|_| self.outside_ram(iova, bus, ACCESS_DESCRIPTOR))?;
+        read.ok_or_else(|| self.outside_ram(iova, bus, ACCESS_DESCRIPTOR))?;
+        // The next descriptor of a ring (or BATCH list) usually follows in the same page:
+        // ask the CPU for its line now, so that it is here (the driver wrote it, on
+        // another CPU) when it is fetched, after this descriptor's data.
+        let next = bus.wrapping_add(DESC_SIZE);
+        if next % SMALLEST_PAGE != 0 {
+            prefetch(at.region, next);
+        }
         Ok(raw)
     }
 
     /// Fetch, validate and execute the descriptor at the job's head. Faults are reported
     /// here; the completion is left to [`Exec::finish`].
-    fn run(&self, job: &Job, scratch: &mut Scratch) -> RunResult {
+    ///
+    /// `carried`: the hold the previous descriptor's completion record was written under,
+    /// to fetch this one under.
+    fn run(&self, job: &Job, scratch: &mut Scratch, carried: Option<Hold<'a>>) -> RunResult {
         let offset = u64::from(job.head) * DESC_SIZE;
         let desc_iova = job.base.wrapping_add(offset);
         let fetched = match job.base.checked_add(offset) {
-            Some(iova) => self.fetch(iova),
-            None => Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR)),
+            Some(iova) => self.fetch(iova, carried),
+            None => {
+                // Reporting takes the gate.
+                drop(carried);
+                Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR))
+            }
         };
-        let raw = match fetched {
-            Ok(raw) => raw,
+        let (raw, hold) = match fetched {
+            Ok(fetched) => fetched,
             Err(f) => {
                 self.report(&f);
                 return RunResult::FetchFault(f);
@@ -613,18 +714,21 @@ impl Exec<'_> {
         };
         let d = Descriptor::decode(&raw);
         if let Err(why) = d.validate(self.shared.config.max_transfer) {
+            // Reporting takes the gate.
+            drop(hold);
             debug!(q = self.q(), ?d, %why, "guest error: malformed descriptor");
             let f = self.invalid_descriptor(desc_iova);
             return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
         }
         if d.opcode == OP_BATCH {
+            drop(hold);
             return self.batch(d, scratch);
         }
         let result = match d.opcode {
-            OP_COPY => self.copy(&d),
-            OP_FILL => self.fill(&d, scratch),
-            OP_COMPARE => self.compare(&d, scratch),
-            OP_CRC32C => self.crc32c(&d, scratch),
+            OP_COPY => self.copy(&d, hold),
+            OP_FILL => self.fill(&d, scratch, hold),
+            OP_COMPARE => self.compare(&d, scratch, hold),
+            OP_CRC32C => self.crc32c(&d, scratch, hold),
             _ => Ok(0),
         };
         match result {
@@ -657,28 +761,39 @@ impl Exec<'_> {
     ///
     /// A chunk is at most [`CHUNK_MAX`] bytes translated and moved under one read hold of
     /// the chunk gate and one snapshot of bus memory; between chunks the worker checks its
-    /// epoch and coalescing timer.
+    /// epoch and coalescing timer. `first`: the hold the descriptor was fetched under, for
+    /// the first chunk; the epoch is checked inside it (one load), and a coalescing timer,
+    /// which needs the queue lock, makes the chunk let it go and take its own.
+    #[allow(clippy::too_many_arguments)]
     fn transfer<F>(
         &self,
         len: u64,
         a: Side,
         b: Option<Side>,
         may_stop: bool,
+        first: Option<Hold<'_>>,
         mut f: F,
     ) -> Result<(), Stop>
     where
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
         let mut done = 0u64;
+        let mut first = first.filter(|_| !self.slot.timer_armed.load(Ordering::Relaxed));
         while done < len {
-            self.between_chunks(done)?;
-            let moved = {
-                let _gate = self.shared.mmu.chunk_gate();
-                let mem = self.shared.mem.memory();
-                let _armed = sigbus::arm(&mem);
-                let limit = (len - done).min(CHUNK_MAX);
-                self.chunk(&mem, done, limit, a, b, may_stop, &mut f)
+            let hold = match first.take() {
+                Some(hold) if !self.aborted() => hold,
+                Some(_) => return Err(Stop::Aborted(done)),
+                None => {
+                    self.between_chunks(done)?;
+                    self.hold()
+                }
             };
+            let moved = {
+                let _armed = sigbus::arm(&hold.mem);
+                let limit = (len - done).min(CHUNK_MAX);
+                self.chunk(&hold.mem, done, limit, a, b, may_stop, &mut f)
+            };
+            drop(hold);
             // Memory only the client reaches (see `remote`): writes interrupted while the
             // gate was held go out now; a read interrupted so is moved again, from the
             // first byte not moved, once the command that interrupted it is done.
@@ -762,7 +877,10 @@ impl Exec<'_> {
     where
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
-        let mut tr = self.shared.mmu.translator(mem, self.domain);
+        let mut tr = self
+            .shared
+            .mmu
+            .translator_for(mem, self.domain, Some(self.q()));
         let (mut pa, mut pb) = (Page::default(), Page::default());
         let mut piece: Option<Piece<'_>> = None;
         let mut o = 0u64;
@@ -1104,12 +1222,13 @@ impl Exec<'_> {
             .map_err(|_| self.outside_ram(side.iova.wrapping_add(off), span.bus, side.flags))
     }
 
-    fn copy(&self, d: &Descriptor) -> Result<u64, Stop> {
+    fn copy(&self, d: &Descriptor, hold: Option<Hold<'_>>) -> Result<u64, Stop> {
         self.transfer(
             d.len.into(),
             Side::read(d.src),
             Some(Side::write(d.dst)),
             false,
+            hold,
             |_, from, to| {
                 if let Some(to) = to {
                     from.copy_to_volatile_slice(to);
@@ -1130,7 +1249,7 @@ impl Exec<'_> {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
         let _armed = sigbus::arm(&mem);
-        if let Ok(bus) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
+        if let Ok(Small { bus, .. }) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
             if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
                 let _ = mem.write_obj(b ^ xor, GuestAddress(bus));
                 debug!(q = self.q(), iova, "injected: COPY byte corrupted");
@@ -1141,7 +1260,12 @@ impl Exec<'_> {
         }
     }
 
-    fn fill(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+    fn fill(
+        &self,
+        d: &Descriptor,
+        scratch: &mut Scratch,
+        hold: Option<Hold<'_>>,
+    ) -> Result<u64, Stop> {
         let pattern = d.src.to_le_bytes();
         for (i, b) in scratch.b.iter_mut().enumerate() {
             *b = pattern[i % 8];
@@ -1152,6 +1276,7 @@ impl Exec<'_> {
             Side::write(d.dst),
             None,
             false,
+            hold,
             |at, to, _| {
                 let mut off = 0;
                 while off < to.len() {
@@ -1168,11 +1293,16 @@ impl Exec<'_> {
         Ok(0)
     }
 
-    fn compare(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+    fn compare(
+        &self,
+        d: &Descriptor,
+        scratch: &mut Scratch,
+        hold: Option<Hold<'_>>,
+    ) -> Result<u64, Stop> {
         let mut result = 0u64;
         let Scratch { a, b } = scratch;
         let (sa, sb) = (Side::read(d.src), Side::read(d.dst));
-        self.transfer(d.len.into(), sa, Some(sb), true, |at, x, y| {
+        self.transfer(d.len.into(), sa, Some(sb), true, hold, |at, x, y| {
             let Some(y) = y else {
                 return ControlFlow::Continue(());
             };
@@ -1195,21 +1325,33 @@ impl Exec<'_> {
         Ok(result)
     }
 
-    fn crc32c(&self, d: &Descriptor, scratch: &mut Scratch) -> Result<u64, Stop> {
+    fn crc32c(
+        &self,
+        d: &Descriptor,
+        scratch: &mut Scratch,
+        hold: Option<Hold<'_>>,
+    ) -> Result<u64, Stop> {
         let mut crc = 0u32;
         let buf = &mut scratch.a;
-        self.transfer(d.len.into(), Side::read(d.src), None, false, |_, x, _| {
-            let mut off = 0;
-            while off < x.len() {
-                let k = (x.len() - off).min(BLOCK);
-                if let Ok(xs) = x.subslice(off, k) {
-                    xs.copy_to(&mut buf[..k]);
+        self.transfer(
+            d.len.into(),
+            Side::read(d.src),
+            None,
+            false,
+            hold,
+            |_, x, _| {
+                let mut off = 0;
+                while off < x.len() {
+                    let k = (x.len() - off).min(BLOCK);
+                    if let Ok(xs) = x.subslice(off, k) {
+                        xs.copy_to(&mut buf[..k]);
+                    }
+                    crc = crc32c::crc32c_append(crc, &buf[..k]);
+                    off += k;
                 }
-                crc = crc32c::crc32c_append(crc, &buf[..k]);
-                off += k;
-            }
-            ControlFlow::Continue(())
-        })?;
+                ControlFlow::Continue(())
+            },
+        )?;
         Ok(crc.into())
     }
 
@@ -1232,11 +1374,11 @@ impl Exec<'_> {
             // list runs off the end of the IOVA space, which faults like any other IOVA.
             let iova = d.src.checked_add(done * DESC_SIZE);
             let fetched = match iova {
-                Some(iova) => self.fetch(iova),
+                Some(iova) => self.fetch(iova, None),
                 None => Err(self.access_fault(FAULT_IOVA_WIDTH, d.src, 0, ACCESS_DESCRIPTOR)),
             };
-            let raw = match fetched {
-                Ok(raw) => raw,
+            let (raw, hold) = match fetched {
+                Ok(fetched) => fetched,
                 Err(f) => {
                     self.report(&f);
                     let o = Outcome::fault(STATUS_DMA_ERROR, &f, sum(bytes));
@@ -1245,6 +1387,8 @@ impl Exec<'_> {
             };
             let e = BatchElement::decode(&raw).0;
             if let Err(why) = BatchElement(e).validate(self.shared.config.max_transfer) {
+                // Reporting takes the gate.
+                drop(hold);
                 let iova = iova.unwrap_or(0);
                 debug!(
                     q = self.q(),
@@ -1258,8 +1402,8 @@ impl Exec<'_> {
                 return RunResult::Done(d, Outcome { result: done, ..o });
             }
             let ran = match e.opcode {
-                OP_COPY => self.copy(&e),
-                OP_FILL => self.fill(&e, scratch),
+                OP_COPY => self.copy(&e, hold),
+                OP_FILL => self.fill(&e, scratch, hold),
                 _ => Ok(0),
             };
             match ran {
@@ -1276,6 +1420,17 @@ impl Exec<'_> {
     }
 
     fn write_completion(&self, d: &Descriptor, o: &Outcome) -> Result<bool, Fault> {
+        let hold = self.hold();
+        self.write_completion_in(&hold.mem, d, o)
+    }
+
+    /// [`Exec::write_completion`] to `mem`, under the caller's hold.
+    fn write_completion_in(
+        &self,
+        mem: &GuestMemoryMmap,
+        d: &Descriptor,
+        o: &Outcome,
+    ) -> Result<bool, Fault> {
         if d.completion == 0 {
             return Ok(true);
         }
@@ -1283,30 +1438,33 @@ impl Exec<'_> {
             return Ok(false);
         }
         let flags = ACCESS_COMPLETION | ACCESS_WRITE;
-        let _gate = self.shared.mmu.chunk_gate();
-        let mem = self.shared.mem.memory();
-        let _armed = sigbus::arm(&mem);
-        let bus = self.map_small(&mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
+        let _armed = sigbus::arm(mem);
+        let at = self.map_small(mem, d.completion, COMPLETION_SIZE, Access::Write, flags)?;
+        let bus = at.bus;
         let record = o.record(d.tag);
-        let body = GuestAddress(bus + CompletionRecord::BODY_OFFSET);
-        let written = mem.write_slice(&record.body(), body).and_then(|()| {
+        let body_len = COMPLETION_SIZE - CompletionRecord::BODY_OFFSET;
+        let written = at.slice(COMPLETION_SIZE).and_then(|to| {
+            let body = to.subslice(CompletionRecord::BODY_OFFSET as usize, body_len as usize);
+            body.ok()?.copy_from(&record.body());
             // The status must become visible only after the rest of the record.
             fence(Ordering::Release);
-            mem.write_obj(record.head().to_le(), GuestAddress(bus))
+            // One 4-byte store (the record is COMPLETION_SIZE-aligned).
+            to.get_ref::<u32>(0).ok()?.store(record.head().to_le());
+            Some(())
         });
         if let Some(page) = sigbus::take_fault() {
             // The record went to a page that replaced the lost one: nobody sees it.
-            return Err(self.bus_error(&mem, page, d.completion, bus, flags));
+            return Err(self.bus_error(mem, page, d.completion, bus, flags));
         }
-        if bus::is_lost_at(&mem, bus) {
+        if is_lost(at.region) {
             // Lost by another thread while this one wrote it.
             return Err(self.access_fault(FAULT_BUS_ERROR, d.completion, bus, flags));
         }
-        written.map_err(|_| self.outside_ram(d.completion, bus, flags))?;
+        written.ok_or_else(|| self.outside_ram(d.completion, bus, flags))?;
         // Memory only the client reaches: the body, then the head (see `remote`).
-        let body_len = COMPLETION_SIZE - CompletionRecord::BODY_OFFSET;
-        remote::sync_out(&mem, body.0, body_len)
-            .and_then(|()| remote::sync_out(&mem, bus, CompletionRecord::BODY_OFFSET))
+        let body = bus + CompletionRecord::BODY_OFFSET;
+        remote::sync_out(mem, body, body_len)
+            .and_then(|()| remote::sync_out(mem, bus, CompletionRecord::BODY_OFFSET))
             .map_err(|bad| self.access_fault(FAULT_BUS_ERROR, d.completion, bad, flags))?;
         Ok(true)
     }
@@ -1343,7 +1501,18 @@ impl Exec<'_> {
 
     /// Complete (or abort) the descriptor that [`Exec::run`] ran. Called with the queue
     /// lock held. `early`: the record was written already ([`Exec::complete_unlocked`]).
-    fn finish(&self, r: &mut QueueRegs, result: RunResult, early: Option<bool>) {
+    ///
+    /// Returns the hold the completion record was written under, for the next descriptor's
+    /// fetch (one gate hold and snapshot for the record, the next fetch and its first
+    /// chunk); None when the descriptor was aborted, faulted writing its record, or when
+    /// memory only the client reaches is mapped. The caller lets it go before it waits for
+    /// anything or takes a queue lock.
+    fn finish(
+        &self,
+        r: &mut QueueRegs,
+        result: RunResult,
+        early: Option<bool>,
+    ) -> Option<Hold<'a>> {
         let slot = self.slot;
         let counters = &slot.counters;
         if self.aborted() {
@@ -1365,11 +1534,11 @@ impl Exec<'_> {
                 debug!(q = self.q(), written, "descriptor aborted by disable");
                 r.completed = r.completed.wrapping_add(1);
                 r.errors = r.errors.wrapping_add(1);
-                add(&counters.descriptors, 1);
-                add(&counters.errors, 1);
-                add(&counters.bytes, u64::from(*bytes));
+                add_locked(&counters.descriptors, 1);
+                add_locked(&counters.errors, 1);
+                add_locked(&counters.bytes, u64::from(*bytes));
             }
-            return;
+            return None;
         }
         let (d, outcome) = match result {
             RunResult::FetchFault(f) => {
@@ -1382,7 +1551,7 @@ impl Exec<'_> {
                 let pending = r.flush();
                 slot.sync_timer(r);
                 self.shared.raise(slot, pending);
-                return;
+                return None;
             }
             RunResult::Done(d, o) => (d, o),
             // The epoch did not move: nothing aborted it.
@@ -1392,20 +1561,29 @@ impl Exec<'_> {
         // (the registers are read under the queue lock held here, so they are consistent
         // anyway), so a driver that sees the completion reads counters that include it.
         let failed = outcome.status != STATUS_OK;
-        add(&counters.descriptors, 1);
-        add(&counters.bytes, u64::from(outcome.bytes));
+        add_locked(&counters.descriptors, 1);
+        add_locked(&counters.bytes, u64::from(outcome.bytes));
         if failed {
-            add(&counters.errors, 1);
+            add_locked(&counters.errors, 1);
         }
+        let mut carried = None;
         let written = match early {
             Some(w) => w,
-            None => match self.write_completion(&d, &outcome) {
-                Ok(w) => w,
-                Err(f) => {
-                    self.report(&f);
-                    false
+            None => {
+                let hold = self.hold();
+                match self.write_completion_in(&hold.mem, &d, &outcome) {
+                    Ok(w) => {
+                        carried = Some(hold);
+                        w
+                    }
+                    Err(f) => {
+                        // Reporting takes the gate.
+                        drop(hold);
+                        self.report(&f);
+                        false
+                    }
                 }
-            },
+            }
         };
         let ok = !failed && written;
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
@@ -1414,7 +1592,7 @@ impl Exec<'_> {
             r.errors = r.errors.wrapping_add(1);
             if !failed {
                 // The completion record could not be written: an error all the same.
-                add(&counters.errors, 1);
+                add_locked(&counters.errors, 1);
             }
         }
         let mut vector = None;
@@ -1430,6 +1608,7 @@ impl Exec<'_> {
         }
         slot.sync_timer(r);
         self.shared.raise(slot, vector);
+        carried.filter(|_| !remote::any())
     }
 }
 
@@ -1565,7 +1744,7 @@ mod tests {
             (region, s.len())
         };
         let mut seen = Vec::new();
-        let r = e.transfer(len, a, b, false, |off, x, y| {
+        let r = e.transfer(len, a, b, false, None, |off, x, y| {
             seen.push((off, bus(&x), y.as_ref().map(bus)));
             ControlFlow::Continue(())
         });
@@ -1792,7 +1971,7 @@ mod tests {
             domain: 0,
             epoch: e.epoch,
         };
-        e.run(&job, &mut Scratch::new())
+        e.run(&job, &mut Scratch::new(), None)
     }
 
     fn bytes(s: &Shared, bus: u64, len: usize) -> Vec<u8> {
@@ -2046,7 +2225,7 @@ mod tests {
         let mem = s.mem.memory();
         let region = mem.find_region(GuestAddress(FILE_BUS)).unwrap();
         let (a, b) = (Side::write(0x10_0000), Side::read(FILE_BUS + 0x1000));
-        let r = exec(&s, 0).transfer(0x2000, a, Some(b), false, |_, _, _| {
+        let r = exec(&s, 0).transfer(0x2000, a, Some(b), false, None, |_, _, _| {
             bus::note_lost_in_handler(region);
             ControlFlow::Continue(())
         });
@@ -2096,7 +2275,7 @@ mod tests {
             epoch: e.epoch,
         };
         let at = FILE_BUS + DESC_SIZE;
-        match e.run(&job, &mut Scratch::new()) {
+        match e.run(&job, &mut Scratch::new(), None) {
             RunResult::FetchFault(f) => {
                 assert_eq!(f, fault(FAULT_BUS_ERROR, ACCESS_DESCRIPTOR, 0, at, at, 0))
             }

@@ -8,11 +8,11 @@ use serde::Serialize;
 /// Live counters of one queue.
 #[derive(Debug, Default)]
 pub struct QueueCounters {
-    /// Descriptors completed.
+    /// Descriptors completed (changed only under the queue lock, [`add_locked`]).
     pub descriptors: AtomicU64,
-    /// Bytes transferred.
+    /// Bytes transferred (changed only under the queue lock).
     pub bytes: AtomicU64,
-    /// Descriptors completed with an error status.
+    /// Descriptors completed with an error status (changed only under the queue lock).
     pub errors: AtomicU64,
     /// Faults raised.
     pub faults: AtomicU64,
@@ -95,6 +95,18 @@ pub struct DomainStats {
     pub stale_uses: u64,
 }
 
+impl DomainStats {
+    /// Add `other` to these.
+    pub fn add(&mut self, other: &DomainStats) {
+        self.translations = self.translations.wrapping_add(other.translations);
+        self.iotlb_hits = self.iotlb_hits.wrapping_add(other.iotlb_hits);
+        self.iotlb_misses = self.iotlb_misses.wrapping_add(other.iotlb_misses);
+        self.page_walks = self.page_walks.wrapping_add(other.page_walks);
+        self.faults = self.faults.wrapping_add(other.faults);
+        self.stale_uses = self.stale_uses.wrapping_add(other.stale_uses);
+    }
+}
+
 impl DomainCounters {
     /// Take a snapshot.
     pub fn snapshot(&self) -> DomainStats {
@@ -148,4 +160,14 @@ pub struct DeviceStats {
 /// Add `n` to a counter.
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Add `n` to a counter that one thread at a time changes, under a lock that every other
+/// writer of it (and [`QueueCounters::clear`]) holds too: a load and a store, without the
+/// cost of a read-modify-write (readers still see whole values).
+pub fn add_locked(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
 }
