@@ -293,17 +293,16 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     let first_files = SessionFiles::new(out, "-1");
     let device_log = out.join("device.log");
     let junit = out.join("junit.xml");
+    // A bench run replaces the last bench report; a suite run leaves it.
+    let bench_files = [out.join("bench.json"), out.join("bench.txt")];
+    let stale_bench = if opts.bench { &bench_files[..] } else { &[] };
     // Stale files from an earlier run would mislead.
     for path in main_files
         .all()
         .into_iter()
         .chain(first_files.all())
         .chain([device_log.as_path(), junit.as_path()])
-        .chain(
-            [out.join("bench.json"), out.join("bench.txt")]
-                .iter()
-                .map(PathBuf::as_path),
-        )
+        .chain(stale_bench.iter().map(PathBuf::as_path))
     {
         match fs::remove_file(path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
