@@ -123,6 +123,33 @@ pub enum Record {
     Unknown,
 }
 
+/// The host's CPUs and load average at one moment: other work on the host skews every
+/// figure, under TCG most of all, so the report says how busy the host was.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostLoad {
+    /// CPUs the host offers this process.
+    pub cpus: usize,
+    /// The 1-minute load average (/proc/loadavg); `None` when unreadable.
+    pub load_1min: Option<f64>,
+}
+
+impl HostLoad {
+    /// The host's load now.
+    pub fn now() -> Self {
+        HostLoad {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_1min: fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|s| parse_loadavg(&s)),
+        }
+    }
+}
+
+/// The 1-minute figure of /proc/loadavg's content.
+fn parse_loadavg(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// `bench.json`: the host's facts and the guest's records.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -136,6 +163,8 @@ pub struct BenchReport {
     pub qemu_version: Option<String>,
     /// The device server's options.
     pub device_args: Vec<String>,
+    /// The host's load when the run started and when it ended.
+    pub host_load: [HostLoad; 2],
     /// The guest's bench records, in order, as it wrote them.
     pub records: Vec<serde_json::Value>,
 }
@@ -181,6 +210,18 @@ impl BenchReport {
             let _ = write!(out, ", QEMU {v}");
         }
         out.push('\n');
+        let load = |l: &HostLoad| {
+            l.load_1min
+                .map_or("unknown".to_owned(), |x| format!("{x:.2}"))
+        };
+        let _ = writeln!(
+            out,
+            "host: {} CPU(s), load average {} at the start, {} at the end (other work on the host \
+             skews every figure)",
+            self.host_load[0].cpus,
+            load(&self.host_load[0]),
+            load(&self.host_load[1])
+        );
         let mut samples = 0;
         let mut throughput_bytes = 0;
         for r in &records {
@@ -375,6 +416,16 @@ mod tests {
             accelerator_reason: "no VMX or SVM".into(),
             qemu_version: Some("11.1".into()),
             device_args: vec![],
+            host_load: [
+                HostLoad {
+                    cpus: 2,
+                    load_1min: Some(0.5),
+                },
+                HostLoad {
+                    cpus: 2,
+                    load_1min: None,
+                },
+            ],
             records: LINES
                 .iter()
                 .map(|l| parse_line(l).unwrap().unwrap())
@@ -404,6 +455,10 @@ mod tests {
         let t = report().table();
         assert!(
             t.contains("accelerator TCG (no VMX or SVM), QEMU 11.1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("2 CPU(s), load average 0.50 at the start, unknown at the end"),
             "{t}"
         );
         assert!(t.contains("CPUID hypervisor \"TCGTCGTCGTCG\""), "{t}");
@@ -438,6 +493,13 @@ mod tests {
         assert_eq!(v["records"].as_array().unwrap().len(), LINES.len());
         assert_eq!(v["records"][3]["pages"], "2M");
         assert!(fs::read_to_string(txt).unwrap().contains("guest bench"));
+    }
+
+    #[test]
+    fn loadavg_first_figure() {
+        assert_eq!(parse_loadavg("5.72 6.03 4.92 3/512 12345\n"), Some(5.72));
+        assert_eq!(parse_loadavg(""), None);
+        assert_eq!(parse_loadavg("x y z"), None);
     }
 
     #[test]

@@ -324,6 +324,7 @@ fn run(opts: RunOptions) -> ExitCode {
         tracing::info!(%version, qemu = %opts.qemu.display(), "QEMU");
     }
     let started = Instant::now();
+    let load_at_start = bench::HostLoad::now();
     let outcome = match runner::run(&opts, &interrupt) {
         Ok(outcome) => outcome,
         Err(err) => {
@@ -347,7 +348,8 @@ fn run(opts: RunOptions) -> ExitCode {
         code = ExitCode::from(EXIT_FAILED);
     }
     if opts.bench {
-        if let Err(err) = write_bench(&opts, &outcome) {
+        let load = [load_at_start, bench::HostLoad::now()];
+        if let Err(err) = write_bench(&opts, &outcome, load) {
             eprintln!("domdma-vm: {}", error_chain(&err));
             code = ExitCode::from(EXIT_FAILED);
         }
@@ -363,7 +365,11 @@ fn run(opts: RunOptions) -> ExitCode {
 /// Writes the bench report (bench.json, bench.txt) of a `--bench` run and prints the table.
 /// A run that measured nothing still gets its report (saying so); the bench::* cases carry
 /// the failure.
-fn write_bench(opts: &RunOptions, outcome: &runner::RunOutcome) -> Result<(), bench::BenchError> {
+fn write_bench(
+    opts: &RunOptions,
+    outcome: &runner::RunOutcome,
+    host_load: [bench::HostLoad; 2],
+) -> Result<(), bench::BenchError> {
     let (accelerator, accelerator_reason) = match &outcome.accel {
         Some((accel, why)) => (accel.to_string(), why.clone()),
         None => ("none".to_owned(), "no guest was started".to_owned()),
@@ -374,6 +380,7 @@ fn write_bench(opts: &RunOptions, outcome: &runner::RunOutcome) -> Result<(), be
         accelerator_reason,
         qemu_version: std::env::var("DOMDMA_QEMU_VERSION").ok(),
         device_args: opts.device_args.clone(),
+        host_load,
         records: outcome.bench.clone(),
     };
     let (json, txt) = report.write(&opts.out)?;
