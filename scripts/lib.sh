@@ -93,7 +93,8 @@ profile_names() {
 
 # run_guest_suite PROFILE|all [RUNNER ARGS...]: provision, build, then for each profile boot
 # the device + QEMU and run the guest suite (profiles concurrently, $DOMDMA_JOBS at a time,
-# default 2); one table at the end and a merged target/domdma/guest/junit.xml.
+# default 2); one table at the end and a merged target/domdma/guest/junit.xml. With --bench
+# among the runner args: the guest bench, one profile at a time, each profile's table shown.
 run_guest_suite() {
   local spec=$1
   shift
@@ -115,8 +116,11 @@ run_guest_suite() {
   eval "$env_file"
   set +a
   build_all
-  local out=$DOMDMA_ROOT/target/domdma/guest jobs=${DOMDMA_JOBS:-2} start=$SECONDS p
+  local out=$DOMDMA_ROOT/target/domdma/guest jobs=${DOMDMA_JOBS:-2} start=$SECONDS p bench=0
   mkdir -p "$out"
+  for p in "$@"; do [[ $p != --bench ]] || bench=1; done
+  # Measurements share nothing: bench runs go one at a time.
+  [[ $bench -eq 0 ]] || jobs=1
   run_one() {
     "$DOMDMA_TARGET_DIR/release/domdma-vm" run \
       --device-bin "$DOMDMA_TARGET_DIR/release/domdma-device" \
@@ -147,6 +151,12 @@ run_guest_suite() {
       fi
     done
     wait
+  fi
+  if [[ $bench -eq 1 && ${#profiles[@]} -gt 1 ]]; then
+    for p in "${profiles[@]}"; do
+      step "guest bench, profile $p ($out/$p/bench.json)"
+      cat "$out/$p/bench.txt" 2>/dev/null || echo "    no bench report (see $out/$p/runner.log)"
+    done
   fi
   step "guest profiles"
   "$DOMDMA_TARGET_DIR/release/domdma-vm" summary --out "$out" --wall "$((SECONDS - start))" "${profiles[@]}"

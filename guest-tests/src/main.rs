@@ -13,7 +13,12 @@
 //!
 //! `--list` prints every test name: the host runner runs it (on the host) to know which
 //! results to expect. The exit status is 0 if and only if no selected test failed.
+//!
+//! `--bench` runs the guest bench instead of the suite (see [`bench`]): latency and
+//! throughput as the guest sees them, each measurement reported as a `bench::*` result line
+//! and its numbers as `DOMDMA-BENCH {json}` lines.
 
+mod bench;
 mod harness;
 mod platform;
 
@@ -64,12 +69,16 @@ struct Args {
     /// (sysfs resource0, physical addresses from /proc/self/pagemap, polling).
     #[arg(long, value_enum, default_value = "vfio")]
     backend: harness::Backend,
+    #[command(flatten)]
+    bench: bench::BenchArgs,
 }
 
 /// A test the binary runs.
 enum Entry {
     Platform(harness::Test),
     Scenario(conformance::Scenario),
+    /// A measurement of the guest bench (`--bench`).
+    Bench(bench::Bench),
     /// Last: every public function of the WDF facade was called by the tests before it.
     FacadeCoverage,
 }
@@ -82,12 +91,17 @@ impl Entry {
         match self {
             Entry::Platform(t) => t.name.to_string(),
             Entry::Scenario(s) => s.full_name(),
+            Entry::Bench(b) => b.name.to_string(),
             Entry::FacadeCoverage => FACADE_COVERAGE.to_string(),
         }
     }
 }
 
-fn all() -> Vec<Entry> {
+/// The tests of a run: the suite, or with `bench` the guest bench's measurements.
+fn all(bench: bool) -> Vec<Entry> {
+    if bench {
+        return bench::all().into_iter().map(Entry::Bench).collect();
+    }
     platform::all()
         .into_iter()
         .map(Entry::Platform)
@@ -126,7 +140,7 @@ fn main() -> ExitCode {
         )
         .try_init();
 
-    let all = all();
+    let all = all(args.bench.bench);
     let selected: Vec<&Entry> = all
         .iter()
         .filter(|t| args.filter.as_deref().is_none_or(|f| t.name().contains(f)))
@@ -159,6 +173,12 @@ fn main() -> ExitCode {
     };
     let mut ctx = Ctx::new(args.backend, opts);
     reserve_huge_pages(&mut ctx);
+    if args.bench.bench {
+        match bench::env_record(&mut ctx, &args.profile, &args.bench) {
+            Ok(env) => bench::emit(&env),
+            Err(Failure(m)) => progress!("         the bench has no device: {m}"),
+        }
+    }
     let suite_start = Instant::now();
     let (mut failed, mut skipped) = (Vec::new(), 0usize);
     for t in &selected {
@@ -167,6 +187,11 @@ fn main() -> ExitCode {
         let start = Instant::now();
         let outcome = match t {
             Entry::Platform(p) => match (p.run)(&mut ctx) {
+                Ok(None) => Outcome::Passed,
+                Ok(Some(why)) => Outcome::Skipped(why),
+                Err(Failure(m)) => Outcome::Failed(m),
+            },
+            Entry::Bench(b) => match (b.run)(&mut ctx, &args.bench) {
                 Ok(None) => Outcome::Passed,
                 Ok(Some(why)) => Outcome::Skipped(why),
                 Err(Failure(m)) => Outcome::Failed(m),

@@ -4,10 +4,13 @@
 //! vfio-user, waits for the guest to report ready on its serial console, copies the guest test
 //! binary in over SSH, runs it, and writes `junit.xml` with the device, QEMU, serial and guest
 //! logs beside it. `domdma-vm kvm-probe` tells whether /dev/kvm really runs a guest.
+//! `domdma-vm run --bench` runs the guest bench instead of the suite and writes `bench.json`
+//! and `bench.txt` beside the logs (see [`bench`]).
 //!
 //! `cargo test` never boots a VM: the tests here cover the pure parts (command line, result
 //! parsing, JUnit, serial scanning) and process handling with stand-in programs.
 
+mod bench;
 mod bench_report;
 mod device;
 mod kvm;
@@ -182,6 +185,13 @@ struct RunArgs {
     /// replaces --numa-nodes.
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
+    /// Run the guest bench instead of the suite (the guest binary with --bench): COPY
+    /// latency (polling, MSI-X) and throughput against the guest's memcpy, measured inside
+    /// the guest. Writes bench.json and bench.txt (the table) in --out and prints the table.
+    /// Bench options go to the guest binary, e.g. --guest-arg=--bench-rounds
+    /// --guest-arg=9 (see its --help).
+    #[arg(long)]
+    bench: bool,
 }
 
 impl RunArgs {
@@ -209,6 +219,9 @@ impl RunArgs {
                     .join(" ");
             }
             profile_name = Some(p.name);
+        }
+        if self.bench {
+            self.guest_args.push("--bench".into());
         }
         Ok(RunOptions {
             device_bin: if self.no_device {
@@ -239,6 +252,7 @@ impl RunArgs {
             iommu,
             shared_memory,
             profile: profile_name,
+            bench: self.bench,
         })
     }
 }
@@ -331,6 +345,7 @@ fn run(opts: RunOptions) -> ExitCode {
         tracing::info!(%version, qemu = %opts.qemu.display(), "QEMU");
     }
     let started = Instant::now();
+    let load_at_start = bench::HostLoad::now();
     let outcome = match runner::run(&opts, &interrupt) {
         Ok(outcome) => outcome,
         Err(err) => {
@@ -353,12 +368,48 @@ fn run(opts: RunOptions) -> ExitCode {
         eprintln!("domdma-vm: {}", error_chain(&err));
         code = ExitCode::from(EXIT_FAILED);
     }
+    if opts.bench {
+        let load = [load_at_start, bench::HostLoad::now()];
+        if let Err(err) = write_bench(&opts, &outcome, load) {
+            eprintln!("domdma-vm: {}", error_chain(&err));
+            code = ExitCode::from(EXIT_FAILED);
+        }
+    }
     println!();
     print!("{}", report::summary(&outcome.cases, total, &outcome.files));
     if outcome.interrupted {
         return ExitCode::from(EXIT_INTERRUPTED);
     }
     code
+}
+
+/// Writes the bench report (bench.json, bench.txt) of a `--bench` run and prints the table.
+/// A run that measured nothing still gets its report (saying so); the bench::* cases carry
+/// the failure.
+fn write_bench(
+    opts: &RunOptions,
+    outcome: &runner::RunOutcome,
+    host_load: [bench::HostLoad; 2],
+) -> Result<(), bench::BenchError> {
+    let (accelerator, accelerator_reason) = match &outcome.accel {
+        Some((accel, why)) => (accel.to_string(), why.clone()),
+        None => ("none".to_owned(), "no guest was started".to_owned()),
+    };
+    let report = bench::BenchReport {
+        profile: opts.profile.clone(),
+        accelerator,
+        accelerator_reason,
+        qemu_version: std::env::var("DOMDMA_QEMU_VERSION").ok(),
+        device_args: opts.device_args.clone(),
+        host_load,
+        records: outcome.bench.clone(),
+    };
+    let (json, txt) = report.write(&opts.out)?;
+    println!();
+    print!("{}", report.table());
+    println!("  bench report   {}", json.display());
+    println!("  bench table    {}", txt.display());
+    Ok(())
 }
 
 /// "message: cause: cause" for an error and its sources.
@@ -425,6 +476,23 @@ mod tests {
         assert_eq!(opts.append, DEFAULT_KERNEL_APPEND);
         assert!(opts.numa && opts.iommu);
         assert_eq!(opts.profile, None);
+        assert!(!opts.bench);
+    }
+
+    /// --bench runs the guest binary with --bench, after the profile's arguments.
+    #[test]
+    fn bench_passes_bench_to_the_guest() {
+        let opts = run_args(&[
+            "--no-device",
+            "--bench",
+            "--guest-arg=--bench-rounds",
+            "--guest-arg=3",
+        ])
+        .unwrap()
+        .into_options()
+        .unwrap();
+        assert!(opts.bench);
+        assert_eq!(opts.guest_args, ["--bench-rounds", "3", "--bench"]);
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub struct RunOptions {
     pub shared_memory: bool,
     /// The guest profile's name, when the run is one.
     pub profile: Option<String>,
+    /// A bench run (the guest binary runs with `--bench`): its `DOMDMA-BENCH` lines are
+    /// kept in [`RunOutcome::bench`].
+    pub bench: bool,
 }
 
 /// What a run produced.
@@ -198,6 +201,11 @@ pub struct RunOutcome {
     pub interrupted: bool,
     /// Files worth pointing the user at.
     pub files: Vec<(&'static str, PathBuf)>,
+    /// The accelerator the (last) guest ran under and why it was chosen; `None` when no
+    /// guest was started.
+    pub accel: Option<(Accel, String)>,
+    /// The guest's bench records (`DOMDMA-BENCH` lines) of the main session, in order.
+    pub bench: Vec<serde_json::Value>,
 }
 
 /// Names of one QEMU session's files in the output directory.
@@ -251,6 +259,8 @@ struct Session {
     cases: Vec<CaseResult>,
     /// The guest's result lines.
     results: Vec<GuestResult>,
+    /// The guest's bench records.
+    bench: Vec<serde_json::Value>,
     /// Whether the guest binary was started.
     suite_started: bool,
     /// Whether QEMU was killed by the runner while the suite ran (kill mode).
@@ -283,12 +293,16 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     let first_files = SessionFiles::new(out, "-1");
     let device_log = out.join("device.log");
     let junit = out.join("junit.xml");
+    // A bench run replaces the last bench report; a suite run leaves it.
+    let bench_files = [out.join("bench.json"), out.join("bench.txt")];
+    let stale_bench = if opts.bench { &bench_files[..] } else { &[] };
     // Stale files from an earlier run would mislead.
     for path in main_files
         .all()
         .into_iter()
         .chain(first_files.all())
         .chain([device_log.as_path(), junit.as_path()])
+        .chain(stale_bench.iter().map(PathBuf::as_path))
     {
         match fs::remove_file(path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
@@ -333,6 +347,8 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     let mut files: Vec<(&'static str, PathBuf)> = vec![("junit", junit.clone())];
     let mut cases = Vec::new();
     let mut interrupted = false;
+    let mut accel_used = None;
+    let mut bench = Vec::new();
 
     let mut device = None;
     // The server's inspector: its counters are saved at the end of the run.
@@ -429,6 +445,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
             files.push(("qemu cmdline", main_files.cmdline.clone()));
             let main = session_with_fallback(&mut ctx, &main_files, false, device.as_mut());
             interrupted |= main.interrupted;
+            bench = main.bench.clone();
             if let Some((first, alive_after_kill, first_time)) = survival {
                 cases.push(survival_case(
                     &first,
@@ -441,6 +458,13 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
             }
             cases.splice(0..0, main.cases);
         }
+        // The fallback to TCG changes the accelerator (and says so in host.boot).
+        let reason = if ctx.accel == accel {
+            accel_reason
+        } else {
+            format!("KVM ({accel_reason}) did not boot the guest")
+        };
+        accel_used = Some((ctx.accel, reason));
     }
 
     if interrupted {
@@ -463,6 +487,8 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         cases,
         interrupted,
         files,
+        accel: accel_used,
+        bench,
     })
 }
 
@@ -875,6 +901,7 @@ fn run_session(
     session.interrupted |= suite.interrupted;
     session.killed_mid_suite = suite.killed_qemu_mid_suite;
     session.results = suite.results.clone();
+    session.bench = suite.bench.clone();
     for result in &suite.results {
         session.cases.push(CaseResult::from_guest(result));
     }
@@ -912,6 +939,8 @@ fn run_session(
 #[derive(Debug, Default)]
 struct SuiteRun {
     results: Vec<GuestResult>,
+    /// `DOMDMA-BENCH` records (a bench run).
+    bench: Vec<serde_json::Value>,
     malformed: Vec<String>,
     output: String,
     status: Option<String>,
@@ -1139,6 +1168,17 @@ fn handle_line(run: &mut SuiteRun, log: &mut Option<File>, stderr: bool, text: S
     run.output.push_str(&text);
     run.output.push('\n');
     if !stderr {
+        match crate::bench::parse_line(&text) {
+            Some(Ok(record)) => {
+                run.bench.push(record);
+                return;
+            }
+            Some(Err(err)) => {
+                warn!(%err, line = %text, "malformed bench line");
+                run.malformed.push(text.clone());
+            }
+            None => {}
+        }
         match parse_line(&text) {
             Some(Ok(result)) => {
                 println!(
@@ -1262,9 +1302,21 @@ mod tests {
             true,
             r#"DOMDMA-RESULT {"name":"e","passed":true,"duration_ms":2}"#.into(),
         );
+        handle_line(
+            &mut run,
+            &mut log,
+            false,
+            r#"DOMDMA-BENCH {"kind":"skipped","what":"x","reason":"y"}"#.into(),
+        );
         assert_eq!(run.results, vec![result("t", true)]);
+        assert_eq!(
+            run.bench.len(),
+            1,
+            "the bench line is a record, not a result"
+        );
+        assert_eq!(run.bench[0]["what"], "x");
         assert_eq!(run.malformed.len(), 1);
-        assert_eq!(run.output.lines().count(), 4);
+        assert_eq!(run.output.lines().count(), 5);
     }
 
     #[test]
