@@ -597,17 +597,19 @@ pub fn WdfMemoryCreateFromLookaside(
         },
         None => t.live_index(t.driver(list).handle().into()),
     };
-    let object = Object::new(
-        Kind::MemoryLookaside,
-        None,
-        Body::Memory(MemoryBody {
-            buffer: (buf.as_ptr() as usize, size),
-            origin: Origin::Lookaside { list: lh },
-        }),
-        context,
-        attributes.as_ref(),
-    );
-    match t.insert(parent, object) {
+    let make = move || {
+        Object::new(
+            Kind::MemoryLookaside,
+            None,
+            Body::Memory(MemoryBody {
+                buffer: (buf.as_ptr() as usize, size),
+                origin: Origin::Lookaside { list: lh },
+            }),
+            context,
+            attributes.as_ref(),
+        )
+    };
+    match t.insert(parent, make) {
         Ok(h) => {
             object::reference_at(&mut t, list);
             drop(t);
@@ -616,10 +618,11 @@ pub fn WdfMemoryCreateFromLookaside(
             }
             STATUS_SUCCESS
         }
-        Err((s, object)) => {
+        Err((s, make)) => {
             give_back(&t);
             drop(t);
-            drop(object);
+            // What it holds (a context) goes with the table unlocked.
+            drop(make);
             s
         }
     }

@@ -425,18 +425,39 @@ pub(crate) struct Object {
     /// The parent's handle (NULL: none). It stays set after the parent takes its child
     /// list back in `release_tree`, until the child's own turn, as in KMDF.
     parent: WDFOBJECT,
-    /// Whether the object is on its parent's child list (then `prev` and `next` link it
-    /// to its siblings, in attach order).
+    /// Whether the object is on its parent's child list (then `links.prev` and
+    /// `links.next` link it to its siblings, in attach order).
     listed: bool,
+    links: Links,
+}
+
+/// An object's place in the intrusive child lists: slot indices, [`NIL`] for none. Kept
+/// together (and set as one value) so that creating an object writes it in one store.
+#[derive(Clone, Copy)]
+struct Links {
+    /// The previous sibling.
     prev: u32,
+    /// The next sibling.
     next: u32,
+    /// The first child.
     first_child: u32,
+    /// The last child.
     last_child: u32,
+}
+
+impl Links {
+    const NONE: Links = Links {
+        prev: NIL,
+        next: NIL,
+        first_child: NIL,
+        last_child: NIL,
+    };
 }
 
 impl Object {
     /// An object to [`Table::insert`]: one reference, no parent yet. `driver` is `None`
     /// exactly for a lookaside memory object.
+    #[inline(always)]
     pub fn new(
         kind: Kind,
         driver: Option<Arc<DriverGlobals>>,
@@ -458,10 +479,7 @@ impl Object {
             destroyed: false,
             parent: WDFOBJECT::NULL,
             listed: false,
-            prev: NIL,
-            next: NIL,
-            first_child: NIL,
-            last_child: NIL,
+            links: Links::NONE,
         }
     }
 
@@ -691,16 +709,21 @@ impl Table {
         }
     }
 
-    /// Puts `object` in a slot, with one reference, under `parent` (a live slot) if any,
-    /// and returns its handle. A parent already deleted is `STATUS_DELETE_PENDING`; the
-    /// object comes back so that the caller drops it with the table unlocked.
-    pub fn insert(
+    /// Puts the object `make` builds in a slot, with one reference, under `parent` (a
+    /// live slot) if any, and returns its handle. A parent already deleted is
+    /// `STATUS_DELETE_PENDING`; `make` is not called and comes back, so that the caller
+    /// drops what it holds with the table unlocked.
+    ///
+    /// Inlined, with the object made by a closure, so that it is built in its slot
+    /// rather than built elsewhere and copied there.
+    #[inline(always)]
+    pub fn insert<F: FnOnce() -> Object>(
         &mut self,
         parent: Option<usize>,
-        object: Object,
-    ) -> Result<WDFOBJECT, (NTSTATUS, Box<Object>)> {
+        make: F,
+    ) -> Result<WDFOBJECT, (NTSTATUS, F)> {
         if parent.is_some_and(|p| self.at(p).deleted) {
-            return Err((STATUS_DELETE_PENDING, Box::new(object)));
+            return Err((STATUS_DELETE_PENDING, make));
         }
         let index = match self.free.pop() {
             Some(i) => i,
@@ -712,13 +735,12 @@ impl Table {
                     });
                     i
                 }
-                _ => return Err((STATUS_INSUFFICIENT_RESOURCES, Box::new(object))),
+                _ => return Err((STATUS_INSUFFICIENT_RESOURCES, make)),
             },
         };
         let i = index as usize;
         let h = handle_of(index, self.slots[i].generation);
-        let slot = &mut self.slots[i];
-        slot.object = Some(object);
+        self.slots[i].object = Some(make());
         self.at_mut(i).handle = h;
         if let Some(p) = parent {
             self.attach(p, i);
@@ -730,32 +752,32 @@ impl Table {
     fn attach(&mut self, p: usize, c: usize) {
         let (ph, tail) = {
             let po = self.at(p);
-            (po.handle, po.last_child)
+            (po.handle, po.links.last_child)
         };
         {
             let co = self.at_mut(c);
             co.parent = ph;
             co.listed = true;
-            co.prev = tail;
-            co.next = NIL;
+            co.links.prev = tail;
+            co.links.next = NIL;
         }
         if tail == NIL {
-            self.at_mut(p).first_child = c as u32;
+            self.at_mut(p).links.first_child = c as u32;
         } else {
-            self.at_mut(tail as usize).next = c as u32;
+            self.at_mut(tail as usize).links.next = c as u32;
         }
-        self.at_mut(p).last_child = c as u32;
+        self.at_mut(p).links.last_child = c as u32;
     }
 
     /// Takes `c` off its parent's list (if it is on one) and clears its parent.
     fn detach(&mut self, c: usize) {
         let (parent, listed, prev, next) = {
             let co = self.at_mut(c);
-            let r = (co.parent, co.listed, co.prev, co.next);
+            let r = (co.parent, co.listed, co.links.prev, co.links.next);
             co.parent = WDFOBJECT::NULL;
             co.listed = false;
-            co.prev = NIL;
-            co.next = NIL;
+            co.links.prev = NIL;
+            co.links.next = NIL;
             r
         };
         if !listed {
@@ -765,28 +787,28 @@ impl Table {
         // every child) before it can leave.
         let p = self.node_index(parent).expect("a listed child's parent");
         if prev == NIL {
-            self.at_mut(p).first_child = next;
+            self.at_mut(p).links.first_child = next;
         } else {
-            self.at_mut(prev as usize).next = next;
+            self.at_mut(prev as usize).links.next = next;
         }
         if next == NIL {
-            self.at_mut(p).last_child = prev;
+            self.at_mut(p).links.last_child = prev;
         } else {
-            self.at_mut(next as usize).prev = prev;
+            self.at_mut(next as usize).links.prev = prev;
         }
     }
 
     /// The handles of `p`'s children in attach order.
     fn children(&self, p: usize) -> Vec<WDFOBJECT> {
-        if self.at(p).first_child == NIL {
+        if self.at(p).links.first_child == NIL {
             return Vec::new();
         }
         let mut out = Vec::new();
-        let mut c = self.at(p).first_child;
+        let mut c = self.at(p).links.first_child;
         while c != NIL {
             let co = self.at(c as usize);
             out.push(co.handle);
-            c = co.next;
+            c = co.links.next;
         }
         out
     }
@@ -794,21 +816,21 @@ impl Table {
     /// Empties `p`'s child list and returns the children in attach order; they keep `p` as
     /// their parent until each is released.
     fn take_children(&mut self, p: usize) -> Vec<WDFOBJECT> {
-        if self.at(p).first_child == NIL {
+        if self.at(p).links.first_child == NIL {
             return Vec::new();
         }
         let out = self.children(p);
-        let mut c = self.at(p).first_child;
+        let mut c = self.at(p).links.first_child;
         while c != NIL {
             let co = self.at_mut(c as usize);
-            c = co.next;
+            c = co.links.next;
             co.listed = false;
-            co.prev = NIL;
-            co.next = NIL;
+            co.links.prev = NIL;
+            co.links.next = NIL;
         }
         let po = self.at_mut(p);
-        po.first_child = NIL;
-        po.last_child = NIL;
+        po.links.first_child = NIL;
+        po.links.last_child = NIL;
         out
     }
 
@@ -825,18 +847,20 @@ impl Table {
     fn reap(&mut self, i: usize, garbage: &mut Garbage) {
         let s = &mut self.slots[i];
         let out = s.object.as_ref().is_some_and(|o| {
-            o.handle.0 >> 32 != u64::from(s.generation) && !o.listed && o.first_child == NIL
+            o.handle.0 >> 32 != u64::from(s.generation) && !o.listed && o.links.first_child == NIL
         });
         if out {
-            if let Some(o) = s.object.take() {
-                // An object without a context whose body is memory or nothing holds only
-                // plain data and reference counts whose release cannot call back: dropped
-                // here. Contexts (the driver's `Drop`), lists (their buffers go back to the
-                // pool) and devices (their hardware) go with the table unlocked.
-                match (&o.context, &o.body) {
-                    (None, Body::Memory(_) | Body::None) => drop(o),
-                    _ => garbage.push(Deferred::Drop(o)),
-                }
+            // An object without a context whose body is memory or nothing holds only
+            // plain data and reference counts whose release cannot call back: dropped
+            // here, in place. Contexts (the driver's `Drop`), lists (their buffers go back
+            // to the pool) and devices (their hardware) go with the table unlocked.
+            let plain = s.object.as_ref().is_some_and(|o| {
+                o.context.is_none() && matches!(o.body, Body::Memory(_) | Body::None)
+            });
+            if plain {
+                s.object = None;
+            } else if let Some(o) = s.object.take() {
+                garbage.push(Deferred::Drop(o));
             }
             self.free.push(i as u32);
         }
@@ -880,10 +904,15 @@ impl Garbage {
     }
 
     /// Does the queued work. Call with the table unlocked.
+    #[inline]
     fn flush(&mut self) {
-        if self.first.is_none() {
-            return;
+        if self.first.is_some() {
+            self.flush_queued();
         }
+    }
+
+    #[cold]
+    fn flush_queued(&mut self) {
         for d in self.first.take().into_iter().chain(self.rest.drain(..)) {
             match d {
                 Deferred::Drop(o) => drop(o),
@@ -894,6 +923,7 @@ impl Garbage {
 }
 
 impl Drop for Garbage {
+    #[inline]
     fn drop(&mut self) {
         self.flush();
     }
@@ -991,7 +1021,7 @@ pub(crate) fn create(new: NewObject<'_>) -> Result<WDFOBJECT, NTSTATUS> {
         },
         None => t.live_index(new.default_parent),
     };
-    match t.insert(parent, object) {
+    match t.insert(parent, move || object) {
         Ok(h) => Ok(h),
         Err((s, object)) => {
             drop(t);
@@ -1037,11 +1067,19 @@ pub(crate) fn delete_tree(h: WDFOBJECT) {
 
 /// Deletes `h` and its subtree: cleanup post-order, then creation references released.
 /// Consumes the guard (the table is unlocked on return, before `garbage` is dropped).
-fn delete_tree_locked(t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) {
-    let deleted = t.node_index(h).is_none_or(|i| t.at(i).deleted);
-    if deleted {
+fn delete_tree_locked(mut t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) {
+    let Some(i) = t.node_index(h).filter(|&i| !t.at(i).deleted) else {
         drop(t);
         tracing::debug!("delete of {h:?}: already deleted, ignored");
+        return;
+    };
+    let o = t.at_mut(i);
+    if o.links.first_child == NIL && o.cleanup.is_none() {
+        // A leaf without a cleanup callback (the common case, a memory object): what
+        // `dispose`, the detach and `release_tree` below do for it, without their walks.
+        o.deleted = true;
+        t.detach(i);
+        drop(release_locked(t, h, garbage));
         return;
     }
     let mut t = dispose(t, h);
@@ -1064,7 +1102,7 @@ fn dispose(mut t: TableGuard, h: WDFOBJECT) -> TableGuard {
     }
     o.deleted = true;
     let cleanup = o.cleanup;
-    if o.first_child != NIL {
+    if o.links.first_child != NIL {
         for c in t.children(i) {
             t = dispose(t, c);
         }
@@ -1082,7 +1120,7 @@ fn release_tree(mut t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) -> Table
     let Some(i) = t.node_index(h) else {
         return t;
     };
-    let children = if t.at(i).first_child == NIL {
+    let children = if t.at(i).links.first_child == NIL {
         Vec::new()
     } else {
         t.take_children(i)
@@ -1105,10 +1143,12 @@ fn release_tree(mut t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) -> Table
 /// Drops one reference on `h` with the table locked; destroys the object at zero: its
 /// `EvtDestroyCallback` (table unlocked), its resources released ([`finalize`]), its
 /// handle retired.
-pub(crate) fn release_locked(mut t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) -> TableGuard {
+#[inline]
+pub(crate) fn release_locked(t: TableGuard, h: WDFOBJECT, garbage: &mut Garbage) -> TableGuard {
     let Some(i) = t.node_index(h) else {
         return t;
     };
+    let mut t = t;
     let o = t.at_mut(i);
     if o.refs == 0 {
         return t;
@@ -1117,6 +1157,13 @@ pub(crate) fn release_locked(mut t: TableGuard, h: WDFOBJECT, garbage: &mut Garb
     if o.refs > 0 {
         return t;
     }
+    destroy(t, i, h, garbage)
+}
+
+/// The last reference of `h` (in slot `i`) went: a deleted object is destroyed, an
+/// undeleted one is a bug check.
+fn destroy(mut t: TableGuard, i: usize, h: WDFOBJECT, garbage: &mut Garbage) -> TableGuard {
+    let o = t.at_mut(i);
     if !o.deleted {
         // The driver dropped the creation reference of an object that was never
         // deleted: KMDF's ~FxObject check for an object with a parent or children.
@@ -1351,11 +1398,11 @@ mod tests {
     fn a_reused_slot_gets_a_new_generation() {
         let mut t = Table::default();
         let mut garbage = Garbage::default();
-        let old = t.insert(None, plain()).ok().unwrap();
+        let old = t.insert(None, plain).ok().unwrap();
         let i = index_of(old).unwrap();
         t.retire(i, &mut garbage);
         assert!(t.live_index(old).is_none() && t.node_index(old).is_none());
-        let new = t.insert(None, plain()).ok().unwrap();
+        let new = t.insert(None, plain).ok().unwrap();
         assert_eq!(index_of(new), Some(i), "the freed slot is reused first");
         assert_eq!(new.0 >> 32, (old.0 >> 32) + 1);
         assert_eq!(t.live_index(new), Some(i));
