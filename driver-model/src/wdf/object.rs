@@ -545,8 +545,14 @@ struct TableLock {
 
 // SAFETY: the table is reached only through a `TableGuard`, and at most one exists at a
 // time (`locked`), so access is exclusive; the `Acquire`/`Release` pair orders each holder
-// after the previous one.
+// after the previous one. What it holds may move between threads: `Table` is `Send`
+// (checked below), as a `Mutex<Table>` would require.
 unsafe impl Sync for TableLock {}
+
+const _: () = {
+    const fn is_send<T: Send>() {}
+    is_send::<Table>()
+};
 
 /// Exclusive access to the handle table until dropped.
 pub(crate) struct TableGuard {
@@ -668,6 +674,7 @@ impl Table {
 
     /// The driver the object in slot `i` belongs to: its own, or for a lookaside memory
     /// object its list's (the list outlives it).
+    #[inline]
     pub fn driver(&self, i: usize) -> &Arc<DriverGlobals> {
         let o = self.at(i);
         match (&o.driver, &o.body) {
@@ -675,11 +682,9 @@ impl Table {
             (None, Body::Memory(m)) => {
                 let list = m
                     .list()
-                    .expect("an object without a driver is lookaside memory");
-                let l = self
-                    .node_index(list)
-                    .expect("a memory object's list outlives it");
-                self.driver(l)
+                    .and_then(|l| self.node(l))
+                    .expect("a lookaside memory object's list outlives it");
+                list.driver.as_ref().expect("a list has its own driver")
             }
             (None, _) => unreachable!("only lookaside memory objects borrow a driver"),
         }
