@@ -526,7 +526,7 @@ pub fn WdfMemoryCreateFromLookaside(
     let mut context = None;
     let mut Memory = Memory;
     let mut t = object::table();
-    let (list, max) = loop {
+    let list = loop {
         let list = match t.resolve(lh, fx_type::FX_TYPE_LOOKASIDE) {
             Ok(i) => i,
             Err(found) => {
@@ -562,10 +562,9 @@ pub fn WdfMemoryCreateFromLookaside(
                 context = Some(((info.type_id)(), (info.make)()));
                 t = object::table();
             }
-            _ => break (list, max),
+            _ => break list,
         }
     };
-    debug_assert!(irql <= max);
     let Body::Lookaside(body) = &t.at(list).body else {
         unreachable!("a lookaside object has a lookaside body")
     };
