@@ -85,21 +85,21 @@ pub fn WdfDeviceCreate(
         return STATUS_WDF_PARENT_ASSIGNMENT_NOT_ALLOWED;
     }
     let g = current();
-    let default_parent = object::lookup(g.handle().into());
+    let default_parent = g.handle().into();
     match object::create(NewObject {
         kind: Kind::Device,
         driver: g,
-        body: Body::Device(DeviceBody {
+        body: Body::Device(Arc::new(DeviceBody {
             backend: init.backend.clone(),
             dma: Mutex::new(None),
-        }),
+        })),
         attributes: DeviceAttributes,
         default_parent,
         api: API,
     }) {
-        Ok(o) => {
+        Ok(h) => {
             *DeviceInit = None;
-            *out = WDFDEVICE(o.handle);
+            *out = WDFDEVICE(h);
             STATUS_SUCCESS
         }
         Err(s) => s,
@@ -128,7 +128,7 @@ pub fn WdfRequestCreate(
         return s;
     }
     let g = current();
-    let default_parent = object::lookup(g.handle().into());
+    let default_parent = g.handle().into();
     match object::create(NewObject {
         kind: Kind::Request,
         driver: g,
@@ -137,8 +137,8 @@ pub fn WdfRequestCreate(
         default_parent,
         api: API,
     }) {
-        Ok(o) => {
-            *out = WDFREQUEST(o.handle);
+        Ok(h) => {
+            *out = WDFREQUEST(h);
             STATUS_SUCCESS
         }
         Err(s) => s,
@@ -147,12 +147,13 @@ pub fn WdfRequestCreate(
 
 /// The device `h` is or hangs under (KMDF's `_SearchForDevice`), if any.
 pub(crate) fn device_ancestor(h: WDFOBJECT) -> Option<WDFOBJECT> {
-    let mut cur = object::lookup(h)?;
+    let t = object::table();
+    let mut cur = t.live(h)?;
     loop {
         if cur.kind == Kind::Device {
             return Some(cur.handle);
         }
-        cur = object::lookup(cur.parent()?)?;
+        cur = t.live(cur.parent())?;
     }
 }
 
@@ -160,10 +161,13 @@ pub(crate) fn device_ancestor(h: WDFOBJECT) -> Option<WDFOBJECT> {
 /// on). `None` for a device without hardware or when the set-up fails (logged). An invalid
 /// handle is bug check 0x10D / 0x5.
 pub(crate) fn device_dma(Device: WDFDEVICE, api: &str) -> Option<Arc<DmaDevice>> {
-    let o = object::resolve(Device.into(), fx_type::FX_TYPE_DEVICE, api)?;
-    let Body::Device(d) = &o.body else {
-        return None;
-    };
+    // The DMA set-up talks to the hardware: done with the table unlocked.
+    let d = object::with_resolved(Device.into(), fx_type::FX_TYPE_DEVICE, api, |o| {
+        match &o.body {
+            Body::Device(d) => Some(Arc::clone(d)),
+            _ => None,
+        }
+    })??;
     let backend = d.backend.clone()?;
     let mut slot = d.dma.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(dma) = &*slot {

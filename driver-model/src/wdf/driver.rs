@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use super::object::{self, Body, Kind, NewObject, WDFDRIVER, WDF_OBJECT_ATTRIBUTES};
+use super::object::{self, Body, Kind, NewObject, WDFDRIVER, WDFOBJECT, WDF_OBJECT_ATTRIBUTES};
 use crate::irql::{KeGetCurrentIrql, PASSIVE_LEVEL};
 use crate::pool::{Leak, PoolTag, PoolTracker};
 use crate::status::*;
@@ -213,9 +213,7 @@ impl DRIVER_OBJECT {
         if let Some(cb) = self.unload.take() {
             cb(h);
         }
-        if let Some(o) = object::lookup(h.into()) {
-            object::delete_tree(&o);
-        }
+        object::delete_tree(h.into());
         let leaks = g.pool.leaks();
         if !leaks.is_empty() {
             let blocks: u64 = leaks.iter().map(|l| l.blocks).sum();
@@ -248,9 +246,7 @@ impl Drop for DRIVER_OBJECT {
             return;
         }
         let _scope = g.enter();
-        if let Some(o) = object::lookup(g.handle().into()) {
-            object::delete_tree(&o);
-        }
+        object::delete_tree(g.handle().into());
     }
 }
 
@@ -298,14 +294,13 @@ pub fn WdfDriverCreate(
         driver: Arc::clone(&globals),
         body: Body::None,
         attributes: DriverAttributes,
-        default_parent: None,
+        default_parent: WDFOBJECT::NULL,
         api: "WdfDriverCreate",
     });
-    let o = match created {
-        Ok(o) => o,
+    let h = match created {
+        Ok(h) => WDFDRIVER(h),
         Err(s) => return s,
     };
-    let h = WDFDRIVER(o.handle);
     let _ = globals.handle.set(h);
     CURRENT.with(|c| *c.borrow_mut() = Some(Arc::clone(&globals)));
     DriverObject.globals = Some(globals);

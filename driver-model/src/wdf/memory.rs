@@ -12,15 +12,15 @@
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::driver::{current, DriverGlobals};
 use super::object::{
-    self, validate_attributes, Body, Kind, NewObject, Object, WDFLOOKASIDE, WDFMEMORY,
-    WDF_OBJECT_ATTRIBUTES,
+    self, validate_attributes, Body, Garbage, Kind, NewObject, Object, Table, WDFLOOKASIDE,
+    WDFMEMORY, WDFOBJECT, WDF_OBJECT_ATTRIBUTES,
 };
 use super::pool::POOL_TYPE;
-use crate::irql::{irql_at_most, APC_LEVEL, DISPATCH_LEVEL};
+use crate::irql::{irql_at_most, KeGetCurrentIrql, APC_LEVEL, DISPATCH_LEVEL};
 use crate::lookaside::{Lookaside, LookasideStats, DEFAULT_DEPTH};
 use crate::pool::{self as core_pool, PoolKind, PoolTracker};
 use crate::status::*;
@@ -41,13 +41,11 @@ fn driver_for(attributes: Option<&WDF_OBJECT_ATTRIBUTES>) -> Arc<DriverGlobals> 
     attributes
         .map(|a| a.ParentObject)
         .filter(|p| !p.is_null())
-        .and_then(object::lookup)
-        .map(|o| Arc::clone(&o.driver))
+        .and_then(|p| {
+            let t = object::table();
+            t.live_index(p).map(|i| Arc::clone(t.driver(i)))
+        })
         .unwrap_or_else(current)
-}
-
-fn driver_object(g: &DriverGlobals) -> Option<Arc<Object>> {
-    object::lookup(g.handle().into())
 }
 
 /// Where a memory object's buffer comes from, and so what deleting it does.
@@ -60,40 +58,55 @@ enum Origin {
     /// `WdfMemoryCreatePreallocated`: the caller's buffer, never freed by the framework.
     Preallocated,
     /// `WdfMemoryCreateFromLookaside`: returned to the list; the object holds a reference
-    /// on the list object.
-    Lookaside {
-        list: Arc<Object>,
-        core: Arc<Lookaside>,
-    },
+    /// on the list object (so the list, and its core, outlive the object).
+    Lookaside { list: WDFOBJECT },
 }
 
-/// A memory object's state.
+/// A memory object's state (changed, by `WdfMemoryAssignBuffer`, with the table locked).
 pub(crate) struct MemoryBody {
     /// (address, size) of the buffer.
-    buffer: Mutex<(usize, usize)>,
+    buffer: (usize, usize),
     origin: Origin,
 }
 
 impl MemoryBody {
-    fn get(&self) -> (usize, usize) {
-        *self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    /// The list a lookaside memory object's buffer came from.
+    pub(crate) fn list(&self) -> Option<WDFOBJECT> {
+        match self.origin {
+            Origin::Lookaside { list } => Some(list),
+            Origin::Pool { .. } | Origin::Preallocated => None,
+        }
     }
 
-    /// Gives the buffer back to where it came from (the object is being destroyed).
-    pub(crate) fn release(&self) {
-        let (addr, _) = self.get();
+    /// Gives the buffer back to where it came from (the object is being destroyed; the
+    /// table is locked): a lookaside buffer to its list now, a pool block once the table
+    /// is unlocked. Returns the list whose reference the caller must then release.
+    pub(crate) fn release(&self, t: &Table, garbage: &mut Garbage) -> Option<WDFOBJECT> {
+        let (addr, _) = self.buffer;
         match &self.origin {
-            Origin::Pool { pool, tag } => pool.free(addr as *mut u8, Some(*tag)),
-            Origin::Preallocated => {}
-            Origin::Lookaside { list, core } => {
+            Origin::Pool { pool, tag } => {
+                garbage.free_pool(Arc::clone(pool), addr, *tag);
+                None
+            }
+            Origin::Preallocated => None,
+            Origin::Lookaside { list } => {
+                let core = lookaside_core(t, *list).expect("a memory object's list outlives it");
                 if let Some(p) = NonNull::new(addr as *mut u8) {
                     // SAFETY: the block came from `core.allocate()` for this object, which
                     // is being destroyed, so it is returned exactly once.
                     unsafe { core.free(p) };
                 }
-                object::release(list);
+                Some(*list)
             }
         }
+    }
+}
+
+/// The core list of lookaside object `list` (live, or destroyed and still in the tree).
+fn lookaside_core(t: &Table, list: WDFOBJECT) -> Option<&Lookaside> {
+    match &t.node(list)?.body {
+        Body::Lookaside(b) => Some(&b.core),
+        _ => None,
     }
 }
 
@@ -111,19 +124,16 @@ fn create_memory(
     attributes: Option<&WDF_OBJECT_ATTRIBUTES>,
     api: &'static str,
 ) -> Result<WDFMEMORY, NTSTATUS> {
-    let default_parent = driver_object(&g);
+    let default_parent = g.handle().into();
     object::create(NewObject {
         kind,
         driver: g,
-        body: Body::Memory(MemoryBody {
-            buffer: Mutex::new(buffer),
-            origin,
-        }),
+        body: Body::Memory(MemoryBody { buffer, origin }),
         attributes,
         default_parent,
         api,
     })
-    .map(|o| WDFMEMORY(o.handle))
+    .map(WDFMEMORY)
 }
 
 /// `WdfMemoryCreate`: a memory object with a `BufferSize`-byte buffer from `PoolType`
@@ -269,37 +279,47 @@ pub unsafe fn WdfMemoryAssignBuffer(
 ) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::WdfMemoryAssignBuffer);
     const API: &str = "WdfMemoryAssignBuffer";
-    let Some(o) = object::resolve(Memory.into(), fx_type::FX_TYPE_MEMORY_PREALLOCATED, API) else {
-        return STATUS_INVALID_HANDLE;
+    let h = Memory.into();
+    let mut t = object::table();
+    let i = match t.resolve(h, fx_type::FX_TYPE_MEMORY_PREALLOCATED) {
+        Ok(i) => i,
+        Err(found) => {
+            drop(t);
+            object::invalid_handle(h, fx_type::FX_TYPE_MEMORY_PREALLOCATED, API, found);
+            return STATUS_INVALID_HANDLE;
+        }
     };
     if Buffer.is_null() {
+        drop(t);
         null_parameter(API, "Buffer");
         return STATUS_INVALID_PARAMETER;
     }
     if BufferSize == 0 {
         return STATUS_INVALID_PARAMETER;
     }
-    let Body::Memory(m) = &o.body else {
+    let Body::Memory(m) = &mut t.at_mut(i).body else {
         unreachable!("a preallocated memory object has a memory body")
     };
-    *m.buffer.lock().unwrap_or_else(|e| e.into_inner()) = (Buffer as usize, BufferSize);
+    m.buffer = (Buffer as usize, BufferSize);
     STATUS_SUCCESS
 }
 
-fn memory_body(Memory: WDFMEMORY, api: &str) -> Option<(Arc<Object>, (usize, usize))> {
-    let o = object::resolve(Memory.into(), fx_type::IFX_TYPE_MEMORY, api)?;
-    let Body::Memory(m) = &o.body else {
-        unreachable!("a memory object has a memory body")
-    };
-    let b = m.get();
-    Some((o, b))
+/// The (address, size) of memory object `Memory`'s buffer. The buffer stays valid while
+/// the object lives (the driver's business, as in KMDF).
+fn memory_body(Memory: WDFMEMORY, api: &str) -> Option<(usize, usize)> {
+    object::with_resolved(Memory.into(), fx_type::IFX_TYPE_MEMORY, api, |o| {
+        match &o.body {
+            Body::Memory(m) => m.buffer,
+            _ => unreachable!("a memory object has a memory body"),
+        }
+    })
 }
 
 /// `WdfMemoryGetBuffer`: the buffer's address, and its size in `BufferSize` (the size
 /// requested at creation).
 pub fn WdfMemoryGetBuffer(Memory: WDFMEMORY, BufferSize: Option<&mut usize>) -> *mut c_void {
     super::coverage::record(super::coverage::Api::WdfMemoryGetBuffer);
-    let Some((_, (addr, size))) = memory_body(Memory, "WdfMemoryGetBuffer") else {
+    let Some((addr, size)) = memory_body(Memory, "WdfMemoryGetBuffer") else {
         return std::ptr::null_mut();
     };
     if let Some(s) = BufferSize {
@@ -324,7 +344,7 @@ pub unsafe fn WdfMemoryCopyToBuffer(
 ) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::WdfMemoryCopyToBuffer);
     const API: &str = "WdfMemoryCopyToBuffer";
-    let Some((_o, (addr, size))) = memory_body(SourceMemory, API) else {
+    let Some((addr, size)) = memory_body(SourceMemory, API) else {
         return STATUS_INVALID_HANDLE;
     };
     if Buffer.is_null() {
@@ -338,8 +358,8 @@ pub unsafe fn WdfMemoryCopyToBuffer(
         return STATUS_BUFFER_TOO_SMALL;
     }
     // SAFETY: the source range is inside the memory object's buffer (checked above; the
-    // buffer is valid while the object lives, which `_o` ensures); the destination is the
-    // caller's promise.
+    // buffer is valid while the object lives, which the driver ensures by not deleting it
+    // during the call, as in KMDF); the destination is the caller's promise.
     unsafe {
         std::ptr::copy_nonoverlapping(
             (addr + SourceOffset) as *const u8,
@@ -367,7 +387,7 @@ pub unsafe fn WdfMemoryCopyFromBuffer(
 ) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::WdfMemoryCopyFromBuffer);
     const API: &str = "WdfMemoryCopyFromBuffer";
-    let Some((_o, (addr, size))) = memory_body(DestinationMemory, API) else {
+    let Some((addr, size)) = memory_body(DestinationMemory, API) else {
         return STATUS_INVALID_HANDLE;
     };
     if Buffer.is_null() {
@@ -462,20 +482,20 @@ pub fn WdfLookasideListCreate(
         DEFAULT_DEPTH,
         Arc::clone(g.pool()),
     ));
-    let default_parent = driver_object(&g);
+    let default_parent = g.handle().into();
     match object::create(NewObject {
         kind: Kind::Lookaside,
         driver: g,
-        body: Body::Lookaside(LookasideBody {
+        body: Body::Lookaside(Box::new(LookasideBody {
             core,
             memory_attributes: MemoryAttributes.copied(),
-        }),
+        })),
         attributes: LookasideAttributes,
         default_parent,
         api: API,
     }) {
-        Ok(o) => {
-            *out = WDFLOOKASIDE(o.handle);
+        Ok(h) => {
+            *out = WDFLOOKASIDE(h);
             STATUS_SUCCESS
         }
         Err(s) => s,
@@ -498,48 +518,110 @@ pub fn WdfMemoryCreateFromLookaside(
 ) -> NTSTATUS {
     super::coverage::record(super::coverage::Api::WdfMemoryCreateFromLookaside);
     const API: &str = "WdfMemoryCreateFromLookaside";
-    let Some(list) = object::resolve(Lookaside.into(), fx_type::FX_TYPE_LOOKASIDE, API) else {
-        return STATUS_INVALID_HANDLE;
+    // One critical section on the common path (no context type in the memory attributes):
+    // the list is resolved, the buffer taken, the object made and attached, and the list
+    // referenced under one lock of the handle table. The checks are KMDF's, in its order.
+    let lh: WDFOBJECT = Lookaside.into();
+    let irql = KeGetCurrentIrql();
+    let mut context = None;
+    let mut Memory = Memory;
+    let mut t = object::table();
+    let list = loop {
+        let list = match t.resolve(lh, fx_type::FX_TYPE_LOOKASIDE) {
+            Ok(i) => i,
+            Err(found) => {
+                drop(t);
+                object::invalid_handle(lh, fx_type::FX_TYPE_LOOKASIDE, API, found);
+                return STATUS_INVALID_HANDLE;
+            }
+        };
+        let Some(out) = Memory.as_deref_mut() else {
+            drop(t);
+            null_parameter(API, "Memory");
+            return STATUS_INVALID_PARAMETER;
+        };
+        *out = WDFMEMORY::NULL;
+        let Body::Lookaside(body) = &t.at(list).body else {
+            unreachable!("a lookaside object has a lookaside body")
+        };
+        let max = match body.core.kind() {
+            PoolKind::Paged => APC_LEVEL,
+            PoolKind::NonPaged => DISPATCH_LEVEL,
+        };
+        if irql > max {
+            drop(t);
+            // Logs the violation (and answers `false`).
+            irql_at_most(API, max);
+            return STATUS_INVALID_DEVICE_REQUEST;
+        }
+        // A context type: its `Default` is the driver's code, run with the table unlocked;
+        // then the list is resolved again.
+        match body.memory_attributes.and_then(|a| a.ContextTypeInfo) {
+            Some(info) if context.is_none() => {
+                drop(t);
+                context = Some(((info.type_id)(), (info.make)()));
+                t = object::table();
+            }
+            _ => break list,
+        }
     };
-    let Some(out) = Memory else {
-        null_parameter(API, "Memory");
-        return STATUS_INVALID_PARAMETER;
-    };
-    *out = WDFMEMORY::NULL;
-    let Body::Lookaside(body) = &list.body else {
+    let Body::Lookaside(body) = &t.at(list).body else {
         unreachable!("a lookaside object has a lookaside body")
     };
-    let max = match body.core.kind() {
-        PoolKind::Paged => APC_LEVEL,
-        PoolKind::NonPaged => DISPATCH_LEVEL,
-    };
-    if !irql_at_most(API, max) {
-        return STATUS_INVALID_DEVICE_REQUEST;
-    }
+    let attributes = body.memory_attributes;
+    let size = body.core.size();
     let Some(buf) = body.core.allocate() else {
         return STATUS_INSUFFICIENT_RESOURCES;
     };
-    object::reference(&list);
-    let g = Arc::clone(&list.driver);
-    match create_memory(
-        g,
-        Kind::MemoryLookaside,
-        (buf.as_ptr() as usize, body.core.size()),
-        Origin::Lookaside {
-            list: Arc::clone(&list),
-            core: Arc::clone(&body.core),
+    let give_back = |t: &Table| {
+        let Body::Lookaside(b) = &t.at(list).body else {
+            unreachable!("a lookaside object has a lookaside body")
+        };
+        // SAFETY: `buf` came from this list's `allocate`, was never handed out, and is
+        // given back once (on a failure path that returns right after).
+        unsafe { b.core.free(buf) }
+    };
+    // The parent: the memory attributes' ParentObject, else the list's driver (never the
+    // list).
+    let named_parent = attributes.map(|a| a.ParentObject).filter(|p| !p.is_null());
+    let parent = match named_parent {
+        Some(p) => match t.resolve(p, fx_type::FX_TYPE_OBJECT) {
+            Ok(i) => Some(i),
+            Err(found) => {
+                give_back(&t);
+                drop(t);
+                object::invalid_handle(p, fx_type::FX_TYPE_OBJECT, API, found);
+                return STATUS_INVALID_HANDLE;
+            }
         },
-        body.memory_attributes.as_ref(),
-        API,
-    ) {
+        None => t.live_index(t.driver(list).handle().into()),
+    };
+    let make = move || {
+        Object::new(
+            Kind::MemoryLookaside,
+            None,
+            Body::Memory(MemoryBody {
+                buffer: (buf.as_ptr() as usize, size),
+                origin: Origin::Lookaside { list: lh },
+            }),
+            context,
+            attributes.as_ref(),
+        )
+    };
+    match t.insert(parent, make) {
         Ok(h) => {
-            *out = h;
+            object::reference_at(&mut t, list);
+            drop(t);
+            if let Some(out) = Memory {
+                *out = WDFMEMORY(h);
+            }
             STATUS_SUCCESS
         }
-        Err(s) => {
-            // SAFETY: `buf` came from this list's `allocate` and was never handed out.
-            unsafe { body.core.free(buf) };
-            object::release(&list);
+        Err((s, make)) => {
+            give_back(&t);
+            drop(t);
+            // What it holds (a context) goes with the table unlocked.
+            drop(make);
             s
         }
     }
@@ -548,11 +630,11 @@ pub fn WdfMemoryCreateFromLookaside(
 /// The lookaside list's counters (the NT `GENERAL_LOOKASIDE` fields; a model inspection
 /// helper, not a KMDF DDI).
 pub fn lookaside_stats(Lookaside: WDFLOOKASIDE) -> Option<LookasideStats> {
-    let o = object::lookup(Lookaside.into())?;
-    match &o.body {
-        Body::Lookaside(b) => Some(b.core.stats()),
-        _ => None,
-    }
+    let core = match &object::table().live(Lookaside.into())?.body {
+        Body::Lookaside(b) => Arc::clone(&b.core),
+        _ => return None,
+    };
+    Some(core.stats())
 }
 
 #[cfg(test)]
