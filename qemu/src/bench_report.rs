@@ -797,6 +797,47 @@ fn lookaside_section(dir: &Path, out: &mut String) -> Result<bool> {
     Ok(true)
 }
 
+// ---- the guest bench -------------------------------------------------------------------
+
+/// The guest bench's tables (`scripts/bench --guest`, written by `domdma-vm run --bench` to
+/// `GUEST/PROFILE/bench.txt`), one section per profile that has one.
+fn guest_section(guest: &Path, out: &mut String) -> Result<bool> {
+    let Ok(entries) = std::fs::read_dir(guest) else {
+        return Ok(false);
+    };
+    let mut profiles: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("bench.txt").is_file())
+        .collect();
+    profiles.sort();
+    for dir in &profiles {
+        let Some(table) = read(&dir.join("bench.txt"))? else {
+            continue;
+        };
+        let profile = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let _ = writeln!(out, "## Inside the guest: profile {profile}\n");
+        let _ = writeln!(
+            out,
+            "Measured by the guest binary through the driver model's back end: submit to \
+             completion of a 64-byte COPY (polling the record, and by MSI-X) and COPY \
+             throughput by size against the guest's own memcpy of the same buffers. Under \
+             TCG the guest's memcpy is emulated while the device copies natively, so the \
+             ratios say what offloading gains such a guest, not what the engine costs.\n"
+        );
+        let _ = writeln!(out, "```text\n{}\n```\n", table.trim_end());
+        let _ = writeln!(
+            out,
+            "Command: `scripts/bench --guest --profile {profile}` (figures: \
+             `target/domdma/guest/{profile}/bench.json`).\n"
+        );
+    }
+    Ok(!profiles.is_empty())
+}
+
 // ---- the report ----------------------------------------------------------------------
 
 fn section_footer(out: &mut String, meta: &Meta) {
@@ -869,6 +910,10 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     any |= engine_section(dir, &mut body)?;
     any |= roundtrip_section(dir, &mut body)?;
     any |= lookaside_section(dir, &mut body)?;
+    // The guest bench's output lies beside this directory (target/domdma/guest/).
+    if let Some(parent) = dir.parent() {
+        any |= guest_section(&parent.join("guest"), &mut body)?;
+    }
     if !any {
         return Err(BenchReportError::Empty(dir.to_owned()));
     }
@@ -933,6 +978,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("l.tsv:2:") && e.contains("3 fields"), "{e}");
+    }
+
+    #[test]
+    fn guest_bench_tables_get_a_section_each() {
+        let dir = tempdir();
+        let bench = dir.path().join("bench");
+        let numa = dir.path().join("guest/numa");
+        std::fs::create_dir_all(&bench).unwrap();
+        std::fs::create_dir_all(&numa).unwrap();
+        std::fs::create_dir_all(dir.path().join("guest/flat")).unwrap();
+        std::fs::write(numa.join("bench.txt"), "latency poll p50 11.0 us\n").unwrap();
+        let md = std::fs::read_to_string(write_report(&bench).unwrap()).unwrap();
+        assert!(md.contains("## Inside the guest: profile numa"), "{md}");
+        assert!(md.contains("latency poll p50 11.0 us"), "{md}");
+        assert!(
+            !md.contains("profile flat"),
+            "a profile without a bench: {md}"
+        );
     }
 
     #[test]
