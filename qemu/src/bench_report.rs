@@ -274,8 +274,9 @@ fn draw_engine<DB: DrawingBackend>(
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
     let sizes: Vec<u64> = series.values().flat_map(|m| m.keys().copied()).collect();
-    let lo = sizes.iter().copied().min().unwrap_or(4096) as f64;
-    let hi = sizes.iter().copied().max().unwrap_or(1 << 24) as f64;
+    // x is log2 of the transfer size, so that the labels fall on powers of two.
+    let lo = (sizes.iter().copied().min().unwrap_or(4096) as f64).log2() - 0.5;
+    let hi = (sizes.iter().copied().max().unwrap_or(1 << 24) as f64).log2() + 0.5;
     let top = series
         .values()
         .flat_map(|m| m.values().flat_map(|(_, v)| v.iter().copied()))
@@ -286,13 +287,20 @@ fn draw_engine<DB: DrawingBackend>(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(52)
-        .build_cartesian_2d((lo / 1.5..hi * 1.5).log_scale(), 0.0..top)
+        .build_cartesian_2d(lo..hi, 0.0..top)
         .map_err(e)?;
     chart
         .configure_mesh()
         .x_desc("transfer size")
         .y_desc("engine / memcpy (median of runs)")
-        .x_label_formatter(&|v| size_label(*v))
+        .x_labels((hi - lo) as usize + 1)
+        .x_label_formatter(&|v| {
+            if (v - v.round()).abs() < 1e-6 {
+                size_label(v.round().exp2())
+            } else {
+                String::new()
+            }
+        })
         .y_label_formatter(&|v| format!("{v:.1}x"))
         .draw()
         .map_err(e)?;
@@ -300,7 +308,7 @@ fn draw_engine<DB: DrawingBackend>(
     for (level, label) in [(0.9, "0.9x target (2 MiB)"), (0.7, "0.7x target (4 KiB)")] {
         chart
             .draw_series(LineSeries::new(
-                [(lo / 1.5, level), (hi * 1.5, level)],
+                [(lo, level), (hi, level)],
                 BLACK.mix(0.35).stroke_width(1),
             ))
             .map_err(e)?
@@ -311,7 +319,7 @@ fn draw_engine<DB: DrawingBackend>(
         let color = COLORS[i % COLORS.len()];
         let points: Vec<(f64, (f64, f64, f64))> = by_size
             .iter()
-            .map(|(&b, (_, v))| (b as f64, median_range(v)))
+            .map(|(&b, (_, v))| ((b as f64).log2(), median_range(v)))
             .collect();
         chart
             .draw_series(LineSeries::new(
