@@ -5,7 +5,7 @@
 //! binary in over SSH, runs it, and writes `junit.xml` with the device, QEMU, serial and guest
 //! logs beside it. `domdma-vm kvm-probe` tells whether /dev/kvm really runs a guest.
 //! `domdma-vm run --bench` runs the guest bench instead of the suite and writes `bench.json`
-//! and `bench.txt` beside the logs (see [`bench`]).
+//! and `bench.txt` beside the logs (see [`bench`](mod@bench)).
 //!
 //! `cargo test` never boots a VM: the tests here cover the pure parts (command line, result
 //! parsing, JUnit, serial scanning) and process handling with stand-in programs.

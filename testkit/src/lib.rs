@@ -7,7 +7,7 @@
 //!   (`device/tests/conformance.rs`), VFIO inside the QEMU guest (`domdma-guest-tests`).
 //!   A scenario declares what it needs ([`conformance::Need`]) and is skipped with the
 //!   reason where the back end or guest profile lacks it.
-//! - [`check`]: failures, the `check!` / `check_eq!` macros and the checks scenarios share
+//! - [`check`](mod@check): failures, the `check!` / `check_eq!` macros and the checks scenarios share
 //!   (completion status, fault, bytes).
 //! - [`fixtures`]: seeded random data unique per page, canary-guarded buffers, queues (in
 //!   translated domains too), fault-record and counter checks, a software CRC32C.

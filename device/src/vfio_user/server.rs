@@ -218,8 +218,8 @@ impl std::fmt::Debug for Server {
 }
 
 /// Raise the soft descriptor limit to the hard one (each DMA mapping keeps its file open)
-/// and return the number of DMA mappings the process can hold beside [`FD_RESERVE`]
-/// descriptors, at most [`MAX_DMA_MAPS`] and at least 1.
+/// and return the number of DMA mappings the process can hold beside a reserve of
+/// descriptors (64 plus one message's worth), at most [`MAX_DMA_MAPS`] and at least 1.
 pub fn dma_map_budget() -> u32 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

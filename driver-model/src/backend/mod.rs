@@ -16,7 +16,7 @@
 //!   physical addresses from `/proc/self/pagemap`, completions by polling;
 //! - [`inprocess`]: the device core linked into the process, over `vm-memory` guest RAM;
 //! - [`vfio_user`]: this process as the VMM, talking to the real device server over its
-//!   vfio-user socket (and [`vfio_user::DeviceServer`] to start one in tests).
+//!   vfio-user socket (tests start one with the test kit's launcher).
 //!
 //! The last two own guest RAM themselves: [`phys`] lays it out as NUMA nodes and allocates
 //! physically contiguous base- and huge-page ranges from it.

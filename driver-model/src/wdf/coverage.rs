@@ -2,7 +2,7 @@
 //! suite calls every one of them (`guest::wdf_facade_coverage`).
 //!
 //! Each public function of the facade records itself on entry with one relaxed atomic
-//! store ([`record`]); the test `every_public_function_records_itself` keeps
+//! store (`record`); the test `every_public_function_records_itself` keeps
 //! [`FUNCTIONS`] and the sources in step, so a new function cannot escape the check.
 
 use std::sync::atomic::{AtomicBool, Ordering};
