@@ -288,6 +288,30 @@ impl Conn {
         fds: &[RawFd],
         max_reply: usize,
     ) -> std::result::Result<Vec<u8>, VfioUserError> {
+        self.on_link(cmd, |stream, id, timeout| {
+            exchange(stream, id, cmd, payload, fds, max_reply, timeout)
+        })
+    }
+
+    /// Sends command `cmd` with `payload` asking for no reply.
+    fn post(&mut self, cmd: Cmd, payload: &[u8]) -> std::result::Result<(), VfioUserError> {
+        self.on_link(cmd, |stream, id, timeout| {
+            let msg = proto::encode_command(id, cmd as u16, proto::FLAGS_NO_REPLY, payload);
+            send_all(stream, &msg, &[]).map_err(socket_error(
+                command_name(cmd),
+                "sending a request",
+                timeout,
+            ))
+        })
+    }
+
+    /// Runs `f` on the open socket with the next message id; an error that breaks the
+    /// stream marks the link broken (every later call fails with it).
+    fn on_link<T>(
+        &mut self,
+        cmd: Cmd,
+        f: impl FnOnce(&mut UnixStream, u16, Duration) -> std::result::Result<T, VfioUserError>,
+    ) -> std::result::Result<T, VfioUserError> {
         let stream = match &mut self.link {
             Link::Open(s) => s,
             Link::Broken(reason) => {
@@ -298,44 +322,13 @@ impl Conn {
         };
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let result = exchange(stream, id, cmd, payload, fds, max_reply, self.timeout);
+        let result = f(stream, id, self.timeout);
         if let Err(e) = &result {
             if e.breaks_link() {
                 warn!(
                     command = command_name(cmd),
                     "vfio-user connection broken: {e}"
                 );
-                if let Link::Open(s) = &self.link {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
-                self.link = Link::Broken(e.to_string());
-            }
-        }
-        result
-    }
-
-    /// Sends command `cmd` with `payload` asking for no reply.
-    fn post(&mut self, cmd: Cmd, payload: &[u8]) -> std::result::Result<(), VfioUserError> {
-        let stream = match &mut self.link {
-            Link::Open(s) => s,
-            Link::Broken(reason) => {
-                return Err(VfioUserError::Broken {
-                    reason: reason.clone(),
-                })
-            }
-        };
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let name = command_name(cmd);
-        let msg = proto::encode_command(id, cmd as u16, proto::FLAGS_NO_REPLY, payload);
-        let result = send_all(stream, &msg, &[]).map_err(socket_error(
-            name,
-            "sending a request",
-            self.timeout,
-        ));
-        if let Err(e) = &result {
-            if e.breaks_link() {
-                warn!(command = name, "vfio-user connection broken: {e}");
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 self.link = Link::Broken(e.to_string());
             }
