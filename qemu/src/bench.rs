@@ -16,10 +16,9 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// The start of a bench line.
-pub const BENCH_PREFIX: &str = "DOMDMA-BENCH";
+pub use domdma_testkit::bench_record::{Record, BENCH_PREFIX};
 
 /// Errors of the bench report.
 #[derive(Debug, thiserror::Error)]
@@ -50,77 +49,6 @@ pub fn parse_line(line: &str) -> Option<Result<serde_json::Value, BenchError>> {
             .and_then(|_| serde_json::from_str(rest.trim()))
             .map_err(BenchError::Json),
     )
-}
-
-/// The fields of a bench record the table shows (the JSON keeps all of them).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Record {
-    /// Where the bench ran.
-    Env {
-        /// The driver model's back end.
-        backend: String,
-        /// How BAR0 is reached.
-        #[serde(default)]
-        register_access: String,
-        /// The CPUID hypervisor signature.
-        #[serde(default)]
-        hypervisor: String,
-        /// The guest's CPU model.
-        #[serde(default)]
-        cpu_model: String,
-        /// CPUs online in the guest.
-        #[serde(default)]
-        cpus: usize,
-        /// Rounds.
-        rounds: u32,
-        /// Latency samples per round.
-        latency_samples: u32,
-        /// Bytes per throughput measurement.
-        throughput_bytes: u64,
-    },
-    /// Submit-to-completion latency.
-    Latency {
-        /// "poll", "irq", "memcpy" or "clock".
-        completion: String,
-        /// Bytes per operation.
-        bytes: usize,
-        /// Median of the rounds' p50, microseconds.
-        p50_us: f64,
-        /// Median of the rounds' p99, microseconds.
-        p99_us: f64,
-        /// Smallest sample, microseconds.
-        min_us: f64,
-        /// Largest sample, microseconds.
-        max_us: f64,
-    },
-    /// COPY throughput against memcpy.
-    Throughput {
-        /// "2M" or "4K".
-        pages: String,
-        /// Transfer size.
-        bytes: usize,
-        /// Median DMA MiB/s.
-        dma_mib_s: f64,
-        /// Median memcpy MiB/s.
-        memcpy_mib_s: f64,
-        /// Median DMA/memcpy ratio.
-        ratio: f64,
-        /// Smallest ratio of a round.
-        ratio_min: f64,
-        /// Largest ratio of a round.
-        ratio_max: f64,
-    },
-    /// A part not measured.
-    Skipped {
-        /// What.
-        what: String,
-        /// Why.
-        reason: String,
-    },
-    /// A kind this runner does not know (a newer guest binary): kept in the JSON only.
-    #[serde(other)]
-    Unknown,
 }
 
 /// The host's CPUs and load average at one moment: other work on the host skews every
@@ -234,6 +162,7 @@ impl BenchReport {
                 rounds,
                 latency_samples,
                 throughput_bytes: bytes,
+                ..
             } = r
             {
                 samples = *latency_samples;
@@ -269,6 +198,7 @@ impl BenchReport {
                     p99_us,
                     min_us,
                     max_us,
+                    ..
                 } = r
                 {
                     let _ = writeln!(
@@ -324,6 +254,7 @@ impl BenchReport {
                     ratio,
                     ratio_min,
                     ratio_max,
+                    ..
                 } = r
                 {
                     let _ = writeln!(

@@ -18,6 +18,7 @@
 //!   test harness (Cargo's `CARGO_BIN_EXE_domdma-device`, or `DOMDMA_DEVICE_BIN`), never
 //!   built here.
 
+pub mod bench_record;
 pub mod check;
 pub mod conformance;
 pub mod core_driver;
