@@ -766,6 +766,9 @@ pub struct QueueCtx {
     pub size: u32,
     /// Next slot to write.
     pub tail: u32,
+    /// The device's head as last read (`Q_HEAD`): the ring has at least the room this
+    /// leaves, since the head only moves towards the tail.
+    pub head_seen: u32,
     /// Domain.
     pub domain: u32,
 }
@@ -1083,6 +1086,7 @@ impl Driver {
                 cpl,
                 size,
                 tail: 0,
+                head_seen: 0,
                 domain,
             },
         );
@@ -1108,17 +1112,23 @@ impl Driver {
     pub fn reset_tail(&mut self, q: u32) {
         if let Some(c) = self.queues.get_mut(&q) {
             c.tail = 0;
+            c.head_seen = 0;
         }
     }
 
     /// Write a descriptor at the tail without ringing; zeroes its slot record.
     pub fn push(&mut self, q: u32, desc: Desc) -> Ticket {
         let c = self.queue(q);
-        // Flow control: keep one slot free (head == tail means empty).
-        poll(&format!("room in queue {q}"), || {
-            let head = self.qread(q, Q_HEAD);
-            ((c.tail + 1) % c.size != head).then_some(())
-        });
+        // Flow control: keep one slot free (head == tail means empty). As a driver does,
+        // read the head register only when the head last seen leaves no room (a register
+        // read per descriptor would contend with the device for the queue).
+        if (c.tail + 1) % c.size == c.head_seen {
+            let head = poll(&format!("room in queue {q}"), || {
+                let head = self.qread(q, Q_HEAD);
+                ((c.tail + 1) % c.size != head).then_some(head)
+            });
+            self.queues.get_mut(&q).unwrap().head_seen = head;
+        }
         let slot = c.tail;
         let slot_cpl = c.cpl + u64::from(slot) * COMPLETION_SIZE;
         let (cpl_iova, cpl_bus) = match desc.cpl {
