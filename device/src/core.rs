@@ -20,6 +20,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::irq::InterruptSink;
 use crate::pci::ConfigSpace;
 use crate::spec::*;
+use crate::trace::{Event, ResetKind, Tracer};
 
 pub mod bus;
 pub mod engine;
@@ -172,6 +173,21 @@ impl Device {
     ///
     /// When the host cannot start a thread.
     pub fn new(config: DeviceConfig, mem: BusMemory, irq: Arc<dyn InterruptSink>) -> Self {
+        Self::with_tracer(config, mem, irq, Tracer::off())
+    }
+
+    /// [`Device::new`], recording what the device does through `trace` (see
+    /// [`crate::trace`]).
+    ///
+    /// # Panics
+    ///
+    /// When the host cannot start a thread.
+    pub fn with_tracer(
+        config: DeviceConfig,
+        mem: BusMemory,
+        irq: Arc<dyn InterruptSink>,
+        trace: Tracer,
+    ) -> Self {
         // Bus memory that vanishes under the engine faults its access rather than ending
         // the process (see `sigbus`).
         sigbus::install_or_warn();
@@ -185,11 +201,13 @@ impl Device {
                 config.iotlb_entries as usize,
                 config.strict_iotlb,
             )
-            .with_workers(queues),
+            .with_workers(queues)
+            .with_tracer(trace.clone()),
             faults: FaultLog::new(queues, vectors),
             queues: (0..queues).map(QueueSlot::new).collect(),
             bus_master: AtomicBool::new(false),
             inject: inject::Rules::default(),
+            trace,
             config: config.clone(),
             mem,
             irq,
@@ -216,6 +234,12 @@ impl Device {
         };
         dev.reset_msix_table();
         dev
+    }
+
+    /// The trace this device records to (off unless made with [`Device::with_tracer`]);
+    /// the transport records its DMA_MAP and DMA_UNMAP through it.
+    pub fn tracer(&self) -> &Tracer {
+        &self.shared.trace
     }
 
     /// Size of configuration space in bytes.
@@ -329,6 +353,9 @@ impl Device {
     /// and the MSI-X table. Bus memory mappings and interrupt routes belong to the transport
     /// and are kept. Returns once every worker has stopped.
     pub fn reset(&mut self) {
+        self.shared.trace.record(|| Event::Reset {
+            kind: ResetKind::Function,
+        });
         self.soft_reset();
         self.pci = ConfigSpace::new(&bar_sizes(), self.config.msix_vectors());
         self.shared.set_bus_master(false);
@@ -439,6 +466,9 @@ impl Device {
             REG_SCRATCH => self.scratch = value,
             REG_DEV_CTRL => {
                 if value & DEV_CTRL_RESET != 0 {
+                    self.shared.trace.record(|| Event::Reset {
+                        kind: ResetKind::Device,
+                    });
                     self.soft_reset();
                 }
             }
@@ -460,6 +490,12 @@ impl Device {
                     block_of(reg, QUEUE_BASE, QUEUE_STRIDE, self.shared.queues.len())
                 {
                     let limits = self.limits();
+                    if r == Q_TAIL {
+                        self.shared.trace.record(|| Event::Doorbell {
+                            queue: q as u16,
+                            tail: value,
+                        });
+                    }
                     self.shared.queues[q].write(r, value, limits);
                 } else if let Some((d, r)) = block_of(
                     reg,
@@ -493,6 +529,17 @@ impl Device {
         self.inv.status = INV_STATUS_BUSY;
         let done = inv.is_some_and(|inv| self.shared.mmu.invalidate(inv));
         if done {
+            let (domain, iova, len) = match inv {
+                Some(Invalidation::Range { domain, iova, len }) => (domain, iova, len),
+                Some(Invalidation::Domain(d)) => (d, 0, 0),
+                _ => (u16::MAX, 0, 0),
+            };
+            self.shared.trace.record(|| Event::Invalidate {
+                kind: cmd as u8,
+                domain,
+                iova,
+                len,
+            });
             self.inv.status = 0;
             self.inv.seq = self.inv.seq.wrapping_add(1);
         } else {

@@ -33,6 +33,7 @@ use tracing::info;
                   private RAM is reached through QEMU with DMA_READ / DMA_WRITE (slower).\n\n\
                   Inspector: --inspect PATH serves one JSON document of counters per connection\n\
                   (e.g. socat - UNIX-CONNECT:PATH).\n\n\
+                  Trace: --trace FILE records every DMA the device does; domdma-trace reads it.\n\n\
                   Logging: DOMDMA_LOG or RUST_LOG (e.g. debug, domdma_device=trace); default info."
 )]
 struct Args {
@@ -64,6 +65,11 @@ struct Args {
     /// document per connection).
     #[arg(long, value_name = "PATH")]
     inspect: Option<PathBuf>,
+    /// Record what the device does to FILE: doorbells, descriptors fetched, translations,
+    /// completions, faults, interrupts, invalidations, DMA_MAP / DMA_UNMAP and resets,
+    /// with timestamps. Read it with `domdma-trace summary|show|perfetto FILE`.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// Let the members of this group (name or gid) connect too: the sockets get mode 0660
     /// and this group (by default they are 0600, the owner only, whatever the umask). For a
     /// QEMU that runs as another user.
@@ -206,6 +212,7 @@ fn main() -> ExitCode {
         },
         handshake_timeout: args.handshake_timeout,
         message_timeout: args.message_timeout,
+        trace: args.trace.clone(),
         ..ServerOptions::default()
     };
     // Binding raises the descriptor limit to the hard limit and sizes max_dma_maps to it.
@@ -241,7 +248,20 @@ fn main() -> ExitCode {
     info!("listening on {}", server.path().display());
     let result = server.run();
     let path = server.path().to_path_buf();
+    let recorder = server.tracer().recorder().cloned();
+    // Stops the device's workers: nothing records after this.
     drop(server);
+    if let Some(r) = recorder {
+        match r.finish() {
+            Ok(n) => info!(
+                records = n,
+                dropped = r.dropped(),
+                "trace written to {}",
+                r.path().display()
+            ),
+            Err(e) => eprintln!("domdma-device: error: trace: {}", chain(&e)),
+        }
+    }
     match result {
         Ok(()) => {
             info!("stopped; socket {} removed", path.display());

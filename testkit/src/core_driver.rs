@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use domdma_device::core::{BusMemory, Device, DeviceConfig, DeviceStats};
 use domdma_device::irq::RecordingInterrupts;
 use domdma_device::spec::*;
+use domdma_device::trace::Tracer;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
@@ -808,9 +809,14 @@ impl Driver {
 
     /// A device with `config`, bus mastering on.
     pub fn with_config(config: DeviceConfig) -> Self {
+        Self::with_tracer(config, Tracer::off())
+    }
+
+    /// A device with `config` that records to `trace`, bus mastering on.
+    pub fn with_tracer(config: DeviceConfig, trace: Tracer) -> Self {
         let bus = Bus::new();
         let irq = Arc::new(RecordingInterrupts::new());
-        let dev = Device::new(config.clone(), bus.mem.clone(), irq.clone());
+        let dev = Device::with_tracer(config.clone(), bus.mem.clone(), irq.clone(), trace);
         let mut d = Self {
             dev,
             bus,

@@ -50,6 +50,8 @@ use super::stats::{add, add_locked};
 use super::{BusMemory, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::*;
+use crate::trace::event::FaultEvent;
+use crate::trace::{Event, Tracer, NO_QUEUE};
 
 /// Largest chunk translated and moved under one hold of the chunk gate (and one snapshot of
 /// bus memory): bounds how long a disable, reset, invalidation or unmap waits for a worker.
@@ -70,6 +72,7 @@ pub(crate) struct Shared {
     pub irq: Arc<dyn InterruptSink>,
     pub bus_master: AtomicBool,
     pub inject: super::inject::Rules,
+    pub trace: Tracer,
     pub mmu: Mmu,
     pub faults: FaultLog,
     pub queues: Vec<QueueSlot>,
@@ -105,6 +108,10 @@ impl Shared {
             // taking the interrupt sees it counted.
             add(&slot.counters.interrupts, 1);
             self.irq.trigger(v);
+            self.trace.record(|| Event::Interrupt {
+                vector: v,
+                queue: slot.index,
+            });
         }
     }
 }
@@ -325,6 +332,21 @@ fn prefetch(region: &GuestRegionMmap, bus: u64) {
     let _ = host;
 }
 
+/// A fault as the trace records it.
+fn fault_event(f: &Fault, seq: u32, injected: bool) -> FaultEvent {
+    FaultEvent {
+        reason: f.reason,
+        access: f.access,
+        domain: f.domain,
+        queue: f.queue,
+        iova: f.iova,
+        info: f.info,
+        level: f.level,
+        seq,
+        injected,
+    }
+}
+
 /// The work a worker took under the queue lock.
 #[derive(Debug, Clone, Copy)]
 struct Job {
@@ -491,8 +513,16 @@ impl<'a> Exec<'a> {
     fn report(&self, f: &Fault) {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
-        self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
+        let (seq, vector) = self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
         add(&self.slot.counters.faults, 1);
+        let trace = &self.shared.trace;
+        trace.record(|| Event::Fault(fault_event(f, seq, false)));
+        if let Some(vector) = vector {
+            trace.record(|| Event::Interrupt {
+                vector,
+                queue: NO_QUEUE,
+            });
+        }
     }
 
     /// A fault the engine finds itself after translating (the translation was good but the
@@ -712,6 +742,14 @@ impl<'a> Exec<'a> {
                 return RunResult::FetchFault(f);
             }
         };
+        self.shared.trace.record(|| Event::Fetch {
+            queue: self.q(),
+            slot: job.head,
+            iova: desc_iova,
+            desc: std::array::from_fn(|i| {
+                u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+            }),
+        });
         let d = Descriptor::decode(&raw);
         if let Err(why) = d.validate(self.shared.config.max_transfer) {
             // Reporting takes the gate.
@@ -1532,6 +1570,14 @@ impl<'a> Exec<'a> {
                     },
                 };
                 debug!(q = self.q(), written, "descriptor aborted by disable");
+                self.shared.trace.record(|| Event::Complete {
+                    queue: self.q(),
+                    slot: r.head,
+                    status: STATUS_ABORTED,
+                    bytes: *bytes,
+                    result: 0,
+                    written,
+                });
                 r.completed = r.completed.wrapping_add(1);
                 r.errors = r.errors.wrapping_add(1);
                 add_locked(&counters.descriptors, 1);
@@ -1586,6 +1632,14 @@ impl<'a> Exec<'a> {
             }
         };
         let ok = !failed && written;
+        self.shared.trace.record(|| Event::Complete {
+            queue: self.q(),
+            slot: r.head,
+            status: outcome.status,
+            bytes: outcome.bytes,
+            result: outcome.result,
+            written: written && d.completion != 0,
+        });
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
         r.completed = r.completed.wrapping_add(1);
         if !ok {
@@ -1667,6 +1721,7 @@ mod tests {
             queues: (0..config.queues as u16).map(QueueSlot::new).collect(),
             bus_master: AtomicBool::new(true),
             inject: Default::default(),
+            trace: Default::default(),
             config,
             mem: GuestMemoryAtomic::new(gm),
             irq: Arc::new(RecordingInterrupts::new()),

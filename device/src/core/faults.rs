@@ -245,8 +245,14 @@ impl FaultLog {
     }
 
     /// Count `fault` and, when the log is enabled and has room, write its record at the head,
-    /// advance the head and raise the fault vector. Returns the fault's sequence number.
-    pub fn report(&self, mem: &GuestMemoryMmap, irq: &dyn InterruptSink, fault: &Fault) -> u32 {
+    /// advance the head and raise the fault vector. Returns the fault's sequence number and
+    /// the vector raised, if any.
+    pub fn report(
+        &self,
+        mem: &GuestMemoryMmap,
+        irq: &dyn InterruptSink,
+        fault: &Fault,
+    ) -> (u32, Option<u16>) {
         let mut r = self.lock();
         let seq = r.count as u32;
         r.count += 1;
@@ -259,7 +265,7 @@ impl FaultLog {
         }
         if !r.enabled {
             r.dropped += 1;
-            return seq;
+            return (seq, None);
         }
         let next = (r.head + 1) & (r.size - 1);
         if next == r.tail {
@@ -268,7 +274,7 @@ impl FaultLog {
             if loud {
                 warn!(seq, "fault log full; fault dropped");
             }
-            return seq;
+            return (seq, None);
         }
         // Cannot overflow: enabling checked base + size * record size.
         let addr = r.base + u64::from(r.head) * FAULT_RECORD_SIZE;
@@ -296,7 +302,7 @@ impl FaultLog {
             warn!(error = %e, "guest error: fault record not written");
             r.dropped += 1;
             r.status |= FLOG_STATUS_ERROR;
-            return seq;
+            return (seq, None);
         }
         // The record is complete before the head moves past it.
         fence(Ordering::Release);
@@ -304,7 +310,7 @@ impl FaultLog {
         let vector = r.vector;
         drop(r);
         irq.trigger(vector);
-        seq
+        (seq, Some(vector))
     }
 
     /// Totals for the inspector.
@@ -542,7 +548,7 @@ mod tests {
         configure(&log, base, 4);
         // Three records fit in a ring of four (head + 1 == tail is full).
         for i in 0..3u64 {
-            assert_eq!(log.report(&mem, &irq, &fault(0x1000 * i)), i as u32);
+            assert_eq!(log.report(&mem, &irq, &fault(0x1000 * i)).0, i as u32);
             assert_eq!(log.read(REG_FLOG_HEAD), i as u32 + 1);
         }
         assert_eq!(irq.take(), vec![2, 2, 2]);
@@ -556,7 +562,7 @@ mod tests {
         }
         assert_eq!(record_at(&mem, base, 3), FaultRecord::decode(&[0; 32]));
         // Full: counted, dropped, flagged, no interrupt, the head stays.
-        assert_eq!(log.report(&mem, &irq, &fault(0x9000)), 3);
+        assert_eq!(log.report(&mem, &irq, &fault(0x9000)).0, 3);
         assert_eq!(log.read(REG_FLOG_HEAD), 3);
         assert!(irq.take().is_empty());
         assert_eq!(
@@ -574,9 +580,9 @@ mod tests {
         // The driver consumes two: the next record goes to slot 3, then the head wraps to 0.
         log.write(REG_FLOG_TAIL, 2);
         assert_eq!(log.read(REG_FLOG_TAIL), 2);
-        assert_eq!(log.report(&mem, &irq, &fault(0xa000)), 4);
+        assert_eq!(log.report(&mem, &irq, &fault(0xa000)).0, 4);
         assert_eq!(log.read(REG_FLOG_HEAD), 0);
-        assert_eq!(log.report(&mem, &irq, &fault(0xb000)), 5);
+        assert_eq!(log.report(&mem, &irq, &fault(0xb000)).0, 5);
         assert_eq!(log.read(REG_FLOG_HEAD), 1);
         assert_eq!(irq.take(), vec![2, 2]);
         assert_eq!(
@@ -627,7 +633,7 @@ mod tests {
     fn faults_without_a_log_or_with_an_unwritable_ring_are_counted_and_dropped() {
         let (mem, irq) = (memory(), RecordingInterrupts::new());
         let log = FaultLog::new(3, 4);
-        assert_eq!(log.report(&mem, &irq, &fault(0x1000)), 0);
+        assert_eq!(log.report(&mem, &irq, &fault(0x1000)).0, 0);
         assert_eq!(
             (log.read(REG_FLOG_COUNT), log.read(REG_FLOG_DROPPED)),
             (1, 1)
@@ -636,7 +642,7 @@ mod tests {
         // A ring outside bus memory: the record is not written, the head stays.
         configure(&log, 0x10_0000, 4);
         assert_eq!(log.read(REG_FLOG_CTRL), FLOG_CTRL_ENABLE);
-        assert_eq!(log.report(&mem, &irq, &fault(0x2000)), 1);
+        assert_eq!(log.report(&mem, &irq, &fault(0x2000)).0, 1);
         assert_eq!(log.read(REG_FLOG_HEAD), 0);
         assert_eq!(log.read(REG_FLOG_STATUS), FLOG_STATUS_ERROR);
         assert_eq!(

@@ -37,6 +37,7 @@ use self::walk::{walk, Leaf, WalkFault};
 use super::bus::Access;
 use super::stats::{add, add_locked, DomainCounters, DomainStats};
 use crate::spec::*;
+use crate::trace::{Event, Tracer, Translated, NO_QUEUE};
 
 /// An invalidation command (`REG_INV_CMD`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +152,8 @@ pub struct Mmu {
     worker_counters: Vec<Box<[DomainCounters]>>,
     iotlb: Mutex<Iotlb>,
     gate: RwLock<()>,
+    /// Where translations are recorded (see [`crate::trace`]).
+    trace: Tracer,
 }
 
 fn reset_regs(d: usize) -> DomainRegs {
@@ -200,7 +203,14 @@ impl Mmu {
             worker_counters: Vec::new(),
             iotlb: Mutex::new(Iotlb::new(iotlb_entries)),
             gate: RwLock::new(()),
+            trace: Tracer::off(),
         }
+    }
+
+    /// The same MMU recording every translation through `trace`.
+    pub fn with_tracer(mut self, trace: Tracer) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The same MMU with a copy of the domain counters for each of `workers` engine
@@ -299,6 +309,7 @@ impl Mmu {
             mmu: self,
             mem,
             d,
+            queue: worker.unwrap_or(NO_QUEUE),
             counters,
             exclusive,
             domain: self.domains.get(usize::from(d)).map(|slot| {
@@ -532,6 +543,8 @@ pub struct Translator<'a> {
     mmu: &'a Mmu,
     mem: &'a GuestMemoryMmap,
     d: u16,
+    /// The queue whose worker translates ([`NO_QUEUE`]: none), for the trace.
+    queue: u16,
     /// The domain's counters (None: the domain does not exist).
     counters: Option<&'a DomainCounters>,
     /// `counters` are this thread's alone (a worker's copy): plain stores.
@@ -557,6 +570,50 @@ impl Translator<'_> {
     /// Translate `iova` for one access, as [`Mmu::translate`] does.
     #[inline]
     pub fn translate(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        if self.mmu.trace.on() {
+            let before = self.counts;
+            let result = self.translate_untraced(iova, access);
+            self.trace(iova, access, &result, &before);
+            return result;
+        }
+        self.translate_untraced(iova, access)
+    }
+
+    /// Record a translation made from `iova` (the counts before it: `before`).
+    #[cold]
+    fn trace(
+        &self,
+        iova: u64,
+        access: Access,
+        result: &Result<Translation, TranslationFault>,
+        before: &Counts,
+    ) {
+        let Ok(t) = result else {
+            // Faults are recorded as the faults they become.
+            return;
+        };
+        let n = self.counts.since(before);
+        self.mmu.trace.record(|| {
+            Event::Translate(Translated {
+                domain: self.d,
+                queue: self.queue,
+                iova,
+                bus: t.bus,
+                len: t.len,
+                page_size: t.page_size,
+                write: access == Access::Write,
+                hits: n.hits as u32,
+                misses: n.misses as u32,
+            })
+        });
+    }
+
+    #[inline]
+    fn translate_untraced(
         &mut self,
         iova: u64,
         access: Access,
@@ -589,7 +646,23 @@ impl Translator<'_> {
         access: Access,
         want: u64,
     ) -> Result<Translation, TranslationFault> {
-        let mut run = self.translate(iova, access)?;
+        if self.mmu.trace.on() {
+            let before = self.counts;
+            let result = self.translate_run_untraced(iova, access, want);
+            self.trace(iova, access, &result, &before);
+            return result;
+        }
+        self.translate_run_untraced(iova, access, want)
+    }
+
+    #[inline]
+    fn translate_run_untraced(
+        &mut self,
+        iova: u64,
+        access: Access,
+        want: u64,
+    ) -> Result<Translation, TranslationFault> {
+        let mut run = self.translate_untraced(iova, access)?;
         while run.len < want {
             self.extend_run(&mut run, iova, access, want);
             if run.len >= want {

@@ -55,6 +55,7 @@ use crate::core::remote::RemoteMemory;
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::{QUEUE_BASE, QUEUE_STRIDE, Q_TAIL, REGS_BAR};
+use crate::trace::{Event, Recorder, TraceConfig, Tracer};
 
 /// Offset of the interrupt pin register in PCI configuration space.
 const PCI_INTERRUPT_PIN: u64 = 0x3d;
@@ -68,6 +69,9 @@ const FD_RESERVE: u64 = 64 + super::channel::SCM_MAX_FD as u64;
 /// Errors of the server: binding its socket, and accepting clients.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// The trace file (`--trace`) could not be started.
+    #[error("cannot record the trace: {0}")]
+    Trace(#[from] crate::trace::TraceError),
     /// The socket path does not fit in a UNIX socket address.
     #[error("socket path {} is {len} bytes long, more than the {MAX_SOCKET_PATH} a UNIX socket address holds; choose a shorter path", path.display())]
     PathTooLong {
@@ -151,7 +155,7 @@ pub enum ServerError {
 }
 
 /// How the server treats its sockets and clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Who may connect besides the owner (sockets are 0600 by default).
     pub access: SocketAccess,
@@ -162,6 +166,8 @@ pub struct ServerOptions {
     pub message_timeout: Duration,
     /// Clients waiting for their turn; more are closed at once.
     pub max_waiting: usize,
+    /// Record a trace of what the device does to this file (see [`crate::trace`]).
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -171,6 +177,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(5),
             message_timeout: Duration::from_secs(5),
             max_waiting: 16,
+            trace: None,
         }
     }
 }
@@ -207,6 +214,8 @@ pub struct Server {
     inspector: Option<Inspector>,
     signals: Vec<(libc::c_int, UnixStream)>,
     dma_rw: Arc<DmaRwStats>,
+    /// The device's trace (off without `trace` in the options).
+    trace: Tracer,
 }
 
 impl std::fmt::Debug for Server {
@@ -273,7 +282,12 @@ impl Server {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServerError::StopFd)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventFdInterrupts::new());
-        let device = Device::new(config.clone(), memory.clone(), irqs.clone());
+        let trace = match &options.trace {
+            Some(path) => Tracer::new(Recorder::create(path, TraceConfig::from(&config))?),
+            None => Tracer::off(),
+        };
+        let device =
+            Device::with_tracer(config.clone(), memory.clone(), irqs.clone(), trace.clone());
         let caps = Capabilities {
             max_dma_maps: dma_map_budget(),
             ..Capabilities::SERVER
@@ -296,6 +310,7 @@ impl Server {
             inspector: None,
             signals: Vec::new(),
             dma_rw: Arc::new(DmaRwStats::default()),
+            trace,
         })
     }
 
@@ -334,6 +349,11 @@ impl Server {
     /// The configuration the device was created with.
     pub fn config(&self) -> &DeviceConfig {
         &self.config
+    }
+
+    /// The trace the device records to (off unless [`ServerOptions::trace`] was given).
+    pub fn tracer(&self) -> &Tracer {
+        &self.trace
     }
 
     /// The capabilities the server advertises in VERSION (`max_dma_maps` from the
@@ -982,12 +1002,20 @@ impl<'s> Connection<'s> {
         if fds.is_empty() {
             self.channel.use_short_tick();
         }
+        let fd = !fds.is_empty();
         self.dma
             .map(m.flags, m.offset, m.address, m.size, fds)
             .map_err(|e| {
                 warn!(error = %e, "DMA_MAP refused");
                 e.errno()
             })?;
+        self.server.trace.record(|| Event::DmaMap {
+            iova: m.address,
+            size: m.size,
+            read: m.flags & DMA_MAP_FLAG_READ != 0,
+            write: m.flags & DMA_MAP_FLAG_WRITE != 0,
+            fd,
+        });
         Ok(Vec::new())
     }
 
@@ -998,6 +1026,10 @@ impl<'s> Connection<'s> {
                 return Err(libc::EINVAL);
             }
             self.dma.unmap_all();
+            self.server.trace.record(|| Event::DmaUnmap {
+                iova: 0,
+                size: u64::MAX,
+            });
         } else if m.flags != 0 {
             warn!(flags = m.flags, "DMA_UNMAP: unsupported flags");
             return Err(if m.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
@@ -1010,6 +1042,10 @@ impl<'s> Connection<'s> {
                 warn!(error = %e, "DMA_UNMAP refused");
                 e.errno()
             })?;
+            self.server.trace.record(|| Event::DmaUnmap {
+                iova: m.address,
+                size: m.size,
+            });
         }
         // The VMM reuses the memory as soon as it has the reply: wait until no DMA that may
         // still use the old mapping is moving. Memory the device reaches only through the

@@ -1,0 +1,264 @@
+//! Recording: events go from the threads that make them to a file, off the hot path.
+//!
+//! Each thread that records gets a ring of its own (a wait-free single-producer,
+//! single-consumer ring from `rtrb`): recording an event is a clock read, a thread-local
+//! lookup and a store into the ring, with no lock and no locked instruction. A writer thread
+//! drains every ring each [`DRAIN_PERIOD`], orders what it took by time and appends it to
+//! the file through a buffer. A ring that is full (the writer fell behind) drops the event
+//! and counts it; the writer then records the total as an [`Event::Dropped`].
+//!
+//! Records are in time order within a drain; a record drained late (its thread pushed it
+//! just after the writer looked at that ring) may follow later records of another thread,
+//! so readers that need one order sort by time ([`super::file::read_all`] does).
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rtrb::{Consumer, Producer, RingBuffer};
+use tracing::warn;
+
+use super::event::{Event, Header, Record, TraceConfig};
+use super::file::{self, TraceError};
+use crate::spec::DEVICE_VERSION;
+
+/// Records each thread's ring holds (about 64 bytes each).
+pub const RING_RECORDS: usize = 1 << 15;
+
+/// How often the writer drains the rings.
+pub const DRAIN_PERIOD: Duration = Duration::from_millis(2);
+
+/// Recorder ids, so that a thread that records for two devices keeps a ring for each.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's rings, by recorder id.
+    static RINGS: RefCell<Vec<(u64, Producer<Record>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A trace being recorded to a file. Cheap to share ([`Tracer`] holds it); the file is
+/// complete once the last handle is gone, or after [`Recorder::finish`].
+#[derive(Debug)]
+pub struct Recorder {
+    id: u64,
+    start: Instant,
+    path: PathBuf,
+    /// Records per thread's ring.
+    ring_records: usize,
+    /// The consumer ends of every thread's ring, for the writer.
+    rings: Arc<Mutex<Vec<Consumer<Record>>>>,
+    dropped: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<Result<u64, TraceError>>>>,
+}
+
+impl Recorder {
+    /// Create `path` (replacing a file there), write the header and start the writer.
+    pub fn create(path: &Path, config: TraceConfig) -> Result<Arc<Self>, TraceError> {
+        Self::with_ring(path, config, RING_RECORDS)
+    }
+
+    /// [`Recorder::create`] with rings of `ring_records` records per thread.
+    pub fn with_ring(
+        path: &Path,
+        config: TraceConfig,
+        ring_records: usize,
+    ) -> Result<Arc<Self>, TraceError> {
+        let f = File::create(path).map_err(|e| TraceError::Io(path.to_owned(), e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, f);
+        let start = Instant::now();
+        let header = Header {
+            device_version: DEVICE_VERSION,
+            start_unix_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            config,
+        };
+        file::write_header(&mut out, &header).map_err(|e| TraceError::Io(path.to_owned(), e))?;
+        let rings = Arc::new(Mutex::new(Vec::new()));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (rings, dropped, stop) = (rings.clone(), dropped.clone(), stop.clone());
+            let file = path.to_owned();
+            std::thread::Builder::new()
+                .name("domdma-trace".into())
+                .spawn(move || write_loop(out, &file, &rings, &dropped, &stop))
+                .map_err(|e| TraceError::Io(path.to_owned(), e))?
+        };
+        Ok(Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            start,
+            path: path.to_owned(),
+            ring_records: ring_records.max(1),
+            rings,
+            dropped,
+            stop,
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Events dropped so far because a ring was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Record `event` now.
+    #[inline]
+    pub fn record(&self, event: Event) {
+        let rec = Record {
+            t_ns: self.start.elapsed().as_nanos() as u64,
+            event,
+        };
+        let pushed = RINGS.with(|rings| {
+            let Ok(mut rings) = rings.try_borrow_mut() else {
+                return false;
+            };
+            if let Some((_, p)) = rings.iter_mut().find(|(id, _)| *id == self.id) {
+                return p.push(rec).is_ok();
+            }
+            // This thread's first event for this recorder: a ring of its own. Rings of
+            // recorders that are gone are dropped here.
+            rings.retain(|(_, p)| !p.is_abandoned());
+            let (mut p, c) = RingBuffer::new(self.ring_records);
+            let ok = p.push(rec).is_ok();
+            self.rings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(c);
+            rings.push((self.id, p));
+            ok
+        });
+        if !pushed {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stop the writer after it wrote everything recorded so far; returns the records
+    /// written. Events recorded afterwards are dropped (and not counted). Idempotent: a
+    /// second call returns 0.
+    pub fn finish(&self) -> Result<u64, TraceError> {
+        self.stop.store(true, Ordering::Release);
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match handle {
+            Some(h) => {
+                h.thread().unpark();
+                h.join()
+                    .unwrap_or_else(|_| Err(TraceError::WriterPanicked(self.path.clone())))
+            }
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            warn!(error = %e, "trace not completed");
+        }
+    }
+}
+
+/// The writer: drain, sort, append, until stopped; then a last drain and flush.
+fn write_loop(
+    mut out: BufWriter<File>,
+    path: &Path,
+    rings: &Mutex<Vec<Consumer<Record>>>,
+    dropped: &AtomicU64,
+    stop: &AtomicBool,
+) -> Result<u64, TraceError> {
+    let io = |e| TraceError::Io(path.to_owned(), e);
+    let mut batch: Vec<Record> = Vec::new();
+    let mut written = 0u64;
+    let mut dropped_seen = 0u64;
+    let mut last_t = 0u64;
+    loop {
+        let last = stop.load(Ordering::Acquire);
+        {
+            let mut rings = rings.lock().unwrap_or_else(PoisonError::into_inner);
+            for c in rings.iter_mut() {
+                let n = c.slots();
+                if n == 0 {
+                    continue;
+                }
+                if let Ok(chunk) = c.read_chunk(n) {
+                    batch.extend(chunk);
+                }
+            }
+            // A ring whose thread is gone and that is empty is done with.
+            rings.retain(|c| !(c.is_abandoned() && c.is_empty()));
+        }
+        batch.sort_by_key(|r| r.t_ns);
+        for r in &batch {
+            file::write_record(&mut out, r).map_err(io)?;
+            last_t = last_t.max(r.t_ns);
+        }
+        written += batch.len() as u64;
+        batch.clear();
+        let total = dropped.load(Ordering::Relaxed);
+        if total != dropped_seen {
+            dropped_seen = total;
+            let r = Record {
+                t_ns: last_t,
+                event: Event::Dropped { total },
+            };
+            file::write_record(&mut out, &r).map_err(io)?;
+            written += 1;
+        }
+        if last {
+            out.flush().map_err(io)?;
+            return Ok(written);
+        }
+        std::thread::park_timeout(DRAIN_PERIOD);
+    }
+}
+
+/// The handle the device's parts record through: nothing, or a [`Recorder`]. Recording
+/// through a handle with no recorder costs one branch.
+#[derive(Debug, Clone, Default)]
+pub struct Tracer(Option<Arc<Recorder>>);
+
+impl Tracer {
+    /// A handle that records to `recorder`.
+    pub fn new(recorder: Arc<Recorder>) -> Self {
+        Self(Some(recorder))
+    }
+
+    /// A handle that records nothing.
+    pub fn off() -> Self {
+        Self(None)
+    }
+
+    /// Whether events are recorded.
+    #[inline]
+    pub fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The recorder, if any.
+    pub fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.0.as_ref()
+    }
+
+    /// Record the event `f` makes (called only when recording).
+    #[inline]
+    pub fn record(&self, f: impl FnOnce() -> Event) {
+        if let Some(r) = &self.0 {
+            r.record(f());
+        }
+    }
+}
