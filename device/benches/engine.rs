@@ -23,6 +23,9 @@
 //!   every page of a transfer of more than ~128 KiB misses, walks and fills (its own device
 //!   and buffers, and its own memcpy row).
 //!
+//! - `copy_stream_trace`: `copy_stream` on a device that records a trace (`_traced` rows,
+//!   see `domdma_device::trace`) beside one that does not: the cost of `--trace`.
+//!
 //! Run: `cargo bench -p domdma-device --bench engine -- --warm-up-time 1 --measurement-time 3`.
 
 mod common;
@@ -31,6 +34,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
+use domdma_device::trace::{Recorder, TraceConfig, Tracer};
 use domdma_testkit::core_driver::*;
 
 /// Descriptors in flight in the `copy_stream` group.
@@ -44,7 +48,12 @@ const STREAM_SIZES: [u64; 5] = [4 << 10, SIZES[0], SIZES[1], SIZES[2], SIZES[3]]
 /// destination buffers (of [`MAX`] bytes) at [`SRC`] and [`DST`], a queue on each, and the
 /// buffers' host addresses.
 fn setup(config: DeviceConfig) -> (Driver, *const u8, *mut u8) {
-    let mut d = Driver::with_config(config);
+    setup_traced(config, Tracer::off())
+}
+
+/// [`setup`] with a device that records to `trace`.
+fn setup_traced(config: DeviceConfig, trace: Tracer) -> (Driver, *const u8, *mut u8) {
+    let mut d = Driver::with_tracer(config, trace);
     let src = d.bus.alloc(MAX, PAGE_2M);
     let dst = d.bus.alloc(MAX, PAGE_2M);
     d.bus.write(src, &pattern(1, MAX as usize));
@@ -66,16 +75,32 @@ fn setup(config: DeviceConfig) -> (Driver, *const u8, *mut u8) {
 /// One group of [`STREAM`] descriptors per iteration (see the module documentation) on the
 /// queues `engines` names, beside [`STREAM`] memcpys of the same buffers.
 fn stream_group(c: &mut Criterion, name: &str, config: DeviceConfig, engines: &[(&str, u32)]) {
-    let (mut d, from, to) = setup(config);
+    let (d, from, to) = setup(config);
+    let rows: Vec<_> = engines.iter().map(|&(n, q)| (n, 0, q)).collect();
+    stream_rows(c, name, from, to, &mut [d], &rows);
+}
+
+/// The `copy_stream` rows `rows` (row name, index in `drivers`, queue), beside one memcpy
+/// row of the buffers at `from` and `to`.
+fn stream_rows(
+    c: &mut Criterion,
+    name: &str,
+    from: *const u8,
+    to: *mut u8,
+    drivers: &mut [Driver],
+    rows: &[(&str, usize, u32)],
+) {
     let mut group = c.benchmark_group(name);
     for size in STREAM_SIZES {
         group.throughput(Throughput::Bytes(size * STREAM as u64));
         group.bench_with_input(BenchmarkId::new("memcpy", label(size)), &size, |b, &n| {
             // SAFETY: `from` and `to` point at two disjoint MAX-byte ranges of the bus
-            // memory mapping, which lives as long as `d`; no queue runs meanwhile.
+            // memory mapping of a device in `drivers`, which lives as long as they do; no
+            // queue runs meanwhile.
             unsafe { bench_memcpy(b, from, to, n, STREAM) }
         });
-        for &(engine, q) in engines {
+        for &(engine, i, q) in rows {
+            let d = &mut drivers[i];
             let descs = vec![Desc::copy(SRC, DST, size as u32); STREAM];
             let mut queued: Vec<Ticket> = Vec::new();
             group.bench_with_input(BenchmarkId::new(engine, label(size)), &size, |b, &n| {
@@ -124,6 +149,36 @@ fn copy_throughput(c: &mut Criterion) {
         ..DeviceConfig::default()
     };
     stream_group(c, "copy_stream_iotlb64", small, &engines[..1]);
+
+    // The cost of recording a trace (`--trace`): the same stream on a device that records
+    // to a file, beside one that does not, and memcpy.
+    let path = std::env::temp_dir().join(format!("domdma-bench-{}.trace", std::process::id()));
+    let config = DeviceConfig::default();
+    let rec = Recorder::create(&path, TraceConfig::from(&config)).expect("trace file");
+    let (plain, from, to) = setup(config.clone());
+    let (traced, _, _) = setup_traced(config, Tracer::new(rec.clone()));
+    let rows = [
+        ("engine_2m", 0, DOM_2M),
+        ("engine_2m_traced", 1, DOM_2M),
+        ("engine_4k", 0, DOM_4K),
+        ("engine_4k_traced", 1, DOM_4K),
+    ];
+    stream_rows(
+        c,
+        "copy_stream_trace",
+        from,
+        to,
+        &mut [plain, traced],
+        &rows,
+    );
+    if let Ok(n) = rec.finish() {
+        eprintln!(
+            "trace: {n} records written, {} dropped ({:.0} MB)",
+            rec.dropped(),
+            std::fs::metadata(&path).map_or(0, |m| m.len()) as f64 / 1e6
+        );
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 criterion_group!(benches, copy_throughput);
