@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use domdma_device::trace::view::{perfetto, Summary};
 use tracing::{info, warn};
 
 use crate::device::{DeviceError, DeviceServer};
@@ -293,6 +294,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     let first_files = SessionFiles::new(out, "-1");
     let device_log = out.join("device.log");
     let junit = out.join("junit.xml");
+    let trace = TraceFiles::new(out);
     // A bench run replaces the last bench report; a suite run leaves it.
     let bench_files = [out.join("bench.json"), out.join("bench.txt")];
     let stale_bench = if opts.bench { &bench_files[..] } else { &[] };
@@ -302,6 +304,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         .into_iter()
         .chain(first_files.all())
         .chain([device_log.as_path(), junit.as_path()])
+        .chain(trace.all())
         .chain(stale_bench.iter().map(PathBuf::as_path))
     {
         match fs::remove_file(path) {
@@ -359,6 +362,13 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
     if own_inspector {
         device_args.push("--inspect".into());
         device_args.push(inspect.display().to_string());
+    }
+    // The device's trace, beside the JUnit file; not in a bench run (it measures the device
+    // without one).
+    let own_trace = !opts.bench && !device_args.iter().any(|a| a == "--trace");
+    if own_trace {
+        device_args.push("--trace".into());
+        device_args.push(trace.trace.display().to_string());
     }
     if let Some(bin) = &opts.device_bin {
         files.push(("device log", device_log.clone()));
@@ -481,6 +491,13 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
             cases.push(memory_path_case(&inspect, &counters, opts.shared_memory));
         }
         cases.push(stop_device(server));
+        // The server has stopped: its trace is complete.
+        if own_trace && !interrupted {
+            files.push(("device trace", trace.trace.clone()));
+            files.push(("device trace summary", trace.summary.clone()));
+            files.push(("device trace (Perfetto JSON)", trace.perfetto.clone()));
+            cases.push(trace_case(&trace));
+        }
     }
     drop(tmp);
     Ok(RunOutcome {
@@ -490,6 +507,70 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         accel: accel_used,
         bench,
     })
+}
+
+/// The device trace of a run and what is made of it, in the output directory.
+struct TraceFiles {
+    /// What `domdma-device --trace` wrote.
+    trace: PathBuf,
+    /// `domdma-trace summary` of it.
+    summary: PathBuf,
+    /// `domdma-trace perfetto` of it.
+    perfetto: PathBuf,
+}
+
+impl TraceFiles {
+    fn new(out: &Path) -> Self {
+        Self {
+            trace: out.join("device.trace"),
+            summary: out.join("device-trace-summary.txt"),
+            perfetto: out.join("device.trace.perfetto.json"),
+        }
+    }
+
+    fn all(&self) -> [&Path; 3] {
+        [&self.trace, &self.summary, &self.perfetto]
+    }
+}
+
+/// Reads the device's trace of the run, writes its summary and its Perfetto JSON beside it,
+/// and checks that it holds the run: whole, with descriptors fetched and completed.
+fn trace_case(files: &TraceFiles) -> CaseResult {
+    const NAME: &str = "host.device_trace";
+    let started = Instant::now();
+    let made = (|| -> Result<String, String> {
+        let trace = domdma_device::trace::read_all(&files.trace).map_err(|e| e.to_string())?;
+        let summary = Summary::of(&trace);
+        let write = |path: &Path, bytes: &[u8]| {
+            fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        write(&files.summary, summary.to_string().as_bytes())?;
+        let json = serde_json::to_vec(&perfetto(&trace)).map_err(|e| e.to_string())?;
+        write(&files.perfetto, &json)?;
+        let kind = |k: &str| summary.kinds.get(k).copied().unwrap_or(0);
+        let line = format!(
+            "{} records: {} descriptors fetched, {} completed, {} translations, {} faults, {} dropped ({}; Perfetto: {})",
+            summary.records,
+            kind("fetch"),
+            kind("complete"),
+            kind("translate"),
+            kind("fault"),
+            summary.dropped,
+            files.summary.display(),
+            files.perfetto.display()
+        );
+        if trace.truncated {
+            return Err(format!("the trace ends inside a record: {line}"));
+        }
+        if kind("fetch") == 0 || kind("complete") == 0 {
+            return Err(format!("the trace holds no descriptor: {line}"));
+        }
+        Ok(line)
+    })();
+    match made {
+        Ok(line) => CaseResult::host_pass(NAME, started.elapsed(), line),
+        Err(problem) => CaseResult::host_fail(NAME, started.elapsed(), problem, None),
+    }
 }
 
 /// Saves the server's counters (its inspector's JSON) in `out` and checks how the device
