@@ -196,6 +196,10 @@ pub fn parse_engine(path: &Path, text: &str) -> Result<Vec<EngineRow>> {
 
 /// What a group and engine row stand for, in words.
 fn engine_series_name(group: &str, engine: &str) -> String {
+    let (engine, traced) = match engine.strip_suffix("_traced") {
+        Some(e) => (e, ", trace recorded"),
+        None => (engine, ""),
+    };
     let pages = match engine {
         "engine_4k" => "4 KiB pages",
         "engine_2m" => "2 MiB pages",
@@ -205,9 +209,12 @@ fn engine_series_name(group: &str, engine: &str) -> String {
         "copy" => ("1024-entry IOTLB", ", one at a time"),
         "copy_stream" => ("1024-entry IOTLB", ""),
         "copy_stream_iotlb64" => ("64-entry IOTLB", ""),
+        // The trace run's untraced rows are its baseline.
+        "copy_stream_trace" if traced.is_empty() => ("1024-entry IOTLB", ", trace run"),
+        "copy_stream_trace" => ("1024-entry IOTLB", ""),
         other => (other, ""),
     };
-    format!("{pages}, {iotlb}{mode}")
+    format!("{pages}, {iotlb}{mode}{traced}")
 }
 
 /// The series of the engine plot: per (group, engine), per size: (bytes, label, ratios).
