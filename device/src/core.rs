@@ -323,10 +323,19 @@ impl Device {
         self.shared.mmu.barrier();
     }
 
-    /// Sets the error-injection rules ([`inject`]); [`inject::Injection::default`] clears
-    /// them.
-    pub fn set_injection(&self, injection: inject::Injection) {
-        self.shared.inject.set(injection);
+    /// Replaces the error-injection rules ([`inject`]; counts start again); an empty list
+    /// clears them.
+    pub fn set_injection(&self, rules: &[inject::Rule]) {
+        if !rules.is_empty() {
+            let names: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            warn!(rules = %names.join(" "), "error injection on: the device misbehaves on purpose");
+        }
+        self.shared.inject.set(rules);
+    }
+
+    /// The error-injection rules in force.
+    pub fn injection(&self) -> Vec<inject::Rule> {
+        self.shared.inject.get()
     }
 
     /// A snapshot of every counter (served by the inspector).

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use domdma_device::core::inject::Rule;
 use domdma_device::core::{ConfigError, DeviceConfig};
 use domdma_device::spec;
 use domdma_device::vfio_user::{socket, Server, ServerOptions, SocketAccess};
@@ -70,6 +71,12 @@ struct Args {
     /// with timestamps. Read it with `domdma-trace summary|show|perfetto FILE`.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Make the device misbehave on purpose (repeatable): corrupt-copy, error-status,
+    /// drop-interrupt, delay-interrupt, stall-queue, spurious-fault, never-complete, each as
+    /// NAME[:KEY=VALUE,...], e.g. error-status:status=0x11,queue=0,nth=3 (SPEC.md, "Error
+    /// injection").
+    #[arg(long, value_name = "RULE")]
+    inject: Vec<Rule>,
     /// Let the members of this group (name or gid) connect too: the sockets get mode 0660
     /// and this group (by default they are 0600, the owner only, whatever the umask). For a
     /// QEMU that runs as another user.
@@ -213,6 +220,7 @@ fn main() -> ExitCode {
         handshake_timeout: args.handshake_timeout,
         message_timeout: args.message_timeout,
         trace: args.trace.clone(),
+        inject: args.inject.clone(),
         ..ServerOptions::default()
     };
     // Binding raises the descriptor limit to the hard limit and sizes max_dma_maps to it.

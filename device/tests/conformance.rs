@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use domdma_device::core::inject::{CorruptCopy, Injection};
+use domdma_device::core::inject::Rule;
 use domdma_device::core::DeviceConfig;
 use domdma_driver_model::backend::inprocess::{InProcessBackend, InProcessConfig};
 use domdma_driver_model::backend::phys::PhysConfig;
@@ -134,17 +134,86 @@ fn trial(backend: &'static str, p: Profile, s: Scenario, ran: Ran) -> Trial {
     })
 }
 
+/// Each error-injection rule (`domdma-device --inject RULE`, SPEC.md "Error injection"),
+/// the scenario run under it over vfio-user, and what its failure must say.
+const INJECTIONS: &[(&str, &str, &str)] = &[
+    (
+        "corrupt-copy:offset=0x1234,xor=0x40",
+        "ops::copy_1mib",
+        "offset 0x1234",
+    ),
+    ("error-status:status=0x11", "ops::copy_1mib", "DMA_ERROR"),
+    (
+        "drop-interrupt",
+        "queues::completion_interrupt",
+        "no interrupt on vector",
+    ),
+    (
+        // Later than the scenario waits for an interrupt (IRQ_TIMEOUT, 2 s).
+        "delay-interrupt:us=3000000",
+        "queues::completion_interrupt",
+        "no interrupt on vector",
+    ),
+    (
+        "stall-queue:queue=0",
+        "ops::copy_1mib",
+        "waiting for completion record 0 (queue 0: head 0, tail 1",
+    ),
+    (
+        "never-complete:nth=1",
+        "ops::copy_1mib",
+        "waiting for completion record 0 (queue 0: head 0, tail 1",
+    ),
+    (
+        "spurious-fault:iova=0xdead0000,nth=1",
+        "faults::fault_seen_from_guest",
+        "0xdead0000",
+    ),
+];
+
+/// The suite fails, naming the fault, on a device server started with `--inject rule`.
+fn suite_names_an_injected_fault(rule: &str, scenario: &str, names: &str) -> Result<(), Failed> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_domdma-device"));
+    let server = Launch::new(bin)
+        .args(["--inject", rule])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let b = VfioUserBackend::connect(&VfioUserConfig::new(server.socket()))
+        .map_err(|e| format!("connecting to the server: {e}\n{}", server.log()))?;
+    let dev: SharedBackend = Arc::new(b);
+    let env = Env {
+        backend: "vfio-user",
+        profile: format!("inject {rule}"),
+        platform_iommu: false,
+        kernel_numa: false,
+        huge_pages: None,
+        seed: 1,
+    };
+    let s = conformance::all()
+        .into_iter()
+        .find(|s| s.full_name() == scenario)
+        .ok_or_else(|| format!("no scenario {scenario}"))?;
+    match conformance::run(&s, &dev, &env).outcome {
+        Outcome::Failed(m) if m.contains(names) => Ok(()),
+        other => Err(format!(
+            "{scenario} on a server with --inject {rule}: {other:?}, expected a failure \
+             that says {names:?}"
+        )
+        .into()),
+    }
+}
+
 /// The suite can fail: on an in-process device that corrupts one byte of every COPY (at
 /// offset 0x1234 of the copy), scenarios that copy data fail, and the failure names the
 /// offset of the corrupted byte.
 fn suite_catches_a_corrupted_copy() -> Result<(), Failed> {
     let b = InProcessBackend::new(InProcessConfig::default()).map_err(|e| e.to_string())?;
-    b.set_injection(Injection {
-        corrupt_copy: Some(CorruptCopy {
-            offset: 0x1234,
-            xor: 0x40,
-        }),
-    });
+    b.set_injection(&[Rule::CorruptCopy {
+        offset: 0x1234,
+        xor: 0x40,
+        nth: 0,
+        queue: None,
+    }]);
     let dev: SharedBackend = Arc::new(b);
     let env = Env {
         backend: "in-process",
@@ -195,6 +264,12 @@ fn main() {
         "suite_catches_a_corrupted_copy",
         suite_catches_a_corrupted_copy,
     ));
+    for &(rule, scenario, names) in INJECTIONS {
+        trials.push(Trial::test(
+            format!("injection/{}", rule.split(':').next().unwrap_or(rule)),
+            move || suite_names_an_injected_fault(rule, scenario, names),
+        ));
+    }
     let whole_suite = args.filter.is_none() && args.skip.is_empty() && !args.list;
     let conclusion = libtest_mimic::run(&args, trials);
     if whole_suite {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use domdma_device::core::inject::parse_number;
 use domdma_device::trace::view::{self, Filter, Summary};
 use domdma_device::trace::{read_all, Event, Trace, TraceError};
 
@@ -64,22 +65,13 @@ enum Command {
     },
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => t.parse(),
-    };
-    r.map_err(|_| format!("{t:?} is not a number (decimal, or 0x hexadecimal)"))
-}
-
 /// `START..END` or `START+LEN`, as `[start, end)`.
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
     let (start, end) = if let Some((a, b)) = s.split_once("..") {
-        (parse_u64(a)?, parse_u64(b)?)
+        (parse_number(a)?, parse_number(b)?)
     } else if let Some((a, b)) = s.split_once('+') {
-        let a = parse_u64(a)?;
-        (a, a.saturating_add(parse_u64(b)?))
+        let a = parse_number(a)?;
+        (a, a.saturating_add(parse_number(b)?))
     } else {
         return Err(format!(
             "{s:?} is not a range: write START..END or START+LEN (e.g. 0x10000+0x1000)"

@@ -42,6 +42,7 @@ use vm_memory::{
 
 use super::bus::{self, is_lost, region_allows, Access};
 use super::faults::{Fault, FaultLog};
+use super::inject::{OnDescriptor, OnInterrupt};
 use super::mmu::{Mmu, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::remote;
@@ -50,7 +51,7 @@ use super::stats::{add, add_locked};
 use super::{BusMemory, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::*;
-use crate::trace::event::FaultEvent;
+use crate::trace::event::{FaultEvent, Injected};
 use crate::trace::{Event, Tracer, NO_QUEUE};
 
 /// Largest chunk translated and moved under one hold of the chunk gate (and one snapshot of
@@ -104,6 +105,42 @@ impl Shared {
     /// Raise `vector` for queue `slot` and count it.
     fn raise(&self, slot: &QueueSlot, vector: Option<u16>) {
         if let Some(v) = vector {
+            match self.inject.on_interrupt(slot.index) {
+                None => {}
+                Some(OnInterrupt::Drop) => {
+                    debug!(q = slot.index, v, "injected: interrupt dropped");
+                    self.trace.record(|| Event::Injected {
+                        queue: slot.index,
+                        what: Injected::DropInterrupt { vector: v },
+                    });
+                    return;
+                }
+                Some(OnInterrupt::Delay(delay)) => {
+                    debug!(q = slot.index, v, ?delay, "injected: interrupt delayed");
+                    self.trace.record(|| Event::Injected {
+                        queue: slot.index,
+                        what: Injected::DelayInterrupt {
+                            vector: v,
+                            us: delay.as_micros() as u64,
+                        },
+                    });
+                    add(&slot.counters.interrupts, 1);
+                    let (irq, trace, queue) = (self.irq.clone(), self.trace.clone(), slot.index);
+                    // A thread per delayed interrupt: injection is about error paths, and a
+                    // sleeping thread cannot hold anything up.
+                    let sent = std::thread::Builder::new()
+                        .name("domdma-delay".into())
+                        .spawn(move || {
+                            std::thread::sleep(delay);
+                            irq.trigger(v);
+                            trace.record(|| Event::Interrupt { vector: v, queue });
+                        });
+                    if sent.is_err() {
+                        self.irq.trigger(v);
+                    }
+                    return;
+                }
+            }
             // Counted before it is delivered: a driver that reads QSTAT_INTERRUPTS after
             // taking the interrupt sees it counted.
             add(&slot.counters.interrupts, 1);
@@ -146,6 +183,18 @@ impl Outcome {
             access: f.access,
             bytes,
             fault_addr: f.iova,
+            result: 0,
+        }
+    }
+
+    /// A completion with `status` and nothing done (an injected error).
+    fn status(status: u8) -> Self {
+        Self {
+            status,
+            reason: 0,
+            access: 0,
+            bytes: 0,
+            fault_addr: 0,
             result: 0,
         }
     }
@@ -415,6 +464,13 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             let early = remote::any().then(|| exec.complete_unlocked(&result));
             r = slot.lock();
             carried = exec.finish(&mut r, result, early.flatten());
+            if let Some((reason, iova)) = shared.inject.after_descriptor(slot.index) {
+                // Reporting takes the gate, and no queue lock is held while it is.
+                carried = None;
+                drop(r);
+                exec.spurious_fault(reason, iova);
+                r = slot.lock();
+            }
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
@@ -471,6 +527,9 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
 /// How long a worker keeps trying to send interrupted writes after their descriptor.
 const DEFERRED_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often a stalled queue, or a descriptor held by an injection rule, looks again.
+const INJECTED_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// How long an idle worker spins for the next doorbell before it sleeps.
 pub const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
@@ -511,12 +570,17 @@ impl<'a> Exec<'a> {
     /// counts translation faults in [`Mmu::translate`] and access faults in
     /// [`Exec::access_fault`].)
     fn report(&self, f: &Fault) {
+        self.report_as(f, false);
+    }
+
+    /// [`Exec::report`] of a fault that is real or `injected`.
+    fn report_as(&self, f: &Fault, injected: bool) {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
         let (seq, vector) = self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
         add(&self.slot.counters.faults, 1);
         let trace = &self.shared.trace;
-        trace.record(|| Event::Fault(fault_event(f, seq, false)));
+        trace.record(|| Event::Fault(fault_event(f, seq, injected)));
         if let Some(vector) = vector {
             trace.record(|| Event::Interrupt {
                 vector,
@@ -725,6 +789,19 @@ impl<'a> Exec<'a> {
     /// `carried`: the hold the previous descriptor's completion record was written under,
     /// to fetch this one under.
     fn run(&self, job: &Job, scratch: &mut Scratch, carried: Option<Hold<'a>>) -> RunResult {
+        let mut carried = carried;
+        if self.shared.inject.stalled(self.q()) {
+            // Injected: no fetch while the stall lasts; nothing held meanwhile.
+            carried = None;
+            self.shared.trace.record(|| Event::Injected {
+                queue: self.q(),
+                what: Injected::Stall,
+            });
+            debug!(q = self.q(), "injected: queue stalled");
+            while self.shared.inject.stalled(self.q()) && !self.aborted() {
+                std::thread::sleep(INJECTED_WAIT);
+            }
+        }
         let offset = u64::from(job.head) * DESC_SIZE;
         let desc_iova = job.base.wrapping_add(offset);
         let fetched = match job.base.checked_add(offset) {
@@ -758,6 +835,10 @@ impl<'a> Exec<'a> {
             let f = self.invalid_descriptor(desc_iova);
             return RunResult::Done(d, Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, 0));
         }
+        if let Some(act) = self.shared.inject.on_descriptor(self.q()) {
+            drop(hold);
+            return self.injected(d, act);
+        }
         if d.opcode == OP_BATCH {
             drop(hold);
             return self.batch(d, scratch);
@@ -777,6 +858,54 @@ impl<'a> Exec<'a> {
             }
             Err(Stop::Aborted(done)) => RunResult::Aborted(d, done as u32),
         }
+    }
+
+    /// A descriptor an injection rule acts on instead of the engine.
+    fn injected(&self, d: Descriptor, act: OnDescriptor) -> RunResult {
+        match act {
+            OnDescriptor::Status(status) => {
+                debug!(
+                    q = self.q(),
+                    status, "injected: descriptor completed with an error"
+                );
+                self.shared.trace.record(|| Event::Injected {
+                    queue: self.q(),
+                    what: Injected::ErrorStatus { status },
+                });
+                RunResult::Done(d, Outcome::status(status))
+            }
+            OnDescriptor::Hold => {
+                debug!(q = self.q(), "injected: descriptor never completes");
+                self.shared.trace.record(|| Event::Injected {
+                    queue: self.q(),
+                    what: Injected::NeverComplete,
+                });
+                // Until a disable or reset moves the epoch (or the device is dropped).
+                while !self.aborted() {
+                    std::thread::sleep(INJECTED_WAIT);
+                }
+                RunResult::Aborted(d, 0)
+            }
+        }
+    }
+
+    /// An injected fault nobody caused, reported as a real one (fault log record and
+    /// interrupt), in the queue's domain. Call with nothing held.
+    fn spurious_fault(&self, reason: u8, iova: u64) {
+        self.shared.trace.record(|| Event::Injected {
+            queue: self.q(),
+            what: Injected::SpuriousFault,
+        });
+        let f = Fault {
+            reason,
+            access: 0,
+            domain: self.domain,
+            queue: self.q(),
+            iova,
+            info: 0,
+            level: 0,
+        };
+        self.report_as(&f, true);
     }
 
     /// Between chunks: stop when the queue's epoch moved; raise a due coalesced interrupt.
@@ -1274,9 +1403,13 @@ impl<'a> Exec<'a> {
                 ControlFlow::Continue(())
             },
         )?;
-        if let Some(c) = self.shared.inject.corrupt_copy() {
-            if c.offset < d.len {
-                self.corrupt(d.dst.wrapping_add(c.offset.into()), c.xor);
+        if let Some((offset, xor)) = self.shared.inject.on_copy(self.q()) {
+            if offset < d.len {
+                self.corrupt(d.dst.wrapping_add(offset.into()), xor);
+                self.shared.trace.record(|| Event::Injected {
+                    queue: self.q(),
+                    what: Injected::CorruptCopy { offset, xor },
+                });
             }
         }
         Ok(0)
@@ -2075,7 +2208,7 @@ mod tests {
     /// offset is past the copy.
     #[test]
     fn injected_copy_corruption_hits_one_byte_of_the_copy() {
-        use crate::core::inject::{CorruptCopy, Injection};
+        use crate::core::inject::Rule;
         let (src, dst, len) = (0x10_0000u64, 0x20_0000u64, 256u32);
         let data: Vec<u8> = (0..len + 8).map(|i| (i * 7 + 1) as u8).collect();
         for (offset, hit) in [(0, true), (255, true), (256, false), (1000, false)] {
@@ -2084,9 +2217,12 @@ mod tests {
                 .memory()
                 .write_slice(&data, GuestAddress(src))
                 .unwrap();
-            s.inject.set(Injection {
-                corrupt_copy: Some(CorruptCopy { offset, xor: 0x5a }),
-            });
+            s.inject.set(&[Rule::CorruptCopy {
+                offset,
+                xor: 0x5a,
+                nth: 0,
+                queue: None,
+            }]);
             let r = run_desc(&s, Descriptor::new(OP_COPY, len, src, dst));
             assert!(matches!(
                 r,

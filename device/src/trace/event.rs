@@ -180,11 +180,53 @@ pub enum Event {
         /// The kind of reset.
         kind: ResetKind,
     },
+    /// An error-injection rule acted (see `core::inject`).
+    Injected {
+        /// The queue it acted on.
+        queue: u16,
+        /// What it did.
+        what: Injected,
+    },
     /// Events lost because the writer fell behind: the total so far.
     Dropped {
         /// Events dropped since the trace started.
         total: u64,
     },
+}
+
+/// What an injection rule did ([`Event::Injected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Injected {
+    /// `corrupt-copy`: the byte at `offset` of the COPY was XORed with `xor`.
+    CorruptCopy {
+        /// Offset in the COPY.
+        offset: u32,
+        /// The XOR.
+        xor: u8,
+    },
+    /// `error-status`: the descriptor completed with `status` without running.
+    ErrorStatus {
+        /// The status.
+        status: u8,
+    },
+    /// `drop-interrupt`: the interrupt on `vector` was not sent.
+    DropInterrupt {
+        /// The vector.
+        vector: u16,
+    },
+    /// `delay-interrupt`: the interrupt on `vector` is sent `us` later.
+    DelayInterrupt {
+        /// The vector.
+        vector: u16,
+        /// The delay, microseconds.
+        us: u64,
+    },
+    /// `stall-queue`: the queue stopped fetching.
+    Stall,
+    /// `spurious-fault`: a fault nobody caused was reported (the fault event follows).
+    SpuriousFault,
+    /// `never-complete`: the descriptor fetched will not complete.
+    NeverComplete,
 }
 
 /// Which reset a [`Event::Reset`] records.
@@ -211,12 +253,13 @@ impl Event {
             Event::DmaMap { .. } => "dma_map",
             Event::DmaUnmap { .. } => "dma_unmap",
             Event::Reset { .. } => "reset",
+            Event::Injected { .. } => "injected",
             Event::Dropped { .. } => "dropped",
         }
     }
 
     /// Every kind [`Event::kind`] returns.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "doorbell",
         "fetch",
         "translate",
@@ -227,6 +270,7 @@ impl Event {
         "dma_map",
         "dma_unmap",
         "reset",
+        "injected",
         "dropped",
     ];
 
@@ -236,7 +280,8 @@ impl Event {
             Event::Doorbell { queue, .. }
             | Event::Fetch { queue, .. }
             | Event::Complete { queue, .. }
-            | Event::Interrupt { queue, .. } => queue,
+            | Event::Interrupt { queue, .. }
+            | Event::Injected { queue, .. } => queue,
             Event::Translate(t) => t.queue,
             Event::Fault(f) => f.queue,
             _ => NO_QUEUE,

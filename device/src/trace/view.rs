@@ -7,7 +7,7 @@ use std::fmt::{self, Write as _};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::event::{Event, Record, ResetKind};
+use super::event::{Event, Injected, Record, ResetKind};
 use super::file::Trace;
 use crate::spec::wire::{fault_reason_name, status_name, Descriptor};
 use crate::spec::*;
@@ -175,9 +175,29 @@ pub fn line(r: &Record) -> String {
             ResetKind::Device => write!(s, "device (DEV_CTRL_RESET)"),
             ResetKind::Function => write!(s, "function-level"),
         },
+        Event::Injected { queue, what } => write!(s, "q{queue} {}", injected_name(&what)),
         Event::Dropped { total } => write!(s, "{total} events dropped so far (writer behind)"),
     };
     s
+}
+
+/// What an injection did, in words.
+pub fn injected_name(what: &Injected) -> String {
+    match *what {
+        Injected::CorruptCopy { offset, xor } => {
+            format!("corrupt-copy: byte {offset:#x} XORed with {xor:#x}")
+        }
+        Injected::ErrorStatus { status } => {
+            format!("error-status: completed with {}", status_name(status))
+        }
+        Injected::DropInterrupt { vector } => format!("drop-interrupt: vector {vector} not sent"),
+        Injected::DelayInterrupt { vector, us } => {
+            format!("delay-interrupt: vector {vector} sent {us} us late")
+        }
+        Injected::Stall => "stall-queue: the queue stopped fetching".into(),
+        Injected::SpuriousFault => "spurious-fault: a fault nobody caused".into(),
+        Injected::NeverComplete => "never-complete: this descriptor will not complete".into(),
+    }
 }
 
 fn queue_name(q: u16) -> String {
@@ -523,6 +543,13 @@ pub fn perfetto(trace: &Trace) -> Value {
                 DEVICE_TRACK,
                 "g",
                 json!({"kind": format!("{kind:?}")}),
+            )),
+            Event::Injected { queue, what } => events.push(instant(
+                format!("injected {}", injected_name(&what)),
+                t,
+                queue_track(queue),
+                "g",
+                json!({"queue": queue}),
             )),
             Event::Dropped { total } => events.push(instant(
                 "events dropped".into(),

@@ -51,6 +51,7 @@ use super::irq::{eventfd_from_owned, EventFdInterrupts};
 use super::memory::DmaMappings;
 use super::proto::*;
 use super::socket::{BoundSocket, SocketAccess, MAX_SOCKET_PATH};
+use crate::core::inject::Rule;
 use crate::core::remote::RemoteMemory;
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
@@ -168,6 +169,8 @@ pub struct ServerOptions {
     pub max_waiting: usize,
     /// Record a trace of what the device does to this file (see [`crate::trace`]).
     pub trace: Option<PathBuf>,
+    /// Error-injection rules in force from the start (see [`crate::core::inject`]).
+    pub inject: Vec<Rule>,
 }
 
 impl Default for ServerOptions {
@@ -178,6 +181,7 @@ impl Default for ServerOptions {
             message_timeout: Duration::from_secs(5),
             max_waiting: 16,
             trace: None,
+            inject: Vec::new(),
         }
     }
 }
@@ -288,6 +292,7 @@ impl Server {
         };
         let device =
             Device::with_tracer(config.clone(), memory.clone(), irqs.clone(), trace.clone());
+        device.set_injection(&options.inject);
         let caps = Capabilities {
             max_dma_maps: dma_map_budget(),
             ..Capabilities::SERVER

@@ -200,8 +200,8 @@ impl InProcessBackend {
 
     /// Sets the device's error-injection rules (a device that misbehaves on request;
     /// `domdma_device::core::inject`).
-    pub fn set_injection(&self, injection: domdma_device::core::inject::Injection) {
-        self.lock().set_injection(injection);
+    pub fn set_injection(&self, rules: &[domdma_device::core::inject::Rule]) {
+        self.lock().set_injection(rules);
     }
 
     fn lock(&self) -> MutexGuard<'_, Device> {
