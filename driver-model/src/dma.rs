@@ -16,6 +16,7 @@
 //! leaves and 2 MiB alignment in both IOVA and physical address for `LARGE_PAGE`, else 4
 //! KiB leaves. Nothing falls back: no huge page is `InsufficientResources`.
 
+use crate::verifier::low_resources::{self, Allocation};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ptr::NonNull;
@@ -576,6 +577,11 @@ impl Adapter {
                 "domain {} is not the adapter's",
                 domain.id
             )));
+        }
+        if low_resources::fails(Allocation::CommonBuffer) {
+            return Err(DmaError::InsufficientResources(
+                "the verifier's low resources simulation failed the allocation".into(),
+            ));
         }
         if req.large_page && !self.device.caps.supports_page(PageSize::Size2M) {
             return Err(DmaError::InsufficientResources(

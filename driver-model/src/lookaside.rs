@@ -20,6 +20,7 @@
 //! only frees still recycles through the depot. Each thread's counters are written only by
 //! that thread (plain relaxed load and store) and read by anyone, so the totals are exact.
 
+use crate::verifier::low_resources::{self, Allocation};
 use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -182,9 +183,13 @@ impl Lookaside {
     }
 
     /// Takes a buffer (from the thread's cache, else the depot, else the pool). `None` when
-    /// the pool is out of memory.
+    /// the pool is out of memory, or when the verifier's low resources simulation fails it
+    /// (whatever the list holds).
     #[inline]
     pub fn allocate(&self) -> Option<NonNull<u8>> {
+        if low_resources::fails(Allocation::Lookaside(self.tag)) {
+            return None;
+        }
         let p = self.with_local(|local, cache| {
             bump(&local.total_allocates);
             match cache.pop() {
@@ -210,7 +215,11 @@ impl Lookaside {
             return Some(p);
         }
         bump(&local.allocate_misses);
-        Some(self.pool.allocate(self.kind, self.size, self.tag)?.ptr)
+        Some(
+            self.pool
+                .allocate_for_list(self.kind, self.size, self.tag)?
+                .ptr,
+        )
     }
 
     /// Returns a buffer.

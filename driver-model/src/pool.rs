@@ -11,6 +11,7 @@
 //! up (as the NT pool returns them). Fresh blocks are filled with [`POOL_FILL`], not zeroed
 //! (the NT pool does not zero), so code that relies on zeroing shows it.
 
+use crate::verifier::low_resources::{self, Allocation};
 use std::alloc::{self, Layout};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -201,8 +202,26 @@ impl PoolTracker {
     }
 
     /// Allocates `size` bytes tagged `tag`, filled with [`POOL_FILL`]. `None` when the
-    /// request is too large or memory is exhausted (counted as a failure of the tag).
+    /// request is too large, memory is exhausted, or the verifier's low resources
+    /// simulation fails it (each counted as a failure of the tag).
     pub fn allocate(&self, kind: PoolKind, size: usize, tag: PoolTag) -> Option<PoolBlock> {
+        if low_resources::fails(Allocation::Pool(tag)) {
+            let mut s = self.lock();
+            s.stats.entry((tag, kind)).or_default().failures += 1;
+            return None;
+        }
+        self.allocate_for_list(kind, size, tag)
+    }
+
+    /// [`PoolTracker::allocate`] without the low resources simulation: for a lookaside
+    /// list's own refill, whose allocation the simulation already judged
+    /// ([`crate::lookaside::Lookaside::allocate`]).
+    pub(crate) fn allocate_for_list(
+        &self,
+        kind: PoolKind,
+        size: usize,
+        tag: PoolTag,
+    ) -> Option<PoolBlock> {
         let block = layout(size)
             .filter(|_| size <= POOL_MAX_ALLOCATION)
             .and_then(|l| {

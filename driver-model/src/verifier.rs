@@ -14,6 +14,11 @@
 //!
 //! Mode and record are per thread, so tests running in parallel do not see each other's
 //! bug checks. Every bug check is also logged with `tracing` at error level.
+//!
+//! [`low_resources`] is Driver Verifier's low resources simulation: allocations that fail
+//! on purpose, reproducibly, per thread.
+
+pub mod low_resources;
 
 use std::cell::{Cell, RefCell};
 use std::fmt;

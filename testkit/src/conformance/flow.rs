@@ -14,7 +14,8 @@ use domdma_driver_model::wdf::*;
 use super::prelude::*;
 use crate::wdf::{
     alloc, common_to_memory, copy_from_slice, copy_to_vec, current_domain, free, from_lookaside,
-    list_stats, lookaside, memory_to_common, request, with_driver, Cb, DomainQueue, Driver,
+    list_stats, lookaside, memory_to_common, request, try_alloc_req, with_driver, Cb, DomainQueue,
+    Driver, Req,
 };
 
 /// The scenarios of this area.
@@ -31,7 +32,23 @@ pub(super) const SCENARIOS: &[Scenario] = &[
         needs: &[Need::Queues(2), Need::Domains(2)],
         run: two_channels_in_one_domain,
     },
+    Scenario {
+        area: Area::Flow,
+        name: "a_driver_survives_low_resources",
+        needs: &[],
+        run: a_driver_survives_low_resources,
+    },
 ];
+
+/// Requests of the low resources scenario.
+const LOW_REQUESTS: usize = 64;
+/// Its lookaside list's tag.
+const LOW_LIST_TAG: u32 = u32::from_le_bytes(*b"LrRq");
+/// Its per-request context blocks' pool tag.
+const LOW_CTX_TAG: u32 = u32::from_le_bytes(*b"LrCx");
+/// Chance that an eligible allocation fails (Driver Verifier's default is 6%; more here,
+/// so that 64 requests see every kind fail).
+const LOW_PROBABILITY: f64 = 0.2;
 
 /// Largest request, and a slot of the staging buffers.
 const SLOT: usize = 8 * PAGE;
@@ -364,5 +381,143 @@ fn two_channels_in_one_domain(ctx: &mut Ctx) -> TestResult {
         }
         check_pool_balanced(drv, REQ_TAG, PoolKind::NonPaged, "request list deleted")?;
         check_pool_balanced(drv, RSP_TAG, PoolKind::NonPaged, "response list deleted")
+    })
+}
+
+/// Driver Verifier's low resources simulation (`verifier::low_resources`): a driver's
+/// request path with a fifth of its pool, lookaside and common-buffer allocations failing on
+/// purpose (seeded from the run's seed, so a failure is reproducible). Each request takes
+/// lookaside memory for its data, a pool context block and two 4 KiB domain common buffers,
+/// stages the data, has the device COPY it and checks it. A request whose allocation fails
+/// is refused with `STATUS_INSUFFICIENT_RESOURCES` after freeing what it held; the others
+/// go through. Every kind must have failed at least once, every failure must have refused
+/// exactly one request, some requests must have gone through, and at the end the domain
+/// holds no buffer, the list and the pool balance, and unload finds no leak.
+fn a_driver_survives_low_resources(ctx: &mut Ctx) -> TestResult {
+    use domdma_driver_model::verifier::low_resources::{self, LowResources};
+
+    let ctx = &*ctx;
+    let dev = ctx.dev()?;
+    let mut rng = ctx.rng();
+    let seed = rng.next_u64();
+    with_driver(ctx.shared()?, |drv| {
+        // Set up under normal conditions, as a driver does at start.
+        let a = drv.adapter(64)?;
+        let d = (a.DmaOperations.GetDmaDomain)(&a);
+        check!(!d.is_null(), "GetDmaDomain: NULL");
+        let mut q = DomainQueue::new(dev, &a, d, 0)?;
+        let list = lookaside(PAGE, NonPagedPool, LOW_LIST_TAG, (None, None))?;
+
+        let sim = LowResources::random(LOW_PROBABILITY, seed);
+        let (outcome, counts) = low_resources::with(sim, || -> Result<(u64, u64), Failure> {
+            let (mut served, mut refused) = (0u64, 0u64);
+            for i in 0..LOW_REQUESTS {
+                let len = 1 + rng.below(PAGE as u64) as usize;
+                let what = format!("request {i} ({len} bytes)");
+                // 1. Memory for the request's data.
+                let mut m = WDFMEMORY::NULL;
+                let s = WdfMemoryCreateFromLookaside(list, Some(&mut m));
+                if s == STATUS_INSUFFICIENT_RESOURCES {
+                    check!(m.is_null(), "{what}: a failed create left a handle");
+                    refused += 1;
+                    continue;
+                }
+                check_eq!(s, STATUS_SUCCESS, "{what}: WdfMemoryCreateFromLookaside");
+                // 2. A context block.
+                let block = ExAllocatePoolWithTag(NonPagedPool, 128, LOW_CTX_TAG);
+                if block.is_null() {
+                    WdfObjectDelete(m);
+                    refused += 1;
+                    continue;
+                }
+                // 3. Two bounce buffers in the domain.
+                let (s, src) = try_alloc_req(&a, d, Req::of(PAGE as u32));
+                if s == STATUS_INSUFFICIENT_RESOURCES {
+                    ExFreePoolWithTag(block, LOW_CTX_TAG);
+                    WdfObjectDelete(m);
+                    refused += 1;
+                    continue;
+                }
+                check_eq!(
+                    s,
+                    STATUS_SUCCESS,
+                    "{what}: AllocateDomainCommonBuffer (source)"
+                );
+                let (s, dst) = try_alloc_req(&a, d, Req::of(PAGE as u32));
+                if s == STATUS_INSUFFICIENT_RESOURCES {
+                    free(&a, src);
+                    ExFreePoolWithTag(block, LOW_CTX_TAG);
+                    WdfObjectDelete(m);
+                    refused += 1;
+                    continue;
+                }
+                check_eq!(
+                    s,
+                    STATUS_SUCCESS,
+                    "{what}: AllocateDomainCommonBuffer (destination)"
+                );
+                // 4. Through the device.
+                let data = rng.unique(len);
+                check_eq!(
+                    copy_from_slice(m, 0, &data),
+                    STATUS_SUCCESS,
+                    "{what}: CopyFromBuffer"
+                );
+                check_eq!(
+                    memory_to_common(m, 0, &src, 0, len),
+                    STATUS_SUCCESS,
+                    "{what}: CopyToBuffer into the source"
+                );
+                dst.write(0, &vec![POISON; PAGE]);
+                q.copy(src.logical, dst.logical, len as u32, &what)?;
+                check_bytes(&dst.read(0, len), &data, format!("{what}: destination"))?;
+                free(&a, src);
+                free(&a, dst);
+                ExFreePoolWithTag(block, LOW_CTX_TAG);
+                WdfObjectDelete(m);
+                served += 1;
+            }
+            Ok((served, refused))
+        });
+        let (served, refused) = outcome?;
+        progress!(
+            "         low resources (p {LOW_PROBABILITY}, seed {seed:#x}): {served} served, \
+             {refused} refused; failed (pool, lookaside, common buffer) {:?} of {:?}",
+            counts.failed,
+            counts.eligible
+        );
+        check!(
+            counts.failed.iter().all(|&n| n > 0),
+            "every kind should have failed at least once: failed (pool, lookaside, common \
+             buffer) {:?} of {:?} eligible",
+            counts.failed,
+            counts.eligible
+        );
+        check_eq!(
+            refused,
+            counts.total_failed(),
+            "requests refused against allocations failed by the simulation"
+        );
+        check!(served > 0, "no request went through ({refused} refused)");
+        check_eq!(
+            served + refused,
+            LOW_REQUESTS as u64,
+            "requests served and refused"
+        );
+
+        let st = list_stats(list)?;
+        check_eq!(
+            st.total_allocates,
+            st.total_frees,
+            "lookaside list (allocates, frees)"
+        );
+        WdfObjectDelete(list);
+        check_pool_balanced(drv, LOW_CTX_TAG, PoolKind::NonPaged, "context blocks")?;
+        q.close(&a)?;
+        let dom = current_domain(&a)?;
+        check_eq!(dom.buffer_count(), 0, "domain buffers at the end");
+        drop(dom);
+        (a.DmaOperations.PutDmaAdapter)(a);
+        Ok(())
     })
 }
