@@ -42,6 +42,18 @@ ensure_host_tools() {
   apt_install libc6-dev openssh-client debian-archive-keyring
 }
 
+# ensure_browser: a headless browser for the web view's test (device/tests/webview.rs),
+# Debian's chromium when none is installed (GitHub's Ubuntu runners have google-chrome).
+ensure_browser() {
+  if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null &&
+    ! command -v google-chrome >/dev/null; then
+    apt_install chromium
+  fi
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null ||
+    command -v google-chrome >/dev/null ||
+    die "no headless browser after installing chromium: install Debian's chromium package and retry"
+}
+
 # ensure_rust_components COMPONENT...: rustfmt/clippy, through rustup when missing.
 ensure_rust_components() {
   local c

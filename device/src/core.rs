@@ -31,6 +31,7 @@ mod queue;
 pub mod remote;
 pub mod sigbus;
 pub mod stats;
+pub mod view;
 
 use engine::Shared;
 use faults::FaultLog;
@@ -208,6 +209,7 @@ impl Device {
             bus_master: AtomicBool::new(false),
             inject: inject::Rules::default(),
             trace,
+            recent_faults: Default::default(),
             config: config.clone(),
             mem,
             irq,
@@ -382,6 +384,7 @@ impl Device {
         }
         self.shared.mmu.reset();
         self.shared.faults.reset();
+        self.shared.recent_faults.clear();
         self.scratch = 0;
         self.inv = InvRegs::default();
         self.stat_select = 0;

@@ -35,6 +35,7 @@ use tracing::info;
                   Inspector: --inspect PATH serves one JSON document of counters per connection\n\
                   (e.g. socat - UNIX-CONNECT:PATH).\n\n\
                   Trace: --trace FILE records every DMA the device does; domdma-trace reads it.\n\n\
+                  Web view: --http 8080 serves the device's live state at http://127.0.0.1:8080/.\n\n\
                   Logging: DOMDMA_LOG or RUST_LOG (e.g. debug, domdma_device=trace); default info."
 )]
 struct Args {
@@ -77,6 +78,11 @@ struct Args {
     /// injection").
     #[arg(long, value_name = "RULE")]
     inject: Vec<Rule>,
+    /// Serve a live web view of the device (domains' IOVA maps, IOTLB hit rate, queues,
+    /// faults, interrupts; the JSON behind it; the injection rules, which it can change) on
+    /// ADDR: a port (loopback, 127.0.0.1:PORT) or HOST:PORT. Port 0 picks a free one.
+    #[arg(long, value_name = "ADDR", value_parser = parse_http)]
+    http: Option<std::net::SocketAddr>,
     /// Let the members of this group (name or gid) connect too: the sockets get mode 0660
     /// and this group (by default they are 0600, the owner only, whatever the umask). For a
     /// QEMU that runs as another user.
@@ -113,6 +119,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range: give 10ms to 3600s"));
     }
     Ok(d)
+}
+
+/// Parse the web view's address: a port (on loopback) or HOST:PORT.
+fn parse_http(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(port) = t.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    t.parse().map_err(|_| {
+        format!("{t:?} is not a port or an IP address with a port (e.g. 8080, 127.0.0.1:8080, [::1]:8080)")
+    })
 }
 
 /// Parse a byte count: decimal or `0x` hexadecimal, optionally followed by K, M or G
@@ -237,6 +254,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if let Some(addr) = args.http {
+        if let Err(e) = server.add_web_view(addr) {
+            eprintln!("domdma-device: error: --http: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     if let Err(e) = server.stop_on_signals(&[SIGTERM, SIGINT]) {
         eprintln!("domdma-device: error: {}", chain(&e));
         return ExitCode::FAILURE;
@@ -293,6 +316,14 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("1ms").unwrap_err().contains("out of range"));
         assert!(parse_duration("soon").unwrap_err().contains("not a time"));
+    }
+
+    #[test]
+    fn http_addresses() {
+        assert_eq!(parse_http("8080").unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(parse_http("0.0.0.0:80").unwrap().to_string(), "0.0.0.0:80");
+        assert_eq!(parse_http("[::1]:8080").unwrap().to_string(), "[::1]:8080");
+        assert!(parse_http("localhost").unwrap_err().contains("e.g. 8080"));
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub(crate) struct Shared {
     pub bus_master: AtomicBool,
     pub inject: super::inject::Rules,
     pub trace: Tracer,
+    pub recent_faults: super::view::RecentFaults,
     pub mmu: Mmu,
     pub faults: FaultLog,
     pub queues: Vec<QueueSlot>,
@@ -579,6 +580,9 @@ impl<'a> Exec<'a> {
         let mem = self.shared.mem.memory();
         let (seq, vector) = self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
         add(&self.slot.counters.faults, 1);
+        self.shared
+            .recent_faults
+            .push(fault_event(f, seq, injected));
         let trace = &self.shared.trace;
         trace.record(|| Event::Fault(fault_event(f, seq, injected)));
         if let Some(vector) = vector {
@@ -1855,6 +1859,7 @@ mod tests {
             bus_master: AtomicBool::new(true),
             inject: Default::default(),
             trace: Default::default(),
+            recent_faults: Default::default(),
             config,
             mem: GuestMemoryAtomic::new(gm),
             irq: Arc::new(RecordingInterrupts::new()),

@@ -24,7 +24,8 @@
 //! meanwhile.
 
 mod iotlb;
-mod walk;
+pub(crate) mod walk;
+pub use walk::MapRun;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};

@@ -45,6 +45,8 @@ pub mod proto;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod socket;
+#[cfg(feature = "server")]
+pub mod web;
 
 #[cfg(feature = "server")]
 pub use inspect::{Inspector, Report};
@@ -56,3 +58,5 @@ pub use memory::DmaMappings;
 pub use server::{Server, ServerError, ServerOptions, StopHandle};
 #[cfg(feature = "server")]
 pub use socket::SocketAccess;
+#[cfg(feature = "server")]
+pub use web::WebView;

@@ -70,6 +70,9 @@ const FD_RESERVE: u64 = 64 + super::channel::SCM_MAX_FD as u64;
 /// Errors of the server: binding its socket, and accepting clients.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// The web view (`--http`) could not be started.
+    #[error(transparent)]
+    Web(#[from] super::web::WebError),
     /// The trace file (`--trace`) could not be started.
     #[error("cannot record the trace: {0}")]
     Trace(#[from] crate::trace::TraceError),
@@ -216,6 +219,8 @@ pub struct Server {
     stop: Arc<EventFd>,
     caps: Capabilities,
     inspector: Option<Inspector>,
+    /// The live web view (`--http`).
+    web: Option<super::web::WebView>,
     signals: Vec<(libc::c_int, UnixStream)>,
     dma_rw: Arc<DmaRwStats>,
     /// The device's trace (off without `trace` in the options).
@@ -313,6 +318,7 @@ impl Server {
             stop: Arc::new(stop),
             caps,
             inspector: None,
+            web: None,
             signals: Vec::new(),
             dma_rw: Arc::new(DmaRwStats::default()),
             trace,
@@ -332,6 +338,22 @@ impl Server {
         info!(path = %insp.path().display(), "inspector listening");
         self.inspector = Some(insp);
         Ok(())
+    }
+
+    /// Serve the live web view on `addr` ([`super::web`]); returns the address it listens
+    /// on (port 0 picks a free one).
+    pub fn add_web_view(
+        &mut self,
+        addr: std::net::SocketAddr,
+    ) -> Result<std::net::SocketAddr, ServerError> {
+        let web = super::web::WebView::start(
+            addr,
+            Arc::clone(&self.device),
+            TraceConfig::from(&self.config),
+        )?;
+        let bound = web.addr();
+        self.web = Some(web);
+        Ok(bound)
     }
 
     /// Stop [`Server::run`] when one of `signals` (e.g. SIGTERM, SIGINT) arrives: the

@@ -346,6 +346,91 @@ fn walk_from<'m>(
     }
 }
 
+/// A run of IOVAs mapped by leaves of one size, contiguous in IOVA and bus addresses, with
+/// one permission ([`map_runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MapRun {
+    /// First IOVA.
+    pub iova: u64,
+    /// Its bus address.
+    pub bus: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Leaf size: 4 KiB, 2 MiB or 1 GiB.
+    pub leaf: u64,
+    /// `PTE_R | PTE_W` ANDed over the levels.
+    pub perm: u64,
+}
+
+/// Every leaf of the table rooted at `root`, as runs ([`MapRun`]), in IOVA order, for a
+/// view of a domain's map. Reads at most `budget` entries and returns at most `max_runs`
+/// runs (the guest writes the tables: they may be huge, or point at themselves); the flag
+/// says whether the walk saw everything. Entries that do not decode are skipped, a table
+/// that cannot be read ends its branch; nothing is cached and no fault is reported. Tables
+/// in memory only the client reaches are not walked (each entry would be a message).
+pub(crate) fn map_runs(
+    mem: &GuestMemoryMmap,
+    root: u64,
+    mut budget: usize,
+    max_runs: usize,
+) -> (Vec<MapRun>, bool) {
+    let mut runs: Vec<MapRun> = Vec::new();
+    let mut complete = true;
+    // Depth-first, in IOVA order: (table, level, IOVA of its first entry, permissions).
+    let mut stack = vec![(root & !(SIZE_4K - 1), LEVELS, 0u64, PTE_R | PTE_W, 0u64)];
+    while let Some((table, level, base, perm, first)) = stack.pop() {
+        let readable = mem
+            .find_region(GuestAddress(table))
+            .is_some_and(|r| region_allows(r, Access::Read) && !remote::is_shadow(r));
+        if !readable {
+            continue;
+        }
+        let span = level_size(level);
+        for i in first..512 {
+            if budget == 0 || runs.len() >= max_runs {
+                return (runs, false);
+            }
+            budget -= 1;
+            let Ok(entry) = read_entry(mem, table, i, level) else {
+                complete = false;
+                break;
+            };
+            let iova = base + i * span;
+            match Pte(entry).decode_at(level) {
+                Ok(PteKind::Leaf(bus)) => {
+                    let perm = perm & Pte(entry).perm();
+                    match runs.last_mut() {
+                        Some(r)
+                            if r.leaf == span
+                                && r.perm == perm
+                                && r.iova + r.len == iova
+                                && r.bus + r.len == bus =>
+                        {
+                            r.len += span;
+                        }
+                        _ => runs.push(MapRun {
+                            iova,
+                            bus,
+                            len: span,
+                            leaf: span,
+                            perm,
+                        }),
+                    }
+                }
+                Ok(PteKind::Table(next)) if level > 1 => {
+                    // The rest of this table after the subtree.
+                    stack.push((table, level, base, perm, i + 1));
+                    stack.push((next, level - 1, iova, perm & Pte(entry).perm(), 0));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => complete = false,
+            }
+        }
+    }
+    (runs, complete)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::mmap::MmapRegionBuilder;
@@ -420,6 +505,57 @@ mod tests {
             self.write(at, entry);
             at
         }
+    }
+
+    /// The map view: contiguous 4 KiB leaves make one run, a gap or another permission
+    /// starts one, a 2 MiB leaf is its own; a malformed entry is skipped and reported as
+    /// an incomplete walk; a budget that runs out says so too.
+    #[test]
+    fn map_runs_merge_contiguous_leaves_and_bound_the_walk() {
+        let mem = memory();
+        let mut pt = Pt::new(&mem);
+        for i in 0..3 {
+            pt.set(
+                RANGE + i * SIZE_4K,
+                1,
+                Pte::leaf(0x1000 * (i + 1), RW, false).raw(),
+            );
+        }
+        pt.set(
+            RANGE + 3 * SIZE_4K,
+            1,
+            Pte::leaf(0x4000, PTE_R, false).raw(),
+        );
+        pt.set(RANGE + 5 * SIZE_4K, 1, Pte::leaf(0x6000, RW, false).raw());
+        let big = RANGE + (1 << 30);
+        pt.set(big, 2, Pte::leaf(0x20_0000, RW, true).raw());
+        let (runs, complete) = map_runs(&mem, pt.root, 1 << 16, 100);
+        assert!(complete);
+        let got: Vec<_> = runs
+            .iter()
+            .map(|r| (r.iova, r.bus, r.len, r.leaf, r.perm))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (RANGE, 0x1000, 3 * SIZE_4K, SIZE_4K, RW),
+                (RANGE + 3 * SIZE_4K, 0x4000, SIZE_4K, SIZE_4K, PTE_R),
+                (RANGE + 5 * SIZE_4K, 0x6000, SIZE_4K, SIZE_4K, RW),
+                (big, 0x20_0000, 1 << 21, 1 << 21, RW),
+            ]
+        );
+        pt.set(RANGE + 7 * SIZE_4K, 1, RW | PTE_RESERVED_MASK);
+        assert!(
+            !map_runs(&mem, pt.root, 1 << 16, 100).1,
+            "a malformed entry"
+        );
+        let (short, complete) = map_runs(&mem, pt.root, 600, 100);
+        assert!(!complete && short.len() < runs.len(), "the budget");
+        assert_eq!(
+            map_runs(&mem, pt.root, 1 << 16, 2).0.len(),
+            2,
+            "the run limit"
+        );
     }
 
     fn leaf(iova: u64, bus: u64, perm: u64) -> Leaf {

@@ -1,0 +1,336 @@
+//! The live web view (`domdma-device --http ADDR`): a page that shows the device as it runs
+//! (each domain's IOVA map by leaf size, the IOTLB hit rate over time, each queue's state,
+//! ring occupancy and counters, the recent faults and the interrupts), the JSON behind it,
+//! and the error-injection rules, which it can change.
+//!
+//! - `GET /`: the page (HTML, CSS and script in this binary: no network fetches), with the
+//!   state at the time of the request inlined, so it renders without a round trip; it
+//!   then polls `/api/state` every 500 ms;
+//! - `GET /api/state`: [`State`] as JSON;
+//! - `GET /api/inject`: the rules in force, as a JSON array;
+//! - `PUT /api/inject` (or `POST`): replace the rules with the JSON array in the body
+//!   (`[{"rule": "drop-interrupt", "nth": 1}]`, or `[]` to clear) or with rule lines
+//!   (`drop-interrupt:nth=1`, one per line); a bad rule is a 400 that says what is wrong.
+//!
+//! The server is `tiny_http` on a thread of its own: a small synchronous HTTP/1.1 server
+//! with no async runtime, which fits a server whose other parts are threads and an
+//! `event-manager` loop, for a page one person looks at. It listens on loopback unless
+//! told otherwise; whoever reaches it can change the injection rules. Request bodies are
+//! capped at [`MAX_BODY`]; the device lock is held only while a snapshot is taken.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tiny_http::{Header, Method, Request, Response};
+use tracing::{debug, info, warn};
+
+use super::server::lock;
+use crate::core::inject::Rule;
+use crate::core::view::DeviceView;
+use crate::core::Device;
+use crate::trace::TraceConfig;
+
+/// Largest request body read, bytes.
+pub const MAX_BODY: u64 = 64 << 10;
+/// How often the IOTLB counters are sampled for the hit-rate history.
+pub const SAMPLE: Duration = Duration::from_millis(500);
+/// Samples kept (two minutes).
+pub const HISTORY: usize = 240;
+
+const PAGE: &str = include_str!("web/index.html");
+
+/// What went wrong starting the web view.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr} for the web view: {why}; choose another port (e.g. --http 127.0.0.1:8080)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        why: String,
+    },
+    /// The thread could not start.
+    #[error("cannot start the web view thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// One sample of the IOTLB counters (all domains).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sample {
+    /// Milliseconds since the web view started.
+    pub t_ms: u64,
+    /// Hits since the previous sample.
+    pub hits: u64,
+    /// Misses since the previous sample.
+    pub misses: u64,
+}
+
+/// The document `/api/state` serves.
+#[derive(Debug, Clone, Serialize)]
+pub struct State {
+    /// The device's configuration.
+    pub config: TraceConfig,
+    /// The device.
+    pub device: DeviceView,
+    /// IOTLB hits and misses per [`SAMPLE`], oldest first.
+    pub iotlb_history: Vec<Sample>,
+}
+
+/// The hit-rate history.
+#[derive(Debug)]
+struct History {
+    start: Instant,
+    last: Option<(u64, u64)>,
+    samples: VecDeque<Sample>,
+}
+
+impl History {
+    fn sample(&mut self, device: &Mutex<Device>) {
+        let stats = lock(device).stats();
+        let (hits, misses) = stats
+            .domains
+            .iter()
+            .fold((0, 0), |(h, m), d| (h + d.iotlb_hits, m + d.iotlb_misses));
+        // A reset clears the counters: count from zero again.
+        let (h0, m0) = match self.last {
+            Some((h, m)) if h <= hits && m <= misses => (h, m),
+            _ => (0, 0),
+        };
+        self.last = Some((hits, misses));
+        if self.samples.len() == HISTORY {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(Sample {
+            t_ms: self.start.elapsed().as_millis() as u64,
+            hits: hits - h0,
+            misses: misses - m0,
+        });
+    }
+}
+
+/// The running web view; stops when dropped.
+pub struct WebView {
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WebView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebView")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebView {
+    /// Listen on `addr` and serve `device` (with configuration `config`).
+    pub fn start(
+        addr: SocketAddr,
+        device: Arc<Mutex<Device>>,
+        config: TraceConfig,
+    ) -> Result<Self, WebError> {
+        let server = tiny_http::Server::http(addr).map_err(|e| WebError::Bind {
+            addr,
+            why: e.to_string(),
+        })?;
+        let bound = server.server_addr().to_ip().ok_or_else(|| WebError::Bind {
+            addr,
+            why: "not an IP listener".into(),
+        })?;
+        if !bound.ip().is_loopback() {
+            warn!(%bound, "the web view listens beyond loopback: whoever reaches it can change the injection rules");
+        }
+        let server = Arc::new(server);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("domdma-web".into())
+                .spawn(move || serve(&server, &device, &config, &stop))
+                .map_err(WebError::Thread)?
+        };
+        info!("web view on http://{bound}/");
+        Ok(Self {
+            server,
+            addr: bound,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for WebView {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(
+    server: &tiny_http::Server,
+    device: &Mutex<Device>,
+    config: &TraceConfig,
+    stop: &AtomicBool,
+) {
+    let mut history = History {
+        start: Instant::now(),
+        last: None,
+        samples: VecDeque::with_capacity(HISTORY),
+    };
+    history.sample(device);
+    let mut sampled = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        match server.recv_timeout(SAMPLE / 2) {
+            Ok(Some(req)) => handle(req, device, config, &history),
+            Ok(None) => {}
+            Err(e) => {
+                debug!(error = %e, "web view stopped");
+                break;
+            }
+        }
+        if sampled.elapsed() >= SAMPLE {
+            history.sample(device);
+            sampled = Instant::now();
+        }
+    }
+}
+
+fn state(device: &Mutex<Device>, config: &TraceConfig, history: &History) -> State {
+    State {
+        config: config.clone(),
+        device: lock(device).view(),
+        iotlb_history: history.samples.iter().copied().collect(),
+    }
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("a valid static header")
+}
+
+fn json_response(value: &impl Serialize) -> Response<std::io::Cursor<Vec<u8>>> {
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    Response::from_data(body).with_header(header("Content-Type", "application/json"))
+}
+
+fn text(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+}
+
+/// The rules a PUT body sets: a JSON array of rules, or rule lines.
+fn parse_rules(body: &str) -> Result<Vec<Rule>, String> {
+    let t = body.trim();
+    if t.starts_with('[') {
+        let rules: Vec<Rule> = serde_json::from_str(t).map_err(|e| format!("the JSON: {e}"))?;
+        for r in &rules {
+            r.validate().map_err(|e| format!("{r}: {e}"))?;
+        }
+        return Ok(rules);
+    }
+    t.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.parse::<Rule>().map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn handle(mut req: Request, device: &Mutex<Device>, config: &TraceConfig, history: &History) {
+    let path = req.url().split('?').next().unwrap_or("").to_owned();
+    let response = match (req.method(), path.as_str()) {
+        (Method::Get, "/") | (Method::Get, "/index.html") => {
+            let initial = serde_json::to_string(&state(device, config, history))
+                .unwrap_or_else(|_| "null".into())
+                // Inside a <script> element: no "</" may end it early.
+                .replace("</", "<\\/");
+            let page = PAGE.replace("/*INITIAL_STATE*/null", &initial);
+            Response::from_string(page)
+                .with_header(header("Content-Type", "text/html; charset=utf-8"))
+        }
+        (Method::Get, "/api/state") => json_response(&state(device, config, history)),
+        (Method::Get, "/api/inject") => json_response(&lock(device).injection()),
+        (Method::Put | Method::Post, "/api/inject") => {
+            let mut body = String::new();
+            let read = req.as_reader().take(MAX_BODY + 1).read_to_string(&mut body);
+            match read {
+                Err(e) => text(400, format!("the body is not UTF-8 text: {e}\n")),
+                Ok(n) if n as u64 > MAX_BODY => {
+                    text(413, format!("the body is larger than {MAX_BODY} bytes\n"))
+                }
+                Ok(_) => match parse_rules(&body) {
+                    Ok(rules) => {
+                        let d = lock(device);
+                        d.set_injection(&rules);
+                        json_response(&d.injection())
+                    }
+                    Err(e) => text(400, format!("{e}\n")),
+                },
+            }
+        }
+        (_, "/" | "/index.html" | "/api/state" | "/api/inject") => {
+            text(405, "method not allowed\n".into())
+        }
+        _ => text(404, format!("no such page: {path}\n")),
+    };
+    if let Err(e) = req.respond(response) {
+        debug!(error = %e, "web view: the client went away");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_come_as_json_or_lines_and_bad_ones_say_why() {
+        let want: Vec<Rule> = vec!["drop-interrupt:nth=1".parse().unwrap()];
+        assert_eq!(parse_rules("drop-interrupt:nth=1\n").unwrap(), want);
+        assert_eq!(
+            parse_rules(r#"[{"rule": "drop-interrupt", "nth": 1}]"#).unwrap(),
+            want
+        );
+        assert_eq!(parse_rules("[]").unwrap(), vec![]);
+        assert_eq!(parse_rules("# nothing\n\n").unwrap(), vec![]);
+        assert!(
+            parse_rules(r#"[{"rule": "corrupt-copy", "offset": 1, "xor": 0}]"#)
+                .unwrap_err()
+                .contains("xor=0")
+        );
+        assert!(parse_rules("explode")
+            .unwrap_err()
+            .contains("is not a rule"));
+    }
+
+    #[test]
+    fn the_page_has_the_placeholder_the_server_fills() {
+        assert!(PAGE.contains("/*INITIAL_STATE*/null"));
+        // Nothing is loaded from elsewhere: no external scripts, styles, images or fonts.
+        for external in [
+            "src=\"http",
+            "href=\"http",
+            "url(http",
+            "@import",
+            "fetch(\"http",
+        ] {
+            assert!(!PAGE.contains(external), "{external}");
+        }
+    }
+}
