@@ -474,6 +474,13 @@ impl Device {
     }
 
     fn reg_write(&mut self, reg: u64, value: u32) {
+        if self.shared.trace.on() {
+            let doorbell = block_of(reg, QUEUE_BASE, QUEUE_STRIDE, self.shared.queues.len())
+                .is_some_and(|(_, r)| r == Q_TAIL);
+            if !doorbell {
+                self.shared.trace.record(|| Event::RegWrite { reg, value });
+            }
+        }
         match reg {
             REG_SCRATCH => self.scratch = value,
             REG_DEV_CTRL => {

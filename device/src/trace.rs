@@ -15,6 +15,7 @@
 pub mod event;
 pub mod file;
 pub mod recorder;
+pub mod replay;
 pub mod view;
 
 pub use event::{Event, Record, ResetKind, TraceConfig, Translated, NO_QUEUE};

@@ -497,6 +497,7 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
             files.push(("device trace summary", trace.summary.clone()));
             files.push(("device trace (Perfetto JSON)", trace.perfetto.clone()));
             cases.push(trace_case(&trace));
+            cases.push(replay_case(&trace, tmp.path()));
         }
     }
     drop(tmp);
@@ -570,6 +571,53 @@ fn trace_case(files: &TraceFiles) -> CaseResult {
     match made {
         Ok(line) => CaseResult::host_pass(NAME, started.elapsed(), line),
         Err(problem) => CaseResult::host_fail(NAME, started.elapsed(), problem, None),
+    }
+}
+
+/// Replays the run's trace through this build's device core (`domdma-trace replay`): the
+/// run must replay with no divergence, unless an injection rule acted where it diverges.
+fn replay_case(files: &TraceFiles, tmp: &Path) -> CaseResult {
+    use domdma_device::trace::replay::{replay, ReplayOptions};
+    const NAME: &str = "host.device_trace_replay";
+    let started = Instant::now();
+    let scratch = tmp.join("replay.trace");
+    let report = replay(&files.trace, &scratch, &ReplayOptions::default());
+    let _ = fs::remove_file(&scratch);
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            return CaseResult::host_fail(NAME, started.elapsed(), format!("replay: {e}"), None)
+        }
+    };
+    let notes = if report.notes.is_empty() {
+        String::new()
+    } else {
+        format!("; notes: {}", report.notes.join("; "))
+    };
+    match report.divergence {
+        None => CaseResult::host_pass(
+            NAME,
+            started.elapsed(),
+            format!(
+                "{} descriptors replayed through this build's core: no divergence{notes}",
+                report.descriptors
+            ),
+        ),
+        Some(d) if d.what.contains("injection rule") => CaseResult::host_pass(
+            NAME,
+            started.elapsed(),
+            format!("diverges where an injection rule acted, as it should: {d}{notes}"),
+        ),
+        Some(d) => CaseResult::host_fail(
+            NAME,
+            started.elapsed(),
+            format!(
+                "the trace diverges after {} of {} descriptors: {d}",
+                report.compared - 1,
+                report.descriptors
+            ),
+            Some(notes),
+        ),
     }
 }
 

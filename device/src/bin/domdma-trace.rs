@@ -5,7 +5,9 @@
 //! - `show FILE [--queue N] [--domain N] [--iova RANGE] [--kind K,...] [--limit N]`: the
 //!   records, one per line, in time order;
 //! - `perfetto FILE [-o OUT]`: the Chrome / Perfetto JSON trace format, one track per
-//!   queue; open it at <https://ui.perfetto.dev>.
+//!   queue; open it at <https://ui.perfetto.dev>;
+//! - `replay FILE [--inject RULE]...`: the recorded inputs through today's device core,
+//!   and the first divergence (exit status 1 when there is one).
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,18 @@ enum Command {
         /// Stop after this many lines.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+    },
+    /// Run the recorded inputs through today's device core and report the first
+    /// divergence (exit status 1 when there is one).
+    Replay {
+        /// The trace file.
+        file: PathBuf,
+        /// Injection rules to replay under (to see where a changed device diverges).
+        #[arg(long, value_name = "RULE")]
+        inject: Vec<domdma_device::core::inject::Rule>,
+        /// Keep the replayed device's own trace in this file (to compare with `show`).
+        #[arg(long, value_name = "OUT")]
+        keep: Option<PathBuf>,
     },
     /// Convert to the Chrome / Perfetto JSON trace format.
     Perfetto {
@@ -148,6 +162,31 @@ fn run(args: Args) -> Result<(), String> {
                 }
             }
             out.flush().map_err(io_err)?;
+        }
+        Command::Replay { file, inject, keep } => {
+            let scratch = keep.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("domdma-replay-{}.trace", std::process::id()))
+            });
+            let opts = domdma_device::trace::replay::ReplayOptions { inject };
+            let report = domdma_device::trace::replay::replay(&file, &scratch, &opts);
+            if keep.is_none() {
+                let _ = std::fs::remove_file(&scratch);
+            }
+            let report = report.map_err(|e| e.to_string())?;
+            for n in &report.notes {
+                println!("note: {n}");
+            }
+            return match report.divergence {
+                None => {
+                    println!("replayed {} descriptors: no divergence", report.descriptors);
+                    Ok(())
+                }
+                Some(d) => Err(format!(
+                    "first divergence after {} of {} descriptors: {d}",
+                    report.compared - 1,
+                    report.descriptors
+                )),
+            };
         }
         Command::Perfetto { file, output } => {
             let trace = load(&file).map_err(err)?;

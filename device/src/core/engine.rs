@@ -382,6 +382,15 @@ fn prefetch(region: &GuestRegionMmap, bus: u64) {
     let _ = host;
 }
 
+/// A descriptor's bytes as the trace records them: 8 little-endian words.
+fn words(raw: &[u8; DESC_SIZE as usize]) -> [u64; 8] {
+    std::array::from_fn(|i| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&raw[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    })
+}
+
 /// A fault as the trace records it.
 fn fault_event(f: &Fault, seq: u32, injected: bool) -> FaultEvent {
     FaultEvent {
@@ -426,6 +435,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
         return;
     };
     let mut scratch = Scratch::new();
+    crate::trace::recorder::bind_thread(&shared.trace, slot.index);
     // A descriptor has just been finished: spin for the next before sleeping.
     let mut just_done = false;
     // The hold the last completion record was written under, for the next fetch (see
@@ -738,7 +748,7 @@ impl<'a> Exec<'a> {
         &self,
         iova: u64,
         carried: Option<Hold<'a>>,
-    ) -> Result<([u8; DESC_SIZE as usize], Option<Hold<'a>>), Fault> {
+    ) -> Result<([u8; DESC_SIZE as usize], u64, Option<Hold<'a>>), Fault> {
         let mut carried = carried;
         loop {
             let hold = carried.take().unwrap_or_else(|| self.hold());
@@ -749,7 +759,7 @@ impl<'a> Exec<'a> {
                     std::thread::sleep(RETRY_PAUSE);
                 }
                 Err(f) => return Err(f),
-                Ok(raw) => return Ok((raw, (!remote::any()).then_some(hold))),
+                Ok((raw, bus)) => return Ok((raw, bus, (!remote::any()).then_some(hold))),
             }
         }
     }
@@ -759,7 +769,7 @@ impl<'a> Exec<'a> {
         &self,
         mem: &GuestMemoryMmap,
         iova: u64,
-    ) -> Result<[u8; DESC_SIZE as usize], Fault> {
+    ) -> Result<([u8; DESC_SIZE as usize], u64), Fault> {
         let _armed = sigbus::arm(mem);
         let at = self.map_small(mem, iova, DESC_SIZE, Access::Read, ACCESS_DESCRIPTOR)?;
         let bus = at.bus;
@@ -784,7 +794,7 @@ impl<'a> Exec<'a> {
         if next % SMALLEST_PAGE != 0 {
             prefetch(at.region, next);
         }
-        Ok(raw)
+        Ok((raw, bus))
     }
 
     /// Fetch, validate and execute the descriptor at the job's head. Faults are reported
@@ -816,7 +826,7 @@ impl<'a> Exec<'a> {
                 Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR))
             }
         };
-        let (raw, hold) = match fetched {
+        let (raw, desc_bus, hold) = match fetched {
             Ok(fetched) => fetched,
             Err(f) => {
                 self.report(&f);
@@ -827,9 +837,8 @@ impl<'a> Exec<'a> {
             queue: self.q(),
             slot: job.head,
             iova: desc_iova,
-            desc: std::array::from_fn(|i| {
-                u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-            }),
+            bus: desc_bus,
+            desc: words(&raw),
         });
         let d = Descriptor::decode(&raw);
         if let Err(why) = d.validate(self.shared.config.max_transfer) {
@@ -1552,7 +1561,7 @@ impl<'a> Exec<'a> {
                 Some(iova) => self.fetch(iova, None),
                 None => Err(self.access_fault(FAULT_IOVA_WIDTH, d.src, 0, ACCESS_DESCRIPTOR)),
             };
-            let (raw, hold) = match fetched {
+            let (raw, element_bus, hold) = match fetched {
                 Ok(fetched) => fetched,
                 Err(f) => {
                     self.report(&f);
@@ -1560,6 +1569,12 @@ impl<'a> Exec<'a> {
                     return RunResult::Done(d, Outcome { result: done, ..o });
                 }
             };
+            self.shared.trace.record(|| Event::Element {
+                queue: self.q(),
+                index: i,
+                bus: element_bus,
+                desc: words(&raw),
+            });
             let e = BatchElement::decode(&raw).0;
             if let Err(why) = BatchElement(e).validate(self.shared.config.max_transfer) {
                 // Reporting takes the gate.

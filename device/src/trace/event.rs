@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the trace format (the types of this module).
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// No queue: an access made for the register front end or the transport.
 pub const NO_QUEUE: u16 = u16::MAX;
@@ -115,6 +115,35 @@ pub enum Event {
         slot: u32,
         /// IOVA it was fetched from.
         iova: u64,
+        /// Its bus address.
+        bus: u64,
+        /// The 64 bytes, as 8 little-endian u64.
+        desc: [u64; 8],
+    },
+    /// A register write (BAR0, 32 bits) other than a doorbell: what a replay re-applies.
+    RegWrite {
+        /// Register offset.
+        reg: u64,
+        /// Value written.
+        value: u32,
+    },
+    /// A page-table entry the device read (walks of the engine's workers), for replay.
+    PteRead {
+        /// The queue whose worker walked.
+        queue: u16,
+        /// Bus address of the entry.
+        addr: u64,
+        /// Its value.
+        value: u64,
+    },
+    /// An element of a BATCH list fetched (its bytes in full, as for a descriptor).
+    Element {
+        /// Queue.
+        queue: u16,
+        /// Index in the list.
+        index: u32,
+        /// Bus address it was read from.
+        bus: u64,
         /// The 64 bytes, as 8 little-endian u64.
         desc: [u64; 8],
     },
@@ -244,6 +273,9 @@ impl Event {
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Doorbell { .. } => "doorbell",
+            Event::RegWrite { .. } => "reg_write",
+            Event::PteRead { .. } => "pte_read",
+            Event::Element { .. } => "element",
             Event::Fetch { .. } => "fetch",
             Event::Translate(_) => "translate",
             Event::Complete { .. } => "complete",
@@ -259,8 +291,11 @@ impl Event {
     }
 
     /// Every kind [`Event::kind`] returns.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 15] = [
         "doorbell",
+        "reg_write",
+        "pte_read",
+        "element",
         "fetch",
         "translate",
         "complete",
@@ -281,6 +316,8 @@ impl Event {
             | Event::Fetch { queue, .. }
             | Event::Complete { queue, .. }
             | Event::Interrupt { queue, .. }
+            | Event::PteRead { queue, .. }
+            | Event::Element { queue, .. }
             | Event::Injected { queue, .. } => queue,
             Event::Translate(t) => t.queue,
             Event::Fault(f) => f.queue,

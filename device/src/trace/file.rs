@@ -283,6 +283,7 @@ mod tests {
                     queue: 1,
                     slot: 2,
                     iova: 0x1000,
+                    bus: 0x2000,
                     desc: [u64::MAX; 8],
                 },
             },

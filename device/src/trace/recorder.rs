@@ -281,3 +281,35 @@ impl Tracer {
         }
     }
 }
+
+thread_local! {
+    /// The tracer and queue of the engine worker running on this thread, for the page-table
+    /// reads its walks make ([`record_pte`]); `BOUND_ON` is the fast check.
+    static BOUND: RefCell<Option<(Tracer, u16)>> = const { RefCell::new(None) };
+    static BOUND_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Make this thread (an engine worker of queue `queue`) record the page-table entries its
+/// walks read through `trace` (nothing when `trace` is off).
+pub fn bind_thread(trace: &Tracer, queue: u16) {
+    let on = trace.on();
+    BOUND_ON.with(|b| b.set(on));
+    BOUND.with(|b| *b.borrow_mut() = on.then(|| (trace.clone(), queue)));
+}
+
+/// A page-table entry read at bus address `addr`: recorded when this thread is bound to a
+/// tracer ([`bind_thread`]); one thread-local load otherwise.
+#[inline]
+pub fn record_pte(addr: u64, value: u64) {
+    if BOUND_ON.with(std::cell::Cell::get) {
+        BOUND.with(|b| {
+            if let Some((t, queue)) = &*b.borrow() {
+                t.record(|| Event::PteRead {
+                    queue: *queue,
+                    addr,
+                    value,
+                });
+            }
+        });
+    }
+}

@@ -86,11 +86,19 @@ pub fn line(r: &Record) -> String {
     let mut s = format!("{:>14.3} us  {:<10} ", r.t_ns as f64 / 1e3, r.event.kind());
     let _ = match r.event {
         Event::Doorbell { queue, tail } => write!(s, "q{queue} tail={tail}"),
+        Event::RegWrite { reg, value } => write!(s, "reg {reg:#05x} <- {value:#x}"),
+        Event::PteRead { queue, addr, value } => {
+            write!(s, "q{queue} entry at bus {addr:#x} = {value:#x}")
+        }
+        Event::Element {
+            queue, index, bus, ..
+        } => write!(s, "q{queue} BATCH element {index} at bus {bus:#x}"),
         Event::Fetch {
             queue,
             slot,
             iova,
             desc,
+            ..
         } => {
             let d = descriptor(&desc);
             write!(
@@ -488,7 +496,10 @@ pub fn perfetto(trace: &Trace) -> Value {
                        "bus": format!("{:#x}", x.bus), "len": x.len,
                        "hits": x.hits, "misses": x.misses, "write": x.write}),
             )),
-            Event::Translate(_) => {}
+            Event::Translate(_)
+            | Event::RegWrite { .. }
+            | Event::PteRead { .. }
+            | Event::Element { .. } => {}
             Event::Fault(f) => {
                 let args = json!({"queue": f.queue, "domain": f.domain,
                     "iova": format!("{:#x}", f.iova), "access": f.access,

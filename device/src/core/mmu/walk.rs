@@ -20,6 +20,7 @@ use vm_memory::{
 use crate::core::bus::{check_range, refusal, region_allows, Access};
 use crate::core::remote;
 use crate::spec::*;
+use crate::trace::recorder::record_pte;
 
 /// Size of a 4 KiB page.
 pub(crate) const SIZE_4K: u64 = 1 << 12;
@@ -103,10 +104,12 @@ fn read_entry(mem: &GuestMemoryMmap, table: u64, index: u64, level: u32) -> Resu
     })?;
     let region = mem.find_region(GuestAddress(addr)).ok_or(outside)?;
     let offset = MemoryRegionAddress(addr - region.start_addr().0);
-    region
+    let entry = region
         .load::<u64>(offset, Ordering::Acquire)
         .map(u64::from_le)
-        .map_err(|_| outside)
+        .map_err(|_| outside)?;
+    record_pte(addr, entry);
+    Ok(entry)
 }
 
 /// What one entry of a walk leads to.
@@ -251,7 +254,9 @@ impl<'m> L1Table<'m> {
         // below `readable`. Guest memory is shared with the guest, so the entry is read
         // with one atomic load, as every entry read is.
         let entry = unsafe { &*self.entries.wrapping_add(i) }.load(Ordering::Acquire);
-        Some(u64::from_le(entry))
+        let entry = u64::from_le(entry);
+        record_pte(self.table | (index * 8), entry);
+        Some(entry)
     }
 }
 
