@@ -34,3 +34,16 @@ impl From<&crate::core::DeviceConfig> for TraceConfig {
         }
     }
 }
+
+impl From<&TraceConfig> for crate::core::DeviceConfig {
+    fn from(c: &TraceConfig) -> Self {
+        Self {
+            queues: c.queues,
+            domains: c.domains,
+            iova_width: c.iova_width,
+            iotlb_entries: c.iotlb_entries,
+            max_transfer: c.max_transfer,
+            strict_iotlb: c.strict_iotlb,
+        }
+    }
+}

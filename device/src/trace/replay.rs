@@ -368,14 +368,7 @@ pub fn replay_trace(
     opts: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
     let c = &trace.header.config;
-    let config = DeviceConfig {
-        queues: c.queues,
-        domains: c.domains,
-        iova_width: c.iova_width,
-        iotlb_entries: c.iotlb_entries,
-        max_transfer: c.max_transfer,
-        strict_iotlb: c.strict_iotlb,
-    };
+    let config = DeviceConfig::from(c);
     config
         .validate()
         .map_err(|e| ReplayError::Config(e.to_string()))?;
