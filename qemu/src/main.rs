@@ -199,8 +199,10 @@ impl RunArgs {
         let mut iommu = true;
         let mut shared_memory = true;
         let mut profile_name = None;
+        let mut expect_injected = None;
         if let Some(path) = &self.profile {
             let p = Profile::load(path)?;
+            expect_injected = p.expect_injected.clone();
             self.numa_nodes = p.numa_nodes;
             iommu = p.iommu;
             shared_memory = p.shared_memory;
@@ -230,6 +232,7 @@ impl RunArgs {
                 self.device_bin
             },
             device_args: self.device_args,
+            expect_injected,
             guest_bin: self.guest_bin,
             guest_args: self.guest_args,
             out: self.out,

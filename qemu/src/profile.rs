@@ -68,6 +68,12 @@ pub struct Profile {
     /// Options for the guest test binary.
     #[serde(default)]
     pub guest_args: Vec<String>,
+    /// A profile whose device misbehaves on purpose (`--inject` in `device_args`): the
+    /// text every guest failure must contain (the injected fault, e.g. `offset 0x10`). The
+    /// run passes when at least one guest test fails naming it and no test fails otherwise;
+    /// those failures are reported as expected.
+    #[serde(default)]
+    pub expect_injected: Option<String>,
 }
 
 fn default_numa_nodes() -> u8 {
@@ -126,6 +132,7 @@ mod tests {
                 iommu: true,
                 shared_memory: true,
                 device_args: vec![],
+                expect_injected: None,
                 guest_args: vec![],
             }
         );

@@ -142,6 +142,9 @@ pub struct RunOptions {
     pub device_bin: Option<PathBuf>,
     /// Arguments for the device server after `--socket PATH` (device options).
     pub device_args: Vec<String>,
+    /// The profile injects a fault: the text every guest failure must contain
+    /// ([`crate::profile::Profile::expect_injected`]).
+    pub expect_injected: Option<String>,
     /// The guest test binary (or any executable that prints result lines).
     pub guest_bin: PathBuf,
     /// Arguments for the guest binary.
@@ -467,6 +470,10 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
                 ));
             }
             cases.splice(0..0, main.cases);
+            if let Some(text) = &opts.expect_injected {
+                let verdict = expect_injected(&mut cases, text);
+                cases.push(verdict);
+            }
         }
         // The fallback to TCG changes the accelerator (and says so in host.boot).
         let reason = if ctx.accel == accel {
@@ -508,6 +515,43 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         accel: accel_used,
         bench,
     })
+}
+
+/// A run whose device injects a fault: guest failures that name it (contain `text`) are
+/// what the profile expects, and are reported as passed with the failure quoted; the host
+/// case `host.injection` fails when no guest test noticed the fault. Failures that do not
+/// name it stay failures.
+fn expect_injected(cases: &mut [CaseResult], text: &str) -> CaseResult {
+    const NAME: &str = "host.injection";
+    let mut named = Vec::new();
+    for c in cases
+        .iter_mut()
+        .filter(|c| c.origin == crate::report::Origin::Guest && c.failed())
+    {
+        if c.message.contains(text) {
+            c.passed = true;
+            c.message = format!("failed as injected (expected): {}", c.message);
+            named.push(c.name.clone());
+        }
+    }
+    if named.is_empty() {
+        CaseResult::host_fail(
+            NAME,
+            Duration::ZERO,
+            format!("the device injected a fault, yet no guest test failed naming {text:?}"),
+            None,
+        )
+    } else {
+        CaseResult::host_pass(
+            NAME,
+            Duration::ZERO,
+            format!(
+                "{} guest test(s) failed naming the injected fault ({text:?}): {}",
+                named.len(),
+                named.join(", ")
+            ),
+        )
+    }
 }
 
 /// The device trace of a run and what is made of it, in the output directory.
@@ -1360,6 +1404,34 @@ mod tests {
 
     fn files() -> SessionFiles {
         SessionFiles::new(Path::new("/nonexistent"), "")
+    }
+
+    #[test]
+    fn failures_that_name_the_injected_fault_are_expected_and_others_stay() {
+        let failing = |name: &str, message: &str| {
+            CaseResult::from_guest(&GuestResult {
+                message: message.into(),
+                ..result(name, false)
+            })
+        };
+        let mut cases = vec![
+            CaseResult::from_guest(&result("ops::fill", true)),
+            failing("ops::copy", "byte differs at offset 0x10"),
+            failing("ops::crc", "CRC mismatch"),
+        ];
+        let verdict = expect_injected(&mut cases, "offset 0x10");
+        assert!(
+            verdict.passed && verdict.message.contains("ops::copy"),
+            "{verdict:?}"
+        );
+        assert!(cases[1].passed && cases[1].message.starts_with("failed as injected"));
+        assert!(
+            cases[2].failed(),
+            "a failure that does not name the fault stays"
+        );
+        let mut quiet = vec![CaseResult::from_guest(&result("ops::fill", true))];
+        let verdict = expect_injected(&mut quiet, "offset 0x10");
+        assert!(verdict.failed() && verdict.message.contains("no guest test failed"));
     }
 
     #[test]
