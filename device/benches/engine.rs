@@ -24,7 +24,9 @@
 //!   and buffers, and its own memcpy row).
 //!
 //! - `copy_stream_trace`: `copy_stream` on a device that records a trace (`_traced` rows,
-//!   see `domdma_device::trace`) beside one that does not: the cost of `--trace`.
+//!   see `domdma_device::trace`) beside one that does not: the cost of `--trace`. The
+//!   trace goes to a file in the temporary directory, or to `DOMDMA_BENCH_TRACE`
+//!   (`/dev/null` separates the recording's cost from the file system's).
 //!
 //! Run: `cargo bench -p domdma-device --bench engine -- --warm-up-time 1 --measurement-time 3`.
 
@@ -152,7 +154,10 @@ fn copy_throughput(c: &mut Criterion) {
 
     // The cost of recording a trace (`--trace`): the same stream on a device that records
     // to a file, beside one that does not, and memcpy.
-    let path = std::env::temp_dir().join(format!("domdma-bench-{}.trace", std::process::id()));
+    let path = std::env::var_os("DOMDMA_BENCH_TRACE").map_or_else(
+        || std::env::temp_dir().join(format!("domdma-bench-{}.trace", std::process::id())),
+        std::path::PathBuf::from,
+    );
     let config = DeviceConfig::default();
     let rec = Recorder::create(&path, TraceConfig::from(&config)).expect("trace file");
     let (plain, from, to) = setup(config.clone());

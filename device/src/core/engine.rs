@@ -423,6 +423,8 @@ struct Exec<'a> {
     slot: &'a QueueSlot,
     domain: u16,
     epoch: u64,
+    /// Bus address the completion record was written at (0: none yet), for the trace.
+    record_bus: std::cell::Cell<u64>,
 }
 
 /// The worker thread of queue `q`. Returns when the queue is shut down.
@@ -468,6 +470,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 slot,
                 domain: job.domain,
                 epoch: job.epoch,
+                record_bus: std::cell::Cell::new(0),
             };
             let result = exec.run(&job, &mut scratch, carried.take());
             // With memory only the client reaches, the completion record goes out before
@@ -680,11 +683,13 @@ impl<'a> Exec<'a> {
         access: Access,
         flags: u8,
     ) -> Result<Small<'m>, Fault> {
+        // Recorded in the trace with the access it serves (Fetch, Element, Complete), not as
+        // a translation event of its own.
         let t = self
             .shared
             .mmu
             .translator_for(mem, self.domain, Some(self.q()))
-            .translate(iova, access)
+            .translate_quiet(iova, access)
             .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
         if t.len == 0 {
             // Never returned by the MMU; a chunk of 0 bytes would make no progress.
@@ -1651,6 +1656,7 @@ impl<'a> Exec<'a> {
             return Err(self.access_fault(FAULT_BUS_ERROR, d.completion, bus, flags));
         }
         written.ok_or_else(|| self.outside_ram(d.completion, bus, flags))?;
+        self.record_bus.set(bus);
         // Memory only the client reaches: the body, then the head (see `remote`).
         let body = bus + CompletionRecord::BODY_OFFSET;
         remote::sync_out(mem, body, body_len)
@@ -1729,6 +1735,7 @@ impl<'a> Exec<'a> {
                     bytes: *bytes,
                     result: 0,
                     written,
+                    record_bus: self.record_bus.get(),
                 });
                 r.completed = r.completed.wrapping_add(1);
                 r.errors = r.errors.wrapping_add(1);
@@ -1791,6 +1798,7 @@ impl<'a> Exec<'a> {
             bytes: outcome.bytes,
             result: outcome.result,
             written: written && d.completion != 0,
+            record_bus: self.record_bus.get(),
         });
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
         r.completed = r.completed.wrapping_add(1);
@@ -1895,6 +1903,7 @@ mod tests {
             slot: &shared.queues[0],
             domain,
             epoch: shared.queues[0].epoch.load(Ordering::Relaxed),
+            record_bus: std::cell::Cell::new(0),
         }
     }
 

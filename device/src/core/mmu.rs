@@ -584,6 +584,17 @@ impl Translator<'_> {
         self.translate_untraced(iova, access)
     }
 
+    /// [`Translator::translate`] without a trace event: for the small accesses whose own
+    /// event carries the address (descriptor and element fetches, completion records).
+    #[inline]
+    pub fn translate_quiet(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        self.translate_untraced(iova, access)
+    }
+
     /// Record a translation made from `iova` (the counts before it: `before`).
     #[cold]
     fn trace(

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the trace format (the types of this module).
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// No queue: an access made for the register front end or the transport.
 pub const NO_QUEUE: u16 = u16::MAX;
@@ -147,7 +147,8 @@ pub enum Event {
         /// The 64 bytes, as 8 little-endian u64.
         desc: [u64; 8],
     },
-    /// A translation (of one page, or of a run of pages).
+    /// A translation of data (of one page, or of a run of pages). Descriptor, element and
+    /// completion-record translations are in those events (their IOVA and bus address).
     Translate(Translated),
     /// A descriptor finished; its completion record (when it has one) says the same.
     Complete {
@@ -163,6 +164,8 @@ pub enum Event {
         result: u64,
         /// The completion record was written (false: none asked for, or it could not be).
         written: bool,
+        /// Bus address of the record (0: none written).
+        record_bus: u64,
     },
     /// A fault reported.
     Fault(FaultEvent),

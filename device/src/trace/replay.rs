@@ -141,6 +141,8 @@ struct Outcome {
     pages: BTreeMap<(bool, u64), (u64, u64)>,
     faults: Vec<(u8, u64, u32, u8)>,
     complete: Option<(u8, u32, bool, u64)>,
+    /// Bus addresses of the descriptor and of its completion record.
+    buses: (u64, u64),
     injected: bool,
 }
 
@@ -151,7 +153,11 @@ fn outcomes(records: &[Record]) -> BTreeMap<u16, Vec<Outcome>> {
     for r in records {
         match r.event {
             Event::Fetch {
-                queue, slot, desc, ..
+                queue,
+                slot,
+                desc,
+                bus,
+                ..
             } => {
                 if let Some(o) = open.remove(&queue) {
                     out.entry(queue).or_default().push(o);
@@ -162,6 +168,7 @@ fn outcomes(records: &[Record]) -> BTreeMap<u16, Vec<Outcome>> {
                         t_ns: r.t_ns,
                         slot,
                         opcode: descriptor(&desc).opcode,
+                        buses: (bus, 0),
                         ..Outcome::default()
                     },
                 );
@@ -195,10 +202,12 @@ fn outcomes(records: &[Record]) -> BTreeMap<u16, Vec<Outcome>> {
                 bytes,
                 result,
                 written,
+                record_bus,
                 ..
             } => {
                 if let Some(mut o) = open.remove(&queue) {
                     o.t_ns = r.t_ns;
+                    o.buses.1 = record_bus;
                     o.complete = Some((status, bytes, written, result));
                     out.entry(queue).or_default().push(o);
                 }
@@ -225,6 +234,14 @@ fn describe_complete(c: &Option<(u8, u32, bool, u64)>) -> String {
 
 /// The first difference between `a` (recorded) and `b` (replayed), as (what, a, b).
 fn compare(a: &Outcome, b: &Outcome) -> Option<(String, String, String)> {
+    if a.buses.0 != b.buses.0 {
+        let (x, y) = (a.buses.0, b.buses.0);
+        return Some((
+            "descriptor bus address".into(),
+            format!("{x:#x}"),
+            format!("{y:#x}"),
+        ));
+    }
     if a.pages != b.pages {
         let diff = a
             .pages
@@ -275,6 +292,14 @@ fn compare(a: &Outcome, b: &Outcome) -> Option<(String, String, String)> {
     let strip = |c: &Option<(u8, u32, bool, u64)>| {
         c.map(|(s, by, w, r)| (s, by, w, if data_result { 0 } else { r }))
     };
+    if a.buses.1 != b.buses.1 {
+        let (x, y) = (a.buses.1, b.buses.1);
+        return Some((
+            "completion record bus address".into(),
+            format!("{x:#x}"),
+            format!("{y:#x}"),
+        ));
+    }
     if strip(&a.complete) != strip(&b.complete) {
         return Some((
             "completion".into(),

@@ -97,13 +97,13 @@ pub fn line(r: &Record) -> String {
             queue,
             slot,
             iova,
+            bus,
             desc,
-            ..
         } => {
             let d = descriptor(&desc);
             write!(
                 s,
-                "q{queue} slot={slot} iova={iova:#x} {} len={} src={:#x} dst={:#x} cpl={:#x} tag={:#x} flags={:#x}",
+                "q{queue} slot={slot} iova={iova:#x} bus={bus:#x} {} len={} src={:#x} dst={:#x} cpl={:#x} tag={:#x} flags={:#x}",
                 opcode_name(d.opcode),
                 d.len,
                 d.src,
@@ -133,11 +133,16 @@ pub fn line(r: &Record) -> String {
             bytes,
             result,
             written,
+            record_bus,
         } => write!(
             s,
             "q{queue} slot={slot} status={} bytes={bytes} result={result:#x}{}",
             status_name(status),
-            if written { "" } else { " (no record written)" }
+            if written {
+                format!(" record at bus {record_bus:#x}")
+            } else {
+                " (no record written)".to_owned()
+            }
         ),
         Event::Fault(f) => write!(
             s,
