@@ -475,9 +475,15 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             let result = exec.run(&job, &mut scratch, carried.take());
             // With memory only the client reaches, the completion record goes out before
             // the queue lock is taken: no register access waits for the client.
-            let early = remote::any().then(|| exec.complete_unlocked(&result));
+            // The counters are counted first (under the lock, briefly): the driver may read
+            // them as soon as it sees the record.
+            let early = remote::any().then(|| {
+                let counted = exec.count_early(&result);
+                (exec.complete_unlocked(&result), counted)
+            });
             r = slot.lock();
-            carried = exec.finish(&mut r, result, early.flatten());
+            let (early, counted) = early.map_or((None, None), |(w, c)| (w, c));
+            carried = exec.finish(&mut r, result, early, counted);
             if let Some((reason, iova)) = shared.inject.after_descriptor(slot.index) {
                 // Reporting takes the gate, and no queue lock is held while it is.
                 carried = None;
@@ -1665,6 +1671,32 @@ impl<'a> Exec<'a> {
         Ok(true)
     }
 
+    /// Count `result`'s descriptor in the queue's registers and statistics before its
+    /// completion record goes out without the queue lock ([`Exec::complete_unlocked`]), so
+    /// that a driver that sees the record reads counters that include it. Returns whether
+    /// it was counted as failed (None: not counted, [`Exec::finish`] counts it).
+    fn count_early(&self, result: &RunResult) -> Option<bool> {
+        let outcome = match result {
+            RunResult::Done(_, o) => *o,
+            RunResult::Aborted(_, bytes) => Outcome::aborted(*bytes),
+            RunResult::FetchFault(_) => return None,
+        };
+        let mut r = self.slot.lock();
+        if self.aborted() {
+            return None;
+        }
+        let counters = &self.slot.counters;
+        let failed = outcome.status != STATUS_OK;
+        add_locked(&counters.descriptors, 1);
+        add_locked(&counters.bytes, u64::from(outcome.bytes));
+        r.completed = r.completed.wrapping_add(1);
+        if failed {
+            add_locked(&counters.errors, 1);
+            r.errors = r.errors.wrapping_add(1);
+        }
+        Some(failed)
+    }
+
     /// Write the completion record of `result` without the queue lock (for memory only the
     /// client reaches); `Some(written)` when a record was due. A disable that moved the
     /// epoch meanwhile gets its aborted record; a reset, none.
@@ -1708,6 +1740,7 @@ impl<'a> Exec<'a> {
         r: &mut QueueRegs,
         result: RunResult,
         early: Option<bool>,
+        counted: Option<bool>,
     ) -> Option<Hold<'a>> {
         let slot = self.slot;
         let counters = &slot.counters;
@@ -1737,11 +1770,21 @@ impl<'a> Exec<'a> {
                     written,
                     record_bus: self.record_bus.get(),
                 });
-                r.completed = r.completed.wrapping_add(1);
-                r.errors = r.errors.wrapping_add(1);
-                add_locked(&counters.descriptors, 1);
-                add_locked(&counters.errors, 1);
-                add_locked(&counters.bytes, u64::from(*bytes));
+                match counted {
+                    // Counted already, as a success: the abort makes it an error.
+                    Some(false) => {
+                        r.errors = r.errors.wrapping_add(1);
+                        add_locked(&counters.errors, 1);
+                    }
+                    Some(true) => {}
+                    None => {
+                        r.completed = r.completed.wrapping_add(1);
+                        r.errors = r.errors.wrapping_add(1);
+                        add_locked(&counters.descriptors, 1);
+                        add_locked(&counters.errors, 1);
+                        add_locked(&counters.bytes, u64::from(*bytes));
+                    }
+                }
             }
             return None;
         }
@@ -1766,10 +1809,12 @@ impl<'a> Exec<'a> {
         // (the registers are read under the queue lock held here, so they are consistent
         // anyway), so a driver that sees the completion reads counters that include it.
         let failed = outcome.status != STATUS_OK;
-        add_locked(&counters.descriptors, 1);
-        add_locked(&counters.bytes, u64::from(outcome.bytes));
-        if failed {
-            add_locked(&counters.errors, 1);
+        if counted.is_none() {
+            add_locked(&counters.descriptors, 1);
+            add_locked(&counters.bytes, u64::from(outcome.bytes));
+            if failed {
+                add_locked(&counters.errors, 1);
+            }
         }
         let mut carried = None;
         let written = match early {
@@ -1801,9 +1846,13 @@ impl<'a> Exec<'a> {
             record_bus: self.record_bus.get(),
         });
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
-        r.completed = r.completed.wrapping_add(1);
+        if counted.is_none() {
+            r.completed = r.completed.wrapping_add(1);
+        }
         if !ok {
-            r.errors = r.errors.wrapping_add(1);
+            if counted.is_none() || !failed {
+                r.errors = r.errors.wrapping_add(1);
+            }
             if !failed {
                 // The completion record could not be written: an error all the same.
                 add_locked(&counters.errors, 1);
