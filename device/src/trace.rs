@@ -4,7 +4,7 @@
 //! - [`event`]: the events and the file header (the format's types);
 //! - [`recorder`]: recording off the hot path (a ring per thread, a writer thread, a
 //!   dropped-event count), and the [`Tracer`] handle the device records through;
-//! - [`file`]: the framing, and a reader that treats the file as hostile input;
+//! - [`file`](mod@file): the framing, and a reader that treats the file as hostile input;
 //! - [`view`]: what the tool shows: summary, filtered listing, Perfetto / Chrome JSON.
 //!
 //! What is recorded: every doorbell, descriptor fetched (its 64 bytes), translation

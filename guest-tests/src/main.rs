@@ -14,7 +14,7 @@
 //! `--list` prints every test name: the host runner runs it (on the host) to know which
 //! results to expect. The exit status is 0 if and only if no selected test failed.
 //!
-//! `--bench` runs the guest bench instead of the suite (see [`bench`]): latency and
+//! `--bench` runs the guest bench instead of the suite (see [`bench`](mod@bench)): latency and
 //! throughput as the guest sees them, each measurement reported as a `bench::*` result line
 //! and its numbers as `DOMDMA-BENCH {json}` lines.
 

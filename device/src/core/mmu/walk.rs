@@ -352,7 +352,7 @@ fn walk_from<'m>(
 }
 
 /// A run of IOVAs mapped by leaves of one size, contiguous in IOVA and bus addresses, with
-/// one permission ([`map_runs`]).
+/// one permission (`map_runs`, a view of a domain for people).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MapRun {
     /// First IOVA.
