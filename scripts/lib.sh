@@ -5,12 +5,6 @@
 DOMDMA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DOMDMA_ROOT
 
-# The scripts ask nothing on standard input, and what they run must not read it either:
-# cargo probes the compiler with `rustc -`, which reads its source from the inherited
-# standard input, and caches a failure in target/.rustc_info.json (seen here when the
-# scripts ran with a standard input that held text).
-exec </dev/null
-
 # Guest binaries run in a busybox initramfs: link them statically against glibc. The
 # explicit --target keeps these RUSTFLAGS off the host builds (and their cache).
 DOMDMA_TARGET_DIR=${CARGO_TARGET_DIR:-$DOMDMA_ROOT/target}
