@@ -599,11 +599,10 @@ impl<'a> Exec<'a> {
         let mem = self.shared.mem.memory();
         let (seq, vector) = self.shared.faults.report(&mem, self.shared.irq.as_ref(), f);
         add(&self.slot.counters.faults, 1);
-        self.shared
-            .recent_faults
-            .push(fault_event(f, seq, injected));
+        let event = fault_event(f, seq, injected);
+        self.shared.recent_faults.push(event);
         let trace = &self.shared.trace;
-        trace.record(|| Event::Fault(fault_event(f, seq, injected)));
+        trace.record(|| Event::Fault(event));
         if let Some(vector) = vector {
             trace.record(|| Event::Interrupt {
                 vector,
@@ -1685,16 +1684,22 @@ impl<'a> Exec<'a> {
         if self.aborted() {
             return None;
         }
-        let counters = &self.slot.counters;
         let failed = outcome.status != STATUS_OK;
+        self.count(&mut r, outcome.bytes, failed);
+        Some(failed)
+    }
+
+    /// Count a finished descriptor of `bytes`: the queue's statistics (`QSTAT_*`) and its
+    /// `Q_COMPLETED` and `Q_ERRORS` registers. Call with the queue lock held (`r`).
+    fn count(&self, r: &mut QueueRegs, bytes: u32, failed: bool) {
+        let counters = &self.slot.counters;
         add_locked(&counters.descriptors, 1);
-        add_locked(&counters.bytes, u64::from(outcome.bytes));
+        add_locked(&counters.bytes, u64::from(bytes));
         r.completed = r.completed.wrapping_add(1);
         if failed {
             add_locked(&counters.errors, 1);
             r.errors = r.errors.wrapping_add(1);
         }
-        Some(failed)
     }
 
     /// Write the completion record of `result` without the queue lock (for memory only the
@@ -1777,13 +1782,7 @@ impl<'a> Exec<'a> {
                         add_locked(&counters.errors, 1);
                     }
                     Some(true) => {}
-                    None => {
-                        r.completed = r.completed.wrapping_add(1);
-                        r.errors = r.errors.wrapping_add(1);
-                        add_locked(&counters.descriptors, 1);
-                        add_locked(&counters.errors, 1);
-                        add_locked(&counters.bytes, u64::from(*bytes));
-                    }
+                    None => self.count(r, *bytes, true),
                 }
             }
             return None;
@@ -1810,11 +1809,7 @@ impl<'a> Exec<'a> {
         // anyway), so a driver that sees the completion reads counters that include it.
         let failed = outcome.status != STATUS_OK;
         if counted.is_none() {
-            add_locked(&counters.descriptors, 1);
-            add_locked(&counters.bytes, u64::from(outcome.bytes));
-            if failed {
-                add_locked(&counters.errors, 1);
-            }
+            self.count(r, outcome.bytes, failed);
         }
         let mut carried = None;
         let written = match early {
@@ -1846,17 +1841,10 @@ impl<'a> Exec<'a> {
             record_bus: self.record_bus.get(),
         });
         r.head = (r.head + 1) & r.size.wrapping_sub(1);
-        if counted.is_none() {
-            r.completed = r.completed.wrapping_add(1);
-        }
-        if !ok {
-            if counted.is_none() || !failed {
-                r.errors = r.errors.wrapping_add(1);
-            }
-            if !failed {
-                // The completion record could not be written: an error all the same.
-                add_locked(&counters.errors, 1);
-            }
+        if !ok && !failed {
+            // The completion record could not be written: an error all the same.
+            r.errors = r.errors.wrapping_add(1);
+            add_locked(&counters.errors, 1);
         }
         let mut vector = None;
         if d.wants_interrupt() {

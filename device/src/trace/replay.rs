@@ -474,7 +474,7 @@ pub fn replay_trace(
                 dev.bar_write(
                     REGS_BAR,
                     qreg(queue, Q_TAIL),
-                    &((slot + 1) % size).to_le_bytes(),
+                    &(slot.wrapping_add(1) % size).to_le_bytes(),
                 );
                 // A descriptor the recording never saw complete (a disable or reset stopped
                 // it) runs here until the recording's next register write, at most.
