@@ -349,7 +349,7 @@ impl Server {
         let web = super::web::WebView::start(
             addr,
             Arc::clone(&self.device),
-            TraceConfig::from(&self.config),
+            super::inspect::ConfigReport::from(&self.config),
         )?;
         let bound = web.addr();
         self.web = Some(web);

@@ -30,11 +30,11 @@ use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response};
 use tracing::{debug, info, warn};
 
+use super::inspect::ConfigReport;
 use super::server::lock;
 use crate::core::inject::Rule;
 use crate::core::view::DeviceView;
 use crate::core::Device;
-use crate::trace::TraceConfig;
 
 /// Largest request body read, bytes.
 pub const MAX_BODY: u64 = 64 << 10;
@@ -75,8 +75,8 @@ pub struct Sample {
 /// The document `/api/state` serves.
 #[derive(Debug, Clone, Serialize)]
 pub struct State {
-    /// The device's configuration.
-    pub config: TraceConfig,
+    /// The device's configuration (as the inspector reports it).
+    pub config: ConfigReport,
     /// The device.
     pub device: DeviceView,
     /// IOTLB hits and misses per [`SAMPLE`], oldest first.
@@ -136,7 +136,7 @@ impl WebView {
     pub fn start(
         addr: SocketAddr,
         device: Arc<Mutex<Device>>,
-        config: TraceConfig,
+        config: ConfigReport,
     ) -> Result<Self, WebError> {
         let server = tiny_http::Server::http(addr).map_err(|e| WebError::Bind {
             addr,
@@ -186,7 +186,7 @@ impl Drop for WebView {
 fn serve(
     server: &tiny_http::Server,
     device: &Mutex<Device>,
-    config: &TraceConfig,
+    config: &ConfigReport,
     stop: &AtomicBool,
 ) {
     let mut history = History {
@@ -212,7 +212,7 @@ fn serve(
     }
 }
 
-fn state(device: &Mutex<Device>, config: &TraceConfig, history: &History) -> State {
+fn state(device: &Mutex<Device>, config: &ConfigReport, history: &History) -> State {
     State {
         config: config.clone(),
         device: lock(device).view(),
@@ -253,7 +253,7 @@ fn parse_rules(body: &str) -> Result<Vec<Rule>, String> {
         .collect()
 }
 
-fn handle(mut req: Request, device: &Mutex<Device>, config: &TraceConfig, history: &History) {
+fn handle(mut req: Request, device: &Mutex<Device>, config: &ConfigReport, history: &History) {
     let path = req.url().split('?').next().unwrap_or("").to_owned();
     let response = match (req.method(), path.as_str()) {
         (Method::Get, "/") | (Method::Get, "/index.html") => {
