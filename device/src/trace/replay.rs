@@ -532,13 +532,40 @@ pub fn replay_trace(
         .collect();
     order.sort_unstable();
     let empty = Vec::new();
+    // Each recorded descriptor's replayed one, in queue order. A descriptor a disable or
+    // reset stopped when recorded may not have been fetched at all in the replay (the stop
+    // came first): then it has none, and the next recorded one pairs with the next
+    // replayed one.
+    let stopped =
+        |o: &Outcome| o.complete.is_none() || matches!(o.complete, Some((STATUS_ABORTED, ..)));
+    let pairs: BTreeMap<u16, Vec<Option<usize>>> = a
+        .iter()
+        .map(|(&q, recorded)| {
+            let replayed = b.get(&q).unwrap_or(&empty);
+            let mut j = 0;
+            let pair = recorded
+                .iter()
+                .map(|ra| {
+                    let same = replayed
+                        .get(j)
+                        .is_some_and(|rb| rb.slot == ra.slot && rb.buses.0 == ra.buses.0);
+                    if !same && stopped(ra) {
+                        return None;
+                    }
+                    let at = (j < replayed.len()).then_some(j);
+                    j += 1;
+                    at
+                })
+                .collect();
+            (q, pair)
+        })
+        .collect();
     let mut compared = 0;
     let mut divergence = None;
     for (t_ns, q, i) in order {
         let ra = &a[&q][i];
-        let rb = b.get(&q).unwrap_or(&empty).get(i);
-        let aborted = matches!(ra.complete, Some((STATUS_ABORTED, ..)));
-        if ra.complete.is_none() || aborted || ra.opcode == OP_COMPARE {
+        let rb = pairs[&q][i].and_then(|j| b.get(&q).unwrap_or(&empty).get(j));
+        if stopped(ra) || ra.opcode == OP_COMPARE {
             // Stopped part way by a disable or reset when recorded (how far it got depends
             // on timing, not on the core), or a COMPARE (it stops at the first difference,
             // in data the trace does not keep). Counted, not compared.
