@@ -158,6 +158,56 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// A handle on the device's shared state for those who watch it (the inspector, the web
+/// view): counters, the view of queues and domains, and the error-injection rules. It
+/// reaches only the state the workers share ([`engine`]), each part behind its own lock,
+/// so a snapshot (which may walk a domain's page tables) never holds the lock a transport
+/// keeps around [`Device`], and never delays a register access. It keeps that state alive
+/// after the device is dropped (the workers are stopped then; the counters stay as they
+/// were).
+#[derive(Clone)]
+pub struct Observer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").finish_non_exhaustive()
+    }
+}
+
+impl Observer {
+    /// Replaces the error-injection rules ([`inject`]; counts start again); an empty list
+    /// clears them.
+    pub fn set_injection(&self, rules: &[inject::Rule]) {
+        if !rules.is_empty() {
+            let names: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            warn!(rules = %names.join(" "), "error injection on: the device misbehaves on purpose");
+        }
+        self.shared.inject.set(rules);
+    }
+
+    /// The error-injection rules in force.
+    pub fn injection(&self) -> Vec<inject::Rule> {
+        self.shared.inject.get()
+    }
+
+    /// A snapshot of every counter (served by the inspector).
+    pub fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            queues: self
+                .shared
+                .queues
+                .iter()
+                .map(|s| s.counters.snapshot())
+                .collect(),
+            domains: self.shared.mmu.stats(),
+            faults: self.shared.faults.stats(),
+            iotlb_entries: self.shared.mmu.iotlb_len() as u64,
+        }
+    }
+}
+
 const MSIX_ENTRY_SIZE: usize = 16;
 
 fn bar_sizes() -> [u64; 6] {
@@ -328,30 +378,25 @@ impl Device {
     /// Replaces the error-injection rules ([`inject`]; counts start again); an empty list
     /// clears them.
     pub fn set_injection(&self, rules: &[inject::Rule]) {
-        if !rules.is_empty() {
-            let names: Vec<String> = rules.iter().map(ToString::to_string).collect();
-            warn!(rules = %names.join(" "), "error injection on: the device misbehaves on purpose");
-        }
-        self.shared.inject.set(rules);
+        self.observer().set_injection(rules);
     }
 
     /// The error-injection rules in force.
     pub fn injection(&self) -> Vec<inject::Rule> {
-        self.shared.inject.get()
+        self.observer().injection()
     }
 
     /// A snapshot of every counter (served by the inspector).
     pub fn stats(&self) -> DeviceStats {
-        DeviceStats {
-            queues: self
-                .shared
-                .queues
-                .iter()
-                .map(|s| s.counters.snapshot())
-                .collect(),
-            domains: self.shared.mmu.stats(),
-            faults: self.shared.faults.stats(),
-            iotlb_entries: self.shared.mmu.iotlb_len() as u64,
+        self.observer().stats()
+    }
+
+    /// A handle for those who watch the device (the inspector, the web view): counters,
+    /// [`view::DeviceView`] and the injection rules, without the `&mut Device` (or the
+    /// transport's lock around it) that register accesses need.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: Arc::clone(&self.shared),
         }
     }
 

@@ -13,7 +13,7 @@ use super::mmu::walk::map_runs;
 use super::mmu::MapRun;
 use super::queue::QueueState;
 use super::stats::{DomainStats, FaultStats, QueueStats};
-use super::Device;
+use super::Observer;
 use crate::spec::*;
 use crate::trace::event::FaultEvent;
 
@@ -119,10 +119,11 @@ fn state_name(s: QueueState) -> String {
     }
 }
 
-impl Device {
+impl Observer {
     /// What the device looks like now ([`DeviceView`]). Walks each translated domain's
     /// page tables (bounded by [`MAP_BUDGET`] entries), so it costs up to a few
-    /// milliseconds; it takes no lock a worker holds while moving data.
+    /// milliseconds; it takes no lock a worker holds while moving data, and not the
+    /// transport's lock on [`super::Device`].
     pub fn view(&self) -> DeviceView {
         let shared = &self.shared;
         let queues = shared

@@ -26,8 +26,9 @@
 //! a client disconnects.
 //!
 //! Threading: the inspector is served by the server's event loop (see
-//! [`super::server`]). It locks the device mutex only to take the snapshot (the counters are
-//! atomics inside the device, so that is quick), then serialises and sends the document
+//! [`super::server`]). It reads the counters through an [`Observer`], without the
+//! transport's lock on the device (the counters are atomics the workers share), then
+//! serialises and sends the document
 //! with one non-blocking write: a client that does not read can hold up neither the device
 //! nor the event loop (the document is far smaller than a socket buffer; a write that does
 //! not complete at once is abandoned).
@@ -36,15 +37,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 use tracing::{debug, warn};
 
 use super::channel::{DmaRwReport, DmaRwStats};
-use super::server::{accept_should_retry, lock, ServerError};
+use super::server::{accept_should_retry, ServerError};
 use super::socket::{BoundSocket, SocketAccess};
-use crate::core::{Device, DeviceConfig, DeviceStats};
+use crate::core::{DeviceConfig, DeviceStats, Observer};
 use crate::spec::DEVICE_VERSION;
 
 /// The configuration part of a [`Report`]: the server options the device runs with.
@@ -99,9 +100,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// Take a snapshot of `device`, holding its lock only for [`Device::stats`].
-    pub fn snapshot(device: &Mutex<Device>, config: &DeviceConfig) -> Self {
-        let stats = lock(device).stats();
+    /// Take a snapshot of the device `observer` watches ([`Observer::stats`]).
+    pub fn snapshot(observer: &Observer, config: &DeviceConfig) -> Self {
+        let stats = observer.stats();
         Self {
             device: "domdma",
             interface_version: format!("{}.{}", DEVICE_VERSION >> 16, DEVICE_VERSION & 0xffff),
@@ -128,7 +129,7 @@ impl Report {
 #[derive(Debug)]
 pub struct Inspector {
     socket: BoundSocket,
-    device: Arc<Mutex<Device>>,
+    device: Observer,
     config: DeviceConfig,
     dma_rw: Arc<DmaRwStats>,
 }
@@ -141,7 +142,7 @@ impl Inspector {
     pub fn bind(
         path: &Path,
         access: SocketAccess,
-        device: Arc<Mutex<Device>>,
+        device: Observer,
         config: DeviceConfig,
         dma_rw: Arc<DmaRwStats>,
     ) -> Result<Self, ServerError> {

@@ -331,7 +331,7 @@ impl Server {
         let insp = Inspector::bind(
             path.as_ref(),
             self.options.access,
-            Arc::clone(&self.device),
+            lock(&self.device).observer(),
             self.config.clone(),
             Arc::clone(&self.dma_rw),
         )?;
@@ -348,7 +348,7 @@ impl Server {
     ) -> Result<std::net::SocketAddr, ServerError> {
         let web = super::web::WebView::start(
             addr,
-            Arc::clone(&self.device),
+            lock(&self.device).observer(),
             super::inspect::ConfigReport::from(&self.config),
         )?;
         let bound = web.addr();

@@ -16,13 +16,16 @@
 //! with no async runtime, which fits a server whose other parts are threads and an
 //! `event-manager` loop, for a page one person looks at. It listens on loopback unless
 //! told otherwise; whoever reaches it can change the injection rules. Request bodies are
-//! capped at [`MAX_BODY`]; the device lock is held only while a snapshot is taken.
+//! capped at [`MAX_BODY`]. It watches the device through an [`Observer`], never through
+//! the transport's lock on the device, so a snapshot (a walk of up to
+//! [`crate::core::view::MAP_BUDGET`] page-table entries per domain) never delays a
+//! vfio-user message.
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,10 +34,9 @@ use tiny_http::{Header, Method, Request, Response};
 use tracing::{debug, info, warn};
 
 use super::inspect::ConfigReport;
-use super::server::lock;
 use crate::core::inject::Rule;
 use crate::core::view::DeviceView;
-use crate::core::Device;
+use crate::core::Observer;
 
 /// Largest request body read, bytes.
 pub const MAX_BODY: u64 = 64 << 10;
@@ -92,8 +94,8 @@ struct History {
 }
 
 impl History {
-    fn sample(&mut self, device: &Mutex<Device>) {
-        let stats = lock(device).stats();
+    fn sample(&mut self, device: &Observer) {
+        let stats = device.stats();
         let (hits, misses) = stats
             .domains
             .iter()
@@ -135,7 +137,7 @@ impl WebView {
     /// Listen on `addr` and serve `device` (with configuration `config`).
     pub fn start(
         addr: SocketAddr,
-        device: Arc<Mutex<Device>>,
+        device: Observer,
         config: ConfigReport,
     ) -> Result<Self, WebError> {
         let server = tiny_http::Server::http(addr).map_err(|e| WebError::Bind {
@@ -183,12 +185,7 @@ impl Drop for WebView {
     }
 }
 
-fn serve(
-    server: &tiny_http::Server,
-    device: &Mutex<Device>,
-    config: &ConfigReport,
-    stop: &AtomicBool,
-) {
+fn serve(server: &tiny_http::Server, device: &Observer, config: &ConfigReport, stop: &AtomicBool) {
     let mut history = History {
         start: Instant::now(),
         last: None,
@@ -212,10 +209,10 @@ fn serve(
     }
 }
 
-fn state(device: &Mutex<Device>, config: &ConfigReport, history: &History) -> State {
+fn state(device: &Observer, config: &ConfigReport, history: &History) -> State {
     State {
         config: config.clone(),
-        device: lock(device).view(),
+        device: device.view(),
         iotlb_history: history.samples.iter().copied().collect(),
     }
 }
@@ -253,7 +250,7 @@ fn parse_rules(body: &str) -> Result<Vec<Rule>, String> {
         .collect()
 }
 
-fn handle(mut req: Request, device: &Mutex<Device>, config: &ConfigReport, history: &History) {
+fn handle(mut req: Request, device: &Observer, config: &ConfigReport, history: &History) {
     let path = req.url().split('?').next().unwrap_or("").to_owned();
     let response = match (req.method(), path.as_str()) {
         (Method::Get, "/") | (Method::Get, "/index.html") => {
@@ -266,7 +263,7 @@ fn handle(mut req: Request, device: &Mutex<Device>, config: &ConfigReport, histo
                 .with_header(header("Content-Type", "text/html; charset=utf-8"))
         }
         (Method::Get, "/api/state") => json_response(&state(device, config, history)),
-        (Method::Get, "/api/inject") => json_response(&lock(device).injection()),
+        (Method::Get, "/api/inject") => json_response(&device.injection()),
         (Method::Put | Method::Post, "/api/inject") => {
             let mut body = String::new();
             let read = req.as_reader().take(MAX_BODY + 1).read_to_string(&mut body);
@@ -277,9 +274,8 @@ fn handle(mut req: Request, device: &Mutex<Device>, config: &ConfigReport, histo
                 }
                 Ok(_) => match parse_rules(&body) {
                     Ok(rules) => {
-                        let d = lock(device);
-                        d.set_injection(&rules);
-                        json_response(&d.injection())
+                        device.set_injection(&rules);
+                        json_response(&device.injection())
                     }
                     Err(e) => text(400, format!("{e}\n")),
                 },
@@ -332,5 +328,58 @@ mod tests {
         ] {
             assert!(!PAGE.contains(external), "{external}");
         }
+    }
+
+    /// A snapshot never takes the transport's lock on the device: with that lock held (a
+    /// vfio-user message in progress), the page's JSON and the injection rules still
+    /// answer, and a rule set then is in force.
+    #[test]
+    fn the_view_answers_while_the_transport_holds_the_device() {
+        use std::io::Write;
+        use std::net::TcpStream;
+        use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+        use crate::core::{Device, DeviceConfig};
+        use crate::irq::RecordingInterrupts;
+
+        let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let config = DeviceConfig::default();
+        let device = std::sync::Mutex::new(Device::new(
+            config.clone(),
+            GuestMemoryAtomic::new(gm),
+            Arc::new(RecordingInterrupts::new()),
+        ));
+        let held = device.lock().unwrap();
+        let web = WebView::start(
+            "127.0.0.1:0".parse().unwrap(),
+            held.observer(),
+            ConfigReport::from(&config),
+        )
+        .unwrap();
+        let ask = |request: &str| {
+            let mut s = TcpStream::connect(web.addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        };
+        let state = ask("GET /api/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(state.starts_with("HTTP/1.1 200"), "{state}");
+        let body = &state[state.find("\r\n\r\n").unwrap() + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            v["device"]["queues"].as_array().unwrap().len(),
+            config.queues as usize
+        );
+        let rule = "drop-interrupt:nth=1";
+        let put = ask(&format!(
+            "PUT /api/inject HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{rule}",
+            rule.len()
+        ));
+        assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+        assert_eq!(held.injection(), vec![rule.parse::<Rule>().unwrap()]);
+        drop(web);
+        drop(held);
     }
 }
