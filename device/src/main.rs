@@ -72,6 +72,11 @@ struct Args {
     /// with timestamps. Read it with `domdma-trace summary|show|perfetto FILE`.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// With --trace: also record a CRC32C of the data every operation reads and writes, so
+    /// that `domdma-trace replay` compares data too. Reads every byte moved once more (a
+    /// COPY twice): for correctness runs, not for measuring speed.
+    #[arg(long, requires = "trace")]
+    trace_data: bool,
     /// Make the device misbehave on purpose (repeatable): corrupt-copy, error-status,
     /// drop-interrupt, delay-interrupt, stall-queue, spurious-fault, never-complete, each as
     /// NAME[:KEY=VALUE,...], e.g. error-status:status=0x11,queue=0,nth=3 (SPEC.md, "Error
@@ -237,6 +242,7 @@ fn main() -> ExitCode {
         handshake_timeout: args.handshake_timeout,
         message_timeout: args.message_timeout,
         trace: args.trace.clone(),
+        trace_data: args.trace_data,
         inject: args.inject.clone(),
         ..ServerOptions::default()
     };

@@ -20,7 +20,7 @@ pub mod view;
 
 pub use event::{Event, Record, ResetKind, TraceConfig, Translated, NO_QUEUE};
 pub use file::{read_all, Trace, TraceError, TraceReader};
-pub use recorder::{Recorder, Tracer};
+pub use recorder::{RecordOptions, Recorder, Tracer};
 
 impl From<&crate::core::DeviceConfig> for TraceConfig {
     fn from(c: &crate::core::DeviceConfig) -> Self {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domdma_device::core::inject::Rule;
+use domdma_device::spec::OP_COPY;
 use domdma_device::trace::replay::{replay, ReplayOptions};
 use domdma_device::trace::{read_all, Event};
 use domdma_driver_model::backend::vfio_user::{VfioUserBackend, VfioUserConfig};
@@ -41,13 +42,18 @@ fn temp(name: &str) -> TempFile {
     TempFile(std::env::temp_dir().join(format!("domdma-replay-{}-{name}", std::process::id())))
 }
 
-/// Records the scenarios' run into `path`.
-fn record(path: &std::path::Path) {
+/// Records the run of `scenarios` into `path` (with data checksums), on a server started
+/// with `extra` arguments; returns the scenarios that failed, with their messages.
+fn record(path: &std::path::Path, scenarios: &[&str], extra: &[&str]) -> Vec<(String, String)> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_domdma-device"));
-    let server = Launch::new(bin)
-        .args(["--trace".as_ref(), path.as_os_str()])
-        .spawn()
-        .unwrap();
+    let mut args = vec![
+        "--trace".as_ref(),
+        path.as_os_str(),
+        "--trace-data".as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let server = Launch::new(bin).args(args).spawn().unwrap();
+    let mut failed = Vec::new();
     {
         let b = VfioUserBackend::connect(&VfioUserConfig::new(server.socket())).unwrap();
         let dev: SharedBackend = Arc::new(b);
@@ -60,24 +66,32 @@ fn record(path: &std::path::Path) {
             seed: 7,
         };
         let all = conformance::all();
-        for name in SCENARIOS {
+        for &name in scenarios {
             let s = all.iter().find(|s| s.full_name() == name).unwrap();
             match conformance::run(s, &dev, &env).outcome {
                 Outcome::Passed | Outcome::Skipped(_) => {}
-                Outcome::Failed(m) => panic!("{name}: {m}"),
+                Outcome::Failed(m) => failed.push((name.to_owned(), m)),
             }
         }
     }
     let stopped = server.stop(Duration::from_secs(10));
     assert!(!stopped.needed_kill, "the server ignored SIGTERM");
+    failed
 }
 
 #[test]
 fn a_recorded_run_replays_without_divergence_and_a_changed_core_diverges_where_it_changed() {
     let file = temp("recorded.trace");
-    record(&file.0);
+    assert_eq!(record(&file.0, &SCENARIOS, &[]), vec![]);
     let trace = read_all(&file.0).unwrap();
     assert!(!trace.truncated);
+    assert!(trace.header.data);
+    let copies = trace
+        .records
+        .iter()
+        .filter(|r| matches!(r.event, Event::Data { opcode: OP_COPY, src, dst, .. } if src == dst))
+        .count();
+    assert!(copies > 5, "{copies} COPYs with data checksums");
 
     let scratch = temp("replayed.trace");
     let report = replay(&file.0, &scratch.0, &ReplayOptions::default()).unwrap();
@@ -112,4 +126,68 @@ fn a_recorded_run_replays_without_divergence_and_a_changed_core_diverges_where_i
             || (d.what.starts_with("completion") && d.replayed.starts_with("DMA_ERROR")),
         "{d}"
     );
+
+    // A core that corrupts the third COPY it runs: the data checksums diverge there.
+    let (queue, slot) = nth_copy(&trace, 3);
+    let changed = ReplayOptions {
+        inject: vec!["corrupt-copy:offset=0x10,xor=0x1,nth=3"
+            .parse::<Rule>()
+            .unwrap()],
+    };
+    let report = replay(&file.0, &scratch.0, &changed).unwrap();
+    let d = report
+        .divergence
+        .expect("a core that corrupts data diverges");
+    assert_eq!((d.queue, d.slot), (queue, slot), "{d}");
+    assert!(d.what.starts_with("data of the COPY"), "{d}");
+    assert!(d.recorded.ends_with("holds what was read"), "{d}");
+    assert!(d.replayed.ends_with("differs from what was read"), "{d}");
+}
+
+/// Queue and slot of the `n`-th (from 1) COPY that completed with data checksums: a ring
+/// descriptor, or the BATCH holding it.
+fn nth_copy(trace: &domdma_device::trace::Trace, n: usize) -> (u16, u32) {
+    let mut at = None;
+    let mut seen = 0;
+    for r in &trace.records {
+        match r.event {
+            Event::Fetch { queue, slot, .. } => at = Some((queue, slot)),
+            Event::Data {
+                opcode: OP_COPY, ..
+            } => {
+                seen += 1;
+                if seen == n {
+                    return at.unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("fewer than {n} COPYs");
+}
+
+/// A run the device broke on purpose (a corrupted COPY) leaves a trace whose replay points
+/// at the corrupted COPY: what it wrote differs from what it read, as recorded, not as
+/// replayed.
+#[test]
+fn a_run_with_a_corrupted_copy_replays_to_a_divergence_at_that_copy() {
+    let file = temp("corrupted.trace");
+    let failed = record(
+        &file.0,
+        &["ops::copy_1mib"],
+        &["--inject", "corrupt-copy:offset=0x1234,xor=0x40,nth=1"],
+    );
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].1.contains("0x1234"), "{failed:?}");
+    let trace = read_all(&file.0).unwrap();
+    let (queue, slot) = nth_copy(&trace, 1);
+
+    let scratch = temp("corrupted-replayed.trace");
+    let report = replay(&file.0, &scratch.0, &ReplayOptions::default()).unwrap();
+    let d = report.divergence.expect("the corrupted COPY diverges");
+    assert_eq!((d.queue, d.slot), (queue, slot), "{d}");
+    assert!(d.what.starts_with("data of the COPY"), "{d}");
+    assert!(d.what.contains("an injection rule acted on it"), "{d}");
+    assert!(d.recorded.ends_with("differs from what was read"), "{d}");
+    assert!(d.replayed.ends_with("holds what was read"), "{d}");
 }

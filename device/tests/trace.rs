@@ -8,7 +8,9 @@ use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
 use domdma_device::trace::event::TraceConfig;
 use domdma_device::trace::view::{perfetto, Summary};
-use domdma_device::trace::{read_all, Event, Record, Recorder, ResetKind, Tracer, Translated};
+use domdma_device::trace::{
+    read_all, Event, Record, RecordOptions, Recorder, ResetKind, Tracer, Translated,
+};
 use domdma_testkit::core_driver::*;
 
 /// A fresh file in the temporary directory, removed when dropped.
@@ -205,7 +207,15 @@ fn a_writer_that_falls_behind_counts_what_it_dropped() {
     let config = DeviceConfig::default();
     // Rings of 4 records: a burst of 1000 from one thread overflows long before the writer
     // drains (every 2 ms).
-    let rec = Recorder::with_ring(path, TraceConfig::from(&config), 4).unwrap();
+    let rec = Recorder::open(
+        path,
+        TraceConfig::from(&config),
+        RecordOptions {
+            ring_records: 4,
+            ..RecordOptions::default()
+        },
+    )
+    .unwrap();
     for tail in 0..1000 {
         rec.record(Event::Doorbell { queue: 0, tail });
     }

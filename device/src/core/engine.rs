@@ -383,6 +383,40 @@ fn prefetch(region: &GuestRegionMmap, bus: u64) {
 }
 
 /// A descriptor's bytes as the trace records them: 8 little-endian words.
+/// `crc` (a CRC32C so far) continued over the bytes of `s`, read through `buf` (bus memory
+/// is copied out, never borrowed as a Rust slice).
+fn crc32c_of(crc: u32, s: &VolatileSlice<'_, ()>, buf: &mut [u8]) -> u32 {
+    let mut crc = crc;
+    let mut off = 0;
+    while off < s.len() {
+        let k = (s.len() - off).min(buf.len());
+        if let Ok(x) = s.subslice(off, k) {
+            x.copy_to(&mut buf[..k]);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..k]);
+        off += k;
+    }
+    crc
+}
+
+/// What XORing byte `at` of `len` bytes with `x` does to their CRC32C: the CRC is affine
+/// in the data, `crc(m ^ e) = crc(m) ^ crc(e) ^ crc(0^len)` for messages of one length, so
+/// the change is `crc(e) ^ crc(0^len)` with `e` all zeros but `x` at `at`. Costs two CRCs
+/// of `len` zeros (an injected corruption only).
+fn crc32c_flip(len: u64, at: u64, x: u8) -> u32 {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let zeros = |mut crc: u32, mut n: u64| {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            crc = crc32c::crc32c_append(crc, &ZEROS[..k]);
+            n -= k as u64;
+        }
+        crc
+    };
+    let e = zeros(crc32c::crc32c_append(zeros(0, at), &[x]), len - at - 1);
+    e ^ zeros(0, len)
+}
+
 fn words(raw: &[u8; DESC_SIZE as usize]) -> [u64; 8] {
     std::array::from_fn(|i| {
         let mut w = [0u8; 8];
@@ -867,7 +901,7 @@ impl<'a> Exec<'a> {
             return self.batch(d, scratch);
         }
         let result = match d.opcode {
-            OP_COPY => self.copy(&d, hold),
+            OP_COPY => self.copy(&d, scratch, hold),
             OP_FILL => self.fill(&d, scratch, hold),
             OP_COMPARE => self.compare(&d, scratch, hold),
             OP_CRC32C => self.crc32c(&d, scratch, hold),
@@ -1412,7 +1446,29 @@ impl<'a> Exec<'a> {
             .map_err(|_| self.outside_ram(side.iova.wrapping_add(off), span.bus, side.flags))
     }
 
-    fn copy(&self, d: &Descriptor, hold: Option<Hold<'_>>) -> Result<u64, Stop> {
+    /// Record an operation's data checksums ([`Event::Data`]), when they are kept.
+    fn record_data(&self, opcode: u8, bytes: u32, sums: Option<(u32, u32)>) {
+        if let Some((src, dst)) = sums {
+            self.shared.trace.record(|| Event::Data {
+                queue: self.q(),
+                opcode,
+                bytes,
+                src,
+                dst,
+            });
+        }
+    }
+
+    fn copy(
+        &self,
+        d: &Descriptor,
+        scratch: &mut Scratch,
+        hold: Option<Hold<'_>>,
+    ) -> Result<u64, Stop> {
+        // Data checksums for the trace (`--trace-data`): what was read, and what the
+        // destination holds once written.
+        let mut sums = self.shared.trace.data().then_some((0u32, 0u32));
+        let buf = &mut scratch.a;
         self.transfer(
             d.len.into(),
             Side::read(d.src),
@@ -1422,36 +1478,47 @@ impl<'a> Exec<'a> {
             |_, from, to| {
                 if let Some(to) = to {
                     from.copy_to_volatile_slice(to);
+                    if let Some((src, dst)) = sums.as_mut() {
+                        *src = crc32c_of(*src, &from, buf);
+                        *dst = crc32c_of(*dst, &to, buf);
+                    }
                 }
                 ControlFlow::Continue(())
             },
         )?;
         if let Some((offset, xor)) = self.shared.inject.on_copy(self.q()) {
-            if offset < d.len {
-                self.corrupt(d.dst.wrapping_add(offset.into()), xor);
+            if offset < d.len && self.corrupt(d.dst.wrapping_add(offset.into()), xor) {
                 self.shared.trace.record(|| Event::Injected {
                     queue: self.q(),
                     what: Injected::CorruptCopy { offset, xor },
                 });
+                if let Some((_, dst)) = sums.as_mut() {
+                    *dst ^= crc32c_flip(d.len.into(), offset.into(), xor);
+                }
             }
         }
+        self.record_data(OP_COPY, d.len, sums);
         Ok(0)
     }
 
     /// Injected corruption: XOR the byte at `iova` (of the queue's domain) with `xor`.
-    fn corrupt(&self, iova: u64, xor: u8) {
+    /// Returns whether the byte was written.
+    fn corrupt(&self, iova: u64, xor: u8) -> bool {
         let _gate = self.shared.mmu.chunk_gate();
         let mem = self.shared.mem.memory();
         let _armed = sigbus::arm(&mem);
+        let mut written = false;
         if let Ok(Small { bus, .. }) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
             if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
-                let _ = mem.write_obj(b ^ xor, GuestAddress(bus));
+                written = mem.write_obj(b ^ xor, GuestAddress(bus)).is_ok();
                 debug!(q = self.q(), iova, "injected: COPY byte corrupted");
             }
         }
         if let Some(page) = sigbus::take_fault() {
             sigbus::lose(&mem, page);
+            written = false;
         }
+        written
     }
 
     fn fill(
@@ -1464,7 +1531,8 @@ impl<'a> Exec<'a> {
         for (i, b) in scratch.b.iter_mut().enumerate() {
             *b = pattern[i % 8];
         }
-        let buf = &scratch.b;
+        let Scratch { a: back, b: buf } = scratch;
+        let mut sums = self.shared.trace.data().then_some((0u32, 0u32));
         self.transfer(
             d.len.into(),
             Side::write(d.dst),
@@ -1481,9 +1549,13 @@ impl<'a> Exec<'a> {
                     }
                     off += k;
                 }
+                if let Some((_, dst)) = sums.as_mut() {
+                    *dst = crc32c_of(*dst, &to, back);
+                }
                 ControlFlow::Continue(())
             },
         )?;
+        self.record_data(OP_FILL, d.len, sums);
         Ok(0)
     }
 
@@ -1496,6 +1568,7 @@ impl<'a> Exec<'a> {
         let mut result = 0u64;
         let Scratch { a, b } = scratch;
         let (sa, sb) = (Side::read(d.src), Side::read(d.dst));
+        let mut sums = self.shared.trace.data().then_some((0u32, 0u32));
         self.transfer(d.len.into(), sa, Some(sb), true, hold, |at, x, y| {
             let Some(y) = y else {
                 return ControlFlow::Continue(());
@@ -1508,7 +1581,13 @@ impl<'a> Exec<'a> {
                     xs.copy_to(xa);
                     ys.copy_to(yb);
                 }
-                if let Some(i) = xa.iter().zip(yb.iter()).position(|(p, q)| p != q) {
+                let differs = xa.iter().zip(yb.iter()).position(|(p, q)| p != q);
+                if let Some((src, dst)) = sums.as_mut() {
+                    let n = differs.map_or(k, |i| i + 1);
+                    *src = crc32c::crc32c_append(*src, &xa[..n]);
+                    *dst = crc32c::crc32c_append(*dst, &yb[..n]);
+                }
+                if let Some(i) = differs {
                     result = 1 + at + (off + i) as u64;
                     return ControlFlow::Break(());
                 }
@@ -1516,6 +1595,11 @@ impl<'a> Exec<'a> {
             }
             ControlFlow::Continue(())
         })?;
+        let bytes = match result {
+            0 => d.len,
+            r => u32::try_from(r).unwrap_or(d.len),
+        };
+        self.record_data(OP_COMPARE, bytes, sums);
         Ok(result)
     }
 
@@ -1546,6 +1630,12 @@ impl<'a> Exec<'a> {
                 ControlFlow::Continue(())
             },
         )?;
+        // The checksum of what it read is its result.
+        self.record_data(
+            OP_CRC32C,
+            d.len,
+            self.shared.trace.data().then_some((crc, 0)),
+        );
         Ok(crc.into())
     }
 
@@ -1602,7 +1692,7 @@ impl<'a> Exec<'a> {
                 return RunResult::Done(d, Outcome { result: done, ..o });
             }
             let ran = match e.opcode {
-                OP_COPY => self.copy(&e, hold),
+                OP_COPY => self.copy(&e, scratch, hold),
                 OP_FILL => self.fill(&e, scratch, hold),
                 _ => Ok(0),
             };
@@ -2268,6 +2358,21 @@ mod tests {
         }
         assert_eq!(got[..8], [0; 8], "nothing before");
         assert_eq!(got[8 + len as usize..], [0; 8], "nothing after");
+    }
+
+    #[test]
+    fn crc32c_flip_is_what_a_flipped_byte_does_to_the_crc32c() {
+        let mut m: Vec<u8> = (0..5000u32).map(|i| (i * 7 + 3) as u8).collect();
+        for (at, x) in [(0usize, 1u8), (4095, 0x80), (4096, 0xff), (4999, 0x42)] {
+            let before = crc32c::crc32c(&m);
+            m[at] ^= x;
+            assert_eq!(
+                crc32c::crc32c(&m),
+                before ^ crc32c_flip(m.len() as u64, at as u64, x),
+                "byte {at}"
+            );
+            m[at] ^= x;
+        }
     }
 
     /// The injected COPY corruption XORs exactly the byte at its offset, and none when the

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the trace format (the types of this module).
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 
 /// No queue: an access made for the register front end or the transport.
 pub const NO_QUEUE: u16 = u16::MAX;
@@ -39,6 +39,8 @@ pub struct Header {
     pub start_unix_ns: u64,
     /// The device configuration.
     pub config: TraceConfig,
+    /// Data checksums were recorded ([`Event::Data`]; `--trace-data`).
+    pub data: bool,
 }
 
 /// One event with its time.
@@ -219,6 +221,23 @@ pub enum Event {
         /// What it did.
         what: Injected,
     },
+    /// The data an operation read and wrote, by checksum (recorded with `--trace-data`):
+    /// after each COPY, FILL, COMPARE and CRC32C that completed without a fault (a ring
+    /// descriptor or a BATCH element), before its descriptor's completion.
+    Data {
+        /// Queue.
+        queue: u16,
+        /// `OP_*` of the operation.
+        opcode: u8,
+        /// Bytes the checksums cover: the transfer (a COMPARE: up to and including the
+        /// first difference).
+        bytes: u32,
+        /// CRC32C of the bytes read from the source (COPY, COMPARE, CRC32C), else 0.
+        src: u32,
+        /// CRC32C of the destination after the operation wrote it (COPY, FILL), or of the
+        /// second side a COMPARE read, else 0.
+        dst: u32,
+    },
     /// Events lost because the writer fell behind: the total so far.
     Dropped {
         /// Events dropped since the trace started.
@@ -289,12 +308,13 @@ impl Event {
             Event::DmaUnmap { .. } => "dma_unmap",
             Event::Reset { .. } => "reset",
             Event::Injected { .. } => "injected",
+            Event::Data { .. } => "data",
             Event::Dropped { .. } => "dropped",
         }
     }
 
     /// Every kind [`Event::kind`] returns.
-    pub const KINDS: [&'static str; 15] = [
+    pub const KINDS: [&'static str; 16] = [
         "doorbell",
         "reg_write",
         "pte_read",
@@ -309,6 +329,7 @@ impl Event {
         "dma_unmap",
         "reset",
         "injected",
+        "data",
         "dropped",
     ];
 
@@ -321,6 +342,7 @@ impl Event {
             | Event::Interrupt { queue, .. }
             | Event::PteRead { queue, .. }
             | Event::Element { queue, .. }
+            | Event::Data { queue, .. }
             | Event::Injected { queue, .. } => queue,
             Event::Translate(t) => t.queue,
             Event::Fault(f) => f.queue,

@@ -259,6 +259,7 @@ mod tests {
                 max_transfer: 1 << 26,
                 strict_iotlb: false,
             },
+            data: false,
         }
     }
 

@@ -52,6 +52,27 @@ struct Raw {
     event: Event,
 }
 
+/// How a [`Recorder`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordOptions {
+    /// Records per thread's ring (a full ring drops events, counted in the trace).
+    pub ring_records: usize,
+    /// Also record data checksums ([`Event::Data`], `--trace-data`): a CRC32C of every
+    /// byte an operation reads and writes, so that a replay can compare data. It reads
+    /// the data of every transfer once more (twice for a COPY), so it is off unless asked
+    /// for.
+    pub data: bool,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        Self {
+            ring_records: RING_RECORDS,
+            data: false,
+        }
+    }
+}
+
 /// A trace being recorded to a file. Cheap to share ([`Tracer`] holds it); the file is
 /// complete once the last handle is gone, or after [`Recorder::finish`].
 #[derive(Debug)]
@@ -64,6 +85,8 @@ pub struct Recorder {
     path: PathBuf,
     /// Records per thread's ring.
     ring_records: usize,
+    /// Data checksums are recorded ([`RecordOptions::data`]).
+    data: bool,
     /// The consumer ends of every thread's ring, for the writer.
     rings: Arc<Mutex<Vec<Consumer<Raw>>>>,
     dropped: Arc<AtomicU64>,
@@ -72,17 +95,19 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Create `path` (replacing a file there), write the header and start the writer.
+    /// Create `path` (replacing a file there), write the header and start the writer,
+    /// with the default [`RecordOptions`].
     pub fn create(path: &Path, config: TraceConfig) -> Result<Arc<Self>, TraceError> {
-        Self::with_ring(path, config, RING_RECORDS)
+        Self::open(path, config, RecordOptions::default())
     }
 
-    /// [`Recorder::create`] with rings of `ring_records` records per thread.
-    pub fn with_ring(
+    /// [`Recorder::create`] with `options`.
+    pub fn open(
         path: &Path,
         config: TraceConfig,
-        ring_records: usize,
+        options: RecordOptions,
     ) -> Result<Arc<Self>, TraceError> {
+        let RecordOptions { ring_records, data } = options;
         let f = File::create(path).map_err(|e| TraceError::Io(path.to_owned(), e))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         let clock = Clock::new();
@@ -93,6 +118,7 @@ impl Recorder {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
             config,
+            data,
         };
         file::write_header(&mut out, &header).map_err(|e| TraceError::Io(path.to_owned(), e))?;
         let rings = Arc::new(Mutex::new(Vec::new()));
@@ -112,6 +138,7 @@ impl Recorder {
             clock,
             path: path.to_owned(),
             ring_records: ring_records.max(1),
+            data,
             rings,
             dropped,
             stop,
@@ -122,6 +149,11 @@ impl Recorder {
     /// The file being written.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Data checksums are recorded ([`RecordOptions::data`]).
+    pub fn data(&self) -> bool {
+        self.data
     }
 
     /// Events dropped so far because a ring was full.
@@ -266,6 +298,12 @@ impl Tracer {
     #[inline]
     pub fn on(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Whether data checksums are recorded ([`RecordOptions::data`]).
+    #[inline]
+    pub fn data(&self) -> bool {
+        self.0.as_ref().is_some_and(|r| r.data)
     }
 
     /// The recorder, if any.

@@ -18,14 +18,18 @@
 //! - the faults (reason, IOVA, level, access);
 //! - the completion (status, bytes, whether a record was written, and the result of the
 //!   operations whose result does not depend on the data: everything but COMPARE and
-//!   CRC32C).
+//!   CRC32C);
+//! - with data checksums (`--trace-data`, [`Event::Data`]): that each COPY's destination
+//!   holds what it read (or, as recorded, does not: a corrupted copy, or a source that
+//!   changed under the DMA), and each FILL's checksum (its pattern, phase and length).
 //!
 //! Not compared: COMPARE descriptors (a COMPARE stops at the first difference, in data the
 //! trace does not keep), and descriptors that a disable or reset stopped part way when
 //! recorded (no completion, or `STATUS_ABORTED`): how far they got is a matter of timing.
 //!
-//! Data is not recorded, so bytes moved are zeros here and results that depend on them are
-//! not compared. Bus Master Enable is on throughout, and memory is the union of what was
+//! Data itself is not recorded (only its checksums), so bytes moved are zeros here, and
+//! results and checksums that depend on them (COMPARE, CRC32C, a COPY's checksum itself)
+//! are not compared. Bus Master Enable is on throughout, and memory is the union of what was
 //! mapped at each moment (a DMA_UNMAP of part of a region removes all of it).
 
 use std::collections::BTreeMap;
@@ -40,8 +44,8 @@ use vm_memory::{
 
 use super::event::{Event, Record};
 use super::file::{read_all, Trace, TraceError};
-use super::recorder::{Recorder, Tracer};
-use super::view::descriptor;
+use super::recorder::{RecordOptions, Recorder, Tracer};
+use super::view::{descriptor, opcode_name};
 use crate::core::inject::Rule;
 use crate::core::{Device, DeviceConfig};
 use crate::irq::RecordingInterrupts;
@@ -144,6 +148,8 @@ struct Outcome {
     /// Bus addresses of the descriptor and of its completion record.
     buses: (u64, u64),
     injected: bool,
+    /// Its operations' data checksums ([`Event::Data`]): (opcode, bytes, src, dst).
+    data: Vec<(u8, u32, u32, u32)>,
 }
 
 /// Per queue, the descriptors of a trace in order.
@@ -196,6 +202,17 @@ fn outcomes(records: &[Record]) -> BTreeMap<u16, Vec<Outcome>> {
                     o.injected = true;
                 }
             }
+            Event::Data {
+                queue,
+                opcode,
+                bytes,
+                src,
+                dst,
+            } => {
+                if let Some(o) = open.get_mut(&queue) {
+                    o.data.push((opcode, bytes, src, dst));
+                }
+            }
             Event::Complete {
                 queue,
                 status,
@@ -232,8 +249,9 @@ fn describe_complete(c: &Option<(u8, u32, bool, u64)>) -> String {
     }
 }
 
-/// The first difference between `a` (recorded) and `b` (replayed), as (what, a, b).
-fn compare(a: &Outcome, b: &Outcome) -> Option<(String, String, String)> {
+/// The first difference between `a` (recorded) and `b` (replayed), as (what, a, b);
+/// `data`: the trace has data checksums.
+fn compare(a: &Outcome, b: &Outcome, data: bool) -> Option<(String, String, String)> {
     if a.buses.0 != b.buses.0 {
         let (x, y) = (a.buses.0, b.buses.0);
         return Some((
@@ -306,6 +324,68 @@ fn compare(a: &Outcome, b: &Outcome) -> Option<(String, String, String)> {
             describe_complete(&a.complete),
             describe_complete(&b.complete),
         ));
+    }
+    if data {
+        return compare_data(&a.data, &b.data);
+    }
+    None
+}
+
+/// The first difference in data checksums, as (what, recorded, replayed). The replay's
+/// memory does not hold the recorded data (a trace keeps checksums, not bytes), so what is
+/// compared is what does not depend on it: that a COPY's destination holds what it read
+/// (its two checksums are equal, or not, in both), and a FILL's checksum (its pattern).
+/// COMPARE and CRC32C read data only; their checksums are not compared.
+fn compare_data(
+    a: &[(u8, u32, u32, u32)],
+    b: &[(u8, u32, u32, u32)],
+) -> Option<(String, String, String)> {
+    if a.len() != b.len() {
+        return Some((
+            "data checksums (operations)".into(),
+            a.len().to_string(),
+            b.len().to_string(),
+        ));
+    }
+    for (i, (&(op, bytes, src, dst), &(op_b, bytes_b, src_b, dst_b))) in a.iter().zip(b).enumerate()
+    {
+        let which = if a.len() > 1 {
+            format!(" (operation {i} of the BATCH)")
+        } else {
+            String::new()
+        };
+        let show = |src: u32, dst: u32| {
+            let same = if src == dst {
+                "the destination holds what was read"
+            } else {
+                "the destination differs from what was read"
+            };
+            format!("read crc32c {src:#010x}, wrote {dst:#010x}: {same}")
+        };
+        if (op, bytes) != (op_b, bytes_b) {
+            return Some((
+                format!("data checksums{which}"),
+                format!("{} of {bytes} bytes", opcode_name(op)),
+                format!("{} of {bytes_b} bytes", opcode_name(op_b)),
+            ));
+        }
+        match op {
+            OP_COPY if (src == dst) != (src_b == dst_b) => {
+                return Some((
+                    format!("data of the COPY{which}"),
+                    show(src, dst),
+                    show(src_b, dst_b),
+                ));
+            }
+            OP_FILL if dst != dst_b => {
+                return Some((
+                    format!("data of the FILL{which}"),
+                    format!("crc32c {dst:#010x}"),
+                    format!("crc32c {dst_b:#010x}"),
+                ));
+            }
+            _ => {}
+        }
     }
     None
 }
@@ -402,7 +482,14 @@ pub fn replay_trace(
         regions: BTreeMap::new(),
         dirty: false,
     };
-    let recorder = Recorder::create(scratch, c.clone())?;
+    let recorder = Recorder::open(
+        scratch,
+        c.clone(),
+        RecordOptions {
+            data: trace.header.data,
+            ..RecordOptions::default()
+        },
+    )?;
     let irq = Arc::new(RecordingInterrupts::new());
     let mut dev = Device::with_tracer(
         config.clone(),
@@ -578,7 +665,7 @@ pub fn replay_trace(
                 describe_complete(&ra.complete),
                 "not run".into(),
             )),
-            Some(rb) => compare(ra, rb),
+            Some(rb) => compare(ra, rb, trace.header.data),
         };
         compared += 1;
         if let Some((what, recorded, replayed)) = found {

@@ -189,6 +189,17 @@ pub fn line(r: &Record) -> String {
             ResetKind::Function => write!(s, "function-level"),
         },
         Event::Injected { queue, what } => write!(s, "q{queue} {}", injected_name(&what)),
+        Event::Data {
+            queue,
+            opcode,
+            bytes,
+            src,
+            dst,
+        } => write!(
+            s,
+            "q{queue} {} bytes={bytes} src_crc32c={src:#010x} dst_crc32c={dst:#010x}",
+            opcode_name(opcode)
+        ),
         Event::Dropped { total } => write!(s, "{total} events dropped so far (writer behind)"),
     };
     s
@@ -502,6 +513,7 @@ pub fn perfetto(trace: &Trace) -> Value {
                        "hits": x.hits, "misses": x.misses, "write": x.write}),
             )),
             Event::Translate(_)
+            | Event::Data { .. }
             | Event::RegWrite { .. }
             | Event::PteRead { .. }
             | Event::Element { .. } => {}

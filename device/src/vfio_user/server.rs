@@ -56,7 +56,7 @@ use crate::core::remote::RemoteMemory;
 use crate::core::{BusMemory, Device, DeviceConfig};
 use crate::irq::InterruptSink;
 use crate::spec::{QUEUE_BASE, QUEUE_STRIDE, Q_TAIL, REGS_BAR};
-use crate::trace::{Event, Recorder, TraceConfig, Tracer};
+use crate::trace::{Event, RecordOptions, Recorder, TraceConfig, Tracer};
 
 /// Offset of the interrupt pin register in PCI configuration space.
 const PCI_INTERRUPT_PIN: u64 = 0x3d;
@@ -172,6 +172,8 @@ pub struct ServerOptions {
     pub max_waiting: usize,
     /// Record a trace of what the device does to this file (see [`crate::trace`]).
     pub trace: Option<PathBuf>,
+    /// With `trace`: also record data checksums ([`crate::trace::RecordOptions::data`]).
+    pub trace_data: bool,
     /// Error-injection rules in force from the start (see [`crate::core::inject`]).
     pub inject: Vec<Rule>,
 }
@@ -184,6 +186,7 @@ impl Default for ServerOptions {
             message_timeout: Duration::from_secs(5),
             max_waiting: 16,
             trace: None,
+            trace_data: false,
             inject: Vec::new(),
         }
     }
@@ -292,7 +295,14 @@ impl Server {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let irqs = Arc::new(EventFdInterrupts::new());
         let trace = match &options.trace {
-            Some(path) => Tracer::new(Recorder::create(path, TraceConfig::from(&config))?),
+            Some(path) => Tracer::new(Recorder::open(
+                path,
+                TraceConfig::from(&config),
+                RecordOptions {
+                    data: options.trace_data,
+                    ..RecordOptions::default()
+                },
+            )?),
             None => Tracer::off(),
         };
         let device =
