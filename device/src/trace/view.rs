@@ -281,6 +281,8 @@ pub struct DomainSummary {
 pub struct Summary {
     /// Records.
     pub records: u64,
+    /// Data checksums were recorded (`--trace-data`).
+    pub data_checksums: bool,
     /// Time from the first record to the last, microseconds.
     pub duration_us: f64,
     /// Records by kind.
@@ -302,6 +304,7 @@ impl Summary {
     pub fn of(trace: &Trace) -> Self {
         let mut s = Summary {
             records: trace.records.len() as u64,
+            data_checksums: trace.header.data,
             truncated: trace.truncated,
             ..Default::default()
         };
@@ -371,9 +374,14 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} records over {:.3} ms{}",
+            "{} records over {:.3} ms{}{}",
             self.records,
             self.duration_us / 1e3,
+            if self.data_checksums {
+                ", with data checksums"
+            } else {
+                ""
+            },
             if self.truncated {
                 " (the file ends inside a record: the recorder was stopped mid-write)"
             } else {
