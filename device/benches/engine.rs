@@ -36,7 +36,7 @@ use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domdma_device::core::DeviceConfig;
 use domdma_device::spec::*;
-use domdma_device::trace::{Recorder, TraceConfig, Tracer};
+use domdma_device::trace::{RecordOptions, Recorder, TraceConfig, Tracer};
 use domdma_testkit::core_driver::*;
 
 /// Descriptors in flight in the `copy_stream` group.
@@ -155,14 +155,25 @@ fn copy_throughput(c: &mut Criterion) {
     // The cost of recording a trace (`--trace`): the same stream on a device that records
     // to a file, beside one that does not, and memcpy.
     // A file of ours in the temporary directory (removed at the end), or the one named by
-    // DOMDMA_BENCH_TRACE (left alone: it may be /dev/null).
+    // DOMDMA_BENCH_TRACE (left alone: it may be /dev/null). DOMDMA_BENCH_TRACE_WRITER=equal
+    // runs the writer at normal priority (a complete trace, at the cost of the CPU time
+    // it takes from the bench) rather than in the background (the default: nice 19).
     let named = std::env::var_os("DOMDMA_BENCH_TRACE").map(std::path::PathBuf::from);
     let own = named.is_none();
     let path = named.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("domdma-bench-{}.trace", std::process::id()))
     });
+    let background = std::env::var("DOMDMA_BENCH_TRACE_WRITER").map_or(true, |w| w != "equal");
     let config = DeviceConfig::default();
-    let rec = Recorder::create(&path, TraceConfig::from(&config)).expect("trace file");
+    let rec = Recorder::open(
+        &path,
+        TraceConfig::from(&config),
+        RecordOptions {
+            background,
+            ..RecordOptions::default()
+        },
+    )
+    .expect("trace file");
     let (plain, from, to) = setup(config.clone());
     let (traced, _, _) = setup_traced(config, Tracer::new(rec.clone()));
     let rows = [
@@ -180,10 +191,16 @@ fn copy_throughput(c: &mut Criterion) {
         &rows,
     );
     if let Ok(n) = rec.finish() {
+        let dropped = rec.dropped();
         eprintln!(
-            "trace: {n} records written, {} dropped ({:.0} MB)",
-            rec.dropped(),
-            std::fs::metadata(&path).map_or(0, |m| m.len()) as f64 / 1e6
+            "trace: {n} records written, {dropped} dropped ({:.0}% kept; {:.0} MB; writer {})",
+            100.0 * n as f64 / (n + dropped).max(1) as f64,
+            std::fs::metadata(&path).map_or(0, |m| m.len()) as f64 / 1e6,
+            if background {
+                "in the background, nice 19"
+            } else {
+                "at normal priority"
+            }
         );
     }
     if own {

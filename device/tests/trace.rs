@@ -245,4 +245,17 @@ fn a_writer_that_falls_behind_counts_what_it_dropped() {
     assert!(totals.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(written, doorbells + totals.len() as u64);
     assert_eq!(Summary::of(&trace).dropped, dropped);
+    // A trace that lost events is not replayed: its inputs are incomplete.
+    let scratch = TempFile::new("dropped-replayed.trace");
+    let err = domdma_device::trace::replay::replay(
+        path,
+        &scratch.0,
+        &domdma_device::trace::replay::ReplayOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("the trace lost {dropped} events")),
+        "{err}"
+    );
 }

@@ -4,8 +4,10 @@
 //! single-consumer ring from `rtrb`): recording an event is a clock read, a thread-local
 //! lookup and a store into the ring, with no lock and no locked instruction. A writer thread
 //! drains every ring each [`DRAIN_PERIOD`] and appends what it took to the file through a
-//! buffer. A ring that is full (the writer fell behind) drops the event
-//! and counts it; the writer then records the total as an [`Event::Dropped`].
+//! buffer; it runs at the lowest CPU priority ([`RecordOptions::background`]), so that on
+//! a machine with no CPU to spare it is the trace that loses, not the device. A ring that
+//! is full (the writer fell behind) drops the event and counts it; the writer then records
+//! the total as an [`Event::Dropped`].
 //!
 //! Records of one thread are in time order; records of different threads are not merged
 //! (each drain appends ring after ring), so readers that need one order sort by time
@@ -62,6 +64,11 @@ pub struct RecordOptions {
     /// the data of every transfer once more (twice for a COPY), so it is off unless asked
     /// for.
     pub data: bool,
+    /// Run the writer at the lowest CPU priority (nice 19): it then takes only CPU time
+    /// the device's threads and the VMM leave, and when there is none it falls behind and
+    /// events are dropped (and counted) rather than the device slowed. Off: the writer
+    /// competes as an equal and the trace stays complete while it keeps up.
+    pub background: bool,
 }
 
 impl Default for RecordOptions {
@@ -69,6 +76,7 @@ impl Default for RecordOptions {
         Self {
             ring_records: RING_RECORDS,
             data: false,
+            background: true,
         }
     }
 }
@@ -107,7 +115,11 @@ impl Recorder {
         config: TraceConfig,
         options: RecordOptions,
     ) -> Result<Arc<Self>, TraceError> {
-        let RecordOptions { ring_records, data } = options;
+        let RecordOptions {
+            ring_records,
+            data,
+            background,
+        } = options;
         let f = File::create(path).map_err(|e| TraceError::Io(path.to_owned(), e))?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         let clock = Clock::new();
@@ -130,7 +142,12 @@ impl Recorder {
             let clock = clock.clone();
             std::thread::Builder::new()
                 .name("domdma-trace".into())
-                .spawn(move || write_loop(out, &file, &rings, &dropped, &stop, &clock, start))
+                .spawn(move || {
+                    if background {
+                        lowest_priority();
+                    }
+                    write_loop(out, &file, &rings, &dropped, &stop, &clock, start)
+                })
                 .map_err(|e| TraceError::Io(path.to_owned(), e))?
         };
         Ok(Arc::new(Self {
@@ -218,6 +235,19 @@ impl Drop for Recorder {
         if let Err(e) = self.finish() {
             warn!(error = %e, "trace not completed");
         }
+    }
+}
+
+/// Give this thread the lowest CPU priority of its kind (nice 19; Linux sets it per
+/// thread). Best effort: a failure is logged and the writer runs as it is.
+fn lowest_priority() {
+    // SAFETY: gettid takes nothing and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes no pointers; with this thread's id it changes only its
+    // nice value.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "trace writer: nice 19 refused");
     }
 }
 

@@ -64,6 +64,9 @@ pub enum ReplayError {
     /// The trace (or the replay's own) could not be read or written.
     #[error(transparent)]
     Trace(#[from] TraceError),
+    /// The trace lost events (its writer fell behind), so its inputs are incomplete.
+    #[error("the trace lost {0} events (its writer fell behind: every CPU was busy), so it cannot be replayed; record again with less load, or fewer queues busy at once")]
+    Incomplete(u64),
     /// The recorded configuration is not one this device accepts.
     #[error("the trace's device configuration is refused: {0}")]
     Config(String),
@@ -472,6 +475,17 @@ pub fn replay_trace(
     scratch: &Path,
     opts: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
+    let dropped = trace
+        .records
+        .iter()
+        .filter_map(|r| match r.event {
+            Event::Dropped { total } => Some(total),
+            _ => None,
+        })
+        .max();
+    if let Some(n) = dropped.filter(|&n| n > 0) {
+        return Err(ReplayError::Incomplete(n));
+    }
     let c = &trace.header.config;
     let config = DeviceConfig::from(c);
     config
