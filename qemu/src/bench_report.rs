@@ -217,6 +217,48 @@ fn engine_series_name(group: &str, engine: &str) -> String {
     format!("{pages}, {iotlb}{mode}{traced}")
 }
 
+/// What recording a trace costs: per (group, untraced engine row), per size: (label, the
+/// untraced row's time / the traced row's, one per run). Both rows of a run come from the
+/// same criterion run, so the ratio is the traced engine's throughput as a share of the
+/// untraced one's (1.0: recording costs nothing).
+type TraceCost = BTreeMap<(String, String), BTreeMap<u64, (String, Vec<f64>)>>;
+
+fn trace_cost(rows: &[EngineRow]) -> TraceCost {
+    let mut cost = TraceCost::new();
+    for t in rows {
+        let Some(engine) = t.engine.strip_suffix("_traced") else {
+            continue;
+        };
+        let plain = rows.iter().find(|r| {
+            r.run == t.run && r.group == t.group && r.engine == engine && r.bytes == t.bytes
+        });
+        if let Some(p) = plain {
+            cost.entry((t.group.clone(), engine.to_owned()))
+                .or_default()
+                .entry(t.bytes)
+                .or_insert_with(|| (t.size.clone(), Vec::new()))
+                .1
+                .push(p.engine_ns / t.engine_ns);
+        }
+    }
+    cost
+}
+
+/// The `trace: ...` line (records written, dropped, kept) of each engine run's log
+/// (`engine-run-N.log`), by run.
+fn trace_lines(dir: &Path) -> Vec<(u32, String)> {
+    let mut lines = Vec::new();
+    for run in 1.. {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("engine-run-{run}.log"))) else {
+            break;
+        };
+        if let Some(l) = text.lines().find_map(|l| l.strip_prefix("trace: ")) {
+            lines.push((run, l.trim().to_owned()));
+        }
+    }
+    lines
+}
+
 /// The series of the engine plot: per (group, engine), per size: (bytes, label, ratios).
 type EngineSeries = BTreeMap<(String, String), BTreeMap<u64, (String, Vec<f64>)>>;
 
@@ -403,6 +445,39 @@ fn engine_section(dir: &Path, out: &mut String) -> Result<bool> {
                 "| {} (`{group}/{engine}`) | {label} | {m:.2}x | {lo:.2}-{hi:.2} |",
                 engine_series_name(group, engine)
             );
+        }
+    }
+    let cost = trace_cost(&rows);
+    if !cost.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n**What recording a trace costs**: the traced engine's throughput as a share of \
+             the untraced one's, both in the same criterion run (`copy_stream_trace`; 1.00 is \
+             free). The trace goes to a file in the temporary directory, written by a thread \
+             at the lowest priority (set `DOMDMA_BENCH_TRACE_WRITER=equal` for one that \
+             competes as an equal); each run's log says how many events were kept.\n"
+        );
+        let _ = writeln!(out, "| mappings | size | traced / untraced | range |");
+        let _ = writeln!(out, "|---|---:|---:|---|");
+        for ((group, engine), by_size) in &cost {
+            for (label, v) in by_size.values() {
+                let (m, lo, hi) = median_range(v);
+                let _ = writeln!(
+                    out,
+                    "| {} (`{group}/{engine}_traced`) | {label} | {m:.2} | {lo:.2}-{hi:.2} |",
+                    engine_series_name("copy_stream", engine)
+                );
+            }
+        }
+        let kept = trace_lines(dir);
+        if !kept.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nWhat the trace kept, run by run (from the run logs):\n"
+            );
+            for (run, line) in kept {
+                let _ = writeln!(out, "- run {run}: {line}");
+            }
         }
     }
     section_footer(out, &meta);
@@ -975,6 +1050,25 @@ mod tests {
         assert!((m - (0.9 + 900.0 / 1100.0) / 2.0).abs() < 1e-9, "{m}");
         assert!(lo < hi);
         assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn the_trace_cost_pairs_each_traced_row_with_its_run_s_untraced_one() {
+        let rows = parse_engine(
+            Path::new("engine.tsv"),
+            "\
+1 copy_stream_trace engine_2m 64KiB 65536 1000 900
+1 copy_stream_trace engine_2m_traced 64KiB 65536 1250 900
+2 copy_stream_trace engine_2m 64KiB 65536 2000 900
+2 copy_stream_trace engine_2m_traced 64KiB 65536 2000 900
+3 copy_stream_trace engine_2m_traced 64KiB 65536 2000 900
+",
+        )
+        .unwrap();
+        let cost = trace_cost(&rows);
+        let v = &cost[&("copy_stream_trace".to_string(), "engine_2m".to_string())][&65536].1;
+        // Run 3 has no untraced row: not paired.
+        assert_eq!(v, &vec![0.8, 1.0]);
     }
 
     #[test]
