@@ -77,6 +77,18 @@ struct Args {
     /// COPY twice): for correctness runs, not for measuring speed.
     #[arg(long, requires = "trace")]
     trace_data: bool,
+    /// With --trace: how the trace's writer shares the CPU. background (default): at the
+    /// lowest priority, so a busy machine drops events (counted in the trace) rather than
+    /// slow the device; equal: as an equal of the device's threads, for a trace that must
+    /// be complete (a correctness run to replay).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "HOW",
+        default_value = "background",
+        requires = "trace"
+    )]
+    trace_writer: TraceWriter,
     /// Make the device misbehave on purpose (repeatable): corrupt-copy, error-status,
     /// drop-interrupt, delay-interrupt, stall-queue, spurious-fault, never-complete, each as
     /// NAME[:KEY=VALUE,...], e.g. error-status:status=0x11,queue=0,nth=3 (SPEC.md, "Error
@@ -219,6 +231,15 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// How the trace's writer shares the CPU (`--trace-writer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TraceWriter {
+    /// At the lowest priority (nice 19).
+    Background,
+    /// At normal priority.
+    Equal,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match device_config(&args) {
@@ -243,6 +264,7 @@ fn main() -> ExitCode {
         message_timeout: args.message_timeout,
         trace: args.trace.clone(),
         trace_data: args.trace_data,
+        trace_background: args.trace_writer == TraceWriter::Background,
         inject: args.inject.clone(),
         ..ServerOptions::default()
     };

@@ -147,17 +147,21 @@ fn a_recorded_run_replays_without_divergence_and_a_changed_core_diverges_where_i
 /// Queue and slot of the `n`-th (from 1) COPY that completed with data checksums: a ring
 /// descriptor, or the BATCH holding it.
 fn nth_copy(trace: &domdma_device::trace::Trace, n: usize) -> (u16, u32) {
-    let mut at = None;
+    let mut slot_of = std::collections::HashMap::new();
     let mut seen = 0;
     for r in &trace.records {
         match r.event {
-            Event::Fetch { queue, slot, .. } => at = Some((queue, slot)),
+            Event::Fetch { queue, slot, .. } => {
+                slot_of.insert(queue, slot);
+            }
             Event::Data {
-                opcode: OP_COPY, ..
+                queue,
+                opcode: OP_COPY,
+                ..
             } => {
                 seen += 1;
                 if seen == n {
-                    return at.unwrap();
+                    return (queue, slot_of[&queue]);
                 }
             }
             _ => {}

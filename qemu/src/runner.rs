@@ -366,13 +366,15 @@ pub fn run(opts: &RunOptions, interrupt: &Interrupt) -> Result<RunOutcome, RunEr
         device_args.push("--inspect".into());
         device_args.push(inspect.display().to_string());
     }
-    // The device's trace, with data checksums (so that the replay compares data too),
+    // The device's trace, with data checksums (so that the replay compares data too) and
+    // a writer that competes for the CPU as an equal (the replay needs every event),
     // beside the JUnit file; not in a bench run (it measures the device without one).
     let own_trace = !opts.bench && !device_args.iter().any(|a| a == "--trace");
     if own_trace {
         device_args.push("--trace".into());
         device_args.push(trace.trace.display().to_string());
         device_args.push("--trace-data".into());
+        device_args.push("--trace-writer=equal".into());
     }
     if let Some(bin) = &opts.device_bin {
         files.push(("device log", device_log.clone()));

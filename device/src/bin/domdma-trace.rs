@@ -49,8 +49,9 @@ enum Command {
         /// START+LEN, decimal or 0x hexadecimal.
         #[arg(long, value_name = "RANGE", value_parser = parse_range)]
         iova: Option<(u64, u64)>,
-        /// Only these kinds (comma-separated): doorbell, fetch, translate, complete, fault,
-        /// interrupt, invalidate, dma_map, dma_unmap, reset, dropped.
+        /// Only these kinds (comma-separated): doorbell, reg_write, pte_read, element, fetch,
+        /// translate, complete, fault, interrupt, invalidate, dma_map, dma_unmap, reset,
+        /// injected, data, dropped.
         #[arg(long, value_name = "KINDS", value_delimiter = ',', value_parser = parse_kind)]
         kind: Vec<String>,
         /// Stop after this many lines.

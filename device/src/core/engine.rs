@@ -1476,10 +1476,25 @@ impl<'a> Exec<'a> {
             false,
             hold,
             |_, from, to| {
-                if let Some(to) = to {
-                    from.copy_to_volatile_slice(to);
-                    if let Some((src, dst)) = sums.as_mut() {
-                        *src = crc32c_of(*src, &from, buf);
+                let Some(to) = to else {
+                    return ControlFlow::Continue(());
+                };
+                match sums.as_mut() {
+                    None => from.copy_to_volatile_slice(to),
+                    // Through the scratch buffer, so that the source's checksum is of the
+                    // bytes copied (the source may change meanwhile), and the
+                    // destination's of what it holds once written.
+                    Some((src, dst)) => {
+                        let mut off = 0;
+                        while off < from.len() {
+                            let k = (from.len() - off).min(buf.len());
+                            if let (Ok(x), Ok(y)) = (from.subslice(off, k), to.subslice(off, k)) {
+                                x.copy_to(&mut buf[..k]);
+                                *src = crc32c::crc32c_append(*src, &buf[..k]);
+                                y.copy_from(&buf[..k]);
+                            }
+                            off += k;
+                        }
                         *dst = crc32c_of(*dst, &to, buf);
                     }
                 }
@@ -1509,8 +1524,14 @@ impl<'a> Exec<'a> {
         let _armed = sigbus::arm(&mem);
         let mut written = false;
         if let Ok(Small { bus, .. }) = self.map_small(&mem, iova, 1, Access::Write, ACCESS_WRITE) {
-            if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
-                written = mem.write_obj(b ^ xor, GuestAddress(bus)).is_ok();
+            // Memory only the client reaches: the byte is fetched and sent like any other.
+            if remote::sync_in(&mem, bus, 1).is_ok() {
+                if let Ok(b) = mem.read_obj::<u8>(GuestAddress(bus)) {
+                    written = mem.write_obj(b ^ xor, GuestAddress(bus)).is_ok()
+                        && remote::sync_out(&mem, bus, 1).is_ok();
+                }
+            }
+            if written {
                 debug!(q = self.q(), iova, "injected: COPY byte corrupted");
             }
         }

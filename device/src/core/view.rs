@@ -123,7 +123,9 @@ impl Observer {
     /// What the device looks like now ([`DeviceView`]). Walks each translated domain's
     /// page tables (bounded by [`MAP_BUDGET`] entries), so it costs up to a few
     /// milliseconds; it takes no lock a worker holds while moving data, and not the
-    /// transport's lock on [`super::Device`].
+    /// transport's lock on [`super::Device`]. Nor the chunk gate: a walk is not ordered
+    /// with a DMA_UNMAP and may read a table the VMM has just taken back (through the
+    /// device's own mapping, kept alive by the snapshot: the map shown is then stale).
     pub fn view(&self) -> DeviceView {
         let shared = &self.shared;
         let queues = shared

@@ -67,6 +67,9 @@ pub enum ReplayError {
     /// The trace lost events (its writer fell behind), so its inputs are incomplete.
     #[error("the trace lost {0} events (its writer fell behind: every CPU was busy), so it cannot be replayed; record again with less load, or fewer queues busy at once")]
     Incomplete(u64),
+    /// The replay's own trace lost events (its writer fell behind).
+    #[error("the replay's own trace lost {0} events (its writer fell behind); run the replay again on a less busy machine")]
+    ReplayIncomplete(u64),
     /// The recorded configuration is not one this device accepts.
     #[error("the trace's device configuration is refused: {0}")]
     Config(String),
@@ -353,7 +356,7 @@ fn compare_data(
     for (i, (&(op, bytes, src, dst), &(op_b, bytes_b, src_b, dst_b))) in a.iter().zip(b).enumerate()
     {
         let which = if a.len() > 1 {
-            format!(" (operation {i} of the BATCH)")
+            format!(" (data operation {i} of the BATCH)")
         } else {
             String::new()
         };
@@ -501,6 +504,8 @@ pub fn replay_trace(
         c.clone(),
         RecordOptions {
             data: trace.header.data,
+            // The replay's own trace must be complete: its writer competes as an equal.
+            background: false,
             ..RecordOptions::default()
         },
     )?;
@@ -621,6 +626,9 @@ pub fn replay_trace(
     }
     drop(dev);
     recorder.finish()?;
+    if recorder.dropped() > 0 {
+        return Err(ReplayError::ReplayIncomplete(recorder.dropped()));
+    }
     let replayed = read_all(scratch)?;
 
     let a = outcomes(records);

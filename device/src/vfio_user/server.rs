@@ -174,6 +174,9 @@ pub struct ServerOptions {
     pub trace: Option<PathBuf>,
     /// With `trace`: also record data checksums ([`crate::trace::RecordOptions::data`]).
     pub trace_data: bool,
+    /// With `trace`: the writer runs in the background
+    /// ([`crate::trace::RecordOptions::background`]).
+    pub trace_background: bool,
     /// Error-injection rules in force from the start (see [`crate::core::inject`]).
     pub inject: Vec<Rule>,
 }
@@ -187,6 +190,7 @@ impl Default for ServerOptions {
             max_waiting: 16,
             trace: None,
             trace_data: false,
+            trace_background: true,
             inject: Vec::new(),
         }
     }
@@ -300,6 +304,7 @@ impl Server {
                 TraceConfig::from(&config),
                 RecordOptions {
                     data: options.trace_data,
+                    background: options.trace_background,
                     ..RecordOptions::default()
                 },
             )?),
