@@ -19,6 +19,10 @@
 //!   iteration submits [`STREAM`] descriptors with one doorbell and then waits for the
 //!   batch submitted by the iteration before, so one batch is always queued behind the one
 //!   running; beside [`STREAM`] memcpys per iteration;
+//!   Beside them, the same stream over a bare ring with no device (`ring_only`: a thread
+//!   that polls a tail, copies and writes a status, see `common/bare_ring.rs`), the ceiling
+//!   of any engine on this ring protocol and machine, and the same with six uncontended
+//!   lock pairs per descriptor (`ring_locks6`, about what the engine's worker takes);
 //! - `copy_stream_iotlb64`: `copy_stream` on 4 KiB pages with a 64-entry IOTLB, in which
 //!   every page of a transfer of more than ~128 KiB misses, walks and fills (its own device
 //!   and buffers, and its own memcpy row).
@@ -30,8 +34,11 @@
 //!
 //! Run: `cargo bench -p domdma-device --bench engine -- --warm-up-time 1 --measurement-time 3`.
 
+#[path = "common/bare_ring.rs"]
+mod bare_ring;
 mod common;
 
+use bare_ring::BareRing;
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use domdma_device::core::DeviceConfig;
@@ -79,7 +86,7 @@ fn setup_traced(config: DeviceConfig, trace: Tracer) -> (Driver, *const u8, *mut
 fn stream_group(c: &mut Criterion, name: &str, config: DeviceConfig, engines: &[(&str, u32)]) {
     let (d, from, to) = setup(config);
     let rows: Vec<_> = engines.iter().map(|&(n, q)| (n, 0, q)).collect();
-    stream_rows(c, name, from, to, &mut [d], &rows);
+    stream_rows(c, name, from, to, &mut [d], &rows, false);
 }
 
 /// The `copy_stream` rows `rows` (row name, index in `drivers`, queue), beside one memcpy
@@ -91,6 +98,7 @@ fn stream_rows(
     to: *mut u8,
     drivers: &mut [Driver],
     rows: &[(&str, usize, u32)],
+    bare: bool,
 ) {
     let mut group = c.benchmark_group(name);
     for size in STREAM_SIZES {
@@ -119,6 +127,19 @@ fn stream_rows(
                 assert_eq!(d.wait_spin(&t).status, STATUS_OK);
             }
         }
+        // The ceiling: the same stream over a bare ring with no device, and with as many
+        // lock pairs per descriptor as the engine's worker takes.
+        for (row, locks) in [("ring_only", 0), ("ring_locks6", 6)]
+            .into_iter()
+            .filter(|_| bare)
+        {
+            // SAFETY: `from` and `to` are two disjoint MAX-byte ranges of the bus memory of
+            // a device in `drivers`, which outlives the ring; no queue runs meanwhile.
+            let mut ring = unsafe { BareRing::new(2 * STREAM, from, to, locks) };
+            group.bench_with_input(BenchmarkId::new(row, label(size)), &size, |b, &n| {
+                b.iter(|| ring.stream(STREAM, n))
+            });
+        }
     }
     group.finish();
 }
@@ -143,7 +164,11 @@ fn copy_throughput(c: &mut Criterion) {
     drop(d);
 
     let engines = [("engine_4k", DOM_4K), ("engine_2m", DOM_2M)];
-    stream_group(c, "copy_stream", DeviceConfig::default(), &engines);
+    {
+        let (d, from, to) = setup(DeviceConfig::default());
+        let rows: Vec<_> = engines.iter().map(|&(n, q)| (n, 0, q)).collect();
+        stream_rows(c, "copy_stream", from, to, &mut [d], &rows, true);
+    }
     // The same with a 64-entry IOTLB, in which every page of a 4 KiB-mapped copy of more
     // than ~128 KiB misses, walks and fills.
     let small = DeviceConfig {
@@ -189,6 +214,7 @@ fn copy_throughput(c: &mut Criterion) {
         to,
         &mut [plain, traced],
         &rows,
+        false,
     );
     if let Ok(n) = rec.finish() {
         let dropped = rec.dropped();

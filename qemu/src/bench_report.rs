@@ -203,8 +203,14 @@ fn engine_series_name(group: &str, engine: &str) -> String {
     let pages = match engine {
         "engine_4k" => "4 KiB pages",
         "engine_2m" => "2 MiB pages",
+        // The ceiling (device/benches/common/bare_ring.rs): no device, no translation.
+        "ring_only" => "bare ring, no device (the ceiling)",
+        "ring_locks6" => "bare ring with 6 lock pairs per descriptor",
         other => other,
     };
+    if engine.starts_with("ring_") {
+        return pages.to_owned();
+    }
     let (iotlb, mode) = match group {
         "copy" => ("1024-entry IOTLB", ", one at a time"),
         "copy_stream" => ("1024-entry IOTLB", ""),
