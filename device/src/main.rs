@@ -34,7 +34,8 @@ use tracing::info;
                   private RAM is reached through QEMU with DMA_READ / DMA_WRITE (slower).\n\n\
                   Inspector: --inspect PATH serves one JSON document of counters per connection\n\
                   (e.g. socat - UNIX-CONNECT:PATH).\n\n\
-                  Trace: --trace FILE records every DMA the device does; domdma-trace reads it.\n\n\
+                  Trace: --trace FILE records every DMA the device does; domdma-trace reads it.\n\
+                  For a complete trace with data checksums (to replay), add --trace-data --trace-writer=equal.\n\n\
                   Web view: --http 8080 serves the device's live state at http://127.0.0.1:8080/.\n\n\
                   Logging: DOMDMA_LOG or RUST_LOG (e.g. debug, domdma_device=trace); default info."
 )]
