@@ -43,7 +43,7 @@ use vm_memory::{
 use super::bus::{self, is_lost, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::inject::{OnDescriptor, OnInterrupt};
-use super::mmu::{Mmu, Translator};
+use super::mmu::{Mmu, Remembered, Translator};
 use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::remote;
 use super::sigbus;
@@ -459,6 +459,11 @@ struct Exec<'a> {
     epoch: u64,
     /// Bus address the completion record was written at (0: none yet), for the trace.
     record_bus: std::cell::Cell<u64>,
+    /// The last translations of small reads (descriptors, BATCH elements) and writes
+    /// (completion records), used again without the IOTLB's lock while the IOTLB has not
+    /// changed ([`crate::core::mmu::Mmu::recall`]); the worker keeps them from one
+    /// descriptor to the next.
+    remembered: [std::cell::Cell<Option<Remembered>>; 2],
 }
 
 /// The worker thread of queue `q`. Returns when the queue is shut down.
@@ -474,6 +479,8 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
     crate::trace::recorder::bind_thread(&shared.trace, slot.index);
     // A descriptor has just been finished: spin for the next before sleeping.
     let mut just_done = false;
+    // The translations of the ring's and the records' pages (see `Exec::remembered`).
+    let mut remembered: [Option<Remembered>; 2] = [None; 2];
     // The hold the last completion record was written under, for the next fetch (see
     // `Exec::finish`); let go before anything that waits or takes a queue lock.
     let mut carried = None;
@@ -505,6 +512,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 domain: job.domain,
                 epoch: job.epoch,
                 record_bus: std::cell::Cell::new(0),
+                remembered: remembered.map(std::cell::Cell::new),
             };
             let result = exec.run(&job, &mut scratch, carried.take());
             // With memory only the client reaches, the completion record goes out before
@@ -518,6 +526,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             r = slot.lock();
             let (early, counted) = early.map_or((None, None), |(w, c)| (w, c));
             carried = exec.finish(&mut r, result, early, counted);
+            remembered = [exec.remembered[0].get(), exec.remembered[1].get()];
             if let Some((reason, iova)) = shared.inject.after_descriptor(slot.index) {
                 // Reporting takes the gate, and no queue lock is held while it is.
                 carried = None;
@@ -724,12 +733,23 @@ impl<'a> Exec<'a> {
     ) -> Result<Small<'m>, Fault> {
         // Recorded in the trace with the access it serves (Fetch, Element, Complete), not as
         // a translation event of its own.
-        let t = self
-            .shared
-            .mmu
-            .translator_for(mem, self.domain, Some(self.q()))
-            .translate_quiet(iova, access)
-            .map_err(|f| Fault::from_translation(f, flags, self.domain, self.q()))?;
+        let mmu = &self.shared.mmu;
+        let (q, d) = (self.q(), self.domain);
+        let kept = &self.remembered[usize::from(access == Access::Write)];
+        let recalled = kept
+            .get()
+            .and_then(|r| mmu.recall(&r, d, iova, access, Some(q)));
+        let t = match recalled {
+            Some(t) => t,
+            None => {
+                let (t, r) = mmu
+                    .translator_for(mem, d, Some(q))
+                    .translate_remembered(iova, access)
+                    .map_err(|f| Fault::from_translation(f, flags, d, q))?;
+                kept.set(r);
+                t
+            }
+        };
         if t.len == 0 {
             // Never returned by the MMU; a chunk of 0 bytes would make no progress.
             debug_assert!(false, "translation of length 0");
@@ -2052,6 +2072,7 @@ mod tests {
             domain,
             epoch: shared.queues[0].epoch.load(Ordering::Relaxed),
             record_bus: std::cell::Cell::new(0),
+            remembered: Default::default(),
         }
     }
 

@@ -152,6 +152,8 @@ pub struct Mmu {
     /// writes it, with plain stores ([`add_locked`]); [`Mmu::domain_stats`] adds them up.
     worker_counters: Vec<Box<[DomainCounters]>>,
     iotlb: Mutex<Iotlb>,
+    /// The IOTLB's per-set versions, read without its lock ([`Mmu::recall`]).
+    iotlb_versions: std::sync::Arc<[AtomicU64]>,
     gate: RwLock<()>,
     /// Where translations are recorded (see [`crate::trace`]).
     trace: Tracer,
@@ -182,6 +184,7 @@ impl Mmu {
             u32::from(domains) <= MAX_DOMAINS,
             "{domains} domains: at most {MAX_DOMAINS}"
         );
+        let iotlb = Iotlb::new(iotlb_entries);
         let iova_limit = match 1u64.checked_shl(iova_width) {
             Some(top) => top.wrapping_sub(1),
             None => u64::MAX,
@@ -202,7 +205,8 @@ impl Mmu {
                 .collect(),
             counters: (0..domains).map(|_| DomainCounters::default()).collect(),
             worker_counters: Vec::new(),
-            iotlb: Mutex::new(Iotlb::new(iotlb_entries)),
+            iotlb_versions: iotlb.versions(),
+            iotlb: Mutex::new(iotlb),
             gate: RwLock::new(()),
             trace: Tracer::off(),
         }
@@ -462,11 +466,75 @@ impl Mmu {
         }
     }
 
+    /// A translation [`Translator::translate_remembered`] gave, for `iova` of domain `d`
+    /// and `access`, if it still stands: the page is the same, the domain still translated
+    /// and the IOTLB unchanged since, so the page is still cached as its set's most
+    /// recently used entry (its set's version has not moved) and a lookup would hit it and
+    /// change nothing. Counted as that
+    /// lookup (a translation, an IOTLB hit) in worker `worker`'s counters (as
+    /// [`Mmu::translator_for`] counts). No lock taken; valid, like any translation, while
+    /// the caller holds the chunk gate (an invalidation bumps every set's version before it
+    /// waits for the gate).
+    pub fn recall(
+        &self,
+        r: &Remembered,
+        d: u16,
+        iova: u64,
+        access: Access,
+        worker: Option<u16>,
+    ) -> Option<Translation> {
+        let off = iova.wrapping_sub(r.iova_page);
+        if r.d != d || r.access != access || off >= r.size {
+            return None;
+        }
+        let set = self.iotlb_versions.get(r.set)?;
+        if set.load(Ordering::Acquire) != r.version {
+            return None;
+        }
+        let mode = self
+            .domains
+            .get(usize::from(d))?
+            .mode
+            .load(Ordering::Acquire);
+        if mode & 3 != DOMAIN_MODE_TRANSLATED {
+            return None;
+        }
+        let (counters, exclusive) = self.counters_for(d, worker);
+        let c = counters?;
+        for counter in [&c.translations, &c.iotlb_hits] {
+            if exclusive {
+                add_locked(counter, 1);
+            } else {
+                add(counter, 1);
+            }
+        }
+        Some(Translation {
+            bus: r.bus_page.wrapping_add(off),
+            len: r.size - off,
+            page_size: r.size,
+        })
+    }
+
     fn lock_iotlb(&self) -> MutexGuard<'_, Iotlb> {
         // The IOTLB's invariants hold between method calls, none of which can panic midway
         // on guest input; a poisoned lock still holds a usable cache.
         self.iotlb.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A translation of one page that its owner may use again without the IOTLB's lock while
+/// the IOTLB has not changed ([`Translator::translate_remembered`], [`Mmu::recall`]): what
+/// the engine keeps of its ring's and completion records' pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remembered {
+    d: u16,
+    access: Access,
+    iova_page: u64,
+    size: u64,
+    bus_page: u64,
+    /// The IOTLB set that caches it, and the set's version.
+    set: usize,
+    version: u64,
 }
 
 /// Translations under one hold of the IOTLB lock before a [`Translator`] releases it to let
@@ -593,6 +661,34 @@ impl Translator<'_> {
         access: Access,
     ) -> Result<Translation, TranslationFault> {
         self.translate_untraced(iova, access)
+    }
+
+    /// [`Translator::translate_quiet`], and what the caller may remember of it for
+    /// [`Mmu::recall`]: a page the IOTLB now holds as its set's most recently used entry
+    /// (it hit or was filled just now; never in strict mode, where every hit walks again,
+    /// nor without an IOTLB).
+    pub fn translate_remembered(
+        &mut self,
+        iova: u64,
+        access: Access,
+    ) -> Result<(Translation, Option<Remembered>), TranslationFault> {
+        let t = self.translate_now(iova, access)?;
+        let cached = !self.mmu.strict && self.mmu.iotlb_capacity > 0 && t.page_size != 0;
+        let off = iova & t.page_size.wrapping_sub(1);
+        let iova_page = iova - off;
+        let version = (self.iotlb.as_ref())
+            .filter(|_| cached)
+            .map(|g| g.version_of(self.d, t.page_size, iova_page));
+        let remembered = version.map(|(set, version)| Remembered {
+            d: self.d,
+            access,
+            iova_page,
+            size: t.page_size,
+            bus_page: t.bus - off,
+            set,
+            version,
+        });
+        Ok((t, remembered))
     }
 
     /// Record a translation made from `iova` (the counts before it: `before`).
@@ -1635,6 +1731,93 @@ mod tests {
         );
         assert_eq!(mmu.iotlb_len(), 3);
         assert_eq!(mmu.iotlb_capacity(), 3);
+    }
+
+    /// A remembered translation stands for a hit on its set's most recently used entry: it
+    /// is recalled (and counted as that hit) while nothing in the IOTLB changes, and not
+    /// after a hit that reorders its set, a fill, an invalidation, a domain disabled or a
+    /// reset; nothing is remembered in strict mode or without an IOTLB.
+    #[test]
+    fn remembered_translations_last_while_the_iotlb_is_unchanged() {
+        let mut t = Tables::new();
+        for i in 0..4 {
+            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
+        }
+        // Three entries: one set of three ways, so every page shares it.
+        let mmu = t.mmu_with(48, 3, false);
+        let remember = |iova: u64, access: Access| {
+            mmu.translator(&t.mem, 1)
+                .translate_remembered(iova, access)
+                .unwrap()
+        };
+        let (a, b) = (0, SIZE_4K);
+        let (ta, r) = remember(a + 8, Access::Read); // miss: fills a
+        let r = r.expect("a cached page is remembered");
+        assert_eq!(ta, ok(0x30_0008, SIZE_4K - 8, SIZE_4K).unwrap());
+        let before = stats(&mmu, 1);
+        // The same page, another offset: recalled, counted as a hit.
+        assert_eq!(
+            mmu.recall(&r, 1, a + 0x100, Access::Read, None),
+            Some(Translation {
+                bus: 0x30_0100,
+                len: SIZE_4K - 0x100,
+                page_size: SIZE_4K
+            })
+        );
+        let after = stats(&mmu, 1);
+        assert_eq!(after.translations - before.translations, 1);
+        assert_eq!(after.iotlb_hits - before.iotlb_hits, 1);
+        assert_eq!(after.page_walks, before.page_walks);
+        // Another page, another access or another domain: not this one.
+        assert_eq!(mmu.recall(&r, 1, b, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Write, None), None);
+        assert_eq!(mmu.recall(&r, 2, a, Access::Read, None), None);
+        // A hit on a (already the most recent) changes nothing: still recalled.
+        tr(&mmu, &t, a, Access::Read).unwrap();
+        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        // A fill of b changes the set: no longer recalled; remembered again, it is.
+        tr(&mmu, &t, b, Access::Read).unwrap();
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        let r = remember(a, Access::Read).1.unwrap(); // hit: a is the most recent again
+        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        // A hit on b reorders the set (b before a): the recall would skip that reordering.
+        tr(&mmu, &t, b, Access::Read).unwrap();
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        // An invalidation, a disabled domain, a reset.
+        let r = remember(a, Access::Read).1.unwrap();
+        mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: 3 * SIZE_4K,
+            len: SIZE_4K,
+        });
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        let r = remember(a, Access::Read).1.unwrap();
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: t.root,
+                mode: DOMAIN_MODE_DISABLED,
+            },
+        );
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        mmu.set_domain(
+            1,
+            DomainRegs {
+                root: t.root,
+                mode: DOMAIN_MODE_TRANSLATED,
+            },
+        );
+        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        mmu.reset();
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        // Strict mode re-walks every hit; no IOTLB caches nothing: nothing remembered.
+        for mmu in [t.mmu_with(48, 3, true), t.mmu_with(48, 0, false)] {
+            let (_, r) = mmu
+                .translator(&t.mem, 1)
+                .translate_remembered(a, Access::Read)
+                .unwrap();
+            assert_eq!(r, None);
+        }
     }
 
     #[test]

@@ -224,9 +224,12 @@ impl Set {
     }
 
     /// Make way `w` the most recently used: every way more recent than it ages by one.
+    /// Returns whether the ranks changed (false: `w` was the most recently used already).
     #[inline(always)]
-    fn touch(&mut self, w: usize) {
-        self.set_ranks(TOUCH[usize::from(self.ranks())][w & 3]);
+    fn touch(&mut self, w: usize) -> bool {
+        let (old, new) = (self.ranks(), TOUCH[usize::from(self.ranks())][w & 3]);
+        self.set_ranks(new);
+        old != new
     }
 
     /// Move way `w` (just emptied) behind the other ways of a set of `ways` ways.
@@ -273,6 +276,13 @@ pub(crate) struct Iotlb {
     /// Entries per size class, so a lookup skips classes that have none.
     per_class: [u32; 3],
     generation: u64,
+    /// Per set, bumped by every change of what the set holds or of its recency order (a
+    /// fill, an eviction, an invalidation, a hit on an entry that was not the set's most
+    /// recent), under the lock; read without it ([`Iotlb::versions`]) by the engine's
+    /// remembered translations, which stand for a hit on the most recently used entry of
+    /// a set, a hit that changes nothing, and are valid while the set's version has not
+    /// moved.
+    versions: std::sync::Arc<[std::sync::atomic::AtomicU64]>,
 }
 
 impl Iotlb {
@@ -289,7 +299,34 @@ impl Iotlb {
             len: 0,
             per_class: [0; 3],
             generation: 0,
+            versions: (0..n).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Note a change of set `s` (see `versions`). One writer (the lock holder): a load and
+    /// a store.
+    #[inline(always)]
+    fn bump(&self, s: usize) {
+        use std::sync::atomic::Ordering;
+        if let Some(v) = self.versions.get(s) {
+            v.store(v.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+        }
+    }
+
+    /// The set that caches the page of `size` at `iova_page` of `domain`, and its version
+    /// now (see `versions`).
+    pub fn version_of(&self, domain: u16, size: u64, iova_page: u64) -> (usize, u64) {
+        let s = self.set_of(domain, class_of(size), iova_page);
+        let v = self
+            .versions
+            .get(s)
+            .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed));
+        (s, v)
+    }
+
+    /// The sets' versions, to read without the lock.
+    pub fn versions(&self) -> std::sync::Arc<[std::sync::atomic::AtomicU64]> {
+        std::sync::Arc::clone(&self.versions)
     }
 
     /// Entries cached.
@@ -337,14 +374,18 @@ impl Iotlb {
         let k = key(domain, 0, page);
         if let Some(w) = self.sets[s].find(k) {
             let set = &mut self.sets[s];
-            set.touch(w);
+            let moved = set.touch(w);
             // A 4 KiB entry: built from what is known rather than decoded from the key.
-            return Ok(Leaf {
+            let leaf = Leaf {
                 iova_page: page,
                 bus_page: set.data[w] & !(SIZE_4K - 1),
                 size: SIZE_4K,
                 perm: set.data[w] & DATA_PERM,
-            });
+            };
+            if moved {
+                self.bump(s);
+            }
+            return Ok(leaf);
         }
         for (class, size) in CLASS_SIZES.iter().enumerate().skip(1) {
             if self.per_class[class] == 0 {
@@ -354,8 +395,12 @@ impl Iotlb {
             let s = self.set_of(domain, class, iova_page);
             if let Some(w) = self.sets[s].find(key(domain, class, iova_page)) {
                 let set = &mut self.sets[s];
-                set.touch(w);
-                return Ok(set.leaf(w));
+                let moved = set.touch(w);
+                let leaf = set.leaf(w);
+                if moved {
+                    self.bump(s);
+                }
+                return Ok(leaf);
             }
         }
         let ways = self.ways_of(s).max(1) as u64;
@@ -382,6 +427,7 @@ impl Iotlb {
             let set = &mut self.sets[s];
             set.set_data(w, leaf.bus_page, leaf.perm);
             set.touch(w);
+            self.bump(s);
             return;
         }
         self.insert(domain, leaf);
@@ -443,6 +489,7 @@ impl Iotlb {
         // A walk's permissions are R and W ANDed over the levels: nothing else survives.
         set.set_data(w, leaf.bus_page, leaf.perm);
         set.touch(w);
+        self.bump(s);
     }
 
     /// Strict mode: note that the entry caching `leaf` for `domain` was used stale. Returns
@@ -452,18 +499,21 @@ impl Iotlb {
         let class = class_of(leaf.size);
         let s = self.set_of(domain, class, leaf.iova_page);
         let set = &mut self.sets[s];
-        match set.find(key(domain, class, leaf.iova_page)) {
+        let first = match set.find(key(domain, class, leaf.iova_page)) {
             Some(w) => {
                 let first = set.data[w] & DATA_WARNED == 0;
                 set.data[w] |= DATA_WARNED;
                 first
             }
             None => true,
-        }
+        };
+        self.bump(s);
+        first
     }
 
     /// Drop every entry; returns how many were dropped.
     pub fn invalidate_all(&mut self) -> usize {
+        (0..self.sets.len()).for_each(|s| self.bump(s));
         let n = self.len;
         self.sets.fill(Set::default());
         self.len = 0;
@@ -491,6 +541,9 @@ impl Iotlb {
     /// Drop the entries `drop(domain, class, page)` selects; bumps the generation.
     fn invalidate_where(&mut self, drop: impl Fn(u16, u8, u64) -> bool) -> usize {
         self.generation = self.generation.wrapping_add(1);
+        // Every set: an invalidation is rare, and a remembered translation must not
+        // outlive one that might have dropped it.
+        (0..self.sets.len()).for_each(|s| self.bump(s));
         let mut dropped = 0;
         for s in 0..self.sets.len() {
             let ways = self.ways_of(s);
