@@ -34,7 +34,7 @@ use tracing::warn;
 use vm_memory::GuestMemoryMmap;
 
 use self::iotlb::Iotlb;
-use self::walk::{walk, Leaf, WalkFault};
+use self::walk::{walk, Leaf, WalkFault, SIZE_4K};
 use super::bus::Access;
 use super::stats::{add, add_locked, DomainCounters, DomainStats};
 use crate::spec::*;
@@ -467,10 +467,10 @@ impl Mmu {
     }
 
     /// A translation [`Translator::translate_remembered`] gave, for `iova` of domain `d`
-    /// and `access`, if it still stands: the page is the same, the domain still translated
-    /// and the IOTLB unchanged since, so the page is still cached as its set's most
-    /// recently used entry (its set's version has not moved) and a lookup would hit it and
-    /// change nothing. Counted as that
+    /// and `access`, if it still stands: the 4 KiB page is the same, the domain still
+    /// translated, and no set a lookup visits has changed since (the sets of smaller page
+    /// sizes, where it missed, and its entry's, where the entry is still the most recently
+    /// used), so a lookup would miss and hit as it did and change nothing. Counted as that
     /// lookup (a translation, an IOTLB hit) in worker `worker`'s counters (as
     /// [`Mmu::translator_for`] counts). No lock taken; valid, like any translation, while
     /// the caller holds the chunk gate (an invalidation bumps every set's version before it
@@ -483,13 +483,14 @@ impl Mmu {
         access: Access,
         worker: Option<u16>,
     ) -> Option<Translation> {
-        let off = iova.wrapping_sub(r.iova_page);
-        if r.d != d || r.access != access || off >= r.size {
+        let off = iova.wrapping_sub(r.page);
+        if r.d != d || r.access != access || off >= SIZE_4K {
             return None;
         }
-        let set = self.iotlb_versions.get(r.set)?;
-        if set.load(Ordering::Acquire) != r.version {
-            return None;
+        for &(set, version) in r.path.iter().flatten() {
+            if self.iotlb_versions.get(set)?.load(Ordering::Acquire) != version {
+                return None;
+            }
         }
         let mode = self
             .domains
@@ -509,8 +510,8 @@ impl Mmu {
             }
         }
         Some(Translation {
-            bus: r.bus_page.wrapping_add(off),
-            len: r.size - off,
+            bus: r.bus.wrapping_add(off),
+            len: r.len - off,
             page_size: r.size,
         })
     }
@@ -529,12 +530,17 @@ impl Mmu {
 pub struct Remembered {
     d: u16,
     access: Access,
-    iova_page: u64,
+    /// The 4 KiB page of the IOVA translated (what a recall covers, whatever the size of
+    /// the page that maps it: a lookup of another 4 KiB page visits other sets).
+    page: u64,
+    /// Its bus address.
+    bus: u64,
+    /// Bytes from `page` to the end of the mapping page.
+    len: u64,
+    /// Size of the mapping page.
     size: u64,
-    bus_page: u64,
-    /// The IOTLB set that caches it, and the set's version.
-    set: usize,
-    version: u64,
+    /// The sets a lookup visits to find it, and their versions ([`Iotlb::lookup_path`]).
+    path: [Option<(usize, u64)>; 3],
 }
 
 /// Translations under one hold of the IOTLB lock before a [`Translator`] releases it to let
@@ -674,19 +680,18 @@ impl Translator<'_> {
     ) -> Result<(Translation, Option<Remembered>), TranslationFault> {
         let t = self.translate_now(iova, access)?;
         let cached = !self.mmu.strict && self.mmu.iotlb_capacity > 0 && t.page_size != 0;
-        let off = iova & t.page_size.wrapping_sub(1);
-        let iova_page = iova - off;
-        let version = (self.iotlb.as_ref())
+        let off = iova & (SIZE_4K - 1);
+        let path = (self.iotlb.as_ref())
             .filter(|_| cached)
-            .map(|g| g.version_of(self.d, t.page_size, iova_page));
-        let remembered = version.map(|(set, version)| Remembered {
+            .map(|g| g.lookup_path(self.d, iova, t.page_size));
+        let remembered = path.map(|path| Remembered {
             d: self.d,
             access,
-            iova_page,
+            page: iova - off,
+            bus: t.bus - off,
+            len: t.len + off,
             size: t.page_size,
-            bus_page: t.bus - off,
-            set,
-            version,
+            path,
         });
         Ok((t, remembered))
     }
@@ -1810,6 +1815,26 @@ mod tests {
         assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
         mmu.reset();
         assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        // A large page: a recall covers the 4 KiB page translated, not the whole mapping
+        // (a lookup of another 4 KiB page visits another set first, which may hold an
+        // entry of its own for it).
+        t.map(0x40_0000, 0x60_0000, SIZE_2M, RW);
+        let mmu = t.mmu_with(48, 3, false);
+        let (big, r) = mmu
+            .translator(&t.mem, 1)
+            .translate_remembered(0x40_0008, Access::Read)
+            .unwrap();
+        assert_eq!(big, ok(0x60_0008, SIZE_2M - 8, SIZE_2M).unwrap());
+        let r = r.unwrap();
+        assert_eq!(
+            mmu.recall(&r, 1, 0x40_0ff0, Access::Read, None),
+            Some(Translation {
+                bus: 0x60_0ff0,
+                len: SIZE_2M - 0xff0,
+                page_size: SIZE_2M
+            })
+        );
+        assert_eq!(mmu.recall(&r, 1, 0x40_1000, Access::Read, None), None);
         // Strict mode re-walks every hit; no IOTLB caches nothing: nothing remembered.
         for mmu in [t.mmu_with(48, 3, true), t.mmu_with(48, 0, false)] {
             let (_, r) = mmu

@@ -313,15 +313,26 @@ impl Iotlb {
         }
     }
 
-    /// The set that caches the page of `size` at `iova_page` of `domain`, and its version
-    /// now (see `versions`).
-    pub fn version_of(&self, domain: u16, size: u64, iova_page: u64) -> (usize, u64) {
-        let s = self.set_of(domain, class_of(size), iova_page);
-        let v = self
-            .versions
-            .get(s)
-            .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed));
-        (s, v)
+    /// The sets a lookup of `iova` in `domain` visits until it finds the entry of a page of
+    /// `size` (the sets of the smaller classes, where it missed, then the entry's own),
+    /// with their versions now (see `versions`); unused slots are `None`. While none of
+    /// them moves, a lookup of any IOVA in the same 4 KiB page misses where it missed and
+    /// hits the same entry.
+    pub fn lookup_path(&self, domain: u16, iova: u64, size: u64) -> [Option<(usize, u64)>; 3] {
+        let mut path = [None; 3];
+        for (class, size) in CLASS_SIZES
+            .iter()
+            .enumerate()
+            .take(usize::from(class_of(size)) + 1)
+        {
+            let s = self.set_of(domain, class as u8, iova & !(size - 1));
+            let v = self
+                .versions
+                .get(s)
+                .map(|v| v.load(std::sync::atomic::Ordering::Relaxed));
+            path[class] = v.map(|v| (s, v));
+        }
+        path
     }
 
     /// The sets' versions, to read without the lock.
