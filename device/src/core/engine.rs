@@ -1659,15 +1659,7 @@ impl<'a> Exec<'a> {
             false,
             hold,
             |_, x, _| {
-                let mut off = 0;
-                while off < x.len() {
-                    let k = (x.len() - off).min(BLOCK);
-                    if let Ok(xs) = x.subslice(off, k) {
-                        xs.copy_to(&mut buf[..k]);
-                    }
-                    crc = crc32c::crc32c_append(crc, &buf[..k]);
-                    off += k;
-                }
+                crc = crc32c_of(crc, &x, buf);
                 ControlFlow::Continue(())
             },
         )?;

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::event::{Header, Record, FORMAT_VERSION};
+use super::event::{Event, Header, Record, FORMAT_VERSION};
 
 /// The first bytes of a trace file.
 pub const MAGIC: [u8; 8] = *b"DOMDMATR";
@@ -196,6 +196,20 @@ pub struct Trace {
     pub records: Vec<Record>,
     /// The file ended inside a record.
     pub truncated: bool,
+}
+
+impl Trace {
+    /// Events the recorder dropped (its writer fell behind): the last running total the
+    /// trace holds, 0 when none was lost.
+    pub fn dropped(&self) -> u64 {
+        (self.records.iter())
+            .filter_map(|r| match r.event {
+                Event::Dropped { total } => Some(total),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Read all of `path`.

@@ -478,16 +478,9 @@ pub fn replay_trace(
     scratch: &Path,
     opts: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
-    let dropped = trace
-        .records
-        .iter()
-        .filter_map(|r| match r.event {
-            Event::Dropped { total } => Some(total),
-            _ => None,
-        })
-        .max();
-    if let Some(n) = dropped.filter(|&n| n > 0) {
-        return Err(ReplayError::Incomplete(n));
+    match trace.dropped() {
+        0 => {}
+        n => return Err(ReplayError::Incomplete(n)),
     }
     let c = &trace.header.config;
     let config = DeviceConfig::from(c);
