@@ -19,6 +19,7 @@ use clap::Parser;
 use domdma_device::core::inject::Rule;
 use domdma_device::core::{ConfigError, DeviceConfig};
 use domdma_device::spec;
+use domdma_device::trace::RecordOptions;
 use domdma_device::vfio_user::{socket, Server, ServerOptions, SocketAccess};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::info;
@@ -264,8 +265,11 @@ fn main() -> ExitCode {
         handshake_timeout: args.handshake_timeout,
         message_timeout: args.message_timeout,
         trace: args.trace.clone(),
-        trace_data: args.trace_data,
-        trace_background: args.trace_writer == TraceWriter::Background,
+        trace_options: RecordOptions {
+            data: args.trace_data,
+            background: args.trace_writer == TraceWriter::Background,
+            ..RecordOptions::default()
+        },
         inject: args.inject.clone(),
         ..ServerOptions::default()
     };

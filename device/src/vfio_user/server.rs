@@ -172,11 +172,8 @@ pub struct ServerOptions {
     pub max_waiting: usize,
     /// Record a trace of what the device does to this file (see [`crate::trace`]).
     pub trace: Option<PathBuf>,
-    /// With `trace`: also record data checksums ([`crate::trace::RecordOptions::data`]).
-    pub trace_data: bool,
-    /// With `trace`: the writer runs in the background
-    /// ([`crate::trace::RecordOptions::background`]).
-    pub trace_background: bool,
+    /// How the trace is recorded (data checksums, the writer's priority).
+    pub trace_options: RecordOptions,
     /// Error-injection rules in force from the start (see [`crate::core::inject`]).
     pub inject: Vec<Rule>,
 }
@@ -189,8 +186,7 @@ impl Default for ServerOptions {
             message_timeout: Duration::from_secs(5),
             max_waiting: 16,
             trace: None,
-            trace_data: false,
-            trace_background: true,
+            trace_options: RecordOptions::default(),
             inject: Vec::new(),
         }
     }
@@ -302,11 +298,7 @@ impl Server {
             Some(path) => Tracer::new(Recorder::open(
                 path,
                 TraceConfig::from(&config),
-                RecordOptions {
-                    data: options.trace_data,
-                    background: options.trace_background,
-                    ..RecordOptions::default()
-                },
+                options.trace_options,
             )?),
             None => Tracer::off(),
         };
