@@ -19,9 +19,19 @@
 //! lookup per side and moved with one copy (one `memcpy` for a 1 MiB chunk of contiguous
 //! 4 KiB pages instead of 256). A fault stops the chunk at the exact first faulting page,
 //! after the pieces before it have moved. Between chunks the worker checks its queue's
-//! epoch (disable, reset) and coalescing timer. It comes back under the queue lock to write
-//! the completion record (status last), advance head, count and raise interrupts — or,
-//! when the epoch moved, to abort.
+//! epoch (disable, reset) and coalescing timer.
+//!
+//! A descriptor that succeeded and asks for no interrupt, on a queue that still runs, is
+//! completed without the queue lock (`Exec::complete_fast`): counted, its completion record
+//! written (status last) under the hold its data moved under, the head advanced (an atomic,
+//! see [`super::queue::Progress`]); and when the tail is ahead the worker takes the next
+//! descriptor, still without the lock, fetching it under the same hold while no thread
+//! waits for the gate's write side and no doorbell has rung since the hold was taken (a
+//! descriptor rung since may use memory mapped since). The worker stays in flight all
+//! along, so a disable or reset still waits for it. Anything else (a fault, an interrupt,
+//! a halt, an abort, a coalescing deadline, an empty ring) comes back under the queue lock
+//! to complete the descriptor, raise interrupts and halt — or, when the epoch moved, to
+//! abort.
 //!
 //! Workers never take the transport's device lock, so a register access that waits for a
 //! worker (disable, reset) cannot deadlock. Lock order: queue lock, then the chunk gate,
@@ -44,7 +54,7 @@ use super::bus::{self, is_lost, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::inject::{OnDescriptor, OnInterrupt};
 use super::mmu::{Mmu, Remembered, Translator};
-use super::queue::{Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
+use super::queue::{bump, Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::remote;
 use super::sigbus;
 use super::stats::{add, add_locked};
@@ -352,6 +362,10 @@ struct Hold<'s> {
     // would.
     mem: GuestMemoryLoadGuard<GuestMemoryMmap>,
     _gate: RwLockReadGuard<'s, ()>,
+    /// The queue's kick count read before the snapshot was taken: while it has not moved,
+    /// no doorbell has published a descriptor since, so the snapshot has every mapping a
+    /// descriptor of the ring may use (see [`Exec::keep`]).
+    kicks: u64,
 }
 
 /// The smallest page of a mapping (4 KiB): bus addresses in one such page follow the IOVAs
@@ -444,9 +458,23 @@ fn fault_event(f: &Fault, seq: u32, injected: bool) -> FaultEvent {
 #[derive(Debug, Clone, Copy)]
 struct Job {
     base: u64,
+    /// Ring size (a power of two).
+    size: u32,
     head: u32,
     domain: u16,
     epoch: u64,
+}
+
+/// What the worker does after [`Exec::complete_fast`].
+enum Fast {
+    /// The descriptor is complete; run this one next, still without the queue lock.
+    Next(Job),
+    /// The descriptor is complete; the worker goes back to the queue lock (to stop, wait,
+    /// or do what the lock's path does).
+    Done,
+    /// Complete the descriptor under the queue lock ([`Exec::finish`], with the record
+    /// already written or not and the counting already done or not).
+    Locked(Option<bool>, Option<bool>),
 }
 
 /// Runs one descriptor of one queue. Every access to bus memory takes a fresh snapshot of
@@ -496,10 +524,11 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
             shared.raise(slot, due);
         }
         slot.sync_timer(&r);
-        if r.has_work() && shared.bus_master.load(Ordering::Acquire) {
-            let job = Job {
+        if slot.has_work(&r) && shared.bus_master.load(Ordering::Acquire) {
+            let mut job = Job {
                 base: r.base,
-                head: r.head,
+                size: r.size,
+                head: slot.head(),
                 // Checked against the number of domains when the queue was enabled.
                 domain: u16::try_from(r.domain).unwrap_or(u16::MAX),
                 epoch: slot.epoch.load(Ordering::Acquire),
@@ -514,26 +543,42 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 record_bus: std::cell::Cell::new(0),
                 remembered: remembered.map(std::cell::Cell::new),
             };
-            let result = exec.run(&job, &mut scratch, carried.take());
-            // With memory only the client reaches, the completion record goes out before
-            // the queue lock is taken: no register access waits for the client.
-            // The counters are counted first (under the lock, briefly): the driver may read
-            // them as soon as it sees the record.
-            let early = remote::any().then(|| {
-                let counted = exec.count_early(&result);
-                (exec.complete_unlocked(&result), counted)
-            });
+            // While the queue stays busy and nothing asks for the lock's work (a fault, an
+            // interrupt, a halt, a disable or reset, a coalescing deadline), descriptors are
+            // completed and the next taken without the queue lock (`Exec::complete_fast`).
+            let pending = loop {
+                let result = exec.run(&job, &mut scratch, &mut carried);
+                if remote::any() {
+                    // With memory only the client reaches, the completion record goes out
+                    // before the queue lock is taken: no register access waits for the
+                    // client. The counters are counted first (under the lock, briefly): the
+                    // driver may read them as soon as it sees the record.
+                    // (No hold of the gate while the queue lock is taken.)
+                    drop(carried.take());
+                    let counted = exec.count_early(&result);
+                    let written = exec.complete_unlocked(&result);
+                    break Some((result, written, counted));
+                }
+                match exec.complete_fast(&result, &job, &mut carried) {
+                    Fast::Next(next) => job = next,
+                    Fast::Done => break None,
+                    Fast::Locked(early, counted) => break Some((result, early, counted)),
+                }
+            };
+            // No hold of the gate while the queue lock is taken.
+            carried = None;
             r = slot.lock();
-            let (early, counted) = early.map_or((None, None), |(w, c)| (w, c));
-            carried = exec.finish(&mut r, result, early, counted);
-            remembered = [exec.remembered[0].get(), exec.remembered[1].get()];
-            if let Some((reason, iova)) = shared.inject.after_descriptor(slot.index) {
-                // Reporting takes the gate, and no queue lock is held while it is.
-                carried = None;
-                drop(r);
-                exec.spurious_fault(reason, iova);
-                r = slot.lock();
+            if let Some((result, early, counted)) = pending {
+                carried = exec.finish(&mut r, result, early, counted);
+                if let Some((reason, iova)) = shared.inject.after_descriptor(slot.index) {
+                    // Reporting takes the gate, and no queue lock is held while it is.
+                    carried = None;
+                    drop(r);
+                    exec.spurious_fault(reason, iova);
+                    r = slot.lock();
+                }
             }
+            remembered = [exec.remembered[0].get(), exec.remembered[1].get()];
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
@@ -794,10 +839,19 @@ impl<'a> Exec<'a> {
     /// Take the chunk gate (read) and a snapshot of bus memory.
     fn hold(&self) -> Hold<'a> {
         let gate = self.shared.mmu.chunk_gate();
+        let kicks = self.slot.kicks.load(Ordering::Acquire);
         Hold {
             mem: self.shared.mem.memory(),
             _gate: gate,
+            kicks,
         }
+    }
+
+    /// Whether `hold` may be kept for the next descriptor or chunk: no thread waits for the
+    /// gate's write side (an invalidation, an unmap barrier) and no doorbell rang since it
+    /// was taken (a descriptor published since may use memory mapped since).
+    fn keep(&self, hold: &Hold<'_>) -> bool {
+        !self.shared.mmu.gate_wanted() && self.slot.kicks.load(Ordering::Acquire) == hold.kicks
     }
 
     /// Fetch the descriptor at `iova`; a fetch from memory only the client reaches that
@@ -866,11 +920,11 @@ impl<'a> Exec<'a> {
     ///
     /// `carried`: the hold the previous descriptor's completion record was written under,
     /// to fetch this one under.
-    fn run(&self, job: &Job, scratch: &mut Scratch, carried: Option<Hold<'a>>) -> RunResult {
-        let mut carried = carried;
+    fn run(&self, job: &Job, scratch: &mut Scratch, carried: &mut Option<Hold<'a>>) -> RunResult {
+        self.record_bus.set(0);
         if self.shared.inject.stalled(self.q()) {
             // Injected: no fetch while the stall lasts; nothing held meanwhile.
-            carried = None;
+            *carried = None;
             self.shared.trace.record(|| Event::Injected {
                 queue: self.q(),
                 what: Injected::Stall,
@@ -883,14 +937,14 @@ impl<'a> Exec<'a> {
         let offset = u64::from(job.head) * DESC_SIZE;
         let desc_iova = job.base.wrapping_add(offset);
         let fetched = match job.base.checked_add(offset) {
-            Some(iova) => self.fetch(iova, carried),
+            Some(iova) => self.fetch(iova, carried.take()),
             None => {
                 // Reporting takes the gate.
-                drop(carried);
+                *carried = None;
                 Err(self.access_fault(FAULT_IOVA_WIDTH, desc_iova, 0, ACCESS_DESCRIPTOR))
             }
         };
-        let (raw, desc_bus, hold) = match fetched {
+        let (raw, desc_bus, mut hold) = match fetched {
             Ok(fetched) => fetched,
             Err(f) => {
                 self.report(&f);
@@ -921,12 +975,14 @@ impl<'a> Exec<'a> {
             return self.batch(d, scratch);
         }
         let result = match d.opcode {
-            OP_COPY => self.copy(&d, scratch, hold),
-            OP_FILL => self.fill(&d, scratch, hold),
-            OP_COMPARE => self.compare(&d, scratch, hold),
-            OP_CRC32C => self.crc32c(&d, scratch, hold),
+            OP_COPY => self.copy(&d, scratch, &mut hold),
+            OP_FILL => self.fill(&d, scratch, &mut hold),
+            OP_COMPARE => self.compare(&d, scratch, &mut hold),
+            OP_CRC32C => self.crc32c(&d, scratch, &mut hold),
             _ => Ok(0),
         };
+        // The hold the data moved under, for the completion record (`complete_fast`).
+        *carried = hold.take().filter(|h| result.is_ok() && self.keep(h));
         match result {
             Ok(value) => RunResult::Done(d, Outcome::ok(d.len, value)),
             Err(Stop::Fault(f, done)) => {
@@ -1015,14 +1071,16 @@ impl<'a> Exec<'a> {
         a: Side,
         b: Option<Side>,
         may_stop: bool,
-        first: Option<Hold<'_>>,
+        held: &mut Option<Hold<'a>>,
         mut f: F,
     ) -> Result<(), Stop>
     where
         F: FnMut(u64, VolatileSlice<'_, ()>, Option<VolatileSlice<'_, ()>>) -> ControlFlow<()>,
     {
         let mut done = 0u64;
-        let mut first = first.filter(|_| !self.slot.timer_armed.load(Ordering::Relaxed));
+        let mut first = held
+            .take()
+            .filter(|_| !self.slot.timer_armed.load(Ordering::Relaxed));
         while done < len {
             let hold = match first.take() {
                 Some(hold) if !self.aborted() => hold,
@@ -1037,7 +1095,14 @@ impl<'a> Exec<'a> {
                 let limit = (len - done).min(CHUNK_MAX);
                 self.chunk(&hold.mem, done, limit, a, b, may_stop, &mut f)
             };
-            drop(hold);
+            // The last chunk's hold is kept for the completion record; any other is let go
+            // before the next chunk's checks (which may take the queue lock).
+            let last = matches!(&moved, Ok((n, flow)) if done + n >= len || flow.is_break());
+            if last && !remote::any() {
+                *held = Some(hold);
+            } else {
+                drop(hold);
+            }
             // Memory only the client reaches (see `remote`): writes interrupted while the
             // gate was held go out now; a read interrupted so is moved again, from the
             // first byte not moved, once the command that interrupted it is done.
@@ -1483,7 +1548,7 @@ impl<'a> Exec<'a> {
         &self,
         d: &Descriptor,
         scratch: &mut Scratch,
-        hold: Option<Hold<'_>>,
+        hold: &mut Option<Hold<'a>>,
     ) -> Result<u64, Stop> {
         // Data checksums for the trace (`--trace-data`): what was read, and what the
         // destination holds once written.
@@ -1522,6 +1587,8 @@ impl<'a> Exec<'a> {
             },
         )?;
         if let Some((offset, xor)) = self.shared.inject.on_copy(self.q()) {
+            // Corrupting takes the gate.
+            *hold = None;
             if offset < d.len && self.corrupt(d.dst.wrapping_add(offset.into()), xor) {
                 self.shared.trace.record(|| Event::Injected {
                     queue: self.q(),
@@ -1566,7 +1633,7 @@ impl<'a> Exec<'a> {
         &self,
         d: &Descriptor,
         scratch: &mut Scratch,
-        hold: Option<Hold<'_>>,
+        hold: &mut Option<Hold<'a>>,
     ) -> Result<u64, Stop> {
         let pattern = d.src.to_le_bytes();
         for (i, b) in scratch.b.iter_mut().enumerate() {
@@ -1604,7 +1671,7 @@ impl<'a> Exec<'a> {
         &self,
         d: &Descriptor,
         scratch: &mut Scratch,
-        hold: Option<Hold<'_>>,
+        hold: &mut Option<Hold<'a>>,
     ) -> Result<u64, Stop> {
         let mut result = 0u64;
         let Scratch { a, b } = scratch;
@@ -1648,7 +1715,7 @@ impl<'a> Exec<'a> {
         &self,
         d: &Descriptor,
         scratch: &mut Scratch,
-        hold: Option<Hold<'_>>,
+        hold: &mut Option<Hold<'a>>,
     ) -> Result<u64, Stop> {
         let mut crc = 0u32;
         let buf = &mut scratch.a;
@@ -1724,11 +1791,14 @@ impl<'a> Exec<'a> {
                 let o = Outcome::fault(STATUS_INVALID_DESCRIPTOR, &f, sum(bytes));
                 return RunResult::Done(d, Outcome { result: done, ..o });
             }
+            let mut hold = hold;
             let ran = match e.opcode {
-                OP_COPY => self.copy(&e, scratch, hold),
-                OP_FILL => self.fill(&e, scratch, hold),
+                OP_COPY => self.copy(&e, scratch, &mut hold),
+                OP_FILL => self.fill(&e, scratch, &mut hold),
                 _ => Ok(0),
             };
+            // The next element's fetch (or a report) takes the gate.
+            drop(hold);
             match ran {
                 Ok(_) => bytes += u64::from(e.len),
                 Err(Stop::Fault(f, moved)) => {
@@ -1803,26 +1873,100 @@ impl<'a> Exec<'a> {
             RunResult::Aborted(_, bytes) => Outcome::aborted(*bytes),
             RunResult::FetchFault(_) => return None,
         };
-        let mut r = self.slot.lock();
+        let _r = self.slot.lock();
         if self.aborted() {
             return None;
         }
         let failed = outcome.status != STATUS_OK;
-        self.count(&mut r, outcome.bytes, failed);
+        self.count(outcome.bytes, failed);
         Some(failed)
     }
 
+    /// Whether the worker may complete a descriptor and take the next without the queue
+    /// lock: the queue still runs, its epoch has not moved (no disable or reset), bus
+    /// mastering is on and no coalescing deadline is armed.
+    fn may_go_on(&self) -> bool {
+        !self.aborted()
+            && self.slot.progress.running.load(Ordering::Acquire)
+            && self.shared.bus_master.load(Ordering::Acquire)
+            && !self.slot.timer_armed.load(Ordering::Acquire)
+    }
+
+    /// Complete `result`, the descriptor at `job`'s head, without the queue lock when it
+    /// succeeded and asks for nothing the lock's path does (an interrupt, a halt): count
+    /// it, write its completion record (under `held`, the hold its data moved under, or a
+    /// new one), advance the head; then take the next descriptor when the tail is ahead
+    /// and the queue may go on ([`Exec::may_go_on`]).
+    ///
+    /// A disable or reset that moves the epoch after the check finds the descriptor
+    /// completed (as if it had come just after), and waits for the worker to leave: no
+    /// record is written after it returns. `held` stays for the next fetch while
+    /// [`Exec::keep`] allows.
+    fn complete_fast(&self, result: &RunResult, job: &Job, held: &mut Option<Hold<'a>>) -> Fast {
+        let RunResult::Done(d, outcome) = result else {
+            return Fast::Locked(None, None);
+        };
+        if outcome.status != STATUS_OK || d.wants_interrupt() || !self.may_go_on() {
+            return Fast::Locked(None, None);
+        }
+        // Counted before the record can be seen (see `finish`).
+        self.count(outcome.bytes, false);
+        let hold = held.get_or_insert_with(|| self.hold());
+        let written = match self.write_completion_in(&hold.mem, d, outcome) {
+            Ok(w) => w,
+            Err(f) => {
+                // Reporting takes the gate.
+                *held = None;
+                self.report(&f);
+                false
+            }
+        };
+        if !written {
+            // The lock's path counts the error and halts the queue if it must.
+            return Fast::Locked(Some(false), Some(false));
+        }
+        self.shared.trace.record(|| Event::Complete {
+            queue: self.q(),
+            slot: job.head,
+            status: outcome.status,
+            bytes: outcome.bytes,
+            result: outcome.result,
+            written: d.completion != 0,
+            record_bus: self.record_bus.get(),
+        });
+        let head = (job.head + 1) & job.size.wrapping_sub(1);
+        self.slot.progress.head.store(head, Ordering::Release);
+        if let Some((reason, iova)) = self.shared.inject.after_descriptor(self.q()) {
+            // Reporting takes the gate.
+            *held = None;
+            self.spurious_fault(reason, iova);
+        }
+        if !self.may_go_on() || self.slot.tail() == head {
+            return Fast::Done;
+        }
+        if held.as_ref().is_some_and(|h| !self.keep(h)) {
+            *held = None;
+        }
+        Fast::Next(Job { head, ..*job })
+    }
+
     /// Count a finished descriptor of `bytes`: the queue's statistics (`QSTAT_*`) and its
-    /// `Q_COMPLETED` and `Q_ERRORS` registers. Call with the queue lock held (`r`).
-    fn count(&self, r: &mut QueueRegs, bytes: u32, failed: bool) {
+    /// `Q_COMPLETED` and `Q_ERRORS` registers. Call while in flight (the worker is then
+    /// their only writer, see [`super::queue::Progress`]).
+    fn count(&self, bytes: u32, failed: bool) {
         let counters = &self.slot.counters;
         add_locked(&counters.descriptors, 1);
         add_locked(&counters.bytes, u64::from(bytes));
-        r.completed = r.completed.wrapping_add(1);
+        bump(&self.slot.progress.completed);
         if failed {
-            add_locked(&counters.errors, 1);
-            r.errors = r.errors.wrapping_add(1);
+            self.count_error();
         }
+    }
+
+    /// Count one more error (`QSTAT_ERRORS`, `Q_ERRORS`). Call while in flight.
+    fn count_error(&self) {
+        add_locked(&self.slot.counters.errors, 1);
+        bump(&self.slot.progress.errors);
     }
 
     /// Write the completion record of `result` without the queue lock (for memory only the
@@ -1871,7 +2015,6 @@ impl<'a> Exec<'a> {
         counted: Option<bool>,
     ) -> Option<Hold<'a>> {
         let slot = self.slot;
-        let counters = &slot.counters;
         if self.aborted() {
             if let (
                 Abort::Disable,
@@ -1891,7 +2034,7 @@ impl<'a> Exec<'a> {
                 debug!(q = self.q(), written, "descriptor aborted by disable");
                 self.shared.trace.record(|| Event::Complete {
                     queue: self.q(),
-                    slot: r.head,
+                    slot: slot.head(),
                     status: STATUS_ABORTED,
                     bytes: *bytes,
                     result: 0,
@@ -1900,12 +2043,9 @@ impl<'a> Exec<'a> {
                 });
                 match counted {
                     // Counted already, as a success: the abort makes it an error.
-                    Some(false) => {
-                        r.errors = r.errors.wrapping_add(1);
-                        add_locked(&counters.errors, 1);
-                    }
+                    Some(false) => self.count_error(),
                     Some(true) => {}
-                    None => self.count(r, *bytes, true),
+                    None => self.count(*bytes, true),
                 }
             }
             return None;
@@ -1917,7 +2057,7 @@ impl<'a> Exec<'a> {
                     iova = f.iova,
                     "guest error: descriptor fetch faulted; queue halted"
                 );
-                r.state = QueueState::Halted(HaltReason::DescriptorFetch(f.iova));
+                slot.set_state(r, QueueState::Halted(HaltReason::DescriptorFetch(f.iova)));
                 let pending = r.flush();
                 slot.sync_timer(r);
                 self.shared.raise(slot, pending);
@@ -1932,7 +2072,7 @@ impl<'a> Exec<'a> {
         // anyway), so a driver that sees the completion reads counters that include it.
         let failed = outcome.status != STATUS_OK;
         if counted.is_none() {
-            self.count(r, outcome.bytes, failed);
+            self.count(outcome.bytes, failed);
         }
         let mut carried = None;
         let written = match early {
@@ -1956,26 +2096,26 @@ impl<'a> Exec<'a> {
         let ok = !failed && written;
         self.shared.trace.record(|| Event::Complete {
             queue: self.q(),
-            slot: r.head,
+            slot: slot.head(),
             status: outcome.status,
             bytes: outcome.bytes,
             result: outcome.result,
             written: written && d.completion != 0,
             record_bus: self.record_bus.get(),
         });
-        r.head = (r.head + 1) & r.size.wrapping_sub(1);
         if !ok && !failed {
             // The completion record could not be written: an error all the same.
-            r.errors = r.errors.wrapping_add(1);
-            add_locked(&counters.errors, 1);
+            self.count_error();
         }
+        let head = (slot.head() + 1) & r.size.wrapping_sub(1);
+        slot.progress.head.store(head, Ordering::Release);
         let mut vector = None;
         if d.wants_interrupt() {
             vector = r.coalesce(Instant::now());
         }
         if !ok && r.halt_on_fault && r.state == QueueState::Running {
-            debug!(q = self.q(), head = r.head, "queue halted on a fault");
-            r.state = QueueState::Halted(HaltReason::Fault);
+            debug!(q = self.q(), head, "queue halted on a fault");
+            slot.set_state(r, QueueState::Halted(HaltReason::Fault));
         }
         if matches!(r.state, QueueState::Halted(_)) {
             vector = vector.or(r.flush());
@@ -2122,7 +2262,7 @@ mod tests {
             (region, s.len())
         };
         let mut seen = Vec::new();
-        let r = e.transfer(len, a, b, false, None, |off, x, y| {
+        let r = e.transfer(len, a, b, false, &mut None, |off, x, y| {
             seen.push((off, bus(&x), y.as_ref().map(bus)));
             ControlFlow::Continue(())
         });
@@ -2345,11 +2485,12 @@ mod tests {
         let e = exec(s, 0);
         let job = Job {
             base: RING,
+            size: 64,
             head: 0,
             domain: 0,
             epoch: e.epoch,
         };
-        e.run(&job, &mut Scratch::new(), None)
+        e.run(&job, &mut Scratch::new(), &mut None)
     }
 
     fn bytes(s: &Shared, bus: u64, len: usize) -> Vec<u8> {
@@ -2621,7 +2762,7 @@ mod tests {
         let mem = s.mem.memory();
         let region = mem.find_region(GuestAddress(FILE_BUS)).unwrap();
         let (a, b) = (Side::write(0x10_0000), Side::read(FILE_BUS + 0x1000));
-        let r = exec(&s, 0).transfer(0x2000, a, Some(b), false, None, |_, _, _| {
+        let r = exec(&s, 0).transfer(0x2000, a, Some(b), false, &mut None, |_, _, _| {
             bus::note_lost_in_handler(region);
             ControlFlow::Continue(())
         });
@@ -2666,12 +2807,13 @@ mod tests {
         let e = exec(&s, 0);
         let job = Job {
             base: FILE_BUS,
+            size: 64,
             head: 1,
             domain: 0,
             epoch: e.epoch,
         };
         let at = FILE_BUS + DESC_SIZE;
-        match e.run(&job, &mut Scratch::new(), None) {
+        match e.run(&job, &mut Scratch::new(), &mut None) {
             RunResult::FetchFault(f) => {
                 assert_eq!(f, fault(FAULT_BUS_ERROR, ACCESS_DESCRIPTOR, 0, at, at, 0))
             }

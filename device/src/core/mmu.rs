@@ -155,6 +155,9 @@ pub struct Mmu {
     /// The IOTLB's per-set versions, read without its lock ([`Mmu::recall`]).
     iotlb_versions: std::sync::Arc<[AtomicU64]>,
     gate: RwLock<()>,
+    /// Threads waiting for (or holding) the gate's write side: a worker that keeps its
+    /// read hold from one descriptor to the next lets it go when this is not 0.
+    gate_writers: AtomicU32,
     /// Where translations are recorded (see [`crate::trace`]).
     trace: Tracer,
 }
@@ -208,6 +211,7 @@ impl Mmu {
             iotlb_versions: iotlb.versions(),
             iotlb: Mutex::new(iotlb),
             gate: RwLock::new(()),
+            gate_writers: AtomicU32::new(0),
             trace: Tracer::off(),
         }
     }
@@ -383,7 +387,21 @@ impl Mmu {
     /// mapping and before it acknowledges the unmap; do not call it while holding
     /// [`Mmu::chunk_gate`].
     pub fn barrier(&self) {
+        self.gate_write();
+    }
+
+    /// Take the chunk gate's write side and let it go, announced in
+    /// [`Mmu::gate_wanted`] meanwhile.
+    fn gate_write(&self) {
+        self.gate_writers.fetch_add(1, Ordering::SeqCst);
         drop(self.gate.write().unwrap_or_else(PoisonError::into_inner));
+        self.gate_writers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether a thread waits for the chunk gate's write side (an invalidation or an unmap
+    /// barrier): a reader that keeps its hold across descriptors lets it go now.
+    pub fn gate_wanted(&self) -> bool {
+        self.gate_writers.load(Ordering::Relaxed) != 0
     }
 
     /// Drop IOTLB entries; returns once no chunk that used them is still moving. Returns
@@ -407,7 +425,7 @@ impl Mmu {
                 _ => return false,
             };
         }
-        drop(self.gate.write().unwrap_or_else(PoisonError::into_inner));
+        self.gate_write();
         true
     }
 

@@ -7,8 +7,12 @@
 //! in flight, runs it without the lock and comes back to complete it. Stopping a queue
 //! (disable, reset) bumps the slot's epoch, which the worker checks between chunks, and waits
 //! until the worker is no longer in flight.
+//!
+//! The ring's progress (head, tail, the completion counters and whether the queue runs) is
+//! kept in atomics beside the registers ([`Progress`]), so that a worker whose queue stays
+//! busy goes from one descriptor to the next without the lock (see `engine::worker`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -76,11 +80,7 @@ pub(crate) struct Limits {
 pub(crate) struct QueueRegs {
     pub base: u64,
     pub size: u32,
-    pub head: u32,
-    pub tail: u32,
     pub vector: u16,
-    pub completed: u32,
-    pub errors: u32,
     pub domain: u32,
     pub coal_count: u32,
     pub coal_usec: u32,
@@ -109,11 +109,7 @@ impl QueueRegs {
         Self {
             base: 0,
             size: 0,
-            head: 0,
-            tail: 0,
             vector: index,
-            completed: 0,
-            errors: 0,
             domain: 0,
             coal_count: 0,
             coal_usec: 0,
@@ -140,11 +136,6 @@ impl QueueRegs {
             sleeping: self.sleeping,
             ..Self::new(index)
         };
-    }
-
-    /// A descriptor is ready for the engine: running with head != tail.
-    pub fn has_work(&self) -> bool {
-        self.state == QueueState::Running && self.head != self.tail
     }
 
     /// A completion that asked for an interrupt: returns the vector to raise now, if any.
@@ -174,15 +165,37 @@ impl QueueRegs {
         self.coal_deadline = None;
         pending.then_some(self.vector)
     }
+}
 
-    fn status(&self) -> u32 {
-        match self.state {
-            QueueState::Disabled => 0,
-            QueueState::Running if self.head != self.tail => Q_STATUS_ENABLED | Q_STATUS_BUSY,
-            QueueState::Running => Q_STATUS_ENABLED,
-            QueueState::Halted(_) => Q_STATUS_ENABLED | Q_STATUS_ERROR,
-        }
-    }
+/// The ring's progress, beside the registers: what a worker reads and writes between two
+/// descriptors without the queue lock.
+///
+/// Writers: `tail` and `running` change under the queue lock only (the doorbell, enable,
+/// disable, halts, resume); `head`, `completed` and `errors` belong to the worker while it
+/// is in flight (it stores them with or without the lock), and to the register front end,
+/// under the lock, only while it is not (enable, disable once the worker has left, reset).
+/// Each has one writer at a time, so a plain load and store update it.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// `Q_HEAD`: the next descriptor the engine takes. Stored (release) after the
+    /// completion record of the descriptor before it.
+    pub head: AtomicU32,
+    /// `Q_TAIL`: stored (release) by the doorbell.
+    pub tail: AtomicU32,
+    /// `Q_COMPLETED`.
+    pub completed: AtomicU32,
+    /// `Q_ERRORS`.
+    pub errors: AtomicU32,
+    /// The queue's state is `Running` (the worker may go on without the lock).
+    pub running: AtomicBool,
+}
+
+/// Add one to a counter that one thread at a time changes (see [`Progress`]).
+pub(crate) fn bump(counter: &AtomicU32) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(1),
+        Ordering::Relaxed,
+    );
 }
 
 /// One queue, shared by the register front end and the queue's worker.
@@ -200,6 +213,8 @@ pub(crate) struct QueueSlot {
     pub epoch: AtomicU64,
     /// A coalescing deadline is armed (saves the worker a lock between chunks).
     pub timer_armed: AtomicBool,
+    /// Head, tail, completion counters and whether the queue runs.
+    pub progress: Progress,
     /// Statistics.
     pub counters: QueueCounters,
 }
@@ -214,7 +229,51 @@ impl QueueSlot {
             idle: Condvar::new(),
             epoch: AtomicU64::new(0),
             timer_armed: AtomicBool::new(false),
+            progress: Progress::default(),
             counters: QueueCounters::default(),
+        }
+    }
+
+    /// `Q_HEAD`.
+    pub fn head(&self) -> u32 {
+        self.progress.head.load(Ordering::Acquire)
+    }
+
+    /// `Q_TAIL`.
+    pub fn tail(&self) -> u32 {
+        self.progress.tail.load(Ordering::Acquire)
+    }
+
+    /// A descriptor is ready for the engine: running with head != tail. Call with the lock
+    /// held (`r`).
+    pub fn has_work(&self, r: &QueueRegs) -> bool {
+        r.state == QueueState::Running && self.head() != self.tail()
+    }
+
+    /// Change the queue's state (call with the lock held), mirrored in
+    /// [`Progress::running`].
+    pub fn set_state(&self, r: &mut QueueRegs, state: QueueState) {
+        r.state = state;
+        self.progress
+            .running
+            .store(state == QueueState::Running, Ordering::Release);
+    }
+
+    /// Head, tail and the completion counters back to 0. Call with the lock held and the
+    /// worker not in flight.
+    fn clear_progress(&self) {
+        let p = &self.progress;
+        for a in [&p.head, &p.tail, &p.completed, &p.errors] {
+            a.store(0, Ordering::Release);
+        }
+    }
+
+    fn status(&self, r: &QueueRegs) -> u32 {
+        match r.state {
+            QueueState::Disabled => 0,
+            QueueState::Running if self.head() != self.tail() => Q_STATUS_ENABLED | Q_STATUS_BUSY,
+            QueueState::Running => Q_STATUS_ENABLED,
+            QueueState::Halted(_) => Q_STATUS_ENABLED | Q_STATUS_ERROR,
         }
     }
 
@@ -261,12 +320,12 @@ impl QueueSlot {
                 };
                 enable | hof
             }
-            Q_HEAD => r.head,
-            Q_TAIL => r.tail,
-            Q_STATUS => r.status(),
+            Q_HEAD => self.head(),
+            Q_TAIL => self.tail(),
+            Q_STATUS => self.status(&r),
             Q_MSIX_VECTOR => u32::from(r.vector),
-            Q_COMPLETED => r.completed,
-            Q_ERRORS => r.errors,
+            Q_COMPLETED => self.progress.completed.load(Ordering::Relaxed),
+            Q_ERRORS => self.progress.errors.load(Ordering::Relaxed),
             Q_DOMAIN => r.domain,
             Q_COAL_COUNT => r.coal_count,
             Q_COAL_USEC => r.coal_usec,
@@ -315,7 +374,7 @@ impl QueueSlot {
                 QueueState::Halted(HaltReason::BadConfig) => {
                     // Halted queues accept doorbells; this one stays halted until disabled.
                     if value < r.size {
-                        r.tail = value;
+                        self.progress.tail.store(value, Ordering::Release);
                     }
                     debug!(q, value, "doorbell on a misconfigured queue");
                 }
@@ -326,10 +385,10 @@ impl QueueSlot {
                         size = r.size,
                         "guest error: doorbell beyond the ring; queue halted"
                     );
-                    r.state = QueueState::Halted(HaltReason::BadTail(value));
+                    self.set_state(&mut r, QueueState::Halted(HaltReason::BadTail(value)));
                 }
                 _ => {
-                    r.tail = value;
+                    self.progress.tail.store(value, Ordering::Release);
                     self.kick(&r);
                 }
             },
@@ -343,13 +402,13 @@ impl QueueSlot {
         let enable = value & Q_CTRL_ENABLE != 0;
         match (r.state, enable) {
             (QueueState::Disabled, true) => {
-                r.head = 0;
-                r.tail = 0;
+                // The worker is not in flight on a disabled queue.
+                self.clear_progress();
                 let size_ok =
                     (Q_SIZE_MIN..=Q_SIZE_MAX).contains(&r.size) && r.size.is_power_of_two();
                 let base_ok = r.base % DESC_SIZE == 0;
                 let domain_ok = r.domain < limits.domains;
-                r.state = if size_ok && base_ok && domain_ok {
+                let state = if size_ok && base_ok && domain_ok {
                     QueueState::Running
                 } else {
                     warn!(
@@ -361,6 +420,7 @@ impl QueueSlot {
                     );
                     QueueState::Halted(HaltReason::BadConfig)
                 };
+                self.set_state(&mut r, state);
             }
             (QueueState::Disabled, false) => {}
             (_, false) => {
@@ -370,8 +430,8 @@ impl QueueSlot {
                 QueueState::Halted(h @ (HaltReason::Fault | HaltReason::DescriptorFetch(_))),
                 true,
             ) if value & Q_CTRL_RESUME != 0 => {
-                debug!(q, halt = ?h, head = r.head, "queue resumed");
-                r.state = QueueState::Running;
+                debug!(q, halt = ?h, head = self.head(), "queue resumed");
+                self.set_state(&mut r, QueueState::Running);
                 self.kick(&r);
             }
             (QueueState::Running, true) if value & Q_CTRL_RESUME != 0 => {
@@ -396,9 +456,7 @@ impl QueueSlot {
         mut r: MutexGuard<'a, QueueRegs>,
         abort: Abort,
     ) -> MutexGuard<'a, QueueRegs> {
-        r.state = QueueState::Disabled;
-        r.head = 0;
-        r.tail = 0;
+        self.set_state(&mut r, QueueState::Disabled);
         r.coal_pending = 0;
         r.coal_deadline = None;
         self.sync_timer(&r);
@@ -411,6 +469,9 @@ impl QueueSlot {
             }
             r.drain_waiters -= 1;
         }
+        // Only now: a worker in flight advances the head until it leaves.
+        self.progress.head.store(0, Ordering::Release);
+        self.progress.tail.store(0, Ordering::Release);
         r
     }
 
@@ -419,6 +480,7 @@ impl QueueSlot {
         let r = self.lock();
         let mut r = self.stop(r, Abort::Silent);
         r.reset(self.index);
+        self.clear_progress();
         self.counters.clear();
     }
 

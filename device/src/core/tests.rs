@@ -787,3 +787,72 @@ fn client_only_memory_is_reached_through_the_client() {
     let mem = d.mem();
     remote::unregister(mem.find_region(GuestAddress(0)).unwrap());
 }
+
+// ---- A busy queue: descriptors taken without the queue lock ----
+
+/// Descriptors in [`busy_stream`]'s ring (one slot stays free).
+const BUSY: u32 = 1023;
+
+/// Queue 0 with a ring of 1024 and 1023 FILLs of 1 MiB at `DST` (one chunk each) pushed
+/// and rung: it stays busy for a while (about 1 GiB written), completing descriptors one
+/// after the other without the queue lock and with one hold of the chunk gate
+/// (`engine::Exec::complete_fast`), over bus memory `gm`. Returns once the first completed.
+fn busy_stream(gm: GuestMemoryMmap) -> TestDriver {
+    let mut d = TestDriver::over(DeviceConfig::default(), gm);
+    d.setup_queue(BUSY + 1);
+    for i in 0..u64::from(BUSY) {
+        d.push(OP_FILL, 0, 1 << 20, i, DST, CPL + 32 * i, i);
+    }
+    d.doorbell();
+    wait_until("the first FILL", || d.qread(0, Q_COMPLETED) >= 1);
+    d
+}
+
+#[test]
+fn an_invalidation_does_not_wait_for_a_busy_queue_to_drain() {
+    // The worker keeps its hold of the chunk gate from one descriptor to the next while
+    // the queue stays busy; an invalidation (which takes the gate's write side) must still
+    // get in at the next descriptor or chunk, not when the queue is empty.
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MEM_A.0), MEM_A.1)]).unwrap();
+    let mut d = busy_stream(gm);
+    d.write(REG_INV_CMD, INV_CMD_ALL);
+    assert_eq!(d.read(REG_INV_STATUS), 0, "invalidation status");
+    let done = d.qread(0, Q_COMPLETED);
+    assert!(
+        done < BUSY,
+        "the invalidation waited for the queue to drain"
+    );
+    d.wait_completed(0, BUSY);
+    for i in 0..u64::from(BUSY) {
+        assert_eq!(d.completion(CPL + 32 * i).status, STATUS_OK, "FILL {i}");
+    }
+}
+
+#[test]
+fn memory_mapped_while_a_queue_streams_is_seen_by_the_descriptors_rung_after() {
+    // Only MEM_A at first; MEM_B is mapped while the queue is busy, then a FILL into it is
+    // rung: a worker that kept its snapshot of bus memory from before the doorbell would
+    // find no memory there (FAULT_OUTSIDE_RAM).
+    use vm_memory::GuestRegionMmap;
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MEM_A.0), MEM_A.1)]).unwrap();
+    let mut d = busy_stream(gm);
+    let region = GuestRegionMmap::from_range(GuestAddress(MEM_B.0), MEM_B.1, None).unwrap();
+    let gm = d.mem.memory().insert_region(Arc::new(region)).unwrap();
+    d.mem.lock().unwrap().replace(gm);
+    // The ring is full: the FILL goes in the slot of the first, completed already.
+    let cpl = CPL + 32 * u64::from(BUSY);
+    d.push(OP_FILL, 0, 4096, 0x5a, MEM_B.0, cpl, 0xb);
+    d.doorbell();
+    assert!(
+        d.qread(0, Q_COMPLETED) < BUSY,
+        "the queue was no longer busy"
+    );
+    d.wait_completed(0, BUSY + 1);
+    let c = d.completion(cpl);
+    assert_eq!(
+        (c.status, c.fault_reason, c.fault_addr),
+        (STATUS_OK, 0, 0),
+        "the FILL into memory mapped meanwhile"
+    );
+    assert_eq!(d.bytes(MEM_B.0, 8), [0x5a, 0, 0, 0, 0, 0, 0, 0]);
+}

@@ -133,17 +133,18 @@ impl Observer {
             .iter()
             .map(|slot| {
                 let r = slot.lock();
+                let (head, tail) = (slot.head(), slot.tail());
                 let mask = r.size.wrapping_sub(1);
                 QueueView {
                     index: slot.index,
                     state: state_name(r.state),
                     size: r.size,
-                    head: r.head,
-                    tail: r.tail,
+                    head,
+                    tail,
                     occupancy: if r.size == 0 {
                         0
                     } else {
-                        r.tail.wrapping_sub(r.head) & mask
+                        tail.wrapping_sub(head) & mask
                     },
                     domain: r.domain,
                     vector: r.vector,
