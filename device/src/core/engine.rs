@@ -465,6 +465,9 @@ struct Job {
     epoch: u64,
 }
 
+/// The first lookups of a chunk, side `a`'s and side `b`'s (see `Exec::chunk_kept`).
+type ChunkKept = (Remembered, Option<Remembered>);
+
 /// What the worker does after [`Exec::complete_fast`].
 enum Fast {
     /// The descriptor is complete; run this one next, still without the queue lock.
@@ -492,6 +495,10 @@ struct Exec<'a> {
     /// changed ([`crate::core::mmu::Mmu::recall`]); the worker keeps them from one
     /// descriptor to the next.
     remembered: [std::cell::Cell<Option<Remembered>>; 2],
+    /// The lookups of the last chunk's first page on each side, remembered together and
+    /// used again, both or neither, by a chunk that starts in the pages they cover
+    /// ([`crate::core::mmu::Mmu::recall_pair`]); kept from one descriptor to the next.
+    chunk_kept: std::cell::Cell<Option<ChunkKept>>,
 }
 
 /// The worker thread of queue `q`. Returns when the queue is shut down.
@@ -509,6 +516,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
     let mut just_done = false;
     // The translations of the ring's and the records' pages (see `Exec::remembered`).
     let mut remembered: [Option<Remembered>; 2] = [None; 2];
+    let mut chunk_kept = None;
     // The hold the last completion record was written under, for the next fetch (see
     // `Exec::finish`); let go before anything that waits or takes a queue lock.
     let mut carried = None;
@@ -542,6 +550,7 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                 epoch: job.epoch,
                 record_bus: std::cell::Cell::new(0),
                 remembered: remembered.map(std::cell::Cell::new),
+                chunk_kept: std::cell::Cell::new(chunk_kept),
             };
             // While the queue stays busy and nothing asks for the lock's work (a fault, an
             // interrupt, a halt, a disable or reset, a coalescing deadline), descriptors are
@@ -578,7 +587,8 @@ pub(crate) fn worker(shared: Arc<Shared>, q: usize) {
                     r = slot.lock();
                 }
             }
-            remembered = [exec.remembered[0].get(), exec.remembered[1].get()];
+            remembered = exec.remembered.each_ref().map(std::cell::Cell::get);
+            chunk_kept = exec.chunk_kept.get();
             r.in_flight = false;
             if r.drain_waiters > 0 {
                 slot.idle.notify_all();
@@ -783,7 +793,7 @@ impl<'a> Exec<'a> {
         let kept = &self.remembered[usize::from(access == Access::Write)];
         let recalled = kept
             .get()
-            .and_then(|r| mmu.recall(&r, d, iova, access, Some(q)));
+            .and_then(|r| mmu.recall(&r, d, iova, access, len, Some(q)));
         let t = match recalled {
             Some(t) => t,
             None => {
@@ -1191,6 +1201,36 @@ impl<'a> Exec<'a> {
             .mmu
             .translator_for(mem, self.domain, Some(self.q()));
         let (mut pa, mut pb) = (Page::default(), Page::default());
+        // The first page of each side as the last chunk looked them up, when those lookups
+        // stand (both or neither): no lookup, nor the IOTLB's lock. Not while tracing, which
+        // records every lookup.
+        let want = if may_stop { 1 } else { limit };
+        let recalled = (self.chunk_kept.get())
+            .filter(|_| !self.shared.trace.on())
+            .and_then(|(ra, rb)| {
+                let sa = (&ra, a.iova.wrapping_add(at), a.access, want);
+                let sb = match (rb.as_ref(), b) {
+                    (Some(rb), Some(b)) => Some((rb, b.iova.wrapping_add(at), b.access, want)),
+                    (None, None) => None,
+                    _ => return None,
+                };
+                let mmu = &self.shared.mmu;
+                mmu.recall_pair(self.domain, sa, sb, Some(self.q()))
+            });
+        if let Some((ta, tb)) = recalled {
+            pa = Page {
+                off: 0,
+                bus: ta.bus,
+                end: ta.len,
+            };
+            if let Some(tb) = tb {
+                pb = Page {
+                    off: 0,
+                    bus: tb.bus,
+                    end: tb.len,
+                };
+            }
+        }
         let mut piece: Option<Piece<'_>> = None;
         let mut o = 0u64;
         while o < limit {
@@ -1278,8 +1318,13 @@ impl<'a> Exec<'a> {
         b: Option<(Side, &mut Page)>,
         piece: &Option<Piece<'m>>,
     ) -> Result<Option<(Span<'m>, Option<Span<'m>>)>, Fault> {
+        // The chunk's first lookups (no recalled pair, see `Exec::chunk`) are remembered.
+        let first = o == 0 && pa.end == 0;
+        let two_sides = b.is_some();
+        let (mut kept_a, mut kept_b) = (None, None);
         if o == pa.end {
-            *pa = self.extent(tr, mem, a, at, o, want)?;
+            let kept = first.then_some(&mut kept_a);
+            *pa = self.extent(tr, mem, a, at, o, want, kept)?;
         }
         let a_bus = pa.bus_at(o);
         let a_old = piece
@@ -1300,7 +1345,8 @@ impl<'a> Exec<'a> {
                 }
                 .room(a_bus);
                 let want = want.min(pa.end - o).min(a_room);
-                *pb = self.extent(tr, mem, b, at, o, want)?;
+                let kept = (first && kept_a.is_some()).then_some(&mut kept_b);
+                *pb = self.extent(tr, mem, b, at, o, want, kept)?;
             }
             let b_bus = pb.bus_at(o);
             let b_old = piece
@@ -1322,6 +1368,15 @@ impl<'a> Exec<'a> {
         } else if a_old.is_none() {
             self.check_region(a_region, a, at + o, a_bus)?;
         }
+        if first {
+            self.chunk_kept.set(match (kept_a, kept_b, two_sides) {
+                (Some((ra, _)), None, false) => Some((ra, None)),
+                (Some((mut ra, mark)), Some((rb, _)), true) => {
+                    tr.refresh(&mut ra, mark).then_some((ra, Some(rb)))
+                }
+                _ => None,
+            });
+        }
         if a_old.is_some() && b_continues {
             return Ok(None);
         }
@@ -1340,6 +1395,10 @@ impl<'a> Exec<'a> {
     /// [`sigbus`]) read zeros: its region is marked lost, the translator forgets what it
     /// derived from walks, and the run is translated again, which now faults exactly where
     /// the walk needs the lost table (`FAULT_BUS_ERROR`, `ACCESS_PAGE_WALK`).
+    ///
+    /// `remember`: where to put what may be remembered of the lookup (see
+    /// `Exec::chunk_kept`), with the translator's mark after it.
+    #[allow(clippy::too_many_arguments)]
     fn extent(
         &self,
         tr: &mut Translator<'_>,
@@ -1348,14 +1407,26 @@ impl<'a> Exec<'a> {
         at: u64,
         o: u64,
         want: u64,
+        remember: Option<&mut Option<(Remembered, u32)>>,
     ) -> Result<Page, Fault> {
         let iova = side.iova.wrapping_add(at + o);
         let mut tries = 0;
+        let mut remember = remember;
         let run = loop {
-            let run = tr.translate_run(iova, side.access, want);
+            let run = match remember.as_deref_mut() {
+                None => tr.translate_run(iova, side.access, want),
+                Some(kept) => {
+                    let (run, r) = tr.translate_run_remembered(iova, side.access, want);
+                    *kept = r.map(|r| (r, tr.mark()));
+                    run
+                }
+            };
             let Some(page) = sigbus::take_fault() else {
                 break run;
             };
+            if let Some(kept) = remember.as_deref_mut() {
+                *kept = None;
+            }
             let bus = sigbus::lose(mem, page).unwrap_or(0);
             tr.forget_walks();
             tries += 1;
@@ -2205,6 +2276,7 @@ mod tests {
             epoch: shared.queues[0].epoch.load(Ordering::Relaxed),
             record_bus: std::cell::Cell::new(0),
             remembered: Default::default(),
+            chunk_kept: Default::default(),
         }
     }
 

@@ -485,10 +485,13 @@ impl Mmu {
     }
 
     /// A translation [`Translator::translate_remembered`] gave, for `iova` of domain `d`
-    /// and `access`, if it still stands: the 4 KiB page is the same, the domain still
-    /// translated, and no set a lookup visits has changed since (the sets of smaller page
-    /// sizes, where it missed, and its entry's, where the entry is still the most recently
-    /// used), so a lookup would miss and hit as it did and change nothing. Counted as that
+    /// and `access`, if it still stands and leaves at least `want` bytes from `iova` to the
+    /// end of its page: `iova` is in the part of the page it covers (the 4 KiB page
+    /// translated, or the whole mapping page, see [`Iotlb::whole_path`]), the domain still
+    /// translated, and nothing a lookup visits has changed since (the sets of smaller page
+    /// sizes, where it missed, or the domain's fill counts of those sizes; and its entry's
+    /// set, where the entry is still the most recently used), so a lookup would miss and
+    /// hit as it did and change nothing. Counted as that
     /// lookup (a translation, an IOTLB hit) in worker `worker`'s counters (as
     /// [`Mmu::translator_for`] counts). No lock taken; valid, like any translation, while
     /// the caller holds the chunk gate (an invalidation bumps every set's version before it
@@ -499,10 +502,56 @@ impl Mmu {
         d: u16,
         iova: u64,
         access: Access,
+        want: u64,
         worker: Option<u16>,
     ) -> Option<Translation> {
+        if r.paired {
+            return None;
+        }
+        let t = self.still(r, d, iova, access, want)?;
+        self.count_recalled(d, worker, 1)?;
+        Some(t)
+    }
+
+    /// [`Mmu::recall`] of the lookups of one chunk's first page on each side, in the order
+    /// the chunk made them (`a`, then `b`), remembered together
+    /// ([`Translator::translate_run_remembered`], then [`Translator::refresh`] of `a`'s
+    /// after `b`'s lookup): both stand or neither does. Two lookups that hit entries of
+    /// one set reorder it (the first moves its entry to the front, the second its own),
+    /// but the same two again leave it as they left it: while no version moved since, the
+    /// pair changes nothing, whether they share a set or not. Each side is `(remembered,
+    /// iova, access, want)`.
+    pub fn recall_pair(
+        &self,
+        d: u16,
+        a: (&Remembered, u64, Access, u64),
+        b: Option<(&Remembered, u64, Access, u64)>,
+        worker: Option<u16>,
+    ) -> Option<(Translation, Option<Translation>)> {
+        if a.0.paired != b.is_some() || b.is_some_and(|b| b.0.paired) {
+            return None;
+        }
+        let ta = self.still(a.0, d, a.1, a.2, a.3)?;
+        let tb = match b {
+            Some((r, iova, access, want)) => Some(self.still(r, d, iova, access, want)?),
+            None => None,
+        };
+        self.count_recalled(d, worker, 1 + u64::from(tb.is_some()))?;
+        Some((ta, tb))
+    }
+
+    /// The translation `r` gives for `iova` if it still stands (see [`Mmu::recall`]), not
+    /// counted.
+    fn still(
+        &self,
+        r: &Remembered,
+        d: u16,
+        iova: u64,
+        access: Access,
+        want: u64,
+    ) -> Option<Translation> {
         let off = iova.wrapping_sub(r.page);
-        if r.d != d || r.access != access || off >= SIZE_4K {
+        if r.d != d || r.access != access || off >= r.cover || r.len - off < want {
             return None;
         }
         for &(set, version) in r.path.iter().flatten() {
@@ -518,20 +567,25 @@ impl Mmu {
         if mode & 3 != DOMAIN_MODE_TRANSLATED {
             return None;
         }
-        let (counters, exclusive) = self.counters_for(d, worker);
-        let c = counters?;
-        for counter in [&c.translations, &c.iotlb_hits] {
-            if exclusive {
-                add_locked(counter, 1);
-            } else {
-                add(counter, 1);
-            }
-        }
         Some(Translation {
             bus: r.bus.wrapping_add(off),
             len: r.len - off,
             page_size: r.size,
         })
+    }
+
+    /// Count `n` recalled lookups (translations and IOTLB hits) of domain `d`.
+    fn count_recalled(&self, d: u16, worker: Option<u16>, n: u64) -> Option<()> {
+        let (counters, exclusive) = self.counters_for(d, worker);
+        let c = counters?;
+        for counter in [&c.translations, &c.iotlb_hits] {
+            if exclusive {
+                add_locked(counter, n);
+            } else {
+                add(counter, n);
+            }
+        }
+        Some(())
     }
 
     fn lock_iotlb(&self) -> MutexGuard<'_, Iotlb> {
@@ -548,13 +602,18 @@ impl Mmu {
 pub struct Remembered {
     d: u16,
     access: Access,
-    /// The 4 KiB page of the IOVA translated (what a recall covers, whatever the size of
-    /// the page that maps it: a lookup of another 4 KiB page visits other sets).
+    /// The first IOVA a recall covers: the 4 KiB page of the IOVA translated, or the whole
+    /// mapping page when the domain had no smaller entries ([`Iotlb::whole_path`]).
     page: u64,
     /// Its bus address.
     bus: u64,
     /// Bytes from `page` to the end of the mapping page.
     len: u64,
+    /// Bytes from `page` a recall covers (4 KiB, or `len`).
+    cover: u64,
+    /// Brought up to date after the lookup that followed it ([`Translator::refresh`]):
+    /// stands only for itself and that lookup, recalled together ([`Mmu::recall_pair`]).
+    paired: bool,
     /// Size of the mapping page.
     size: u64,
     /// The sets a lookup visits to find it, and their versions ([`Iotlb::lookup_path`]).
@@ -697,21 +756,93 @@ impl Translator<'_> {
         access: Access,
     ) -> Result<(Translation, Option<Remembered>), TranslationFault> {
         let t = self.translate_now(iova, access)?;
+        let remembered = self.remember(iova, access, &t);
+        Ok((t, remembered))
+    }
+
+    /// [`Translator::translate_run`], and what the caller may remember of it for
+    /// [`Mmu::recall`] when the run is the first page alone, translated now (not ahead by
+    /// an earlier call) with no look-ahead after it: the run then stands for one lookup.
+    pub fn translate_run_remembered(
+        &mut self,
+        iova: u64,
+        access: Access,
+        want: u64,
+    ) -> (Result<Translation, TranslationFault>, Option<Remembered>) {
+        let ahead = self
+            .pending
+            .iter()
+            .flatten()
+            .any(|p| p.iova == iova && p.access == access);
+        let run = self.translate_run(iova, access, want);
+        let remembered = match &run {
+            Ok(t) if !ahead && t.len >= want && t.page_size.is_power_of_two() => {
+                let in_page = t.page_size - (iova & (t.page_size - 1));
+                if t.len == in_page {
+                    self.remember(iova, access, t)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        (run, remembered)
+    }
+
+    /// Where this translator is in its hold of the IOTLB's lock, for [`Translator::refresh`].
+    pub fn mark(&self) -> u32 {
+        self.held
+    }
+
+    /// Bring `r`'s versions up to date after exactly one more lookup by this translator
+    /// under the same hold of the IOTLB's lock as `r`'s own (`since`: the
+    /// [`Translator::mark`] taken right after `r` was remembered; see
+    /// [`Mmu::recall_pair`]). False (and `r` unchanged) otherwise.
+    pub fn refresh(&self, r: &mut Remembered, since: u32) -> bool {
+        if self.iotlb.is_none() || self.held != since.wrapping_add(1) {
+            return false;
+        }
+        let mut path = r.path;
+        for (set, version) in path.iter_mut().flatten() {
+            match self.mmu.iotlb_versions.get(*set) {
+                Some(v) => *version = v.load(Ordering::Relaxed),
+                None => return false,
+            }
+        }
+        r.path = path;
+        r.paired = true;
+        true
+    }
+
+    /// What a caller may remember of `t`, the translation of `iova` just made by a lookup
+    /// (under the lock still held): its entry is its set's most recently used. Nothing in
+    /// strict mode (every hit walks again) or without an IOTLB.
+    fn remember(&self, iova: u64, access: Access, t: &Translation) -> Option<Remembered> {
         let cached = !self.mmu.strict && self.mmu.iotlb_capacity > 0 && t.page_size != 0;
-        let off = iova & (SIZE_4K - 1);
-        let path = (self.iotlb.as_ref())
-            .filter(|_| cached)
-            .map(|g| g.lookup_path(self.d, iova, t.page_size));
-        let remembered = path.map(|path| Remembered {
+        let g = self.iotlb.as_ref().filter(|_| cached)?;
+        let size = t.page_size;
+        let (page, cover, path) = match g.whole_path(self.d, iova, size) {
+            Some(path) => (iova & !(size - 1), size, path),
+            None => (
+                iova & !(SIZE_4K - 1),
+                SIZE_4K,
+                g.lookup_path(self.d, iova, size),
+            ),
+        };
+        let off = iova - page;
+        let len = t.len + off;
+        let cover = cover.min(len);
+        Some(Remembered {
             d: self.d,
             access,
-            page: iova - off,
+            page,
             bus: t.bus - off,
-            len: t.len + off,
-            size: t.page_size,
+            len,
+            cover,
+            paired: false,
+            size,
             path,
-        });
-        Ok((t, remembered))
+        })
     }
 
     /// Record a translation made from `iova` (the counts before it: `before`).
@@ -1756,6 +1887,103 @@ mod tests {
         assert_eq!(mmu.iotlb_capacity(), 3);
     }
 
+    /// Two lookups remembered together (a chunk's first page on each side) stand for the
+    /// same two lookups again: recalled as a pair while no version moved since the second,
+    /// even when they share a set whose order each reorders, and leaving the IOTLB as the
+    /// two real lookups leave it; not after a third lookup in their set, nor remembered
+    /// when another lookup came between them.
+    #[test]
+    fn a_pair_of_lookups_is_recalled_while_the_iotlb_is_unchanged() {
+        let mut t = Tables::new();
+        for i in 0..4 {
+            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
+        }
+        // One set of three ways: every page shares it.
+        let mmu = t.mmu_with(48, 3, false);
+        let (a, b, c) = (0, SIZE_4K, 2 * SIZE_4K);
+        let pair = |first: u64, second: u64| {
+            let mut tr = mmu.translator(&t.mem, 1);
+            let (_, ra) = tr.translate_run_remembered(first, Access::Read, 64);
+            let mark = tr.mark();
+            let (_, rb) = tr.translate_run_remembered(second, Access::Write, 64);
+            let mut ra = ra.unwrap();
+            (tr.refresh(&mut ra, mark), ra, rb.unwrap())
+        };
+        let (refreshed, ra, rb) = pair(a, b); // two misses: fills a, then b
+        assert!(refreshed);
+        // Alone, a's lookup no longer stands for a hit that changes nothing (b came after).
+        assert_eq!(mmu.recall(&ra, 1, a, Access::Read, 1, None), None);
+        let recency = mmu.lock_iotlb().recency(1);
+        let before = stats(&mmu, 1);
+        let recalled = mmu.recall_pair(
+            1,
+            (&ra, a + 8, Access::Read, 64),
+            Some((&rb, b + 8, Access::Write, 64)),
+            None,
+        );
+        assert_eq!(
+            recalled,
+            Some((
+                ok(0x30_0008, SIZE_4K - 8, SIZE_4K).unwrap(),
+                Some(ok(0x30_1008, SIZE_4K - 8, SIZE_4K).unwrap())
+            ))
+        );
+        let after = stats(&mmu, 1);
+        assert_eq!(after.translations - before.translations, 2);
+        assert_eq!(after.iotlb_hits - before.iotlb_hits, 2);
+        // The real lookups, a then b, reorder the set twice and leave it as it was.
+        assert_eq!(mmu.lock_iotlb().recency(1), recency);
+        tr(&mmu, &t, a, Access::Read).unwrap();
+        tr(&mmu, &t, b, Access::Write).unwrap();
+        assert_eq!(mmu.lock_iotlb().recency(1), recency);
+        let (_, ra2, rb2) = pair(a, b);
+        assert!(mmu
+            .recall_pair(
+                1,
+                (&ra2, a, Access::Read, 1),
+                Some((&rb2, b, Access::Write, 1)),
+                None
+            )
+            .is_some());
+        // Each side's access and coverage count.
+        assert_eq!(
+            mmu.recall_pair(
+                1,
+                (&ra2, a, Access::Write, 1),
+                Some((&rb2, b, Access::Write, 1)),
+                None
+            ),
+            None
+        );
+        assert_eq!(
+            mmu.recall_pair(
+                1,
+                (&ra2, a, Access::Read, SIZE_4K + 1),
+                Some((&rb2, b, Access::Write, 1)),
+                None
+            ),
+            None
+        );
+        // A third lookup in the set: the pair no longer stands.
+        tr(&mmu, &t, c, Access::Read).unwrap();
+        assert_eq!(
+            mmu.recall_pair(
+                1,
+                (&ra2, a, Access::Read, 1),
+                Some((&rb2, b, Access::Write, 1)),
+                None
+            ),
+            None
+        );
+        // Another lookup between the two: a's cannot be brought up to date.
+        let mut tr2 = mmu.translator(&t.mem, 1);
+        let (_, ra) = tr2.translate_run_remembered(a, Access::Read, 64);
+        let mark = tr2.mark();
+        tr2.translate_run(c, Access::Read, 64).unwrap();
+        tr2.translate_run(b, Access::Read, 64).unwrap();
+        assert!(!tr2.refresh(&mut ra.unwrap(), mark));
+    }
+
     /// A remembered translation stands for a hit on its set's most recently used entry: it
     /// is recalled (and counted as that hit) while nothing in the IOTLB changes, and not
     /// after a hit that reorders its set, a fill, an invalidation, a domain disabled or a
@@ -1780,7 +2008,7 @@ mod tests {
         let before = stats(&mmu, 1);
         // The same page, another offset: recalled, counted as a hit.
         assert_eq!(
-            mmu.recall(&r, 1, a + 0x100, Access::Read, None),
+            mmu.recall(&r, 1, a + 0x100, Access::Read, 1, None),
             Some(Translation {
                 bus: 0x30_0100,
                 len: SIZE_4K - 0x100,
@@ -1792,20 +2020,24 @@ mod tests {
         assert_eq!(after.iotlb_hits - before.iotlb_hits, 1);
         assert_eq!(after.page_walks, before.page_walks);
         // Another page, another access or another domain: not this one.
-        assert_eq!(mmu.recall(&r, 1, b, Access::Read, None), None);
-        assert_eq!(mmu.recall(&r, 1, a, Access::Write, None), None);
-        assert_eq!(mmu.recall(&r, 2, a, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, b, Access::Read, 1, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Write, 1, None), None);
+        assert_eq!(mmu.recall(&r, 2, a, Access::Read, 1, None), None);
         // A hit on a (already the most recent) changes nothing: still recalled.
         tr(&mmu, &t, a, Access::Read).unwrap();
-        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        assert!(mmu.recall(&r, 1, a, Access::Read, 1, None).is_some());
+        // More than the page leaves from there: not recalled (and not counted).
+        let before = stats(&mmu, 1);
+        assert_eq!(mmu.recall(&r, 1, a + 8, Access::Read, SIZE_4K, None), None);
+        assert_eq!(stats(&mmu, 1).translations, before.translations);
         // A fill of b changes the set: no longer recalled; remembered again, it is.
         tr(&mmu, &t, b, Access::Read).unwrap();
-        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, 1, None), None);
         let r = remember(a, Access::Read).1.unwrap(); // hit: a is the most recent again
-        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        assert!(mmu.recall(&r, 1, a, Access::Read, 1, None).is_some());
         // A hit on b reorders the set (b before a): the recall would skip that reordering.
         tr(&mmu, &t, b, Access::Read).unwrap();
-        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, 1, None), None);
         // An invalidation, a disabled domain, a reset.
         let r = remember(a, Access::Read).1.unwrap();
         mmu.invalidate(Invalidation::Range {
@@ -1813,7 +2045,7 @@ mod tests {
             iova: 3 * SIZE_4K,
             len: SIZE_4K,
         });
-        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, 1, None), None);
         let r = remember(a, Access::Read).1.unwrap();
         mmu.set_domain(
             1,
@@ -1822,7 +2054,7 @@ mod tests {
                 mode: DOMAIN_MODE_DISABLED,
             },
         );
-        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, 1, None), None);
         mmu.set_domain(
             1,
             DomainRegs {
@@ -1830,29 +2062,52 @@ mod tests {
                 mode: DOMAIN_MODE_TRANSLATED,
             },
         );
-        assert!(mmu.recall(&r, 1, a, Access::Read, None).is_some());
+        assert!(mmu.recall(&r, 1, a, Access::Read, 1, None).is_some());
         mmu.reset();
-        assert_eq!(mmu.recall(&r, 1, a, Access::Read, None), None);
-        // A large page: a recall covers the 4 KiB page translated, not the whole mapping
-        // (a lookup of another 4 KiB page visits another set first, which may hold an
-        // entry of its own for it).
+        assert_eq!(mmu.recall(&r, 1, a, Access::Read, 1, None), None);
+        // A large page in a domain with no smaller entry cached: a recall covers the whole
+        // page (a lookup of any 4 KiB page in it misses in the 4 KiB sets, whichever it
+        // visits, and hits the same entry)...
         t.map(0x40_0000, 0x60_0000, SIZE_2M, RW);
         let mmu = t.mmu_with(48, 3, false);
-        let (big, r) = mmu
-            .translator(&t.mem, 1)
-            .translate_remembered(0x40_0008, Access::Read)
-            .unwrap();
+        let remember_big = |iova: u64| {
+            mmu.translator(&t.mem, 1)
+                .translate_remembered(iova, Access::Read)
+                .unwrap()
+        };
+        let (big, r) = remember_big(0x40_0008);
         assert_eq!(big, ok(0x60_0008, SIZE_2M - 8, SIZE_2M).unwrap());
         let r = r.unwrap();
-        assert_eq!(
-            mmu.recall(&r, 1, 0x40_0ff0, Access::Read, None),
-            Some(Translation {
-                bus: 0x60_0ff0,
-                len: SIZE_2M - 0xff0,
-                page_size: SIZE_2M
-            })
-        );
-        assert_eq!(mmu.recall(&r, 1, 0x40_1000, Access::Read, None), None);
+        for (iova, bus) in [(0x40_0ff0, 0x60_0ff0), (0x41_2340, 0x61_2340)] {
+            assert_eq!(
+                mmu.recall(&r, 1, iova, Access::Read, 1, None),
+                Some(Translation {
+                    bus,
+                    len: SIZE_2M - (iova - 0x40_0000),
+                    page_size: SIZE_2M
+                })
+            );
+        }
+        assert_eq!(mmu.recall(&r, 1, 0x60_0000, Access::Read, 1, None), None);
+        // ... until the domain caches a 4 KiB entry (which a lookup of its page would
+        // find first); remembered then, a large page covers its 4 KiB page alone.
+        tr(&mmu, &t, a, Access::Write).unwrap();
+        assert_eq!(mmu.recall(&r, 1, 0x41_2340, Access::Read, 1, None), None);
+        let r = remember_big(0x40_0008).1.unwrap();
+        assert!(mmu
+            .recall(&r, 1, 0x40_0ff0, Access::Read, 1, None)
+            .is_some());
+        assert_eq!(mmu.recall(&r, 1, 0x40_1000, Access::Read, 1, None), None);
+        // Once the 4 KiB entry is invalidated, the whole page again.
+        mmu.invalidate(Invalidation::Range {
+            domain: 1,
+            iova: a,
+            len: SIZE_4K,
+        });
+        let r = remember_big(0x40_0008).1.unwrap();
+        assert!(mmu
+            .recall(&r, 1, 0x41_2340, Access::Read, 1, None)
+            .is_some());
         // Strict mode re-walks every hit; no IOTLB caches nothing: nothing remembered.
         for mmu in [t.mmu_with(48, 3, true), t.mmu_with(48, 0, false)] {
             let (_, r) = mmu

@@ -281,9 +281,16 @@ pub(crate) struct Iotlb {
     /// recent), under the lock; read without it ([`Iotlb::versions`]) by the engine's
     /// remembered translations, which stand for a hit on the most recently used entry of
     /// a set, a hit that changes nothing, and are valid while the set's version has not
-    /// moved.
+    /// moved. After the sets' versions come the fill counts ([`Iotlb::whole_path`]).
     versions: std::sync::Arc<[std::sync::atomic::AtomicU64]>,
+    /// Entries of the two smaller classes (4 KiB, 2 MiB) per domain, at index
+    /// `class * MAX_DOMAINS + domain`. While a domain has none of a class, a lookup there
+    /// misses wherever it looks (and a miss changes nothing).
+    small: Vec<u32>,
 }
+
+/// Domains the IOTLB counts entries of per class ([`Iotlb::whole_path`]).
+const DOMAINS: usize = MAX_DOMAINS as usize;
 
 impl Iotlb {
     /// An empty IOTLB of `capacity` entries (0: nothing is ever cached).
@@ -299,7 +306,28 @@ impl Iotlb {
             len: 0,
             per_class: [0; 3],
             generation: 0,
-            versions: (0..n).map(|_| Default::default()).collect(),
+            versions: (0..n + 2 * DOMAINS).map(|_| Default::default()).collect(),
+            small: vec![0; 2 * DOMAINS],
+        }
+    }
+
+    /// Index in `versions` of the fill count of `class` (0 or 1) in `domain`: bumped by
+    /// every entry of that class and domain cached.
+    fn fill_count(&self, class: u8, domain: u16) -> usize {
+        self.sets.len() + usize::from(class) * DOMAINS + usize::from(domain) % DOMAINS
+    }
+
+    /// Count an entry of `class` in `domain` coming (`+1`) or going (`-1`).
+    #[inline(always)]
+    fn count_small(&mut self, class: u8, domain: u16, coming: bool) {
+        if class < 2 {
+            let i = usize::from(class) * DOMAINS + usize::from(domain) % DOMAINS;
+            if coming {
+                self.small[i] += 1;
+                self.bump(self.fill_count(class, domain));
+            } else {
+                self.small[i] -= 1;
+            }
         }
     }
 
@@ -333,6 +361,36 @@ impl Iotlb {
             path[class] = v.map(|v| (s, v));
         }
         path
+    }
+
+    /// [`Iotlb::lookup_path`] for a lookup of *any* IOVA in the page of `size` holding
+    /// `iova`, when `domain` has no entry of a smaller class: the page's own set, and the
+    /// fill counts of the smaller classes in the domain in place of the sets a lookup would
+    /// miss in (which differ from one 4 KiB page to the next). While none of them moves,
+    /// every such lookup misses where it would miss and hits the same entry. None when the
+    /// domain has smaller entries.
+    pub fn whole_path(
+        &self,
+        domain: u16,
+        iova: u64,
+        size: u64,
+    ) -> Option<[Option<(usize, u64)>; 3]> {
+        let load = |i: usize| {
+            self.versions
+                .get(i)
+                .map(|v| (i, v.load(std::sync::atomic::Ordering::Relaxed)))
+        };
+        let class = class_of(size);
+        let mut path = [None; 3];
+        for c in 0..class {
+            if self.small[usize::from(c) * DOMAINS + usize::from(domain) % DOMAINS] != 0 {
+                return None;
+            }
+            path[usize::from(c)] = Some(load(self.fill_count(c, domain))?);
+        }
+        let s = self.set_of(domain, class, iova & !(size - 1));
+        path[usize::from(class)] = Some(load(s)?);
+        Some(path)
     }
 
     /// The sets' versions, to read without the lock.
@@ -481,21 +539,23 @@ impl Iotlb {
     /// it the set's most recently used.
     #[inline(always)]
     fn put(&mut self, s: usize, w: usize, key: u64, leaf: Leaf) {
-        let (_, class, _) = unkey(key);
-        let set = &mut self.sets[s];
-        let old = set.keys[w];
+        let (domain, class, _) = unkey(key);
+        let old = self.sets[s].keys[w];
         if old == 0 {
             self.len += 1;
             self.per_class[usize::from(class)] += 1;
         } else {
             // Counts change only when the class does (the common case, a 4 KiB entry
             // replacing another, writes nothing a following lookup reads).
-            let (_, old, _) = unkey(old);
+            let (old_domain, old, _) = unkey(old);
             if old != class {
                 self.per_class[usize::from(old)] -= 1;
                 self.per_class[usize::from(class)] += 1;
             }
+            self.count_small(old, old_domain, false);
         }
+        self.count_small(class, domain, true);
+        let set = &mut self.sets[s];
         set.keys[w] = key;
         // A walk's permissions are R and W ANDed over the levels: nothing else survives.
         set.set_data(w, leaf.bus_page, leaf.perm);
@@ -529,6 +589,7 @@ impl Iotlb {
         self.sets.fill(Set::default());
         self.len = 0;
         self.per_class = [0; 3];
+        self.small.fill(0);
         self.generation = self.generation.wrapping_add(1);
         n
     }
@@ -568,6 +629,9 @@ impl Iotlb {
                     set.keys[w] = 0;
                     set.demote(w, ways);
                     self.per_class[usize::from(class)] -= 1;
+                    if class < 2 {
+                        self.small[usize::from(class) * DOMAINS + usize::from(d) % DOMAINS] -= 1;
+                    }
                     dropped += 1;
                 }
             }
@@ -860,6 +924,19 @@ mod tests {
                     ),
                 }
                 assert_eq!(t.len(), m.entries.len(), "{step}");
+                // The per-domain counts of the smaller classes match the entries.
+                for d in 0..3u16 {
+                    for class in 0..2u8 {
+                        let held = (m.entries.iter())
+                            .filter(|(dd, l, _)| *dd == d && class_of(l.size) == class)
+                            .count();
+                        let i = usize::from(class) * DOMAINS + usize::from(d);
+                        assert_eq!(
+                            t.small[i] as usize, held,
+                            "{step}: domain {d} class {class}"
+                        );
+                    }
+                }
                 if step % 64 == 0 {
                     for d in 0..3 {
                         assert_eq!(t.recency(d), m.recency(d), "{step}");
