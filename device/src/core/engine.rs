@@ -24,7 +24,7 @@
 //! A descriptor that succeeded and asks for no interrupt, on a queue that still runs, is
 //! completed without the queue lock (`Exec::complete_fast`): counted, its completion record
 //! written (status last) under the hold its data moved under, the head advanced (an atomic,
-//! see [`super::queue::Progress`]); and when the tail is ahead the worker takes the next
+//! see `queue::Progress`); and when the tail is ahead the worker takes the next
 //! descriptor, still without the lock, fetching it under the same hold while no thread
 //! waits for the gate's write side and no doorbell has rung since the hold was taken (a
 //! descriptor rung since may use memory mapped since). The worker stays in flight all

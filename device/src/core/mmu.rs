@@ -487,7 +487,7 @@ impl Mmu {
     /// A translation [`Translator::translate_remembered`] gave, for `iova` of domain `d`
     /// and `access`, if it still stands and leaves at least `want` bytes from `iova` to the
     /// end of its page: `iova` is in the part of the page it covers (the 4 KiB page
-    /// translated, or the whole mapping page, see [`Iotlb::whole_path`]), the domain still
+    /// translated, or the whole mapping page, see `Iotlb::whole_path`), the domain still
     /// translated, and nothing a lookup visits has changed since (the sets of smaller page
     /// sizes, where it missed, or the domain's fill counts of those sizes; and its entry's
     /// set, where the entry is still the most recently used), so a lookup would miss and
