@@ -798,17 +798,25 @@ impl Translator<'_> {
     /// under the same hold of the IOTLB's lock as `r`'s own (`since`: the
     /// [`Translator::mark`] taken right after `r` was remembered; see
     /// [`Mmu::recall_pair`]). False (and `r` unchanged) otherwise.
+    ///
+    /// The lookup that followed may have evicted `r`'s entry (a set of one way), or cached
+    /// a smaller entry in its domain (which ends a whole-page cover): then false too. The
+    /// path is taken again as [`Translator::translate_remembered`] takes it.
     pub fn refresh(&self, r: &mut Remembered, since: u32) -> bool {
-        if self.iotlb.is_none() || self.held != since.wrapping_add(1) {
+        let Some(g) = self.iotlb.as_ref() else {
+            return false;
+        };
+        if self.held != since.wrapping_add(1) || !g.holds(r.d, r.page, r.size) {
             return false;
         }
-        let mut path = r.path;
-        for (set, version) in path.iter_mut().flatten() {
-            match self.mmu.iotlb_versions.get(*set) {
-                Some(v) => *version = v.load(Ordering::Relaxed),
-                None => return false,
-            }
-        }
+        let path = if r.cover > SIZE_4K {
+            g.whole_path(r.d, r.page, r.size)
+        } else {
+            Some(g.lookup_path(r.d, r.page, r.size))
+        };
+        let Some(path) = path else {
+            return false;
+        };
         r.path = path;
         r.paired = true;
         true
@@ -1982,6 +1990,15 @@ mod tests {
         tr2.translate_run(c, Access::Read, 64).unwrap();
         tr2.translate_run(b, Access::Read, 64).unwrap();
         assert!(!tr2.refresh(&mut ra.unwrap(), mark));
+        // A set of one way: b's fill evicts a, whose pair cannot stand (a real lookup of a
+        // would miss and walk).
+        let one = t.mmu_with(48, 1, false);
+        let mut tr1 = one.translator(&t.mem, 1);
+        let (_, ra) = tr1.translate_run_remembered(a, Access::Read, 64);
+        let mark = tr1.mark();
+        let (_, rb) = tr1.translate_run_remembered(b, Access::Write, 64);
+        assert!(rb.is_some());
+        assert!(!tr1.refresh(&mut ra.unwrap(), mark), "a was evicted by b");
     }
 
     /// A remembered translation stands for a hit on its set's most recently used entry: it

@@ -388,8 +388,11 @@ impl QueueSlot {
                     self.set_state(&mut r, QueueState::Halted(HaltReason::BadTail(value)));
                 }
                 _ => {
-                    self.progress.tail.store(value, Ordering::Release);
+                    // The kick count first: a worker that sees the new tail sees it moved,
+                    // and lets go of a bus memory snapshot older than this doorbell
+                    // (`engine::Exec::keep`). The worker wakes once the lock is let go.
                     self.kick(&r);
+                    self.progress.tail.store(value, Ordering::Release);
                 }
             },
             _ => debug!(q, reg, value, "write to a read-only queue register"),

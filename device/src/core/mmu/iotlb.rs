@@ -393,6 +393,15 @@ impl Iotlb {
         Some(path)
     }
 
+    /// Whether the entry of the page of `size` holding `iova` in `domain` is cached (a look
+    /// that changes nothing, not a lookup).
+    pub fn holds(&self, domain: u16, iova: u64, size: u64) -> bool {
+        let class = class_of(size);
+        let page = iova & !(size - 1);
+        let s = self.set_of(domain, class, page);
+        self.sets[s].find(key(domain, class, page)).is_some()
+    }
+
     /// The sets' versions, to read without the lock.
     pub fn versions(&self) -> std::sync::Arc<[std::sync::atomic::AtomicU64]> {
         std::sync::Arc::clone(&self.versions)
