@@ -405,8 +405,10 @@ impl QueueSlot {
         let enable = value & Q_CTRL_ENABLE != 0;
         match (r.state, enable) {
             (QueueState::Disabled, true) => {
-                // The worker is not in flight on a disabled queue.
-                self.clear_progress();
+                // The worker is not in flight on a disabled queue. (The completion counters
+                // run on across a disable and enable, as before; a reset clears them.)
+                self.progress.head.store(0, Ordering::Release);
+                self.progress.tail.store(0, Ordering::Release);
                 let size_ok =
                     (Q_SIZE_MIN..=Q_SIZE_MAX).contains(&r.size) && r.size.is_power_of_two();
                 let base_ok = r.base % DESC_SIZE == 0;
