@@ -53,7 +53,7 @@ use vm_memory::{
 use super::bus::{self, is_lost, region_allows, Access};
 use super::faults::{Fault, FaultLog};
 use super::inject::{OnDescriptor, OnInterrupt};
-use super::mmu::{Mmu, Remembered, Translator};
+use super::mmu::{Mmu, Remembered, Translation, Translator};
 use super::queue::{bump, Abort, HaltReason, QueueRegs, QueueSlot, QueueState};
 use super::remote;
 use super::sigbus;
@@ -333,6 +333,15 @@ struct Page {
 }
 
 impl Page {
+    /// The pages of translation `t`, from chunk offset `off`.
+    fn of(off: u64, t: &Translation) -> Self {
+        Self {
+            off,
+            bus: t.bus,
+            end: off.saturating_add(t.len),
+        }
+    }
+
     /// Bus address of chunk offset `o` (in `[off, end)`).
     fn bus_at(&self, o: u64) -> u64 {
         self.bus.wrapping_add(o - self.off)
@@ -1218,18 +1227,8 @@ impl<'a> Exec<'a> {
                 mmu.recall_pair(self.domain, sa, sb, Some(self.q()))
             });
         if let Some((ta, tb)) = recalled {
-            pa = Page {
-                off: 0,
-                bus: ta.bus,
-                end: ta.len,
-            };
-            if let Some(tb) = tb {
-                pb = Page {
-                    off: 0,
-                    bus: tb.bus,
-                    end: tb.len,
-                };
-            }
+            pa = Page::of(0, &ta);
+            pb = tb.map_or(pb, |tb| Page::of(0, &tb));
         }
         let mut piece: Option<Piece<'_>> = None;
         let mut o = 0u64;
@@ -1441,11 +1440,7 @@ impl<'a> Exec<'a> {
             debug_assert!(false, "translation of length 0");
             return Err(self.outside_ram(iova, t.bus, side.flags));
         }
-        Ok(Page {
-            off: o,
-            bus: t.bus,
-            end: o.saturating_add(t.len),
-        })
+        Ok(Page::of(o, &t))
     }
 
     /// The bus region holding `bus`, the translation of `side`'s byte at transfer offset
@@ -1996,17 +1991,8 @@ impl<'a> Exec<'a> {
             // The lock's path counts the error and halts the queue if it must.
             return Fast::Locked(Some(false), Some(false));
         }
-        self.shared.trace.record(|| Event::Complete {
-            queue: self.q(),
-            slot: job.head,
-            status: outcome.status,
-            bytes: outcome.bytes,
-            result: outcome.result,
-            written: d.completion != 0,
-            record_bus: self.record_bus.get(),
-        });
-        let head = (job.head + 1) & job.size.wrapping_sub(1);
-        self.slot.progress.head.store(head, Ordering::Release);
+        self.trace_complete(job.head, outcome, d.completion != 0);
+        let head = self.advance_head(job.head, job.size);
         if let Some((reason, iova)) = self.shared.inject.after_descriptor(self.q()) {
             // Reporting takes the gate.
             *held = None;
@@ -2019,6 +2005,27 @@ impl<'a> Exec<'a> {
             *held = None;
         }
         Fast::Next(Job { head, ..*job })
+    }
+
+    /// Record the completion of the descriptor at ring slot `slot` in the trace.
+    fn trace_complete(&self, slot: u32, o: &Outcome, written: bool) {
+        self.shared.trace.record(|| Event::Complete {
+            queue: self.q(),
+            slot,
+            status: o.status,
+            bytes: o.bytes,
+            result: o.result,
+            written,
+            record_bus: self.record_bus.get(),
+        });
+    }
+
+    /// Publish the head after `head` on a ring of `size` (release: after the record of the
+    /// descriptor at `head`); returns it.
+    fn advance_head(&self, head: u32, size: u32) -> u32 {
+        let next = (head + 1) & size.wrapping_sub(1);
+        self.slot.progress.head.store(next, Ordering::Release);
+        next
     }
 
     /// Count a finished descriptor of `bytes`: the queue's statistics (`QSTAT_*`) and its
@@ -2103,15 +2110,7 @@ impl<'a> Exec<'a> {
                     },
                 };
                 debug!(q = self.q(), written, "descriptor aborted by disable");
-                self.shared.trace.record(|| Event::Complete {
-                    queue: self.q(),
-                    slot: slot.head(),
-                    status: STATUS_ABORTED,
-                    bytes: *bytes,
-                    result: 0,
-                    written,
-                    record_bus: self.record_bus.get(),
-                });
+                self.trace_complete(slot.head(), &Outcome::aborted(*bytes), written);
                 match counted {
                     // Counted already, as a success: the abort makes it an error.
                     Some(false) => self.count_error(),
@@ -2165,21 +2164,12 @@ impl<'a> Exec<'a> {
             }
         };
         let ok = !failed && written;
-        self.shared.trace.record(|| Event::Complete {
-            queue: self.q(),
-            slot: slot.head(),
-            status: outcome.status,
-            bytes: outcome.bytes,
-            result: outcome.result,
-            written: written && d.completion != 0,
-            record_bus: self.record_bus.get(),
-        });
+        self.trace_complete(slot.head(), &outcome, written && d.completion != 0);
         if !ok && !failed {
             // The completion record could not be written: an error all the same.
             self.count_error();
         }
-        let head = (slot.head() + 1) & r.size.wrapping_sub(1);
-        slot.progress.head.store(head, Ordering::Release);
+        let head = self.advance_head(slot.head(), r.size);
         let mut vector = None;
         if d.wants_interrupt() {
             vector = r.coalesce(Instant::now());

@@ -1366,6 +1366,15 @@ mod tests {
         mmu.translate(&t.mem, 1, iova, access)
     }
 
+    /// Tables of domain 1 mapping the 4 KiB pages 0..4 to 0x30_0000 onwards, read-write.
+    fn four_pages() -> Tables {
+        let mut t = Tables::new();
+        for i in 0..4 {
+            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
+        }
+        t
+    }
+
     fn ok(bus: u64, len: u64, page_size: u64) -> Result<Translation, TranslationFault> {
         Ok(Translation {
             bus,
@@ -1864,10 +1873,7 @@ mod tests {
 
     #[test]
     fn iotlb_hits_misses_and_lru_eviction() {
-        let mut t = Tables::new();
-        for i in 0..4 {
-            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
-        }
+        let t = four_pages();
         let mmu = t.mmu_with(48, 3, false);
         let (a, b, c, d) = (0, SIZE_4K, 2 * SIZE_4K, 3 * SIZE_4K);
         let walks = |mmu: &Mmu| stats(mmu, 1).page_walks;
@@ -1902,10 +1908,7 @@ mod tests {
     /// when another lookup came between them.
     #[test]
     fn a_pair_of_lookups_is_recalled_while_the_iotlb_is_unchanged() {
-        let mut t = Tables::new();
-        for i in 0..4 {
-            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
-        }
+        let t = four_pages();
         // One set of three ways: every page shares it.
         let mmu = t.mmu_with(48, 3, false);
         let (a, b, c) = (0, SIZE_4K, 2 * SIZE_4K);
@@ -2007,10 +2010,7 @@ mod tests {
     /// reset; nothing is remembered in strict mode or without an IOTLB.
     #[test]
     fn remembered_translations_last_while_the_iotlb_is_unchanged() {
-        let mut t = Tables::new();
-        for i in 0..4 {
-            t.map(i * SIZE_4K, 0x30_0000 + i * SIZE_4K, SIZE_4K, RW);
-        }
+        let mut t = four_pages();
         // Three entries: one set of three ways, so every page shares it.
         let mmu = t.mmu_with(48, 3, false);
         let remember = |iova: u64, access: Access| {

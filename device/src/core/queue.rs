@@ -262,10 +262,15 @@ impl QueueSlot {
     /// Head, tail and the completion counters back to 0. Call with the lock held and the
     /// worker not in flight.
     fn clear_progress(&self) {
-        let p = &self.progress;
-        for a in [&p.head, &p.tail, &p.completed, &p.errors] {
-            a.store(0, Ordering::Release);
-        }
+        self.rewind();
+        self.progress.completed.store(0, Ordering::Release);
+        self.progress.errors.store(0, Ordering::Release);
+    }
+
+    /// Head and tail back to 0. Call with the lock held and the worker not in flight.
+    fn rewind(&self) {
+        self.progress.head.store(0, Ordering::Release);
+        self.progress.tail.store(0, Ordering::Release);
     }
 
     fn status(&self, r: &QueueRegs) -> u32 {
@@ -407,8 +412,7 @@ impl QueueSlot {
             (QueueState::Disabled, true) => {
                 // The worker is not in flight on a disabled queue. (The completion counters
                 // run on across a disable and enable, as before; a reset clears them.)
-                self.progress.head.store(0, Ordering::Release);
-                self.progress.tail.store(0, Ordering::Release);
+                self.rewind();
                 let size_ok =
                     (Q_SIZE_MIN..=Q_SIZE_MAX).contains(&r.size) && r.size.is_power_of_two();
                 let base_ok = r.base % DESC_SIZE == 0;
@@ -475,8 +479,7 @@ impl QueueSlot {
             r.drain_waiters -= 1;
         }
         // Only now: a worker in flight advances the head until it leaves.
-        self.progress.head.store(0, Ordering::Release);
-        self.progress.tail.store(0, Ordering::Release);
+        self.rewind();
         r
     }
 
