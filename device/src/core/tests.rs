@@ -856,21 +856,3 @@ fn memory_mapped_while_a_queue_streams_is_seen_by_the_descriptors_rung_after() {
     );
     assert_eq!(d.bytes(MEM_B.0, 8), [0x5a, 0, 0, 0, 0, 0, 0, 0]);
 }
-
-#[test]
-fn completion_counters_run_on_across_a_disable_and_enable() {
-    // Disable and enable put head and tail back to 0; Q_COMPLETED and Q_ERRORS count on
-    // (only a reset clears them).
-    let mut d = TestDriver::new();
-    let c = d.run(OP_FILL, 0, 64, 0x11, DST);
-    assert_eq!(c.status, STATUS_OK);
-    let c = d.run(OP_FILL, 0, 64, 0x11, HOLE);
-    assert_eq!(c.status, STATUS_DMA_ERROR);
-    assert_eq!((d.qread(0, Q_COMPLETED), d.qread(0, Q_ERRORS)), (2, 1));
-    d.setup_queue(8);
-    assert_eq!((d.qread(0, Q_HEAD), d.qread(0, Q_TAIL)), (0, 0));
-    assert_eq!((d.qread(0, Q_COMPLETED), d.qread(0, Q_ERRORS)), (2, 1));
-    let c = d.run(OP_FILL, 0, 64, 0x22, DST);
-    assert_eq!(c.status, STATUS_OK);
-    assert_eq!((d.qread(0, Q_COMPLETED), d.qread(0, Q_HEAD)), (3, 1));
-}

@@ -116,6 +116,12 @@ pub(super) const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         area: Area::Queues,
+        name: "completion_counters_run_on_across_disable_and_enable",
+        needs: &[],
+        run: completion_counters_run_on_across_disable_and_enable,
+    },
+    Scenario {
+        area: Area::Queues,
         name: "disable_aborts_the_descriptor_in_flight",
         needs: &[Need::HugePages(LONG_JOB_HUGE_PAGES), Need::Interrupts],
         run: disable_aborts_the_descriptor_in_flight,
@@ -618,6 +624,42 @@ fn without_halt_on_fault_the_queue_goes_on(ctx: &mut Ctx) -> TestResult {
         (q.status()? & spec::Q_STATUS_ERROR, q.halt_reason()?),
         (0, spec::HALT_NONE),
         "(Q_STATUS error bit, Q_HALT_REASON)"
+    );
+    Ok(())
+}
+
+/// Disabling and enabling a queue puts `Q_HEAD` and `Q_TAIL` back to 0; `Q_COMPLETED` and
+/// `Q_ERRORS` count on (only a reset clears them).
+fn completion_counters_run_on_across_disable_and_enable(ctx: &mut Ctx) -> TestResult {
+    let dev = ctx.dev()?;
+    let cpl = CompletionRecords::new(dev, 3)?;
+    let dst = Guarded::new(dev, 16, PAGE)?;
+    let hole = dev.reserve_unmapped(PAGE as u64)?;
+    let counts = |q: &DmaQueue<'_>| -> Result<(u32, u32), QueueError> {
+        Ok((q.read_reg(spec::Q_COMPLETED)?, q.read_reg(spec::Q_ERRORS)?))
+    };
+    let before = {
+        let mut q = DmaQueue::new(dev, 0, 16, 0)?;
+        let before = counts(&q)?;
+        fill_around_a_hole(&mut q, &cpl, &dst, hole, [1, 2, 3])?;
+        q.wait_idle(COMPLETION_TIMEOUT)?;
+        q.disable()?;
+        before
+    };
+    let q = DmaQueue::new(dev, 0, 16, 0)?;
+    check_eq!(
+        (q.head()?, q.read_reg(spec::Q_TAIL)?),
+        (0, 0),
+        "(Q_HEAD, Q_TAIL) after the disable and enable"
+    );
+    let after = counts(&q)?;
+    check_eq!(
+        (
+            after.0.wrapping_sub(before.0),
+            after.1.wrapping_sub(before.1)
+        ),
+        (3, 1),
+        "(Q_COMPLETED, Q_ERRORS) added before the disable, read after the enable"
     );
     Ok(())
 }
